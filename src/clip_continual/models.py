@@ -126,6 +126,24 @@ def preprocess_images(
     return (x - mean_t) / std_t
 
 
+class _QuietRandomInit(logging.Filter):
+    """open_clip warns 'No pretrained weights loaded' whenever it builds a model we are about to
+    fill from a checkpoint or deliberately initialise at random; that warning would mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def _create_open_clip_model(architecture: str, pretrained: str | None, **kwargs: Any) -> nn.Module:
+    quiet = _QuietRandomInit()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        return open_clip.create_model(architecture, pretrained=pretrained, **kwargs)
+    finally:
+        root.removeFilter(quiet)
+
+
 _packaged_registered = False
 
 
@@ -242,8 +260,8 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> ClipMode
             metadata=loaded.metadata,
         )
     try:
-        model = open_clip.create_model(
-            spec.architecture, pretrained=pretrained, device=device, cache_dir=spec.cache_dir
+        model = _create_open_clip_model(
+            spec.architecture, pretrained, device=device, cache_dir=spec.cache_dir
         )
     except RuntimeError as error:
         raise PretrainedWeightsUnavailable(
@@ -397,7 +415,7 @@ def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = 
     register_packaged_configs()
     if open_clip.get_model_config(architecture) is None:
         _register_config(architecture, payload["model_config"])
-    model = open_clip.create_model(architecture, pretrained=None, device=device)
+    model = _create_open_clip_model(architecture, None, device=device)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as error:

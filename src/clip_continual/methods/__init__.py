@@ -1,0 +1,52 @@
+"""Continual-learning methods: name -> class. A new method is one module and one line here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clip_continual.methods.base import (
+    Batch, ContinualMethod, MethodConfigError, TaskContext, Teacher, distillation_kl,
+    soft_target_cross_entropy,
+)
+from clip_continual.methods.ft import FineTuning
+from clip_continual.methods.lwf import LearningWithoutForgetting
+from clip_continual.methods.vr_lwf import VocabularyReplayLwF, reference_vr_lwf_terms
+from clip_continual.methods.vr_lwf_zscl import ZsclVocabularyReplay
+
+METHODS: dict[str, type[ContinualMethod]] = {
+    FineTuning.name: FineTuning,
+    LearningWithoutForgetting.name: LearningWithoutForgetting,
+    VocabularyReplayLwF.name: VocabularyReplayLwF,
+    ZsclVocabularyReplay.name: ZsclVocabularyReplay,
+}
+
+
+def method_class(name: str) -> type[ContinualMethod]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MethodConfigError(
+            f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+def get_method(name: str, **hyper: Any) -> ContinualMethod:
+    """Build method ``name`` with its hyper-parameters; None values take the method's default."""
+    cls = method_class(name)
+    hyper = {key: value for key, value in hyper.items() if value is not None}
+    accepted = cls.hyper_parameter_names()
+    unknown = sorted(set(hyper) - set(accepted))
+    if unknown:
+        raise MethodConfigError(
+            f"method '{name}' has no hyper-parameter(s) {unknown}; it accepts: "
+            f"{', '.join(accepted) or 'none'}"
+        )
+    return cls(**hyper)
+
+
+__all__ = [
+    "METHODS", "Batch", "ContinualMethod", "FineTuning", "LearningWithoutForgetting",
+    "MethodConfigError", "TaskContext", "Teacher", "VocabularyReplayLwF", "ZsclVocabularyReplay",
+    "distillation_kl", "get_method", "method_class", "reference_vr_lwf_terms",
+    "soft_target_cross_entropy",
+]

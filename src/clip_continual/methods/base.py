@@ -1,0 +1,265 @@
+"""What every continual-learning method shares: the task and batch a loss sees, the frozen
+teacher, and the loss functions of the paper written once.
+
+A method turns a batch into named loss terms (already weighted, so the training loop simply sums
+them) and may prepare per-task state in ``before_task`` (e.g. the teacher's class-text features,
+computed once per task) and drop it in ``after_task``.
+
+Plain Python and PyTorch; no Kedro import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, ContextManager, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clip_continual.models import encode_images, encode_text
+from clip_continual.replay import ReplayVocabulary
+
+
+class MethodConfigError(ValueError):
+    """A method name or hyper-parameter is unknown or out of range."""
+
+
+# --- the losses of the paper, as pure functions --------------------------------------------
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(student)), temperature 1, averaged over the batch rows."""
+    return F.kl_div(
+        F.log_softmax(student_logits, dim=-1), F.softmax(teacher_logits, dim=-1), reduction="batchmean"
+    )
+
+
+def soft_target_cross_entropy(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """ZSCL's distillation: CE(student / T, softmax(teacher / T)) averaged over rows, times T^2."""
+    targets = F.softmax(teacher_logits / temperature, dim=-1)
+    return F.cross_entropy(student_logits / temperature, targets) * temperature**2
+
+
+# --- the context a method sees ------------------------------------------------------------
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module | None):
+    """Put ``model`` in eval mode and restore every submodule's own mode afterwards, so a
+    teacher borrowed from the caller is left exactly as it came."""
+    if model is None:
+        yield
+        return
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class Teacher:
+    """A frozen model whose outputs are targets. All its work runs under ``inference_mode``,
+    so no graph is built and no gradient can reach it; results are cloned out of inference
+    mode because autograd may save them for the student's backward pass."""
+
+    def __init__(self, model: nn.Module, autocast: Callable[[], ContextManager] = contextlib.nullcontext):
+        self.model = model
+        self.autocast = autocast
+        with torch.inference_mode():
+            scale = model.logit_scale.detach().float().exp()
+        self.scale = scale.clone()
+        self.image_table: torch.Tensor | None = None
+
+    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), self.autocast():
+            features = encode_text(self.model, tokens).float()
+        return features.clone()
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), self.autocast():
+            features = encode_images(self.model, pixels).float()
+        return features.clone()
+
+    def precompute_image_features(
+        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_images: int
+    ) -> None:
+        """Fill a (num_images, D) table from (indices, un-augmented pixels) batches; within a
+        task the teacher is fixed, so each image's features need computing only once."""
+        table = None
+        filled = 0
+        with torch.inference_mode():
+            for indices, pixels in batches:
+                with self.autocast():
+                    features = encode_images(self.model, pixels).float()
+                if table is None:
+                    table = torch.empty(num_images, features.shape[1], device=features.device)
+                table[indices] = features
+                filled += len(indices)
+        if table is None or filled < num_images:
+            raise ValueError(f"teacher image table got {filled} of {num_images} images")
+        self.image_table = table.clone()
+
+    def image_features_for(self, batch: Batch, clean: bool = False) -> torch.Tensor:
+        """Teacher image features of the batch: of its un-augmented images when ``clean``
+        (or when there is no augmentation), else of the augmented pixels the student saw."""
+        if self.image_table is not None and (clean or batch.clean_pixels is None):
+            return self.image_table[batch.indices]
+        return self.image_features(batch.distillation_pixels if clean else batch.pixels)
+
+
+@dataclass
+class TaskContext:
+    """Everything about the task being learnt that stays fixed for all its steps.
+
+    ``class_tokens`` holds the prompts of every class of the updated task (row = global label);
+    ``current_classes`` are the classes learnt now, ``seen_classes`` all classes learnt so far
+    (current included), both sorted global ids on the training device.
+    """
+
+    task_index: int
+    device: torch.device
+    class_tokens: torch.Tensor
+    current_classes: torch.Tensor
+    seen_classes: torch.Tensor
+    vocabulary: ReplayVocabulary | None = None
+    teacher: Teacher | None = None
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext
+    label_to_current: torch.Tensor = field(init=False)
+    current_in_seen: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        num_classes = len(self.class_tokens)
+        current = self.current_classes.tolist()
+        seen = self.seen_classes.tolist()
+        if sorted(set(current)) != current or sorted(set(seen)) != seen:
+            raise ValueError("current_classes and seen_classes must be sorted without repeats")
+        if not current:
+            raise ValueError("current_classes is empty: a task must learn at least one class")
+        if not set(current) <= set(seen):
+            raise ValueError(
+                f"seen_classes must include the current classes; missing {sorted(set(current) - set(seen))}"
+            )
+        if seen[0] < 0 or seen[-1] >= num_classes:
+            raise ValueError(f"class ids must lie in [0, {num_classes}) (one prompt per class)")
+        # Labels are global ids; CE is over the current classes only (MST masks the others out).
+        lookup = torch.full((num_classes,), -1, dtype=torch.long)
+        lookup[self.current_classes.cpu()] = torch.arange(len(current))
+        self.label_to_current = lookup.to(self.device)
+        position = {c: i for i, c in enumerate(seen)}
+        self.current_in_seen = torch.tensor([position[c] for c in current], device=self.device)
+
+    @property
+    def has_earlier_classes(self) -> bool:
+        """True when some seen class was learnt in an earlier task (not the first MST phase)."""
+        return len(self.seen_classes) > len(self.current_classes)
+
+
+@dataclass
+class Batch:
+    """One training step's data. ``clean_pixels`` is the un-augmented version of ``pixels``
+    when the loop augments, else None (then ``pixels`` are already clean)."""
+
+    step: int
+    indices: torch.Tensor
+    labels: torch.Tensor
+    pixels: torch.Tensor
+    clean_pixels: torch.Tensor | None = None
+    vocab_tokens: torch.Tensor | None = None
+
+    @property
+    def distillation_pixels(self) -> torch.Tensor:
+        return self.pixels if self.clean_pixels is None else self.clean_pixels
+
+
+# --- shared feature helpers -----------------------------------------------------------------
+
+def image_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image features in float32 (losses are computed in full precision)."""
+    return encode_images(model, pixels).float()
+
+
+def text_features_together(model: nn.Module, *token_sets: torch.Tensor) -> list[torch.Tensor]:
+    """Encode several token sets in ONE text forward (concatenate, then split): one launch of
+    the text tower instead of several, with identical per-row results."""
+    features = encode_text(model, torch.cat(token_sets)).float()
+    return list(features.split([len(tokens) for tokens in token_sets]))
+
+
+def class_cross_entropy(
+    logits_current: torch.Tensor, labels: torch.Tensor, task: TaskContext, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """CE over the logits of the current classes (columns in ``task.current_classes`` order).
+
+    Labels are global ids and must be current classes (the loop checks this once per task
+    rather than syncing with the device every step)."""
+    return F.cross_entropy(logits_current, task.label_to_current[labels], label_smoothing=label_smoothing)
+
+
+# --- the method interface -----------------------------------------------------------------
+
+class ContinualMethod(ABC):
+    """Base of all methods. Subclasses declare what they need; the loop provides it.
+
+    Class attributes:
+      needs_teacher             a teacher model must be given (or taken from the start model)
+      needs_vocabulary          a replayed vocabulary must be given
+      default_vocabulary_mode   the vocabulary mode the method was published with
+      uses_teacher_images       teacher image features are read (the loop may precompute them)
+      distills_clean_images     distillation runs on un-augmented images (ZSCL)
+    """
+
+    name: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = False
+    needs_vocabulary: ClassVar[bool] = False
+    default_vocabulary_mode: ClassVar[str | None] = None
+    uses_teacher_images: ClassVar[bool] = False
+    distills_clean_images: ClassVar[bool] = False
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise MethodConfigError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
+
+    @classmethod
+    def hyper_parameter_names(cls) -> list[str]:
+        names: list[str] = []
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            for parameter in list(inspect.signature(init).parameters.values())[1:]:
+                if parameter.kind is parameter.KEYWORD_ONLY or parameter.kind is parameter.POSITIONAL_OR_KEYWORD:
+                    if parameter.name not in names:
+                        names.append(parameter.name)
+        return names
+
+    def hyper_parameters(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.hyper_parameter_names() if hasattr(self, name)}
+
+    def before_task(self, task: TaskContext) -> None:
+        """Prepare per-task state (called once, after the teacher is ready)."""
+
+    def after_task(self, task: TaskContext, student: nn.Module) -> None:
+        """Release per-task state; may also post-process the trained ``student`` in place
+        (e.g. a weight interpolation). Called once the steps are over, also after a failure."""
+
+    @abstractmethod
+    def loss_terms(self, student: nn.Module, batch: Batch, task: TaskContext) -> dict[str, torch.Tensor]:
+        """Named, already weighted scalar loss terms of this batch; the loop sums them."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyper_parameters().items())
+        return f"{type(self).__name__}({args})"
+
+
+def require_alpha(alpha: float, name: str = "alpha") -> float:
+    alpha = float(alpha)
+    if not alpha >= 0.0:
+        raise MethodConfigError(f"{name} must be a non-negative number, got {alpha}")
+    return alpha

@@ -1,0 +1,19 @@
+"""Method comparison across finished MLflow runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from clip_continual import reporting
+from clip_continual.tracking import latest_finished_runs, tracking_uri
+
+
+def compare_methods(tracking: dict[str, Any], params: dict[str, Any]) -> tuple[pd.DataFrame, Figure]:
+    uri = tracking_uri(tracking.get("uri"), Path.cwd())
+    runs = latest_finished_runs(uri, params["experiment_name"], params.get("benchmark"))
+    table = reporting.comparison_table(runs)
+    return table, reporting.comparison_figure(table)

@@ -1,0 +1,107 @@
+"""Thin nodes of the continual sequence: fine-tune on one task, evaluate after it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from clip_continual.data.common import ImageSet
+from clip_continual.evaluation import evaluate_step
+from clip_continual.models import ClipModel, resolve_device
+from clip_continual.replay import ReplayVocabulary
+from clip_continual.tracking import log_metrics
+from clip_continual.training import TrainingConfig, fine_tune
+
+logger = logging.getLogger(__name__)
+
+TEACHERS = ("auto", "previous", "pretrained")
+
+
+def class_prompts(image_set: ImageSet, template: str) -> list[str]:
+    return [template.format(name) for name in image_set.class_names]
+
+
+def fine_tune_task(
+    start_model: ClipModel,
+    train_set: ImageSet,
+    vocabulary: ReplayVocabulary,
+    method: str,
+    params: dict[str, Any],
+    prompts: dict[str, Any],
+    tracking: dict[str, Any],
+    seed: int,
+    pretrained_model: ClipModel | None = None,
+    *,
+    task_index: int,
+    phases: tuple[tuple[int, ...], ...],
+    updated_task: str,
+    default_teacher: str,
+) -> tuple[ClipModel, dict[str, Any]]:
+    teacher_choice = params.get("teacher", "auto")
+    if teacher_choice not in TEACHERS:
+        raise ValueError(f"unknown teacher '{teacher_choice}': choose one of {', '.join(TEACHERS)}")
+    teacher_choice = default_teacher if teacher_choice == "auto" else teacher_choice
+    teacher = start_model if teacher_choice == "previous" or pretrained_model is None else pretrained_model
+    config = TrainingConfig.from_params({
+        **params["training"], "method": method, "alpha": params.get("alpha"), "seed": seed,
+        "teacher": teacher_choice,
+    })
+    seen = sorted({c for phase in phases[:task_index] for c in phase})
+    log_every = max(1, int(tracking.get("log_every", 1)))
+    offset = (task_index - 1) * config.steps
+
+    def log_losses(step: int, losses: dict[str, float]) -> None:
+        if step % log_every == 0:
+            log_metrics({f"train/{name}": value for name, value in losses.items()}, step=offset + step)
+
+    model, summary = fine_tune(
+        start_model,
+        train_set.restrict_to_classes(phases[task_index - 1]),
+        class_prompts(train_set, prompts[updated_task]),
+        current_classes=list(phases[task_index - 1]),
+        seen_classes=seen,
+        config=config,
+        vocabulary=vocabulary,
+        teacher=teacher,
+        task_index=task_index,
+        on_step=log_losses,
+    )
+    model.metadata.update({"method": method, "task_index": task_index, "classes": list(phases[task_index - 1])})
+    return model, summary
+
+
+def evaluate_model(
+    model: ClipModel,
+    updated_test: ImageSet,
+    zero_shot_set: ImageSet,
+    retrieval_set: ImageSet,
+    prompts: dict[str, Any],
+    params: dict[str, Any],
+    previous_evaluation: dict[str, Any] | None = None,
+    *,
+    step: int,
+    task: str,
+    phases: tuple[tuple[int, ...], ...],
+    updated_task: str,
+) -> dict[str, Any]:
+    """Metrics after ``step`` (0 = the starting model), carrying the accuracy rows so far."""
+    earlier = list(previous_evaluation["acc_rows"]) if previous_evaluation else []
+    result = evaluate_step(
+        model,
+        step=step,
+        task=task,
+        updated_test=updated_test,
+        class_prompts=class_prompts(updated_test, prompts[updated_task]),
+        phases=[list(p) for p in phases],
+        zero_shot_set=zero_shot_set,
+        zero_shot_templates=list(prompts["shapes"]),
+        retrieval_set=retrieval_set,
+        batch_size=params["batch_size"],
+        device=resolve_device(params.get("device", "auto")),
+        previous_rows=earlier or None,
+        retrieval_folds=params.get("retrieval_folds", 1),
+    )
+    result["acc_rows"] = earlier + [result["acc_row"]]
+    logger.info("step %d (%s): UT-Acc %.3f  ZS-Acc %.3f  BWT %+.3f", step, task, result["ut_acc"],
+                result["zs_acc"], result["bwt"])
+    return result

@@ -1,0 +1,25 @@
+"""Nodes that generate the embedded default's data (no download)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clip_continual.data.common import ImageSet
+from clip_continual.data.digits import make_digits
+from clip_continual.data.shapes import make_corpus, make_retrieval_set, make_zero_shot_set
+
+
+def generate_shapes_corpus(params: dict[str, Any], seed: int) -> ImageSet:
+    return make_corpus(params["shapes"]["corpus_size"], seed, params["image_size"])
+
+
+def generate_shapes_zero_shot_set(params: dict[str, Any], seed: int) -> ImageSet:
+    return make_zero_shot_set(params["shapes"]["zero_shot_per_class"], seed, params["image_size"])
+
+
+def generate_shapes_retrieval_set(params: dict[str, Any], seed: int) -> ImageSet:
+    return make_retrieval_set(params["shapes"]["retrieval_size"], seed, params["image_size"])
+
+
+def prepare_digits(params: dict[str, Any], seed: int) -> tuple[ImageSet, ImageSet]:
+    return make_digits(params["digits"]["test_fraction"], seed, params["image_size"])

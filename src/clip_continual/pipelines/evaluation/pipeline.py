@@ -1,0 +1,24 @@
+from clip_continual.pipelines import bind
+
+from kedro.pipeline import Node, Pipeline
+
+from clip_continual.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, Benchmark
+from clip_continual.pipelines.evaluation import nodes
+
+
+def create_pipeline(benchmark: Benchmark | None = None, **kwargs) -> Pipeline:
+    """Reports over every step's evaluation (step 0 = the pretrained model) of a benchmark."""
+    benchmark = benchmark or BENCHMARKS[DEFAULT_BENCHMARK]
+    steps = ("pretrained", *benchmark.task_names)
+    report = Node(
+        bind(nodes.report_continual_run, benchmark=benchmark.name),
+        inputs=["params:method", "params:continual_learning", *(f"{step}_evaluation" for step in steps)],
+        outputs=["continual_metrics", "accuracy_matrix", "continual_summary",
+                 "accuracy_matrix_plot", "metric_curves_plot"],
+        name="report_continual_run",
+    )
+    return Pipeline(
+        [report],
+        inputs={f"{step}_evaluation": f"{benchmark.name}.{step}.evaluation" for step in steps},
+        tags=["evaluation", benchmark.name],
+    )

@@ -1,0 +1,82 @@
+"""Nodes that provide the CLIP every continual run starts from."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from clip_continual.data.common import ImageSet
+from clip_continual.evaluation import evaluate_retrieval, zero_shot_accuracy
+from clip_continual.models import ClipModel, ModelSpec, build_model, resolve_device
+from clip_continual.pretraining import PretrainingConfig, pretrain
+
+logger = logging.getLogger(__name__)
+
+
+def _spec(model_params: dict[str, Any]) -> ModelSpec:
+    return ModelSpec(
+        architecture=model_params["architecture"],
+        pretrained=model_params.get("pretrained"),
+        cache_dir=model_params.get("cache_dir"),
+    )
+
+
+def _cache_key(model_params: dict[str, Any], config: PretrainingConfig, corpus_params: dict[str, Any],
+               seed: int) -> dict[str, Any]:
+    return {
+        "architecture": model_params["architecture"],
+        "pretrained": model_params.get("pretrained"),
+        "pretraining": config.fingerprint(),
+        "corpus": corpus_params,
+        "seed": seed,
+    }
+
+
+def pretrain_clip(
+    corpus: ImageSet,
+    cached: ClipModel | None,
+    model_params: dict[str, Any],
+    pretraining_params: dict[str, Any],
+    data_params: dict[str, Any],
+    seed: int,
+) -> ClipModel:
+    """Pretrain (or, with pretraining disabled, just load) the starting CLIP.
+
+    A checkpoint already on disk that was made with the same settings is reused as it is.
+    """
+    params = dict(pretraining_params)
+    enabled = params.pop("enabled", True)
+    config = PretrainingConfig.from_params({**params, "seed": seed})
+    key = _cache_key(model_params, config, {**data_params["shapes"], "image_size": data_params["image_size"]}, seed) \
+        if enabled else {"architecture": model_params["architecture"], "pretrained": model_params.get("pretrained")}
+    if cached is not None and cached.metadata.get("source") == key:
+        logger.info("Reusing the pretrained model on disk (same settings); delete it to pretrain again.")
+        return cached
+    start = build_model(_spec(model_params))
+    if not enabled:
+        start.metadata["source"] = key
+        return start
+    model, summary = pretrain(start, corpus, config)
+    logger.info("Pretrained in %.0f s, final loss %.3f", summary["train_seconds"], summary["final_loss"])
+    model.metadata.update({"source": key, "pretraining": summary})
+    return model
+
+
+def evaluate_pretrained(
+    model: ClipModel,
+    zero_shot_set: ImageSet,
+    retrieval_set: ImageSet,
+    prompts: dict[str, Any],
+    evaluation_params: dict[str, Any],
+) -> dict[str, float]:
+    batch_size, device = evaluation_params["batch_size"], evaluation_params.get("device", "auto")
+    device = resolve_device(device)
+    metrics = {
+        "zs_acc": zero_shot_accuracy(model, zero_shot_set, list(prompts["shapes"]), batch_size, device),
+        **evaluate_retrieval(model, retrieval_set, batch_size, device,
+                             evaluation_params.get("retrieval_folds", 1)),
+    }
+    summary = model.metadata.get("pretraining") or {}
+    if "train_seconds" in summary:
+        metrics["train_seconds"] = summary["train_seconds"]
+    return metrics

@@ -1,0 +1,145 @@
+"""Contrastive pretraining of a (tiny) CLIP on image-caption pairs: the embedded default's
+stand-in for OpenAI's pretraining. Plain PyTorch + open_clip; no Kedro import."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from open_clip import ClipLoss
+from tqdm.auto import tqdm
+
+from clip_continual.data.common import ImageSet
+from clip_continual.models import ClipModel, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainingConfig:
+    steps: int = 1050
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 30
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"pretraining.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"pretraining.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"pretraining.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> PretrainingConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(params) - known
+        if unknown:
+            raise ValueError(
+                f"unknown pretraining parameters {sorted(unknown)}; known: {sorted(known)}"
+            )
+        values = dict(params)
+        if "betas" in values:
+            values["betas"] = tuple(float(b) for b in values["betas"])
+        return cls(**values)
+
+    def fingerprint(self) -> str:
+        """Identifies what the training computes (progress display excluded)."""
+        relevant = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress", "device")}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def learning_rate(step: int, config: PretrainingConfig) -> float:
+    """Linear warm-up, then cosine decay to zero: a pure function of the step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.5 * config.lr * (1 + math.cos(math.pi * progress))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # As in open_clip: no decay on gains, biases, embeddings' scale terms and the logit scale.
+    def exclude(name: str, p: torch.nn.Parameter) -> bool:
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay},
+    ]
+
+
+def pretrain(
+    start: ClipModel,
+    corpus: ImageSet,
+    config: PretrainingConfig,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[ClipModel, dict[str, Any]]:
+    """Contrastive training with open_clip's ClipLoss; returns a new model and a summary."""
+    if corpus.captions is None:
+        raise ValueError("the pretraining corpus needs captions")
+    if len(corpus) < config.batch_size:
+        raise ValueError(
+            f"the pretraining corpus has {len(corpus)} pairs, fewer than one batch "
+            f"({config.batch_size}); lower pretraining.batch_size or enlarge the corpus"
+        )
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    clip = start.clone()
+    model = clip.model.to(device).train()
+    tokens = clip.tokenize([str(c) for c in corpus.captions[:, 0]])
+    # The fused kernel updates the 6 M token-embedding rows several times faster than foreach.
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=1e-6,
+        fused=device.type in ("cpu", "cuda"),
+    )
+    loss_fn = ClipLoss()
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(corpus))
+    cursor = 0
+    losses: list[float] = []
+    started = time.perf_counter()
+    bar = tqdm(range(config.steps), desc="pretraining", disable=not config.progress, mininterval=1.0)
+    for step in bar:
+        if cursor + config.batch_size > len(order):
+            order, cursor = rng.permutation(len(corpus)), 0
+        index = np.sort(order[cursor : cursor + config.batch_size])
+        cursor += config.batch_size
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        images = clip.preprocess(corpus.images[index], device)
+        image_features = model.encode_image(images, normalize=True)
+        text_features = model.encode_text(tokens[index].to(device), normalize=True)
+        loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if on_step is not None:
+            on_step(step, {"pretraining/loss": losses[-1], "pretraining/lr": learning_rate(step, config)})
+    model.eval()
+    clip.model = model.cpu()
+    clip.metadata = {**clip.metadata, "pretraining_fingerprint": config.fingerprint()}
+    summary = {
+        "steps": config.steps,
+        "train_seconds": time.perf_counter() - started,
+        "final_loss": float(np.mean(losses[-20:])),
+    }
+    return clip, summary

@@ -1,0 +1,24 @@
+"""Kedro project settings."""
+
+import warnings
+
+from kedro.config import OmegaConfigLoader
+
+from clip_continual.hooks import MlflowTrackingHook, RunKeyHook
+from clip_continual.run_key import current_run_key
+
+# Our dotted dataset names are the namespaces' own (<benchmark>.<task>.model); Kedro warns when a
+# node outside the namespace (the report) refers to them by their full name.
+warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
+
+HOOKS = (RunKeyHook(), MlflowTrackingHook())
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # `kedro run --params a.b=1` replaces one nested key and keeps its siblings.
+    "merge_strategy": {"parameters": "soft"},
+    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+    "custom_resolvers": {"run_key": current_run_key},
+}

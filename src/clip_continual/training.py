@@ -1,0 +1,534 @@
+"""The one training loop every continual-learning method runs through.
+
+The loop owns devices, precision, the optimizer and its schedule, clipping, seeds, batching,
+augmentation, progress and logging; a method (see ``clip_continual.methods``) only turns a batch
+into named loss terms. Everything that varies with the step (batch order, augmentation, the
+replayed vocabulary, the learning rate) is a pure function of ``(seed, task_index, step)``, so a
+step can be recomputed exactly.
+
+Plain Python and PyTorch; no Kedro import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from clip_continual.data.common import ImageSet
+from clip_continual.methods import ContinualMethod, MethodConfigError, get_method
+from clip_continual.methods.base import Batch, TaskContext, Teacher, evaluation_mode
+from clip_continual.models import (
+    TRAINABLE_PARTS, ClipModel, preprocess_images, resolve_device, set_trainable_parts,
+)
+from clip_continual.replay import ReplayVocabulary, derive_seed
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "step")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+AUGMENTATIONS = ("none", "crop_flip")
+TEACHERS = ("pretrained", "previous")
+LOGIT_SCALE_MAX = math.log(100.0)  # open_clip's clamp: a temperature of at least 1/100
+CROP_RESIZE_RATIO = 256 / 224  # the paper's train transform: resize 256, random crop 224
+MIN_PRECOMPUTE_BATCH = 256
+
+_FLOAT_FIELDS = ("alpha", "lr", "weight_decay", "eps", "epochs", "lr_gamma", "grad_clip_norm")
+_STREAM_AUGMENT = 3  # keeps augmentation randomness apart from the vocabulary's streams
+
+
+class TrainingConfigError(ValueError):
+    """A training parameter is unknown or invalid."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How to fine-tune one task. Defaults are the paper's (Adam, lr 1e-6, batch 100, 15 epochs,
+    clip 1.0, seed 10). ``steps`` and ``epochs`` may both be set: the run stops at whichever
+    comes first (handy to cap a long run). ``lr_milestones`` are in epochs and only apply to
+    ``schedule: step`` (paper OST: lr x0.1 after epoch 10 of 15). ``alpha`` and
+    ``method_options`` are the method's hyper-parameters; None/absent keeps its default.
+    ``teacher`` says which model the caller hands in as teacher; with "previous" and no teacher
+    given, the start model itself is the teacher.
+    """
+
+    method: str = "ft"
+    alpha: float | None = None
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    teacher: str = "previous"
+    optimizer: str = "adam"
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    batch_size: int = 100
+    steps: int | None = None
+    epochs: float | None = 15
+    schedule: str = "constant"
+    lr_milestones: tuple[float, ...] = (10,)
+    lr_gamma: float = 0.1
+    grad_clip_norm: float | None = 1.0
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 10
+    parts: str = "wm"
+    augment: str = "none"
+    progress: bool = True
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method_options", dict(self.method_options or {}))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "lr_milestones", tuple(float(m) for m in self.lr_milestones))
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("device", self.device, DEVICES)
+        _choice("parts", self.parts, TRAINABLE_PARTS)
+        _choice("augment", self.augment, AUGMENTATIONS)
+        _choice("teacher", self.teacher, TEACHERS)
+        _positive("lr", self.lr)
+        _positive("eps", self.eps)
+        _positive("lr_gamma", self.lr_gamma)
+        if not self.weight_decay >= 0:
+            raise TrainingConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise TrainingConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("log_every", self.log_every)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise TrainingConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.steps is None and self.epochs is None:
+            raise TrainingConfigError("give the training length: 'steps' (iterations) and/or 'epochs'")
+        if self.steps is not None:
+            _positive_int("steps", self.steps)
+        if self.epochs is not None:
+            _positive("epochs", self.epochs)
+        if any(m < 0 for m in self.lr_milestones):
+            raise TrainingConfigError(f"lr_milestones must be >= 0 epochs, got {self.lr_milestones}")
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise TrainingConfigError(
+                f"grad_clip_norm must be positive or null (no clipping), got {self.grad_clip_norm}"
+            )
+        try:
+            self.build_method()
+        except MethodConfigError as error:
+            raise TrainingConfigError(str(error)) from error
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> TrainingConfig:
+        params = dict(params or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise TrainingConfigError(
+                f"unknown training parameter(s) {unknown}; known: {', '.join(sorted(known))}"
+            )
+        for name in _FLOAT_FIELDS:
+            # YAML 1.1 reads '1e-6' (no dot) as a string.
+            if isinstance(params.get(name), str):
+                try:
+                    params[name] = float(params[name])
+                except ValueError:
+                    raise TrainingConfigError(f"{name} must be a number, got {params[name]!r}") from None
+        try:
+            return cls(**params)
+        except TypeError as error:  # e.g. a string where a list of numbers belongs
+            raise TrainingConfigError(f"invalid training parameters: {error}") from error
+
+    def build_method(self) -> ContinualMethod:
+        return get_method(self.method, alpha=self.alpha, **self.method_options)
+
+    def to_params(self) -> dict[str, Any]:
+        """Plain values, e.g. to log as run parameters."""
+        return {
+            f.name: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v)
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
+
+
+def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise TrainingConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise TrainingConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TrainingConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+# --- pure functions of the step -----------------------------------------------------------
+
+def learning_rate_at(
+    step: int, base_lr: float, schedule: str = "constant",
+    milestone_steps: Sequence[int] = (), gamma: float = 0.1,
+) -> float:
+    """The learning rate of (0-based) ``step``: constant, or times ``gamma`` at each milestone
+    already reached. A function of the step alone, so a resumed run gets the same rates."""
+    if schedule == "constant":
+        return base_lr
+    if schedule == "step":
+        return base_lr * gamma ** sum(1 for milestone in milestone_steps if step >= milestone)
+    raise TrainingConfigError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    num_images: int
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    milestone_steps: tuple[int, ...]
+
+
+def plan_training(config: TrainingConfig, num_images: int) -> TrainingPlan:
+    if num_images < 1:
+        raise ValueError("the training set is empty")
+    batch_size = min(config.batch_size, num_images)
+    steps_per_epoch = math.ceil(num_images / batch_size)
+    lengths = []
+    if config.steps is not None:
+        lengths.append(config.steps)
+    if config.epochs is not None:
+        lengths.append(max(1, round(config.epochs * steps_per_epoch)))
+    milestones = tuple(round(m * steps_per_epoch) for m in config.lr_milestones)
+    return TrainingPlan(num_images, batch_size, steps_per_epoch, min(lengths), milestones)
+
+
+class BatchOrder:
+    """Epoch-wise shuffling: the batch of a step is a pure function of (seed, epoch, step)."""
+
+    def __init__(self, plan: TrainingPlan, seed: int) -> None:
+        self.plan = plan
+        self.seed = seed
+        self._epoch = -1
+        self._order: np.ndarray | None = None
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, position = divmod(step, self.plan.steps_per_epoch)
+        if epoch != self._epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.plan.num_images)
+            self._epoch = epoch
+        start = position * self.plan.batch_size
+        return self._order[start : start + self.plan.batch_size]
+
+
+def augment_crop_flip(
+    images: np.ndarray, clip: ClipModel, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """The paper's train transform at the model's resolution S: resize to S * 256/224, random
+    S x S crop, random horizontal flip (per image, from ``generator``)."""
+    size = clip.image_size
+    resized = max(size, round(size * CROP_RESIZE_RATIO))
+    big = preprocess_images(images, resized, clip.image_mean, clip.image_std, device)
+    count = len(images)
+    offsets = torch.randint(0, resized - size + 1, (count, 2), generator=generator).tolist()
+    flips = (torch.rand(count, generator=generator) < 0.5).tolist()
+    crops = []
+    for image, (top, left), flip in zip(big, offsets, flips):
+        crop = image[:, top : top + size, left : left + size]
+        crops.append(crop.flip(-1) if flip else crop)
+    return torch.stack(crops)
+
+
+# --- devices and precision ----------------------------------------------------------------
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """fp32 off CUDA; on CUDA 'auto' is bf16 where supported, else fp16 (with a GradScaler)."""
+    _choice("precision", requested, PRECISIONS)
+    if device.type != "cuda":
+        if requested in ("bf16", "fp16"):
+            logger.warning("precision %s needs a CUDA device; training in fp32 on %s", requested, device)
+        return "fp32"
+    if requested == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        raise TrainingConfigError("this GPU does not support bf16; use precision 'fp16' or 'auto'")
+    return requested
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def build_optimizer(parameters: list[torch.nn.Parameter], config: TrainingConfig) -> torch.optim.Optimizer:
+    kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return kind(parameters, lr=config.lr, betas=config.betas, eps=config.eps,
+                weight_decay=config.weight_decay)
+
+
+# --- the loop -----------------------------------------------------------------------------
+
+def _class_ids(name: str, classes: Sequence[int] | None, default: list[int]) -> list[int]:
+    if classes is None:
+        return default
+    ids = sorted({int(c) for c in classes})
+    if not ids:
+        raise ValueError(f"{name} is empty")
+    return ids
+
+
+def _same_device(first: torch.device, second: torch.device) -> bool:
+    """'cuda' and 'cuda:0' are the same device when 0 is the current one."""
+    def canonical(device: torch.device) -> torch.device:
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
+    return canonical(first) == canonical(second)
+
+
+def _prepare_teacher(
+    method: ContinualMethod, start: ClipModel, teacher: ClipModel | None,
+    config: TrainingConfig, device: torch.device,
+) -> ClipModel | None:
+    if not method.needs_teacher:
+        return None
+    if teacher is None:
+        if config.teacher == "pretrained":
+            raise ValueError(
+                f"method '{method.name}' with teacher 'pretrained' needs the pretrained model "
+                f"passed as `teacher`"
+            )
+        teacher = start  # teacher 'previous': the model this task starts from
+    if teacher.context_length != start.context_length:
+        raise ValueError(
+            f"teacher context length {teacher.context_length} differs from the student's "
+            f"{start.context_length}; teacher and student must share an architecture"
+        )
+    if not _same_device(teacher.device, device):
+        # Moving the caller's model would change it; a private copy goes to the device instead.
+        teacher = teacher.clone()
+        teacher.model.to(device)
+    return teacher
+
+
+def fine_tune(
+    start: ClipModel,
+    train_set: ImageSet,
+    class_prompts: Sequence[str],
+    current_classes: Sequence[int] | None = None,
+    seen_classes: Sequence[int] | None = None,
+    config: TrainingConfig | None = None,
+    vocabulary: ReplayVocabulary | None = None,
+    teacher: ClipModel | None = None,
+    task_index: int = 0,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    method: ContinualMethod | None = None,
+) -> tuple[ClipModel, dict[str, Any]]:
+    """Fine-tune a copy of ``start`` on ``train_set`` and return it with a summary.
+
+    ``class_prompts`` are the prompts of ALL classes of the updated task (index = global label);
+    ``current_classes`` (default: all) are learnt now, ``seen_classes`` (default: the current
+    ones) are all classes learnt so far, current included. ``teacher`` is the frozen model the
+    method distils from (may be ``start`` itself); it is only read. ``on_step(step, values)``
+    is called after every optimizer step with the 1-based step of this task and the loss terms,
+    their sum ``loss`` and the learning rate ``lr``. ``method`` overrides the method named by
+    ``config`` with a ready instance. ``start`` is never modified.
+    """
+    config = config or TrainingConfig()
+    method = method or config.build_method()
+    if len(class_prompts) != len(train_set.class_names):
+        raise ValueError(
+            f"{len(class_prompts)} class prompts for {len(train_set.class_names)} classes; give "
+            f"one prompt per class of the updated task, index = global label"
+        )
+    all_classes = list(range(len(class_prompts)))
+    current = _class_ids("current_classes", current_classes, all_classes)
+    seen = _class_ids("seen_classes", seen_classes, current)
+    if not set(np.unique(train_set.labels).tolist()) <= set(current):
+        raise ValueError(
+            "the training set has labels outside current_classes; restrict it with "
+            "ImageSet.restrict_to_classes(current_classes)"
+        )
+    if method.needs_vocabulary:
+        if vocabulary is None:
+            raise ValueError(
+                f"method '{method.name}' needs a replayed vocabulary; build one with "
+                f"replay.build_vocabulary(VocabularyConfig(mode='{method.default_vocabulary_mode}'), "
+                f"model.context_length)"
+            )
+        if vocabulary.context_length != start.context_length:
+            raise ValueError(
+                f"the vocabulary was built for context length {vocabulary.context_length}, the "
+                f"model has {start.context_length}; rebuild the vocabulary for this model"
+            )
+    else:
+        vocabulary = None
+
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    autocast = autocast_for(precision, device)
+    task_seed = config.seed + task_index
+    torch.manual_seed(task_seed)
+
+    student = start.clone()
+    student.model.to(device)
+    trainable = set_trainable_parts(student.model, config.parts)
+    student.model.train()
+    teacher_clip = _prepare_teacher(method, start, teacher, config, device)
+
+    plan = plan_training(config, len(train_set))
+    optimizer = build_optimizer(trainable, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    order = BatchOrder(plan, task_seed)
+    trainable_count = sum(p.numel() for p in trainable)
+    logger.info(
+        "task %d: %s %s, %d steps (%d per epoch, batch %d), parts %s (%d trainable parameters), "
+        "%s %s", task_index, method.name, method.hyper_parameters(), plan.total_steps,
+        plan.steps_per_epoch, plan.batch_size, config.parts, trainable_count, device, precision,
+    )
+
+    step_times: list[float] = []
+    history: dict[str, list[float]] = {}
+    setup_started = time.perf_counter()
+    with evaluation_mode(teacher_clip.model if teacher_clip is not None else None):
+        task = TaskContext(
+            task_index=task_index,
+            device=device,
+            class_tokens=student.tokenize(list(class_prompts)).to(device),
+            current_classes=torch.tensor(current, device=device),
+            seen_classes=torch.tensor(seen, device=device),
+            vocabulary=vocabulary,
+            teacher=None if teacher_clip is None else Teacher(teacher_clip.model, autocast),
+            autocast=autocast,
+        )
+        teacher_reads_clean = method.distills_clean_images or config.augment == "none"
+        # Precomputing pays once the task shows every image at least once on average.
+        if (task.teacher is not None and method.uses_teacher_images and teacher_reads_clean
+                and plan.total_steps * plan.batch_size >= plan.num_images):
+            task.teacher.precompute_image_features(
+                _clean_batches(student, train_set, max(plan.batch_size, MIN_PRECOMPUTE_BATCH), device),
+                plan.num_images,
+            )
+        method.before_task(task)
+        setup_time = time.perf_counter() - setup_started
+        try:
+            progress = tqdm(range(plan.total_steps), desc=f"task {task_index} {method.name}",
+                            disable=not config.progress, leave=False)
+            window: dict[str, list[float]] = {}
+            for step in progress:
+                started = time.perf_counter()
+                lr = learning_rate_at(step, config.lr, config.schedule, plan.milestone_steps, config.lr_gamma)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = _make_batch(step, order.indices(step), train_set, student, vocabulary,
+                                    config, method, task_index, task_seed, device)
+                with autocast():
+                    terms = method.loss_terms(student.model, batch, task)
+                loss = torch.stack(list(terms.values())).sum()
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip_norm is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                if hasattr(student.model, "logit_scale"):
+                    with torch.no_grad():
+                        student.model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+                # One device sync per step: all terms and the total come back together.
+                numbers = torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float().tolist()
+                step_times.append(time.perf_counter() - started)
+                values = dict(zip(["loss", *terms], numbers))
+                if not math.isfinite(values["loss"]):
+                    raise FloatingPointError(
+                        f"the loss became {values['loss']} at step {step + 1} of task {task_index} "
+                        f"({values}); lower the learning rate or train in precision 'fp32'"
+                    )
+                for name, value in values.items():
+                    history.setdefault(name, []).append(value)
+                    window.setdefault(name, []).append(value)
+                progress.set_postfix({k: f"{np.mean(v):.4f}" for k, v in window.items()}, refresh=False)
+                if (step + 1) % config.log_every == 0 or step + 1 == plan.total_steps:
+                    logger.info("task %d step %d/%d lr %.3g %s", task_index, step + 1, plan.total_steps,
+                                lr, {k: round(float(np.mean(v)), 5) for k, v in window.items()})
+                    window = {}
+                if on_step is not None:
+                    on_step(step + 1, {**values, "lr": lr})
+            progress.close()
+        finally:
+            method.after_task(task, student.model)
+
+    # Hand back a plain model: eval mode, every parameter trainable again, as CLIP loads.
+    student.model.eval()
+    for parameter in student.model.parameters():
+        parameter.requires_grad_(True)
+    summary = {
+        "method": method.name,
+        "hyper_parameters": method.hyper_parameters(),
+        "task_index": task_index,
+        "steps": plan.total_steps,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "epochs": plan.total_steps / plan.steps_per_epoch,
+        "num_images": plan.num_images,
+        "batch_size": plan.batch_size,
+        "trainable_parameters": trainable_count,
+        "median_step_time_s": statistics.median(step_times),
+        "train_time_s": float(sum(step_times)),
+        "setup_time_s": setup_time,
+        "final_losses": {name: values[-1] for name, values in history.items()},
+        "mean_losses": {name: float(np.mean(values)) for name, values in history.items()},
+        "final_lr": learning_rate_at(plan.total_steps - 1, config.lr, config.schedule,
+                                     plan.milestone_steps, config.lr_gamma),
+        "logit_scale": (float(student.model.logit_scale.detach().exp())
+                        if hasattr(student.model, "logit_scale") else None),
+        "device": str(device),
+        "precision": precision,
+    }
+    student.metadata.setdefault("training", []).append(
+        {"task_index": task_index, "method": method.name, "steps": plan.total_steps,
+         "parts": config.parts, "final_loss": summary["final_losses"]["loss"]}
+    )
+    return student, summary
+
+
+def _clean_batches(
+    clip: ClipModel, images: ImageSet, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for begin in range(0, len(images), batch_size):
+        indices = np.arange(begin, min(begin + batch_size, len(images)))
+        yield torch.from_numpy(indices).to(device), clip.preprocess(images.images[indices], device)
+
+
+def _make_batch(
+    step: int, indices: np.ndarray, train_set: ImageSet, student: ClipModel,
+    vocabulary: ReplayVocabulary | None, config: TrainingConfig, method: ContinualMethod,
+    task_index: int, task_seed: int, device: torch.device,
+) -> Batch:
+    images = train_set.images[indices]
+    clean_pixels = None
+    if config.augment == "crop_flip":
+        generator = torch.Generator().manual_seed(derive_seed(task_seed, _STREAM_AUGMENT, step))
+        pixels = augment_crop_flip(images, student, generator, device)
+        if method.distills_clean_images:
+            clean_pixels = student.preprocess(images, device)
+    else:
+        pixels = student.preprocess(images, device)
+    return Batch(
+        step=step,
+        indices=torch.from_numpy(indices).to(device),
+        labels=torch.from_numpy(train_set.labels[indices]).long().to(device),
+        pixels=pixels,
+        clean_pixels=clean_pixels,
+        vocab_tokens=None if vocabulary is None else vocabulary.tokens(task_index, step).to(device),
+    )

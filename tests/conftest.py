@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+# Tests must never reach the project's own MLflow store, nor the network.
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="session")
+def micro_model():
+    from clip_continual.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelSpec("clip-continual-micro"))

@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+
+from clip_continual.data.common import DataFormatError, ImageSet
+from clip_continual.data.digits import DIGIT_NAMES, make_digits
+from clip_continual.data.shapes import (
+    COLOURS,
+    CORPUS_TEMPLATES,
+    SHAPES,
+    ZERO_SHOT_TEMPLATES,
+    concept_names,
+    make_corpus,
+    make_retrieval_set,
+    make_zero_shot_set,
+)
+
+
+def test_shapes_are_deterministic_from_the_seed():
+    a, b, c = make_corpus(64, seed=1), make_corpus(64, seed=1), make_corpus(64, seed=2)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.captions, b.captions)
+    assert not np.array_equal(a.images, c.images)
+
+
+def test_corpus_captions_agree_with_labels():
+    corpus = make_corpus(300, seed=0)
+    names = concept_names()
+    for label, (caption,) in zip(corpus.labels, corpus.captions):
+        colour, shape = names[label].split()
+        words = caption.split()
+        assert colour in words and shape in words, caption
+        # exactly one colour and one shape word per caption
+        assert sum(w in COLOURS for w in words) == 1 and sum(w in SHAPES for w in words) == 1
+
+
+def test_zero_shot_prompt_is_never_a_training_caption():
+    prompt = ZERO_SHOT_TEMPLATES[0].replace("{}", "{colour} {shape}")
+    assert prompt not in CORPUS_TEMPLATES
+
+
+def test_shape_pixels_take_the_named_colour():
+    zs = make_zero_shot_set(per_class=3, seed=0)
+    palette = np.array(list(COLOURS.values()), dtype=float)
+    for image, label in zip(zs.images, zs.labels):
+        pixels = image.reshape(-1, 3).astype(float)
+        background = np.median(pixels, axis=0)
+        far = pixels[np.abs(pixels - background).sum(axis=1) > 60]
+        assert len(far) > 5, "a shape must cover some pixels"
+        nearest = np.argmin(((far.mean(axis=0)[None] - palette) ** 2).sum(axis=1))
+        assert nearest == label // len(SHAPES)
+
+
+def test_image_statistics_are_plausible():
+    corpus = make_corpus(500, seed=0)
+    assert corpus.images.dtype == np.uint8 and corpus.images.shape == (500, 32, 32, 3)
+    assert 40 < corpus.images.mean() < 200 and corpus.images.std() > 30
+    backgrounds = np.median(corpus.images.reshape(500, -1, 3), axis=1).mean(axis=1)
+    assert (backgrounds < 100).mean() > 0.3 and (backgrounds > 150).mean() > 0.3
+
+
+def test_zero_shot_set_is_balanced():
+    zs = make_zero_shot_set(per_class=4, seed=0)
+    assert len(zs.class_names) == 64
+    assert np.all(np.bincount(zs.labels, minlength=64) == 4)
+
+
+def test_retrieval_captions_are_unique_and_name_their_image():
+    gallery = make_retrieval_set(200, seed=0)
+    assert gallery.captions.shape == (200, 2)
+    assert len(set(gallery.captions.ravel())) == 400
+    names = concept_names()
+    for label, captions in zip(gallery.labels, gallery.captions):
+        for caption in captions:
+            assert all(word in caption.split() for word in names[label].split())
+
+
+def test_retrieval_set_rejects_impossible_sizes():
+    with pytest.raises(ValueError, match="1 to 768"):
+        make_retrieval_set(10_000, seed=0)
+
+
+def test_digits_split_sizes_and_stratification():
+    train, test = make_digits(test_fraction=0.3, seed=0, image_size=32)
+    assert len(train) + len(test) == 1797
+    assert abs(len(test) / 1797 - 0.3) < 0.01
+    assert train.class_names == DIGIT_NAMES
+    train_share = np.bincount(train.labels) / len(train)
+    test_share = np.bincount(test.labels) / len(test)
+    assert np.abs(train_share - test_share).max() < 0.01
+    assert train.images.shape[1:] == (32, 32, 3) and train.images.max() > 200
+
+
+def test_digits_reject_bad_fraction():
+    with pytest.raises(ValueError, match="test_fraction"):
+        make_digits(test_fraction=1.5, seed=0)
+
+
+def test_image_set_validates_shapes_and_round_trips():
+    with pytest.raises(DataFormatError, match="uint8"):
+        ImageSet(np.zeros((2, 4, 4, 3), dtype=np.float32), np.zeros(2, dtype=np.int64), ("a",))
+    with pytest.raises(DataFormatError, match="labels must lie"):
+        ImageSet(np.zeros((2, 4, 4, 3), dtype=np.uint8), np.array([0, 3]), ("a", "b"))
+    gallery = make_retrieval_set(5, seed=0)
+    again = ImageSet.from_arrays(gallery.to_arrays())
+    assert np.array_equal(again.images, gallery.images)
+    assert again.class_names == gallery.class_names
+    assert np.array_equal(again.captions, gallery.captions)

@@ -1,0 +1,336 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip_continual import evaluation as ev
+from clip_continual.data.common import ImageSet
+from clip_continual.models import ModelSpec, build_model
+
+# Hand-built accuracy matrix, T = 3 (row 0 = starting model, row t = after task t).
+R = np.array([
+    [0.50, 0.40, 0.30],
+    [0.90, 0.50, 0.35],
+    [0.95, 0.80, 0.45],
+    [0.60, 0.70, 0.90],
+])
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return build_model(ModelSpec("clip-continual-micro"))
+
+
+def _images(n, size=16, seed=0, constant=None):
+    if constant is not None:
+        return np.full((n, size, size, 3), constant, dtype=np.uint8)
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+# --- continual metrics on the hand-built matrix ------------------------------------------------
+
+def test_average_and_last_accuracy():
+    # mean(0.6, 0.7, 0.9) = 2.2 / 3
+    assert ev.average_accuracy(R) == pytest.approx(2.2 / 3)
+    assert ev.last_accuracy(R) == pytest.approx(2.2 / 3)
+
+
+def test_average_incremental_accuracy():
+    # step 1: 0.9; step 2: (0.95 + 0.8) / 2 = 0.875; step 3: 2.2 / 3 -> mean of the three
+    assert ev.average_incremental_accuracy(R) == pytest.approx((0.9 + 0.875 + 2.2 / 3) / 3)
+
+
+def test_backward_transfer():
+    # ((0.6 - 0.9) + (0.7 - 0.8)) / 2 = -0.2
+    assert ev.backward_transfer(R) == pytest.approx(-0.2)
+
+
+def test_forgetting_uses_the_best_earlier_accuracy():
+    # task 1: max(R1=0.9, R2=0.95) - 0.6 = 0.35; task 2: R2=0.8 - 0.7 = 0.1 -> 0.225 (not -BWT)
+    assert ev.forgetting(R) == pytest.approx(0.225)
+
+
+def test_forward_transfer():
+    # ((R[1][2] - R[0][2]) + (R[2][3] - R[0][3])) / 2 = ((0.5 - 0.4) + (0.45 - 0.3)) / 2
+    assert ev.forward_transfer(R) == pytest.approx(0.125)
+
+
+def test_mtil_transfer_and_avg():
+    # task 2: R[1][2] = 0.5; task 3: (0.35 + 0.45) / 2 = 0.4 -> 0.45
+    assert ev.transfer(R) == pytest.approx(0.45)
+    # rows 1..3 sum to 1.75 + 2.2 + 2.2 = 6.15 over 9 cells
+    assert ev.avg_accuracy(R) == pytest.approx(6.15 / 9)
+
+
+def test_per_step_ut_acc_and_bwt():
+    assert ev.ut_acc(R, 0) == pytest.approx(0.4)          # starting model on all tasks
+    assert ev.ut_acc(R, 1) == pytest.approx(0.9)
+    assert ev.ut_acc(R, 2) == pytest.approx(0.875)
+    assert ev.ut_acc(R, 3) == pytest.approx(2.2 / 3)
+    assert ev.bwt_at(R, 0) == 0.0 and ev.bwt_at(R, 1) == 0.0
+    assert ev.bwt_at(R, 2) == pytest.approx(0.05)          # 0.95 - 0.9
+    assert ev.bwt_at(R, 3) == pytest.approx(-0.2)
+    assert ev.bwt_at(R[:3], 2) == pytest.approx(0.05)      # a run in progress: rows 0..2 only
+
+
+def test_continual_metrics_collects_all():
+    metrics = ev.continual_metrics(R)
+    assert set(metrics) == {"average_accuracy", "average_incremental_accuracy", "backward_transfer",
+                            "forgetting", "forward_transfer", "transfer", "avg", "last"}
+    assert metrics["forgetting"] == pytest.approx(0.225)
+
+
+def test_single_task_metrics():
+    single = np.array([[0.3], [0.8]])
+    assert ev.backward_transfer(single) == 0.0
+    assert ev.forgetting(single) == 0.0
+    assert ev.forward_transfer(single) == 0.0
+    assert np.isnan(ev.transfer(single))
+    assert ev.avg_accuracy(single) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((3, 3)), np.zeros((4,)), np.zeros((1, 0)), [[0.1, np.nan], [0, 0], [0, 0]]])
+def test_matrix_shape_errors(bad):
+    with pytest.raises(ValueError):
+        ev.average_accuracy(bad)
+
+
+def test_partial_matrix_errors():
+    with pytest.raises(ValueError, match="rows"):
+        ev.bwt_at(R[:2], 2)
+    with pytest.raises(ValueError, match="outside"):
+        ev.ut_acc(R, 4)
+
+
+# --- classification on constructed features ---------------------------------------------------
+
+def test_predict_and_accuracy_on_constructed_features():
+    classes = torch.eye(3)
+    images = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8], [0.1, 0.7, 0.3], [0.5, 0.5, 0.0]])
+    predictions = ev.predict(images, classes)
+    # the last image ties classes 0 and 1: the lowest index wins, deterministically
+    np.testing.assert_array_equal(predictions, [0, 2, 1, 0])
+    assert ev.top1_accuracy(predictions, np.array([0, 2, 2, 1])) == pytest.approx(0.5)
+
+
+def test_predict_shape_error():
+    with pytest.raises(ValueError, match="class features"):
+        ev.predict(torch.zeros(2, 3), torch.zeros(4, 5))
+
+
+def test_per_class_and_phase_accuracies():
+    labels = np.array([0, 0, 1, 1, 2, 3])
+    predictions = np.array([0, 1, 1, 1, 0, 3])  # class 2 confused with class 0 of another phase
+    per_class = ev.per_class_accuracy(predictions, labels, 5)
+    np.testing.assert_allclose(per_class[:4], [0.5, 1.0, 0.0, 1.0])
+    assert np.isnan(per_class[4])  # no image of class 4
+    # phase 1: (0.5 + 1) / 2; phase 2: (0 + 1) / 2; class 4 has no images and is skipped
+    assert ev.phase_accuracies(predictions, labels, [[0, 1], [2, 3, 4]]) == pytest.approx([0.75, 0.5])
+    with pytest.raises(ValueError, match="no test images"):
+        ev.phase_accuracies(predictions, labels, [[0, 1], [4]])
+    with pytest.raises(ValueError, match="equal length"):
+        ev.top1_accuracy(predictions, labels[:3])
+
+
+# --- retrieval ---------------------------------------------------------------------------------
+
+def _retrieval_from_scores(scores, owner, **kwargs):
+    """Identity image features make similarity[i, j] equal scores[i, j] exactly."""
+    scores = np.asarray(scores, dtype=np.float32)
+    return ev.retrieval_metrics(np.eye(scores.shape[0], dtype=np.float32), scores.T, owner, **kwargs)
+
+
+def test_retrieval_with_several_captions_per_image():
+    owner = [0, 0, 1, 1, 2, 2]
+    scores = [
+        [0.9, 0.1, 0.5, 0.2, 0.3, 0.0],   # best own caption 0.9, nothing ahead: rank 0
+        [0.8, 0.1, 0.3, 0.7, 0.2, 0.9],   # best own 0.7; 0.8 and 0.9 of others ahead: rank 2
+        [0.4, 0.6, 0.1, 0.5, 0.55, 0.2],  # best own 0.55; 0.6 ahead: rank 1
+    ]
+    metrics = _retrieval_from_scores(scores, owner, ks=(1, 2, 3))
+    assert metrics["i2t_r1"] == pytest.approx(1 / 3)
+    assert metrics["i2t_r2"] == pytest.approx(2 / 3)
+    assert metrics["i2t_r3"] == pytest.approx(1.0)
+    # caption ranks [0, 2, 1, 0, 0, 1]; caption 1 scores 0.1 on image 0 AND image 1: the tie counts ahead
+    assert metrics["t2i_r1"] == pytest.approx(3 / 6)
+    assert metrics["t2i_r2"] == pytest.approx(5 / 6)
+    assert metrics["t2i_r3"] == pytest.approx(1.0)
+
+
+def test_retrieval_default_keys_and_range():
+    metrics = _retrieval_from_scores(np.random.default_rng(0).random((12, 24)), np.repeat(np.arange(12), 2))
+    assert set(metrics) == set(ev.RETRIEVAL_KEYS)
+    assert all(0.0 <= value <= 1.0 for value in metrics.values())
+    assert metrics["i2t_r1"] <= metrics["i2t_r5"] <= metrics["i2t_r10"]
+
+
+def test_constant_scores_never_give_perfect_recall():
+    ones = np.ones((20, 8), dtype=np.float32)
+    metrics = ev.retrieval_metrics(ones, ones, np.arange(20))
+    assert all(value == 0.0 for value in metrics.values())  # 19 tied competitors rank ahead
+    # 4 images x 2 captions: an image has 6 tied foreign captions ahead, a caption 3 tied images
+    metrics = ev.retrieval_metrics(np.ones((4, 8)), np.ones((8, 8)), np.repeat(np.arange(4), 2))
+    assert (metrics["i2t_r1"], metrics["i2t_r5"], metrics["i2t_r10"]) == (0.0, 0.0, 1.0)
+    assert (metrics["t2i_r1"], metrics["t2i_r5"], metrics["t2i_r10"]) == (0.0, 1.0, 1.0)
+
+
+def test_nan_scores_count_as_misses():
+    images = np.full((3, 4), np.nan, dtype=np.float32)
+    metrics = ev.retrieval_metrics(images, np.ones((3, 4)), np.arange(3), ks=(1, 2))
+    assert all(value == 0.0 for value in metrics.values())
+
+
+def test_image_without_caption_is_only_a_distractor():
+    # image 1 has no caption: no i2t query, but it outranks caption 0's own image in t2i
+    metrics = _retrieval_from_scores([[0.5], [0.9]], [0], ks=(1,))
+    assert metrics == {"i2t_r1": 1.0, "t2i_r1": 0.0}
+
+
+def test_retrieval_fold_averaging():
+    owner = [0, 1, 2, 3]
+    scores = [
+        [0.5, 0.1, 0.9, 0.0],  # caption 2 (image 2, other fold) beats the own caption
+        [0.2, 0.6, 0.1, 0.0],
+        [0.1, 0.0, 0.3, 0.8],  # caption 3 (image 3, same fold) beats the own caption
+        [0.0, 0.1, 0.2, 0.7],
+    ]
+    full = _retrieval_from_scores(scores, owner, ks=(1,))
+    # i2t hits: images 1, 3; t2i hits: captions 0, 1 (caption 2 loses to image 0, caption 3 to image 2)
+    assert full == pytest.approx({"i2t_r1": 0.5, "t2i_r1": 0.5})
+    folded = _retrieval_from_scores(scores, owner, ks=(1,), folds=2)
+    # fold {0, 1}: every query hits (1.0 both ways); fold {2, 3}: image 2 and caption 3 miss (0.5)
+    assert folded == pytest.approx({"i2t_r1": 0.75, "t2i_r1": 0.75})
+    scores = np.asarray(scores, dtype=np.float32)
+    first = _retrieval_from_scores(scores[:2, :2], [0, 1], ks=(1,))
+    second = _retrieval_from_scores(scores[2:, 2:], [0, 1], ks=(1,))
+    assert folded == pytest.approx({k: (first[k] + second[k]) / 2 for k in first})
+
+
+def test_retrieval_shape_errors():
+    with pytest.raises(ValueError, match="one entry per text"):
+        ev.retrieval_metrics(np.eye(3), np.eye(3), [0, 1])
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        ev.retrieval_metrics(np.eye(3), np.eye(3), [0, 1, 3])
+    with pytest.raises(ValueError, match="text features"):
+        ev.retrieval_metrics(np.eye(3), np.ones((3, 4)), [0, 1, 2])
+    with pytest.raises(ValueError, match="folds"):
+        ev.retrieval_metrics(np.eye(3), np.eye(3), [0, 1, 2], folds=4)
+
+
+def test_caption_index_skips_missing_captions():
+    texts, owner = ev.caption_index(np.array([["a", "b"], ["c", ""]]))
+    assert texts == ["a", "b", "c"]
+    np.testing.assert_array_equal(owner, [0, 0, 1])
+
+
+# --- features from the micro model -------------------------------------------------------------
+
+def test_fill_template_placeholders():
+    assert ev.fill_template("a photo of a {}.", "cat") == "a photo of a cat."
+    assert ev.fill_template("this is a photo of {label} .", "cat") == "this is a photo of cat ."
+    with pytest.raises(ValueError, match="no placeholder"):
+        ev.fill_template("a photo", "cat")
+
+
+def test_zero_shot_classifier_averages_normalised_template_features(clip):
+    names, templates = ["circle", "red square", "blue triangle"], ["a photo of a {}.", "a drawing of a {name}"]
+    classifier = ev.zero_shot_classifier(clip, names, templates, batch_size=4)
+    with torch.no_grad():
+        tokens = clip.tokenize([t.format(n, name=n) for n in names for t in templates])
+        expected = F.normalize(clip.model.encode_text(tokens, normalize=True).view(3, 2, -1).mean(1), dim=-1)
+    assert classifier.shape == (3, clip.model_config["embed_dim"])
+    torch.testing.assert_close(classifier, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(classifier.norm(dim=-1), torch.ones(3))
+
+
+def test_image_features_match_the_model_and_do_not_depend_on_batching(clip):
+    images = _images(5, size=20)
+    features = ev.image_features(clip, images, batch_size=2)
+    with torch.no_grad():
+        expected = clip.model.encode_image(clip.preprocess(images), normalize=True)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ev.image_features(clip, images, batch_size=5), features, atol=1e-6, rtol=1e-6)
+    # the features are ordinary tensors: usable as fixed targets inside a training graph
+    weight = torch.ones(features.shape[1], requires_grad=True)
+    (features * weight).sum().backward()
+    assert weight.grad is not None
+
+
+def test_zero_shot_accuracy_with_known_answer(clip):
+    # Each image's own feature as its class feature: self-similarity 1 beats every other image.
+    images = _images(6, seed=1)
+    features = ev.image_features(clip, images)
+    predictions = ev.predict_images(clip, images, features, batch_size=4)
+    assert ev.top1_accuracy(predictions, np.arange(6)) == 1.0
+    assert ev.top1_accuracy(predictions, np.array([0, 1, 2, 3, 4, 0])) == pytest.approx(5 / 6)
+
+
+# --- evaluate_step -----------------------------------------------------------------------------
+
+def _sets(n_classes=6, n_zs=4, seed=0):
+    updated = ImageSet(_images(2 * n_classes, seed=seed), np.repeat(np.arange(n_classes), 2),
+                       tuple(f"class {i}" for i in range(n_classes)))
+    zero_shot = ImageSet(_images(n_zs, size=24, seed=seed + 1), np.arange(n_zs), ("cat", "dog", "car", "tree")[:n_zs])
+    captions = np.array([[f"image {i} caption {k}" for k in range(2)] for i in range(4)])
+    retrieval = ImageSet(_images(4, seed=seed + 2), np.zeros(4, dtype=np.int64), ("thing",), captions)
+    prompts = [f"a photo of {name} ." for name in updated.class_names]
+    return updated, prompts, zero_shot, retrieval
+
+
+def test_evaluate_step_smoke(clip):
+    updated, prompts, zero_shot, retrieval = _sets()
+    clip.model.train()
+    clip.model.visual.eval()  # a mixed state must come back exactly
+    modes = [m.training for m in clip.model.modules()]
+    before = {k: v.clone() for k, v in clip.model.state_dict().items()}
+
+    result = ev.evaluate_step(clip, 1, "task_1", updated, prompts, [[0, 1, 2], [3, 4, 5]], zero_shot,
+                              ["a photo of a {}."], retrieval, batch_size=3, device="cpu", retrieval_folds=2)
+
+    expected_keys = {"step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", *ev.RETRIEVAL_KEYS, "ut_top1", "acc_row"}
+    assert set(result) == expected_keys
+    assert result["step"] == 1 and result["task"] == "task_1"
+    assert len(result["acc_row"]) == 2
+    for key in ["ut_acc", "zs_acc", "a_acc", "ut_top1", *ev.RETRIEVAL_KEYS, *result["acc_row"]]:
+        value = result[key] if isinstance(key, str) else key
+        assert 0.0 <= value <= 1.0
+    assert result["ut_acc"] == pytest.approx(result["acc_row"][0])
+    assert result["a_acc"] == pytest.approx((result["ut_acc"] + result["zs_acc"]) / 2)
+    assert result["bwt"] == 0.0
+    json.dumps(result)
+    assert [m.training for m in clip.model.modules()] == modes
+    assert all(torch.equal(before[k], v) for k, v in clip.model.state_dict().items())
+    clip.model.eval()
+
+
+def test_evaluate_step_known_answer_and_bwt(clip):
+    # Identical images get one predicted class p: per-class accuracy is 1 for p, 0 elsewhere.
+    labels = np.arange(6)
+    updated = ImageSet(_images(6, constant=128), labels, tuple(f"class {i}" for i in range(6)))
+    zero_shot = ImageSet(_images(4, constant=50), np.arange(4), ("cat", "dog", "car", "tree"))
+    prompts = [f"a photo of {name} ." for name in updated.class_names]
+    phases = [[0, 1, 2], [3, 4, 5]]
+
+    start = ev.evaluate_step(clip, 0, "zero_shot", updated, prompts, phases, zero_shot, ["a {}."])
+    assert start["zs_acc"] == pytest.approx(1 / 4)   # one image per zero-shot class
+    assert start["ut_top1"] == pytest.approx(1 / 6)
+    assert start["ut_acc"] == pytest.approx(1 / 6)   # step 0: mean over phases of (1/3, 0)
+    assert sorted(start["acc_row"]) == pytest.approx([0.0, 1 / 3])
+    assert start["i2t_r1"] is None
+
+    earlier = [start["acc_row"], [0.9, 0.1]]
+    result = ev.evaluate_step(clip, 2, "task_2", updated, prompts, phases, zero_shot, ["a {}."],
+                              previous_rows=earlier)
+    assert result["acc_row"] == pytest.approx(start["acc_row"])
+    assert result["bwt"] == pytest.approx(result["acc_row"][0] - 0.9)
+    assert result["ut_acc"] == pytest.approx(1 / 6)  # mean over both phases after step 2
+
+    with pytest.raises(ValueError, match="acc rows of steps 0..1"):
+        ev.evaluate_step(clip, 2, "task_2", updated, prompts, phases, zero_shot, ["a {}."])
+    with pytest.raises(ValueError, match="one prompt per class"):
+        ev.evaluate_step(clip, 1, "task_1", updated, prompts[:5], phases, zero_shot, ["a {}."])
+    with pytest.raises(ValueError, match="outside"):
+        ev.evaluate_step(clip, 3, "task_3", updated, prompts, phases, zero_shot, ["a {}."])

@@ -1,0 +1,144 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from clip_continual.models import (
+    CheckpointError,
+    ModelSpec,
+    PretrainedWeightsUnavailable,
+    UnknownArchitectureError,
+    build_model,
+    encode_text,
+    load_checkpoint,
+    save_checkpoint,
+    set_trainable_parts,
+    text_tower_parameters,
+)
+
+
+def test_tiny_model_builds_with_tokenizer_and_transforms():
+    clip = build_model(ModelSpec("clip-continual-tiny"))
+    assert clip.image_size == 32 and clip.context_length == 16
+    tokens = clip.tokenize(["a photo of the digit seven"])
+    assert tokens.shape == (1, 16) and tokens[0, 0] == 49406
+    pixels = clip.preprocess(np.zeros((2, 32, 32, 3), dtype=np.uint8))
+    assert pixels.shape == (2, 3, 32, 32)
+    with torch.no_grad():
+        features = clip.model.encode_image(pixels, normalize=True)
+    assert features.shape == (2, 64)
+
+
+def test_preprocess_resizes_to_the_model_resolution(micro_model):
+    pixels = micro_model.preprocess(np.full((3, 32, 32, 3), 255, dtype=np.uint8))
+    assert pixels.shape == (3, 3, 16, 16)
+    expected = (1.0 - micro_model.image_mean[0]) / micro_model.image_std[0]
+    assert torch.allclose(pixels[:, 0], torch.full_like(pixels[:, 0], expected), atol=1e-4)
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(UnknownArchitectureError, match="unknown CLIP architecture 'ViT-Z-99'"):
+        build_model(ModelSpec("ViT-Z-99"))
+
+
+def test_offline_download_fails_fast_with_advice(monkeypatch):
+    import clip_continual.models as models
+
+    monkeypatch.setattr(models, "_host_reachable", lambda host, port=443, timeout=3.0: False)
+    monkeypatch.setattr(models, "_cached_hub_file", lambda hub, cache_dir: None)
+    started = time.perf_counter()
+    with pytest.raises(PretrainedWeightsUnavailable, match="not reachable.*local path"):
+        build_model(ModelSpec("ViT-B-32", pretrained="openai"))
+    assert time.perf_counter() - started < 10
+
+
+def test_real_network_probe_answers_quickly():
+    # No reachable host on this port: the probe must give up within its timeout.
+    from clip_continual.models import _host_reachable
+
+    started = time.perf_counter()
+    assert _host_reachable("127.0.0.1", port=9, timeout=1.0) is False
+    assert time.perf_counter() - started < 5
+
+
+def test_unknown_tag_and_missing_file_are_clear_errors(tmp_path):
+    with pytest.raises(PretrainedWeightsUnavailable, match="neither a local file nor a pretrained tag"):
+        build_model(ModelSpec("clip-continual-micro", pretrained="laion9000"))
+    with pytest.raises(PretrainedWeightsUnavailable, match="does not exist"):
+        build_model(ModelSpec("clip-continual-micro", pretrained=str(tmp_path / "weights.pt")))
+
+
+def test_local_state_dict_file_is_loaded(tmp_path, micro_model):
+    path = tmp_path / "open_clip_weights.bin"
+    torch.save(micro_model.model.state_dict(), path)
+    loaded = build_model(ModelSpec("clip-continual-micro", pretrained=str(path)))
+    for key, value in micro_model.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value)
+
+
+def test_encode_text_truncation_is_exact(micro_model):
+    tokens = micro_model.tokenize(["a photo of the digit seven", "hi", "a much longer caption with many words"])
+    expected = micro_model.model.encode_text(tokens, normalize=True)
+    assert torch.allclose(encode_text(micro_model.model, tokens), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("parts", ["wm", "io", "to"])
+def test_trainable_parts(parts, micro_model):
+    model = micro_model.clone().model
+    trainable = set_trainable_parts(model, parts)
+    visual = {id(p) for p in model.visual.parameters()}
+    text = {id(p) for p in text_tower_parameters(model)}
+    chosen = {id(p) for p in trainable}
+    assert chosen == {id(p) for p in model.parameters() if p.requires_grad}
+    if parts == "wm":
+        assert chosen == {id(p) for p in model.parameters()}
+        assert model.logit_scale.requires_grad
+    elif parts == "io":
+        assert chosen == visual and not model.logit_scale.requires_grad
+    else:
+        assert chosen == text and not (chosen & visual) and not model.logit_scale.requires_grad
+    with pytest.raises(ValueError, match="unknown parts"):
+        set_trainable_parts(model, "everything")
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path, micro_model):
+    clip = micro_model.clone()
+    clip.metadata = {"task": "task_1", "steps": 5}
+    save_checkpoint(clip, tmp_path / "model.pt")
+    loaded = load_checkpoint(tmp_path / "model.pt")
+    assert loaded.spec.architecture == "clip-continual-micro"
+    assert loaded.metadata == {"task": "task_1", "steps": 5}
+    for key, value in clip.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+def test_checkpoint_write_is_atomic(tmp_path, micro_model, monkeypatch):
+    target = tmp_path / "model.pt"
+    save_checkpoint(micro_model, target)
+    before = target.read_bytes()
+
+    def broken_save(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(micro_model, target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_is_loadable_with_weights_only(tmp_path, micro_model):
+    save_checkpoint(micro_model, tmp_path / "model.pt")
+    payload = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert payload["format"] == "clip-continual/1" and "state_dict" in payload

@@ -1,0 +1,136 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from clip_continual import reporting
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# Same hand-built matrix as tests/test_evaluation.py: row 0 = starting model, T = 3.
+R = np.array([
+    [0.50, 0.40, 0.30],
+    [0.90, 0.50, 0.35],
+    [0.95, 0.80, 0.45],
+    [0.60, 0.70, 0.90],
+])
+TASKS = ["zero_shot", "task_1", "task_2", "task_3"]
+
+
+def _step_results(matrix=R, retrieval=True):
+    results = []
+    for step, row in enumerate(matrix):
+        ut = float(row.mean() if step == 0 else row[:step].mean())
+        zs = 0.6 - 0.1 * step
+        result = {"step": step, "task": TASKS[step], "ut_acc": ut, "zs_acc": zs, "a_acc": (ut + zs) / 2,
+                  "bwt": 0.0 if step < 2 else float(np.mean([row[i] - matrix[i + 1][i] for i in range(step - 1)])),
+                  "ut_top1": ut, "acc_row": [float(v) for v in row]}
+        for key in reporting.RETRIEVAL_KEYS:
+            result[key] = 0.5 - 0.05 * step if retrieval else None
+        results.append(result)
+    return results
+
+
+def _assert_png(path):
+    data = path.read_bytes()
+    assert len(data) > 0 and data.startswith(PNG_SIGNATURE)
+
+
+def test_metrics_table_columns_and_order():
+    results = _step_results()
+    table = reporting.metrics_table(list(reversed(results)))
+    assert list(table.columns) == ["step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "i2t_r1", "i2t_r5",
+                                   "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
+    assert table["step"].tolist() == [0, 1, 2, 3]
+    assert table["task"].tolist() == TASKS
+    assert table.loc[3, "bwt"] == pytest.approx(-0.2)
+
+
+def test_metrics_table_without_retrieval_has_nan_and_rejects_repeats():
+    table = reporting.metrics_table(_step_results(retrieval=False))
+    assert table["i2t_r1"].isna().all()
+    with pytest.raises(ValueError, match="repeat"):
+        reporting.metrics_table(_step_results() + _step_results()[:1])
+
+
+def test_accuracy_matrix():
+    matrix = reporting.accuracy_matrix(_step_results())
+    assert list(matrix.columns) == ["task_1", "task_2", "task_3"]
+    assert list(matrix.index) == TASKS
+    np.testing.assert_allclose(matrix.to_numpy(), R)
+    ragged = _step_results()
+    ragged[2]["acc_row"] = [0.1]
+    with pytest.raises(ValueError, match="same non-zero length"):
+        reporting.accuracy_matrix(ragged)
+
+
+def test_summary_final_and_continual_metrics():
+    result = reporting.summary(_step_results(), {"method": "vr_lwf", "alpha": 0.5})
+    assert result["method"] == "vr_lwf" and result["alpha"] == 0.5
+    assert result["num_tasks"] == 3
+    assert result["ut_acc"] == pytest.approx(2.2 / 3)
+    assert result["zs_acc"] == pytest.approx(0.3)
+    assert result["start_zs_acc"] == pytest.approx(0.6)
+    assert result["i2t_r1"] == pytest.approx(0.35)
+    # hand values (see tests/test_evaluation.py)
+    assert result["average_accuracy"] == pytest.approx(2.2 / 3)
+    assert result["average_incremental_accuracy"] == pytest.approx((0.9 + 0.875 + 2.2 / 3) / 3)
+    assert result["backward_transfer"] == pytest.approx(-0.2)
+    assert result["bwt"] == pytest.approx(-0.2)
+    assert result["forgetting"] == pytest.approx(0.225)
+    assert result["forward_transfer"] == pytest.approx(0.125)
+    assert result["transfer"] == pytest.approx(0.45)
+    assert result["avg"] == pytest.approx(6.15 / 9)
+    assert result["last"] == pytest.approx(2.2 / 3)
+    json.dumps(result)
+
+
+def test_summary_single_task_and_errors():
+    single = _step_results(np.array([[0.3], [0.8]]), retrieval=False)
+    result = reporting.summary(single, {"method": "ft"})
+    assert result["transfer"] is None and result["i2t_r1"] is None
+    assert result["last"] == pytest.approx(0.8)
+    json.dumps(result)
+    with pytest.raises(ValueError, match="steps"):
+        reporting.summary(_step_results()[1:], {"method": "ft"})
+    with pytest.raises(ValueError, match="clash"):
+        reporting.summary(_step_results(), {"method": "ft", "forgetting": 1})
+
+
+def test_comparison_table():
+    runs = [reporting.summary(_step_results(), {"method": "vr_lwf"}),
+            {"method": "ft", "ut_acc": 0.9, "zs_acc": 0.1, "a_acc": 0.5, "bwt": -0.3}]
+    table = reporting.comparison_table(runs)
+    assert list(table.columns) == ["method", "ut_acc", "zs_acc", "a_acc", "bwt", "i2t_r1", "t2i_r1"]
+    assert table["method"].tolist() == ["vr_lwf", "ft"]
+    assert table.loc[0, "ut_acc"] == pytest.approx(2.2 / 3)
+    assert np.isnan(table.loc[1, "i2t_r1"])
+    with pytest.raises(ValueError, match="twice"):
+        reporting.comparison_table(runs + [runs[1]])
+    with pytest.raises(ValueError, match="method"):
+        reporting.comparison_table([{"ut_acc": 0.5}])
+
+
+def test_figures_are_written_as_png(tmp_path):
+    import matplotlib.pyplot as plt
+
+    open_before = plt.get_fignums()
+    results = _step_results()
+    figures = {
+        "matrix": reporting.accuracy_matrix_figure(reporting.accuracy_matrix(results)),
+        "curves": reporting.metric_curves_figure(reporting.metrics_table(results)),
+        "comparison": reporting.comparison_figure(pd.DataFrame(
+            {"method": ["ft", "vr_lwf", "broken"], "ut_acc": [0.9, 0.8, np.nan], "zs_acc": [0.2, 0.5, 0.4],
+             "a_acc": [0.55, 0.65, np.nan], "bwt": [0.0, 0.0, 0.0], "i2t_r1": [0.1, 0.3, 0.2],
+             "t2i_r1": [0.1, 0.2, 0.3]})),
+    }
+    for name, figure in figures.items():
+        assert isinstance(figure, Figure)
+        path = tmp_path / f"{name}.png"
+        figure.savefig(path)
+        _assert_png(path)
+    assert plt.get_fignums() == open_before  # nothing registered with pyplot
+    curves_axes = figures["curves"].axes[1]
+    assert list(curves_axes.get_xticks()) == [0, 1, 2, 3]
