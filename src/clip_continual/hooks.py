@@ -31,6 +31,34 @@ class RunKeyHook:
         set_current_run_key(compute_run_key(context.params))
 
 
+class SettingsCheckHook:
+    """Checks the continual-learning settings before anything runs, so that a bad
+    `--params method=...` or learning rate fails at once (not after data preparation and
+    pretraining) and opens no MLflow run."""
+
+    def __init__(self) -> None:
+        self._params: dict[str, Any] = {}
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        self._params = dict(context.params)
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if not any("training" in node.tags for node in pipeline.nodes):
+            return
+        from clip_continual.pipelines.continual_learning.nodes import training_config
+        from clip_continual.training import TrainingConfigError
+
+        try:
+            training_config(self._params.get("method"), self._params.get("continual_learning") or {},
+                            self._params.get("seed", 0), default_teacher="previous")
+        except TrainingConfigError as error:
+            raise TrainingConfigError(
+                f"invalid continual-learning parameters: {error} (set them in conf/ or with --params)"
+            ) from error
+
+
 def _benchmark_of(pipeline_names: list[str] | None) -> str:
     for name in pipeline_names or ["__default__"]:
         if name in BENCHMARKS:

@@ -101,7 +101,9 @@ def pretrain(
     torch.manual_seed(config.seed)
     clip = start.clone()
     model = clip.model.to(device).train()
-    tokens = clip.tokenize([str(c) for c in corpus.captions[:, 0]])
+    # Captions repeat a lot (templates x attributes): tokenizing each distinct one once is far faster.
+    distinct, inverse = np.unique(corpus.captions[:, 0], return_inverse=True)
+    tokens = clip.tokenize([str(c) for c in distinct])[torch.from_numpy(inverse.reshape(-1))]
     # The fused kernel updates the 6 M token-embedding rows several times faster than foreach.
     optimizer = torch.optim.AdamW(
         _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=1e-6,

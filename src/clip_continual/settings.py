@@ -4,14 +4,14 @@ import warnings
 
 from kedro.config import OmegaConfigLoader
 
-from clip_continual.hooks import MlflowTrackingHook, RunKeyHook
+from clip_continual.hooks import MlflowTrackingHook, RunKeyHook, SettingsCheckHook
 from clip_continual.run_key import current_run_key
 
 # Our dotted dataset names are the namespaces' own (<benchmark>.<task>.model); Kedro warns when a
 # node outside the namespace (the report) refers to them by their full name.
 warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
 
-HOOKS = (RunKeyHook(), MlflowTrackingHook())
+HOOKS = (RunKeyHook(), SettingsCheckHook(), MlflowTrackingHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

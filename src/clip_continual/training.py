@@ -372,6 +372,11 @@ def fine_tune(
                 f"the vocabulary was built for context length {vocabulary.context_length}, the "
                 f"model has {start.context_length}; rebuild the vocabulary for this model"
             )
+        if vocabulary.config.mode != method.default_vocabulary_mode:
+            logger.warning(
+                "method '%s' was published with vocabulary mode '%s'; this run replays mode '%s'",
+                method.name, method.default_vocabulary_mode, vocabulary.config.mode,
+            )
     else:
         vocabulary = None
 

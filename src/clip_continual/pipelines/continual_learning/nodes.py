@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
 from clip_continual.data.common import ImageSet
 from clip_continual.evaluation import evaluate_step
 from clip_continual.models import ClipModel, resolve_device
 from clip_continual.replay import ReplayVocabulary
 from clip_continual.tracking import log_metrics
-from clip_continual.training import TrainingConfig, fine_tune
+from clip_continual.training import TrainingConfig, TrainingConfigError, fine_tune, plan_training
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +21,28 @@ TEACHERS = ("auto", "previous", "pretrained")
 
 def class_prompts(image_set: ImageSet, template: str) -> list[str]:
     return [template.format(name) for name in image_set.class_names]
+
+
+def training_config(method: str, params: dict[str, Any], seed: int, default_teacher: str) -> TrainingConfig:
+    """The task's training settings from ``params:continual_learning``; raises
+    ``TrainingConfigError`` (a ValueError) naming the bad setting and its allowed values."""
+    teacher_choice = params.get("teacher", "auto")
+    if teacher_choice not in TEACHERS:
+        raise TrainingConfigError(f"unknown teacher '{teacher_choice}': choose one of {', '.join(TEACHERS)}")
+    return TrainingConfig.from_params({
+        **(params.get("training") or {}), "method": method, "alpha": params.get("alpha"), "seed": seed,
+        "teacher": default_teacher if teacher_choice == "auto" else teacher_choice,
+    })
+
+
+def _steps_before(config: TrainingConfig, train_set: ImageSet, phases: tuple[tuple[int, ...], ...],
+                  task_index: int) -> int:
+    """Iterations of the tasks before ``task_index``, so that the training-loss curve goes on
+    across tasks (also when a task's length is given in epochs, ``steps: null``)."""
+    return sum(
+        plan_training(config, int(np.isin(train_set.labels, phase).sum())).total_steps
+        for phase in phases[: task_index - 1]
+    )
 
 
 def fine_tune_task(
@@ -37,18 +61,11 @@ def fine_tune_task(
     updated_task: str,
     default_teacher: str,
 ) -> tuple[ClipModel, dict[str, Any]]:
-    teacher_choice = params.get("teacher", "auto")
-    if teacher_choice not in TEACHERS:
-        raise ValueError(f"unknown teacher '{teacher_choice}': choose one of {', '.join(TEACHERS)}")
-    teacher_choice = default_teacher if teacher_choice == "auto" else teacher_choice
-    teacher = start_model if teacher_choice == "previous" or pretrained_model is None else pretrained_model
-    config = TrainingConfig.from_params({
-        **params["training"], "method": method, "alpha": params.get("alpha"), "seed": seed,
-        "teacher": teacher_choice,
-    })
+    config = training_config(method, params, seed, default_teacher)
+    teacher = start_model if config.teacher == "previous" or pretrained_model is None else pretrained_model
     seen = sorted({c for phase in phases[:task_index] for c in phase})
     log_every = max(1, int(tracking.get("log_every", 1)))
-    offset = (task_index - 1) * config.steps
+    offset = _steps_before(config, train_set, phases, task_index)
 
     def log_losses(step: int, losses: dict[str, float]) -> None:
         if step % log_every == 0:

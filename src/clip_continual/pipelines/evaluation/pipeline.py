@@ -14,7 +14,7 @@ def create_pipeline(benchmark: Benchmark | None = None, **kwargs) -> Pipeline:
         bind(nodes.report_continual_run, benchmark=benchmark.name),
         inputs=["params:method", "params:continual_learning", *(f"{step}_evaluation" for step in steps)],
         outputs=["continual_metrics", "accuracy_matrix", "continual_summary",
-                 "accuracy_matrix_plot", "metric_curves_plot"],
+                 "accuracy_matrix_plot", "metric_curves_plot", f"{benchmark.name}.continual_metrics"],
         name="report_continual_run",
     )
     return Pipeline(

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from clip_continual.methods import method_class
 from clip_continual.models import ClipModel
 from clip_continual.replay import ReplayVocabulary, VocabularyConfig, build_vocabulary
 
 
-def build_replay_vocabulary(model: ClipModel, params: dict[str, Any], seed: int) -> ReplayVocabulary:
-    config = VocabularyConfig.from_params({**params, "seed": seed})
+def build_replay_vocabulary(
+    model: ClipModel, params: dict[str, Any], method: str, seed: int
+) -> ReplayVocabulary:
+    """``mode: auto`` takes the vocabulary the method was published with (paper for vr_lwf,
+    ZSCL's fixed table for vr_lwf_zscl)."""
+    mode = params.get("mode", "auto")
+    if mode == "auto":
+        mode = method_class(method).default_vocabulary_mode or "paper"
+    config = VocabularyConfig.from_params({**params, "mode": mode, "seed": seed})
     return build_vocabulary(config, model.context_length, model.tokenizer)

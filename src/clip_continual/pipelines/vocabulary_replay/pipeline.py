@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 nodes.build_replay_vocabulary,
-                inputs=["pretrained_model", "params:vocabulary_replay", "params:seed"],
+                inputs=["pretrained_model", "params:vocabulary_replay", "params:method", "params:seed"],
                 outputs="replay_vocabulary",
                 name="build_replay_vocabulary",
             )

@@ -1,0 +1,178 @@
+"""Temporary Kedro projects for the pipeline, tracking and notebook tests.
+
+A temporary project is this repository's ``conf/`` and ``pyproject.toml`` copied into a temporary
+folder, with a ``conf/local/parameters.yml`` of tiny settings and a tracking store of its own.
+Catalog paths are relative and Kedro resolves them against the project path (runs also start in
+the project folder, as ``kedro run`` does), so every artifact lands in the temporary project:
+the repository's own ``data/`` and ``mlflow.db`` are never touched.
+
+Two finished projects are built once per test session and shared by the test modules (read
+only; a test that changes a project works on its own ``copy_project``):
+
+- ``finished_project``: the default pipeline (``vr_lwf``), one MLflow run in its store;
+- ``compared_project``: a copy that ran ``digits_mst`` with ``vr_lwf`` and then with ``ft``
+  (``only_missing_outputs``), then ``compare``, with the project's default store.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARK = "digits_mst"
+TASKS = ("task_1", "task_2", "task_3", "task_4", "task_5")
+STORE_FILE = "mlflow.db"
+EXPERIMENT = "clip-continual"
+
+# Seconds, not minutes: a micro CLIP, a small corpus, two iterations per task.
+TINY_PARAMETERS: dict[str, Any] = {
+    "model": {"architecture": "clip-continual-micro"},
+    "data_preparation": {
+        "shapes": {"corpus_size": 256, "zero_shot_per_class": 2, "retrieval_size": 24},
+    },
+    "pretraining": {"steps": 3, "batch_size": 32, "progress": False},
+    "continual_learning": {"training": {"steps": 2, "batch_size": 16, "progress": False}},
+    "evaluation": {"batch_size": 64},
+}
+
+
+def store_uri(project: Path) -> str:
+    return f"sqlite:///{project / STORE_FILE}"
+
+
+def write_local_parameters(project: Path, own_store: bool = True) -> None:
+    """The tiny settings as the project's local overrides. ``own_store``: ``tracking.uri`` names
+    the project's SQLite file; otherwise it is left unset (the project's default store)."""
+    params = copy.deepcopy(TINY_PARAMETERS)
+    if own_store:
+        params["tracking"] = {"uri": store_uri(project)}
+    local = project / "conf" / "local"
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "parameters.yml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_project(project: Path) -> Path:
+    """A fresh temporary project at ``project`` (no data yet)."""
+    project.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO_ROOT / "conf", project / "conf",
+                    ignore=lambda folder, names: names if Path(folder).name == "local" else [])
+    shutil.copy2(REPO_ROOT / "pyproject.toml", project / "pyproject.toml")
+    (project / "src").mkdir(exist_ok=True)  # Kedro checks that the source folder exists
+    write_local_parameters(project)
+    return project
+
+
+def copy_project(source: Path, target: Path, own_store: bool = True) -> Path:
+    """A copy of ``source`` with all its data but a new, empty tracking store."""
+    shutil.copytree(
+        source, target,
+        ignore=shutil.ignore_patterns(STORE_FILE, "mlartifacts", "sessions", ".ipynb_checkpoints"),
+    )
+    write_local_parameters(target, own_store)
+    return target
+
+
+@contextmanager
+def _running_in(folder: Path) -> Iterator[None]:
+    import torch
+
+    previous, threads = Path.cwd(), torch.get_num_threads()
+    os.chdir(folder)
+    torch.set_num_threads(1)  # a micro model is fastest on one thread, and leaves the others free
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        os.chdir(previous)
+
+
+def run_pipeline(
+    project: Path,
+    pipelines: list[str] | None = None,
+    params: dict[str, Any] | None = None,
+    only_missing_outputs: bool = False,
+    cwd: Path | None = None,
+) -> dict[str, Any]:
+    """``kedro run [--pipelines ...] [--params ...] [--only-missing-outputs]``, started in
+    ``cwd`` (default: the project folder)."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    with _running_in(cwd or project):
+        bootstrap_project(project)
+        with KedroSession.create(project_path=project, runtime_params=params) as session:
+            return session.run(pipeline_names=pipelines, only_missing_outputs=only_missing_outputs)
+
+
+def run_folders(project: Path, layer: str = "06_models", benchmark: str = BENCHMARK) -> list[Path]:
+    """The run-key folders of ``benchmark`` under ``data/<layer>``."""
+    root = project / "data" / layer / benchmark
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def file_state(path: Path) -> tuple[int, bytes]:
+    """What tells an untouched file: its modification time (ns) and its bytes."""
+    return path.stat().st_mtime_ns, path.read_bytes()
+
+
+def mlflow_runs(uri: str) -> list[Any]:
+    """Every run of the project's experiment in the store at ``uri`` (newest first)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+# --- the shared, finished projects ----------------------------------------------------------
+
+_BUILT: dict[str, Any] = {}
+
+
+def finished_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temporary project after one tiny default ``kedro run`` (built once per session)."""
+    if "finished" not in _BUILT:
+        project = make_project(tmp_path_factory.mktemp("finished") / "project")
+        run_pipeline(project)
+        _BUILT["finished"] = project
+    return _BUILT["finished"]
+
+
+@dataclass(frozen=True)
+class ComparedProject:
+    path: Path
+    vr_lwf_checkpoints: dict[str, tuple[int, bytes]]  # task -> file_state before the ft run
+    vr_lwf_folder: str
+    runs_before_compare: int
+
+
+def compared_project(tmp_path_factory: pytest.TempPathFactory) -> ComparedProject:
+    """A copy of the finished project, without ``tracking.uri`` nor ``MLFLOW_TRACKING_URI`` (so
+    the project's default store), that ran ``digits_mst`` with ``vr_lwf``, then with ``ft`` and
+    ``only_missing_outputs``, then ``compare`` from a subfolder (built once per session)."""
+    if "compared" not in _BUILT:
+        project = copy_project(finished_project(tmp_path_factory),
+                               tmp_path_factory.mktemp("compared") / "project", own_store=False)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+            run_pipeline(project, [BENCHMARK])
+            (folder,) = run_folders(project)
+            checkpoints = {task: file_state(folder / f"{task}.pt") for task in TASKS}
+            run_pipeline(project, [BENCHMARK], params={"method": "ft"}, only_missing_outputs=True)
+            runs = len(mlflow_runs(store_uri(project)))
+            subfolder = project / "notebooks"
+            subfolder.mkdir(exist_ok=True)
+            run_pipeline(project, ["compare"], cwd=subfolder)
+        _BUILT["compared"] = ComparedProject(project, checkpoints, folder.name, runs)
+    return _BUILT["compared"]

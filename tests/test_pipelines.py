@@ -1,0 +1,250 @@
+"""The Kedro pipelines end to end on tiny settings, in temporary projects."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from project_helpers import (
+    BENCHMARK, TASKS, compared_project, copy_project, file_state, finished_project, mlflow_runs,
+    run_folders, run_pipeline, store_uri,
+)
+
+METRIC_COLUMNS = ["step", "task", "ut_acc", "zs_acc", "a_acc", "bwt",
+                  "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    return finished_project(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def compared(tmp_path_factory):
+    return compared_project(tmp_path_factory)
+
+
+@pytest.fixture
+def project(finished, tmp_path):
+    """A copy of the finished project that a test may change."""
+    return copy_project(finished, tmp_path / "project")
+
+
+def _state_dict_equal(first, second) -> bool:
+    a, b = first.model.state_dict(), second.model.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _load_checkpoint(path):
+    from clip_continual.io import CheckpointDataset
+
+    return CheckpointDataset(filepath=str(path)).load()
+
+
+# --- the default pipeline ---------------------------------------------------------------------
+
+def test_default_pipeline_writes_reports(finished):
+    reporting = finished / "data" / "08_reporting"
+    table = pd.read_csv(reporting / "continual_metrics.csv")
+    assert list(table.columns) == METRIC_COLUMNS
+    assert table["step"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert table["task"].tolist() == ["pretrained", *TASKS]
+    accuracies = table[["ut_acc", "zs_acc", "a_acc"]].to_numpy()
+    assert ((accuracies >= 0) & (accuracies <= 1)).all()
+
+    matrix = pd.read_csv(reporting / "accuracy_matrix.csv")
+    assert list(matrix.columns) == ["after", *TASKS]
+    assert matrix["after"].tolist() == ["pretrained", *TASKS]
+
+    summary = json.loads((reporting / "continual_summary.json").read_text())
+    assert summary["benchmark"] == BENCHMARK and summary["method"] == "vr_lwf"
+    assert summary["num_tasks"] == len(TASKS)
+    assert summary["ut_acc"] == pytest.approx(table["ut_acc"].iloc[-1])
+
+    for plot in ("accuracy_matrix.png", "metric_curves.png"):
+        content = (reporting / plot).read_bytes()
+        assert content.startswith(PNG_MAGIC) and len(content) > 1000, plot
+
+    pretraining = json.loads((reporting / "pretraining_metrics.json").read_text())
+    for key in ("zs_acc", "i2t_r1", "t2i_r1"):
+        assert 0.0 <= pretraining[key] <= 1.0, key
+
+
+def test_default_pipeline_writes_one_checkpoint_per_task(finished):
+    (folder,) = run_folders(finished)
+    assert folder.name.startswith("vr_lwf-")
+    assert sorted(p.name for p in folder.glob("*.pt")) == [f"{task}.pt" for task in TASKS]
+    (outputs,) = run_folders(finished, "07_model_output")
+    assert outputs.name == folder.name
+    for step in ("pretrained", *TASKS):
+        evaluation = json.loads((outputs / f"{step}_evaluation.json").read_text())
+        assert evaluation["task"] == step
+    # the run's own copy of its metrics table
+    assert pd.read_csv(outputs / "continual_metrics.csv")["step"].tolist() == [0, 1, 2, 3, 4, 5]
+
+    model = _load_checkpoint(folder / "task_5.pt")
+    assert model.metadata["method"] == "vr_lwf" and model.metadata["task_index"] == 5
+    assert model.metadata["classes"] == [8, 9]
+    assert (finished / "data" / "06_models" / "pretrained_model.pt").is_file()
+
+
+def test_catalog_resolves_run_artifacts_into_the_run_key_folder(finished):
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from clip_continual.io import CheckpointDataset
+
+    bootstrap_project(finished)
+    with KedroSession.create(project_path=finished) as session:
+        catalog = session.load_context().catalog
+    (folder,) = run_folders(finished)
+    model = catalog.get(f"{BENCHMARK}.task_3.model")
+    assert isinstance(model, CheckpointDataset)
+    assert model._describe()["filepath"] == (folder / "task_3.pt").as_posix()
+    assert catalog.exists(f"{BENCHMARK}.task_3.evaluation")
+    assert catalog.load("continual_metrics")["step"].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+# --- reuse, resume and separate runs ------------------------------------------------------------
+
+def test_second_run_reuses_the_pretrained_checkpoint(project, monkeypatch):
+    from clip_continual.pipelines.pretraining import nodes as pretraining_nodes
+
+    checkpoint = project / "data" / "06_models" / "pretrained_model.pt"
+    before = _load_checkpoint(checkpoint)
+    calls = []
+    real_pretrain = pretraining_nodes.pretrain
+
+    def counting_pretrain(*args, **kwargs):
+        calls.append(1)
+        return real_pretrain(*args, **kwargs)
+
+    monkeypatch.setattr(pretraining_nodes, "pretrain", counting_pretrain)
+    run_pipeline(project, ["data_preparation", "pretraining"])
+    assert calls == [], "the same settings must reuse the pretrained checkpoint"
+    after = _load_checkpoint(checkpoint)
+    assert _state_dict_equal(before, after)
+    assert after.metadata["source"] == before.metadata["source"]
+
+    # Other pretraining settings do pretrain again.
+    run_pipeline(project, ["pretraining"], params={"pretraining": {"steps": 4}})
+    assert calls == [1]
+
+
+def test_only_missing_outputs_resumes_an_interrupted_sequence(project):
+    (models,) = run_folders(project)
+    (outputs,) = run_folders(project, "07_model_output")
+    done, interrupted = TASKS[:3], TASKS[3:]
+    # As if the run had stopped after task_3: no later checkpoints, evaluations nor report.
+    for task in interrupted:
+        (models / f"{task}.pt").unlink()
+        (outputs / f"{task}_evaluation.json").unlink()
+        (outputs / f"{task}_training.json").unlink()
+    (outputs / "continual_metrics.csv").unlink()
+    kept = {task: file_state(models / f"{task}.pt") for task in done}
+    kept_evaluations = {task: file_state(outputs / f"{task}_evaluation.json") for task in done}
+
+    run_pipeline(project, [BENCHMARK], only_missing_outputs=True)
+
+    assert {task: file_state(models / f"{task}.pt") for task in done} == kept
+    assert {task: file_state(outputs / f"{task}_evaluation.json") for task in done} == kept_evaluations
+    for task in interrupted:
+        assert (models / f"{task}.pt").is_file() and (outputs / f"{task}_evaluation.json").is_file()
+    table = pd.read_csv(outputs / "continual_metrics.csv")
+    assert table["step"].tolist() == [0, 1, 2, 3, 4, 5]
+    # The resumed run evaluated steps 4 and 5 only.
+    from mlflow.tracking import MlflowClient
+
+    (run,) = mlflow_runs(store_uri(project))
+    history = MlflowClient(tracking_uri=store_uri(project)).get_metric_history(run.info.run_id, "ut_acc")
+    assert sorted(point.step for point in history) == [4, 5]
+
+
+def test_a_second_method_neither_collides_nor_resumes_the_first(compared):
+    project = compared.path
+    folders = {folder.name: folder for folder in run_folders(project)}
+    assert len(folders) == 2 and compared.vr_lwf_folder in folders
+    (ft_name,) = set(folders) - {compared.vr_lwf_folder}
+    assert ft_name.startswith("ft-")
+
+    vr_lwf = folders[compared.vr_lwf_folder]
+    assert {task: file_state(vr_lwf / f"{task}.pt") for task in TASKS} == compared.vr_lwf_checkpoints
+    # With only_missing_outputs the ft run trained every task of its own.
+    for task in TASKS:
+        assert _load_checkpoint(folders[ft_name] / f"{task}.pt").metadata["method"] == "ft"
+    outputs = project / "data" / "07_model_output" / BENCHMARK
+    assert (outputs / ft_name / "continual_metrics.csv").is_file()
+    # ... and its reports replaced the vr_lwf run's as the latest.
+    summary = json.loads((project / "data" / "08_reporting" / "continual_summary.json").read_text())
+    assert summary["method"] == "ft"
+
+
+# --- registry and the other pipelines -----------------------------------------------------------
+
+def test_registry_lists_every_pipeline():
+    from clip_continual.pipeline_registry import register_pipelines
+
+    pipelines = register_pipelines()
+    assert {"data_preparation", "pretraining", "vocabulary_replay", "continual_learning", "evaluation",
+            "compare", "digits_mst", "digits_ost", "__default__"} <= set(pipelines)
+
+    chain = pipelines[BENCHMARK]
+    namespaces = {node.namespace for node in chain.nodes if node.namespace}
+    assert {f"{BENCHMARK}.{task}" for task in TASKS} | {f"{BENCHMARK}.pretrained"} == namespaces
+    previous = "pretrained_model"
+    for task in TASKS:
+        (fine_tune,) = [n for n in chain.nodes if n.name == f"{BENCHMARK}.{task}.fine_tune"]
+        assert previous in fine_tune.inputs
+        assert f"{BENCHMARK}.{task}.model" in fine_tune.outputs
+        previous = f"{BENCHMARK}.{task}.model"
+
+    default = pipelines["__default__"]
+    for part in ("data_preparation", "pretraining", "vocabulary_replay", BENCHMARK):
+        assert set(pipelines[part].nodes) <= set(default.nodes), part
+    assert len(pipelines["digits_ost"].only_nodes_with_tags("training").nodes) == 1
+
+
+def test_a_benchmark_pipeline_runs_on_its_own(project):
+    """`kedro run --pipelines digits_ost` after the prerequisites: one task."""
+    run_pipeline(project, ["digits_ost"])
+    (folder,) = run_folders(project, benchmark="digits_ost")
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["task_1.pt"]
+    table = pd.read_csv(project / "data" / "08_reporting" / "continual_metrics.csv")
+    assert table["step"].tolist() == [0, 1]
+    summary = json.loads((project / "data" / "08_reporting" / "continual_summary.json").read_text())
+    assert summary["benchmark"] == "digits_ost" and summary["num_tasks"] == 1
+
+
+# --- clear errors -----------------------------------------------------------------------------
+
+def test_unknown_method_fails_at_once_naming_the_known_methods(project):
+    from clip_continual.methods import METHODS
+
+    with pytest.raises(ValueError, match="unknown method 'bogus'") as error:
+        run_pipeline(project, params={"method": "bogus"})
+    for name in METHODS:
+        assert name in str(error.value)
+    # Checked before any node ran: nothing written for the bogus run, no MLflow run opened.
+    assert not any(folder.name.startswith("bogus-") for folder in run_folders(project, "07_model_output"))
+    assert mlflow_runs(store_uri(project)) == []
+
+
+def test_invalid_training_parameter_fails_with_a_clear_message(project):
+    with pytest.raises(ValueError, match="lr must be a positive number, got -1"):
+        run_pipeline(project, [BENCHMARK], params={"continual_learning": {"training": {"lr": -1}}})
+
+
+def test_unknown_pipeline_fails_with_a_clear_message(project):
+    with pytest.raises(ValueError, match="Failed to find the pipeline named 'digits_mts'"):
+        run_pipeline(project, ["digits_mts"])
+
+
+def test_missing_input_names_the_pipeline_that_writes_it(project):
+    shutil.rmtree(project / "data" / "03_primary")
+    with pytest.raises(Exception, match="data_preparation"):
+        run_pipeline(project, [BENCHMARK])
