@@ -16,9 +16,11 @@ only; a test that changes a project works on its own ``copy_project``):
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,22 @@ def write_local_parameters(project: Path, own_store: bool = True) -> None:
     (local / "parameters.yml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+_STORE_TEMPLATE: list[Path] = []
+
+
+def _install_empty_store(project: Path) -> None:
+    """An empty, initialised tracking store: a copy of one made once (creating MLflow's tables
+    takes seconds, copying the file milliseconds)."""
+    if not _STORE_TEMPLATE:
+        from mlflow.tracking import MlflowClient
+
+        folder = Path(tempfile.mkdtemp(prefix="clip-continual-store-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        MlflowClient(tracking_uri=store_uri(folder)).search_experiments()
+        _STORE_TEMPLATE.append(folder / STORE_FILE)
+    shutil.copy2(_STORE_TEMPLATE[0], project / STORE_FILE)
+
+
 def make_project(project: Path) -> Path:
     """A fresh temporary project at ``project`` (no data yet)."""
     project.mkdir(parents=True, exist_ok=True)
@@ -68,6 +86,7 @@ def make_project(project: Path) -> Path:
     shutil.copy2(REPO_ROOT / "pyproject.toml", project / "pyproject.toml")
     (project / "src").mkdir(exist_ok=True)  # Kedro checks that the source folder exists
     write_local_parameters(project)
+    _install_empty_store(project)
     return project
 
 
@@ -78,6 +97,7 @@ def copy_project(source: Path, target: Path, own_store: bool = True) -> Path:
         ignore=shutil.ignore_patterns(STORE_FILE, "mlartifacts", "sessions", ".ipynb_checkpoints"),
     )
     write_local_parameters(target, own_store)
+    _install_empty_store(target)
     return target
 
 

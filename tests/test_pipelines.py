@@ -207,6 +207,9 @@ def test_registry_lists_every_pipeline():
     for part in ("data_preparation", "pretraining", "vocabulary_replay", BENCHMARK):
         assert set(pipelines[part].nodes) <= set(default.nodes), part
     assert len(pipelines["digits_ost"].only_nodes_with_tags("training").nodes) == 1
+    # A benchmark alone builds its run's vocabulary (another method needs its own).
+    for benchmark in ("digits_mst", "digits_ost"):
+        assert "build_replay_vocabulary" in {node.name for node in pipelines[benchmark].nodes}
 
 
 def test_a_benchmark_pipeline_runs_on_its_own(project):
@@ -218,6 +221,24 @@ def test_a_benchmark_pipeline_runs_on_its_own(project):
     assert table["step"].tolist() == [0, 1]
     summary = json.loads((project / "data" / "08_reporting" / "continual_summary.json").read_text())
     assert summary["benchmark"] == "digits_ost" and summary["num_tasks"] == 1
+
+
+def test_a_benchmark_defined_in_code_is_a_pipeline_of_its_own(project, monkeypatch):
+    """A two-session benchmark added to the registry runs as `kedro run --pipelines <name>`."""
+    from clip_continual.benchmarks import BENCHMARKS, Benchmark
+
+    monkeypatch.setitem(BENCHMARKS, "digits_two", Benchmark(
+        name="digits_two", updated_task="digits", phases=((0, 1, 2, 3, 4), (5, 6, 7, 8, 9)),
+        default_teacher="previous", description="digits in two sessions of five classes",
+    ))
+    run_pipeline(project, ["digits_two"])
+    (folder,) = run_folders(project, benchmark="digits_two")
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["task_1.pt", "task_2.pt"]
+    matrix = pd.read_csv(project / "data" / "08_reporting" / "accuracy_matrix.csv")
+    assert list(matrix.columns) == ["after", "task_1", "task_2"]
+    assert matrix["after"].tolist() == ["pretrained", "task_1", "task_2"]
+    (run,) = mlflow_runs(store_uri(project))
+    assert run.info.run_name == "digits_two-vr_lwf"
 
 
 # --- clear errors -----------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from clip_continual.pipelines import (
 def register_pipelines() -> dict[str, Pipeline]:
     """``__default__`` runs the embedded default end to end: data, pretraining, vocabulary,
     the continual sequence of the default benchmark with its evaluation and reports.
-    Every benchmark is also a pipeline of its own (continual sequence + evaluation).
+    Every benchmark is also a pipeline of its own: the run's replayed vocabulary (it depends on
+    the method, so another `--params method=...` needs its own), the continual sequence and its
+    evaluation, from the prepared data and the pretrained model on disk.
 
     The pipelines are listed here rather than discovered with ``find_pipelines``: with
     ``kedro run --pipelines <name>`` Kedro asks it for that one package only, which fails for
@@ -26,7 +28,11 @@ def register_pipelines() -> dict[str, Pipeline]:
         "compare": compare.create_pipeline(),
     }
     for name, benchmark in BENCHMARKS.items():
-        pipelines[name] = continual_learning.create_pipeline(benchmark) + evaluation.create_pipeline(benchmark)
+        pipelines[name] = (
+            pipelines["vocabulary_replay"]
+            + continual_learning.create_pipeline(benchmark)
+            + evaluation.create_pipeline(benchmark)
+        )
     pipelines["__default__"] = (
         pipelines["data_preparation"]
         + pipelines["pretraining"]

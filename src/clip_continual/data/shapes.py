@@ -121,7 +121,7 @@ def draw(attributes: ShapeAttributes, rng: np.random.Generator, image_size: int 
     fine = image_size * SUPERSAMPLE
     # Pixel centres in output-pixel units.
     grid = (np.arange(fine) + 0.5) / SUPERSAMPLE
-    radius = np.where(attributes.size == 0, rng.uniform(4.5, 6.5, count), rng.uniform(9.0, 11.5, count))
+    radius = np.where(attributes.size == 0, rng.uniform(6.0, 8.0, count), rng.uniform(10.5, 13.0, count))
     column = np.array([image_size * 0.25, image_size * 0.5, image_size * 0.75])[attributes.position]
     centre_x = np.clip(column + rng.uniform(-2.0, 2.0, count), radius, image_size - radius)
     centre_y = np.clip(image_size / 2 + rng.uniform(-6.0, 6.0, count), radius, image_size - radius)
