@@ -18,14 +18,14 @@ from open_clip import ClipLoss
 from tqdm.auto import tqdm
 
 from clip_continual.data.common import ImageSet
-from clip_continual.models import ClipModel, resolve_device
+from clip_continual.models import ClipModel, encode_text, resolve_device
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PretrainingConfig:
-    steps: int = 1050
+    steps: int = 1000
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -125,7 +125,7 @@ def pretrain(
             group["lr"] = learning_rate(step, config)
         images = clip.preprocess(corpus.images[index], device)
         image_features = model.encode_image(images, normalize=True)
-        text_features = model.encode_text(tokens[index].to(device), normalize=True)
+        text_features = encode_text(model, tokens[index].to(device))
         loss = loss_fn(image_features, text_features, model.logit_scale.exp())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -19,6 +19,5 @@ CONFIG_LOADER_ARGS = {
     "default_run_env": "local",
     # `kedro run --params a.b=1` replaces one nested key and keeps its siblings.
     "merge_strategy": {"parameters": "soft"},
-    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
     "custom_resolvers": {"run_key": current_run_key},
 }

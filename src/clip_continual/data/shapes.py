@@ -13,7 +13,7 @@ import numpy as np
 
 from clip_continual.data.common import ImageSet
 
-SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "heart")
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "crescent")
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -109,9 +109,8 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return np.abs(u) + np.abs(v) <= 1.0
     if shape == "ring":
         return (rho <= 1.0) & (rho >= 0.55)
-    if shape == "heart":
-        x, y = u * 1.15, -v * 1.15 + 0.25
-        return (x**2 + y**2 - 1) ** 3 - x**2 * y**3 <= 0
+    if shape == "crescent":
+        return (rho <= 1.0) & (np.hypot(u - 0.5, v + 0.25) >= 0.8)
     raise ValueError(f"unknown shape '{shape}'")
 
 
@@ -121,10 +120,14 @@ def draw(attributes: ShapeAttributes, rng: np.random.Generator, image_size: int 
     fine = image_size * SUPERSAMPLE
     # Pixel centres in output-pixel units.
     grid = (np.arange(fine) + 0.5) / SUPERSAMPLE
-    radius = np.where(attributes.size == 0, rng.uniform(6.0, 8.0, count), rng.uniform(10.5, 13.0, count))
-    column = np.array([image_size * 0.25, image_size * 0.5, image_size * 0.75])[attributes.position]
-    centre_x = np.clip(column + rng.uniform(-2.0, 2.0, count), radius, image_size - radius)
-    centre_y = np.clip(image_size / 2 + rng.uniform(-6.0, 6.0, count), radius, image_size - radius)
+    # Sizes and offsets as fractions of the image, so any resolution draws the same scene.
+    radius = image_size * np.where(
+        attributes.size == 0, rng.uniform(0.25, 0.3, count), rng.uniform(0.36, 0.44, count)
+    )
+    column = image_size * np.array([0.25, 0.5, 0.75])[attributes.position]
+    jitter = image_size * 0.05
+    centre_x = np.clip(column + rng.uniform(-jitter, jitter, count), radius, image_size - radius)
+    centre_y = np.clip(image_size / 2 + rng.uniform(-jitter, jitter, count), radius, image_size - radius)
     grey = np.where(attributes.background == 0, rng.uniform(25, 85, count), rng.uniform(165, 225, count))
     palette = np.array(list(COLOURS.values()), dtype=np.float64)
     colour = np.clip(palette[attributes.colour] + rng.normal(0, 10, (count, 3)), 0, 255)
