@@ -6,7 +6,8 @@ import torch
 # Tests must never reach the project's own MLflow store, nor the network.
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models run fastest single-threaded (and CI machines are small and shared).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -14,8 +15,9 @@ def _isolated_mlflow(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
-@pytest.fixture(scope="session")
-def micro_model():
+@pytest.fixture(scope="module")
+def micro():
+    """A fresh, randomly initialised micro CLIP per test module (tests must not modify it)."""
     from clip_continual.models import ModelSpec, build_model
 
     torch.manual_seed(0)

@@ -42,7 +42,8 @@ def test_shape_pixels_take_the_named_colour():
     palette = np.array(list(COLOURS.values()), dtype=float)
     for image, label in zip(zs.images, zs.labels):
         pixels = image.reshape(-1, 3).astype(float)
-        background = np.median(pixels, axis=0)
+        # Shapes stay inside the image, so its corners show the background.
+        background = np.median(image[[0, 0, -1, -1], [0, -1, 0, -1]].astype(float), axis=0)
         far = pixels[np.abs(pixels - background).sum(axis=1) > 60]
         assert len(far) > 5, "a shape must cover some pixels"
         nearest = np.argmin(((far.mean(axis=0)[None] - palette) ** 2).sum(axis=1))
@@ -53,7 +54,7 @@ def test_image_statistics_are_plausible():
     corpus = make_corpus(500, seed=0)
     assert corpus.images.dtype == np.uint8 and corpus.images.shape == (500, 32, 32, 3)
     assert 40 < corpus.images.mean() < 200 and corpus.images.std() > 30
-    backgrounds = np.median(corpus.images.reshape(500, -1, 3), axis=1).mean(axis=1)
+    backgrounds = corpus.images[:, 0, 0].mean(axis=1)
     assert (backgrounds < 100).mean() > 0.3 and (backgrounds > 150).mean() > 0.3
 
 

@@ -7,13 +7,13 @@ from clip_continual.data.shapes import make_retrieval_set
 from clip_continual.io import CheckpointDataset, NpzDataset
 
 
-def test_checkpoint_dataset_round_trip(tmp_path, micro_model):
+def test_checkpoint_dataset_round_trip(tmp_path, micro):
     dataset = CheckpointDataset(filepath=str(tmp_path / "models" / "task_1.pt"))
     assert not dataset.exists()
-    dataset.save(micro_model)
+    dataset.save(micro)
     assert dataset.exists()
     loaded = dataset.load()
-    for key, value in micro_model.model.state_dict().items():
+    for key, value in micro.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value)
 
 
@@ -28,9 +28,9 @@ def test_checkpoint_dataset_rejects_other_objects(tmp_path):
         CheckpointDataset(filepath=str(tmp_path / "x.pt")).save({"not": "a model"})
 
 
-def test_checkpoint_dataset_versioned(tmp_path, micro_model):
+def test_checkpoint_dataset_versioned(tmp_path, micro):
     dataset = CheckpointDataset(filepath=str(tmp_path / "model.pt"), version=Version(None, None))
-    dataset.save(micro_model)
+    dataset.save(micro)
     assert dataset.exists()
     assert len(list((tmp_path / "model.pt").iterdir())) == 1
     assert dataset.load().spec.architecture == "clip-continual-micro"

@@ -20,21 +20,6 @@ NUM_CLASSES = 5
 BATCH = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded, and the tests share the CPU with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def micro():
-    torch.manual_seed(0)
-    return build_model(ModelSpec("clip-continual-micro"))
-
-
 @pytest.fixture()
 def models(micro):
     """A student and a teacher that differ (weights and logit scale)."""

@@ -30,10 +30,10 @@ def test_tiny_model_builds_with_tokenizer_and_transforms():
     assert features.shape == (2, 64)
 
 
-def test_preprocess_resizes_to_the_model_resolution(micro_model):
-    pixels = micro_model.preprocess(np.full((3, 32, 32, 3), 255, dtype=np.uint8))
+def test_preprocess_resizes_to_the_model_resolution(micro):
+    pixels = micro.preprocess(np.full((3, 32, 32, 3), 255, dtype=np.uint8))
     assert pixels.shape == (3, 3, 16, 16)
-    expected = (1.0 - micro_model.image_mean[0]) / micro_model.image_std[0]
+    expected = (1.0 - micro.image_mean[0]) / micro.image_std[0]
     assert torch.allclose(pixels[:, 0], torch.full_like(pixels[:, 0], expected), atol=1e-4)
 
 
@@ -69,23 +69,23 @@ def test_unknown_tag_and_missing_file_are_clear_errors(tmp_path):
         build_model(ModelSpec("clip-continual-micro", pretrained=str(tmp_path / "weights.pt")))
 
 
-def test_local_state_dict_file_is_loaded(tmp_path, micro_model):
+def test_local_state_dict_file_is_loaded(tmp_path, micro):
     path = tmp_path / "open_clip_weights.bin"
-    torch.save(micro_model.model.state_dict(), path)
+    torch.save(micro.model.state_dict(), path)
     loaded = build_model(ModelSpec("clip-continual-micro", pretrained=str(path)))
-    for key, value in micro_model.model.state_dict().items():
+    for key, value in micro.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value)
 
 
-def test_encode_text_truncation_is_exact(micro_model):
-    tokens = micro_model.tokenize(["a photo of the digit seven", "hi", "a much longer caption with many words"])
-    expected = micro_model.model.encode_text(tokens, normalize=True)
-    assert torch.allclose(encode_text(micro_model.model, tokens), expected, atol=1e-6)
+def test_encode_text_truncation_is_exact(micro):
+    tokens = micro.tokenize(["a photo of the digit seven", "hi", "a much longer caption with many words"])
+    expected = micro.model.encode_text(tokens, normalize=True)
+    assert torch.allclose(encode_text(micro.model, tokens), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("parts", ["wm", "io", "to"])
-def test_trainable_parts(parts, micro_model):
-    model = micro_model.clone().model
+def test_trainable_parts(parts, micro):
+    model = micro.clone().model
     trainable = set_trainable_parts(model, parts)
     visual = {id(p) for p in model.visual.parameters()}
     text = {id(p) for p in text_tower_parameters(model)}
@@ -102,8 +102,8 @@ def test_trainable_parts(parts, micro_model):
         set_trainable_parts(model, "everything")
 
 
-def test_checkpoint_round_trip_is_exact(tmp_path, micro_model):
-    clip = micro_model.clone()
+def test_checkpoint_round_trip_is_exact(tmp_path, micro):
+    clip = micro.clone()
     clip.metadata = {"task": "task_1", "steps": 5}
     save_checkpoint(clip, tmp_path / "model.pt")
     loaded = load_checkpoint(tmp_path / "model.pt")
@@ -113,9 +113,9 @@ def test_checkpoint_round_trip_is_exact(tmp_path, micro_model):
         assert torch.equal(loaded.model.state_dict()[key], value), key
 
 
-def test_checkpoint_write_is_atomic(tmp_path, micro_model, monkeypatch):
+def test_checkpoint_write_is_atomic(tmp_path, micro, monkeypatch):
     target = tmp_path / "model.pt"
-    save_checkpoint(micro_model, target)
+    save_checkpoint(micro, target)
     before = target.read_bytes()
 
     def broken_save(obj, handle, *args, **kwargs):
@@ -124,7 +124,7 @@ def test_checkpoint_write_is_atomic(tmp_path, micro_model, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(micro_model, target)
+        save_checkpoint(micro, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
@@ -138,7 +138,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_checkpoint_is_loadable_with_weights_only(tmp_path, micro_model):
-    save_checkpoint(micro_model, tmp_path / "model.pt")
+def test_checkpoint_is_loadable_with_weights_only(tmp_path, micro):
+    save_checkpoint(micro, tmp_path / "model.pt")
     payload = torch.load(tmp_path / "model.pt", weights_only=True)
     assert payload["format"] == "clip-continual/1" and "state_dict" in payload

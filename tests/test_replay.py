@@ -15,20 +15,6 @@ from clip_continual.replay import (
 CONTEXT = 16  # the micro model's context length
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded, and the tests share the CPU with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def micro():
-    return build_model(ModelSpec("clip-continual-micro"))
-
-
 def paper_vocabulary(seed: int = 10, **overrides) -> ReplayVocabulary:
     return build_vocabulary(VocabularyConfig(mode="paper", seed=seed, **overrides), CONTEXT)
 

@@ -20,21 +20,6 @@ from clip_continual.training import (
 NUM_CLASSES = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded, and the tests share the CPU with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def micro():
-    torch.manual_seed(0)
-    return build_model(ModelSpec("clip-continual-micro"))
-
-
 @pytest.fixture(scope="module")
 def train_set(micro):
     rng = np.random.default_rng(0)

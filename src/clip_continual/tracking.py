@@ -65,7 +65,9 @@ class NoRunsToCompare(LookupError):
 
 
 def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) -> list[dict[str, Any]]:
-    """The newest FINISHED run per method (of ``benchmark``, if given), with its final metrics."""
+    """The newest FINISHED run per method variant (of ``benchmark``, if given), with its final
+    metrics. A run that sets ``continual_learning.alpha`` is its own variant, e.g.
+    ``vr_lwf (alpha=1)``, so a sweep does not hide the method's default run."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -82,10 +84,12 @@ def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) 
     latest: dict[str, dict[str, Any]] = {}
     for run in runs:
         method = run.data.tags.get("method")
-        if method is None or method in latest or "zs_acc" not in run.data.metrics:
+        alpha = run.data.params.get("continual_learning.alpha", "None")
+        variant = method if alpha in ("None", "null", "") else f"{method} (alpha={alpha})"
+        if method is None or variant in latest or "zs_acc" not in run.data.metrics:
             continue
-        latest[method] = {
-            "method": method,
+        latest[variant] = {
+            "method": variant,
             "run_id": run.info.run_id,
             **{name: run.data.metrics.get(name) for name in FINAL_METRICS},
         }
