@@ -157,7 +157,7 @@ def metric_curves_figure(table: pd.DataFrame) -> Figure:
     for column, label in (("ut_acc", "UT-Acc"), ("zs_acc", "ZS-Acc"), ("a_acc", "A-Acc")):
         accuracy_axes.plot(steps, table[column].to_numpy(dtype=float) * 100.0, marker="o", label=label)
     accuracy_axes.set_ylabel("accuracy (%)")
-    accuracy_axes.legend(loc="best")
+    accuracy_axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     accuracy_axes.grid(alpha=0.3)
     bwt_axes.plot(steps, table["bwt"].to_numpy(dtype=float) * 100.0, marker="o", color="tab:red")
     bwt_axes.axhline(0.0, color="grey", linewidth=0.8)
@@ -178,10 +178,12 @@ def comparison_figure(table: pd.DataFrame) -> Figure:
     # Along ut + zs = 2 * a the A-Acc is constant: better trade-offs lie up and to the right.
     for a_acc in range(10, 100, 10):
         axes.plot([0, 100], [2 * a_acc, 2 * a_acc - 100], color="lightgrey", linestyle="--", linewidth=0.7, zorder=0)
-    for name, x, y in zip(table["method"], ut, zs):
+    for index, (name, x, y) in enumerate(zip(table["method"], ut, zs)):
         if np.isfinite(x) and np.isfinite(y):
             axes.scatter(x, y, s=40)
-            axes.annotate(str(name), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
+            # Alternate label sides so methods with close results stay readable.
+            axes.annotate(str(name), (x, y), textcoords="offset points", fontsize=9,
+                          xytext=(6, 5) if index % 2 == 0 else (6, -12))
     axes.set_xlim(0, 100)
     axes.set_ylim(0, 100)
     axes.set_xlabel("UT-Acc (%)")
