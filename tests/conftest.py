@@ -22,3 +22,19 @@ def micro():
 
     torch.manual_seed(0)
     return build_model(ModelSpec("clip-continual-micro"))
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    """A temporary project after one tiny default run (shared, read only)."""
+    from project_helpers import finished_project
+
+    return finished_project(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def compared(tmp_path_factory):
+    """A temporary project after a vr_lwf run, an ft run and `compare` (shared, read only)."""
+    from project_helpers import compared_project
+
+    return compared_project(tmp_path_factory)

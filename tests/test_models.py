@@ -142,3 +142,18 @@ def test_checkpoint_is_loadable_with_weights_only(tmp_path, micro):
     save_checkpoint(micro, tmp_path / "model.pt")
     payload = torch.load(tmp_path / "model.pt", weights_only=True)
     assert payload["format"] == "clip-continual/1" and "state_dict" in payload
+
+
+def test_cached_hub_weights_are_found_without_network(tmp_path):
+    # The Hugging Face cache layout: models--<org>--<name>/{refs/main, snapshots/<rev>/<file>}.
+    from clip_continual.models import _cached_hub_file
+
+    repo = tmp_path / "models--timm--tiny-clip"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert _cached_hub_file("timm/tiny-clip/", str(tmp_path)) is None
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"weights")
+    found = _cached_hub_file("timm/tiny-clip/", str(tmp_path))
+    assert found is not None and found.endswith("open_clip_model.safetensors")

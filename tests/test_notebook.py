@@ -8,14 +8,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from project_helpers import REPO_ROOT, compared_project
+from project_helpers import REPO_ROOT
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "explore_run.ipynb"
-
-
-@pytest.fixture(scope="session")
-def compared(tmp_path_factory):
-    return compared_project(tmp_path_factory)
 
 
 @pytest.fixture

@@ -10,23 +10,13 @@ import pytest
 import torch
 
 from project_helpers import (
-    BENCHMARK, TASKS, compared_project, copy_project, file_state, finished_project, mlflow_runs,
+    BENCHMARK, TASKS, copy_project, file_state, mlflow_runs,
     run_folders, run_pipeline, store_uri,
 )
 
 METRIC_COLUMNS = ["step", "task", "ut_acc", "zs_acc", "a_acc", "bwt",
                   "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="session")
-def finished(tmp_path_factory):
-    return finished_project(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def compared(tmp_path_factory):
-    return compared_project(tmp_path_factory)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from clip_continual.tracking import (
     tracking_uri,
 )
 from project_helpers import (
-    BENCHMARK, TASKS, compared_project, copy_project, finished_project, mlflow_runs, run_folders,
+    BENCHMARK, TASKS, copy_project, mlflow_runs, run_folders,
     run_pipeline, store_uri,
 )
 
@@ -25,16 +25,6 @@ REPORT_ARTIFACTS = {
     "reports/continual_metrics.csv", "reports/accuracy_matrix.csv", "reports/continual_summary.json",
     "reports/accuracy_matrix_plot.png", "reports/metric_curves_plot.png",
 }
-
-
-@pytest.fixture(scope="session")
-def finished(tmp_path_factory):
-    return finished_project(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def compared(tmp_path_factory):
-    return compared_project(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

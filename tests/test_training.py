@@ -10,7 +10,7 @@ import torch
 
 from clip_continual.data.common import ImageSet
 from clip_continual.methods import reference_vr_lwf_terms
-from clip_continual.models import ModelSpec, build_model, set_trainable_parts
+from clip_continual.models import set_trainable_parts
 from clip_continual.replay import VocabularyConfig, build_vocabulary
 from clip_continual.training import (
     BatchOrder, TrainingConfig, TrainingConfigError, augment_crop_flip, build_optimizer, fine_tune,

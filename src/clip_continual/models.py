@@ -191,12 +191,11 @@ def _cached_hub_file(hf_hub: str, cache_dir: str | None) -> str | None:
     except ImportError:  # pragma: no cover - huggingface_hub ships with open_clip
         return None
     repo_id, filename = os.path.split(hf_hub)
-    candidates = [filename] if filename else []
-    candidates += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    for name in dict.fromkeys(candidates):
-        if name.endswith(".bin"):
-            candidates.append(name[: -len(".bin")] + ".safetensors")
-    for name in dict.fromkeys(candidates):
+    # open_clip prefers a .safetensors twin of a .bin, and falls back to its default names.
+    names = [filename] if filename else []
+    names += [name[: -len(".bin")] + ".safetensors" for name in names if name.endswith(".bin")]
+    names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    for name in dict.fromkeys(names):
         found = try_to_load_from_cache(repo_id=repo_id, filename=name, cache_dir=cache_dir)
         if isinstance(found, str) and os.path.isfile(found):
             return found
