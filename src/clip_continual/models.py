@@ -323,24 +323,56 @@ def freeze(model: nn.Module) -> nn.Module:
 
 # --- text encoding ------------------------------------------------------------------------
 
-def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """CLIP text features, computing only up to the longest sequence of the batch.
+def _last_block_at(block: nn.Module, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A residual attention block's output at one position per sequence (``rows``), with keys
+    and values from the whole sequence: the same numbers as the full block at those positions."""
+    batch = torch.arange(x.shape[0], device=x.device)
+    h = block.ln_1(x)
+    query_mask = mask[rows].repeat_interleave(block.attn.num_heads, dim=0).unsqueeze(1)
+    attended = block.attn(h[batch, rows].unsqueeze(1), h, h, need_weights=False,
+                          attn_mask=query_mask.to(h.dtype))[0]
+    y = x[batch, rows].unsqueeze(1) + block.ls_1(attended)
+    y = y + block.ls_2(block.mlp(block.ln_2(y)))
+    return y[:, 0]
 
-    CLIP's text transformer is causal and pools at the EOT token (the largest id), so the
-    padding after the last EOT of a batch cannot change any pooled feature: cutting it is
-    exact and saves its compute. Falls back to open_clip for towers we do not know.
+
+def _plain_text_blocks(model: nn.Module) -> bool:
+    transformer = model.transformer
+    return (
+        isinstance(transformer, open_clip.transformer.Transformer)
+        and transformer.batch_first
+        and not transformer.grad_checkpointing
+        and all(type(block) is open_clip.transformer.ResidualAttentionBlock
+                and not hasattr(block, "ln_1_kv") for block in transformer.resblocks)
+    )
+
+
+def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """CLIP text features with only the work the pooled feature depends on.
+
+    CLIP's text transformer is causal and pools at the EOT token (the largest id), so (1) the
+    padding after the batch's longest sequence cannot change any pooled feature, and (2) the
+    last block is needed at the EOT position only. Skipping both is exact. Falls back to
+    open_clip for towers we do not know.
     """
     if not hasattr(model, "token_embedding") or getattr(model, "text_pool_type", "argmax") != "argmax":
         return model.encode_text(tokens, normalize=normalize)
     nonzero = (tokens != 0).any(dim=0).nonzero()
     length = int(nonzero.max()) + 1 if len(nonzero) else 1
     tokens = tokens[:, :length]
+    eot = tokens.argmax(dim=-1)
+    mask = model.attn_mask[:length, :length]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype)
     x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    if _plain_text_blocks(model):
+        for block in model.transformer.resblocks[:-1]:
+            x = block(x, attn_mask=mask)
+        x = _last_block_at(model.transformer.resblocks[-1], x, eot, mask)
+    else:
+        x = model.transformer(x, attn_mask=mask)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
     x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
     if model.text_projection is not None:
         x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
     return F.normalize(x, dim=-1) if normalize else x
