@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pandas as pd
+import yaml
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -15,7 +16,7 @@ from clip_continual.tracking import (
     tracking_uri,
 )
 from project_helpers import (
-    BENCHMARK, TASKS, copy_project, mlflow_runs, run_folders,
+    BENCHMARK, REPO_ROOT, TASKS, copy_project, mlflow_runs, run_folders,
     run_pipeline, store_uri,
 )
 
@@ -61,7 +62,8 @@ def test_parameters_are_logged_flat(finished_run):
     assert params["benchmark"] == BENCHMARK
     assert params["seed"] == "0"
     assert params["model.architecture"] == "clip-continual-micro"
-    assert params["continual_learning.alpha"] == "None"
+    configured = yaml.safe_load((REPO_ROOT / "conf/base/parameters_continual_learning.yml").read_text())
+    assert params["continual_learning.alpha"] == str(configured["continual_learning"]["alpha"])
     assert float(params["continual_learning.training.lr"]) == pytest.approx(1e-4)
     assert params["continual_learning.training.parts"] == "wm"
     assert params["continual_learning.training.steps"] == "2"
@@ -128,7 +130,8 @@ def test_a_failing_run_is_marked_failed(project):
 def test_compare_tables_the_latest_run_of_each_method(compared):
     reporting = compared.path / "data" / "08_reporting"
     table = pd.read_csv(reporting / "method_comparison.csv")
-    assert table["method"].tolist() == ["ft", "vr_lwf"]
+    # ft has no distillation weight; every other method is labelled with its alpha.
+    assert table["method"].tolist() == ["ft", "vr_lwf (alpha=1.0)"]
     assert {"ut_acc", "zs_acc", "a_acc", "bwt"} <= set(table.columns)
     assert (reporting / "method_comparison.png").read_bytes().startswith(b"\x89PNG")
     # Both runs went to the project's default store, where compare (started in a subfolder)
@@ -217,3 +220,11 @@ def test_run_key_ignores_how_a_run_is_shown_or_tracked():
                  _with(evaluation__device="cuda"),
                  _with(tracking__enabled=False), _with(tracking__uri="http://server:5000")):
         assert compute_run_key(same) == key
+
+
+def test_alpha_is_dropped_for_methods_without_one():
+    from clip_continual.pipelines.continual_learning.nodes import training_config
+
+    params = {"alpha": 1.0, "training": {"steps": 1}}
+    assert training_config("ft", params, seed=0, default_teacher="previous").alpha is None
+    assert training_config("vr_lwf", params, seed=0, default_teacher="previous").alpha == 1.0

@@ -66,9 +66,11 @@ class NoRunsToCompare(LookupError):
 
 def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) -> list[dict[str, Any]]:
     """The newest FINISHED run per method variant (of ``benchmark``, if given), with its final
-    metrics. A run that sets ``continual_learning.alpha`` is its own variant, e.g.
-    ``vr_lwf (alpha=1)``, so a sweep does not hide the method's default run."""
+    metrics. Each alpha of a method that has one is its own variant, e.g. ``vr_lwf (alpha=1.0)``,
+    so a sweep does not hide the default run."""
     from mlflow.tracking import MlflowClient
+
+    from clip_continual.methods import METHODS, method_takes_alpha
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(experiment_name)
@@ -85,7 +87,8 @@ def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) 
     for run in runs:
         method = run.data.tags.get("method")
         alpha = run.data.params.get("continual_learning.alpha", "None")
-        variant = method if alpha in ("None", "null", "") else f"{method} (alpha={alpha})"
+        weighted = alpha not in ("None", "null", "") and method in METHODS and method_takes_alpha(method)
+        variant = f"{method} (alpha={alpha})" if weighted else method
         if method is None or variant in latest or "zs_acc" not in run.data.metrics:
             continue
         latest[variant] = {

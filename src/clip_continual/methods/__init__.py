@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Any
 
 from clip_continual.methods.base import (
@@ -19,6 +21,11 @@ METHODS: dict[str, type[ContinualMethod]] = {
     VocabularyReplayLwF.name: VocabularyReplayLwF,
     ZsclVocabularyReplay.name: ZsclVocabularyReplay,
 }
+
+
+def method_takes_alpha(name: str) -> bool:
+    """Whether the method has a distillation weight ``alpha`` (ft has none)."""
+    return "alpha" in inspect.signature(method_class(name)).parameters
 
 
 def method_class(name: str) -> type[ContinualMethod]:

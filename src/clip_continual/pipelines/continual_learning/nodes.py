@@ -9,6 +9,7 @@ import numpy as np
 
 from clip_continual.data.common import ImageSet
 from clip_continual.evaluation import evaluate_step
+from clip_continual.methods import METHODS, method_takes_alpha
 from clip_continual.models import ClipModel, resolve_device
 from clip_continual.replay import ReplayVocabulary
 from clip_continual.tracking import log_metrics
@@ -27,10 +28,13 @@ def training_config(method: str, params: dict[str, Any], seed: int, default_teac
     """The task's training settings from ``params:continual_learning``; raises
     ``TrainingConfigError`` (a ValueError) naming the bad setting and its allowed values."""
     teacher_choice = params.get("teacher", "auto")
+    alpha = params.get("alpha")
+    if method in METHODS and not method_takes_alpha(method):
+        alpha = None  # one alpha for the sweep; ft has no distillation weight to set
     if teacher_choice not in TEACHERS:
         raise TrainingConfigError(f"unknown teacher '{teacher_choice}': choose one of {', '.join(TEACHERS)}")
     return TrainingConfig.from_params({
-        **(params.get("training") or {}), "method": method, "alpha": params.get("alpha"), "seed": seed,
+        **(params.get("training") or {}), "method": method, "alpha": alpha, "seed": seed,
         "teacher": default_teacher if teacher_choice == "auto" else teacher_choice,
     })
 
