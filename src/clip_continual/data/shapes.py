@@ -97,7 +97,7 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if shape == "circle":
         return rho <= 1.0
     if shape == "square":
-        return np.maximum(np.abs(u), np.abs(v)) <= 0.8
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.88  # corners well outside the circle
     if shape == "triangle":
         return (v <= 0.75) & (np.abs(u) <= (v + 1.0) * 0.62)
     if shape == "star":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 from clip_continual.data.common import ImageSet
 from clip_continual.evaluation import evaluate_retrieval, zero_shot_accuracy
 from clip_continual.models import ClipModel, ModelSpec, build_model, resolve_device
@@ -52,6 +54,7 @@ def pretrain_clip(
     if cached is not None and cached.metadata.get("source") == key:
         logger.info("Reusing the pretrained model on disk (same settings); delete it to pretrain again.")
         return cached
+    torch.manual_seed(seed)  # the random initialisation is part of what the seed fixes
     start = build_model(_spec(model_params))
     if not enabled:
         start.metadata["source"] = key
