@@ -11,7 +11,7 @@ from kedro.framework.hooks import hook_impl
 from matplotlib.figure import Figure
 
 from clip_continual.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
-from clip_continual.run_key import compute_run_key, set_current_run_key
+from clip_continual.run_key import compute_run_key, current_run_key, set_current_run_key
 from clip_continual.tracking import default_artifact_location, flatten_params, log_metrics, tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -104,8 +104,6 @@ class MlflowTrackingHook:
         method = self._params.get("method", "unknown")
         run = mlflow.start_run(run_name=f"{benchmark}-{method}")
         self._active = True
-        from clip_continual.run_key import current_run_key
-
         mlflow.set_tags({
             "benchmark": benchmark,
             "method": method,

@@ -10,7 +10,7 @@ import numpy as np
 from clip_continual.data.common import ImageSet
 from clip_continual.evaluation import evaluate_step
 from clip_continual.methods import METHODS, method_takes_alpha
-from clip_continual.models import ClipModel, resolve_device
+from clip_continual.models import ClipModel
 from clip_continual.replay import ReplayVocabulary
 from clip_continual.tracking import log_metrics
 from clip_continual.training import TrainingConfig, TrainingConfigError, fine_tune, plan_training
@@ -118,7 +118,7 @@ def evaluate_model(
         zero_shot_templates=list(prompts["shapes"]),
         retrieval_set=retrieval_set,
         batch_size=params["batch_size"],
-        device=resolve_device(params.get("device", "auto")),
+        device=params.get("device", "auto"),
         previous_rows=earlier or None,
         retrieval_folds=params.get("retrieval_folds", 1),
     )

@@ -9,7 +9,7 @@ import torch
 
 from clip_continual.data.common import ImageSet
 from clip_continual.evaluation import evaluate_retrieval, zero_shot_accuracy
-from clip_continual.models import ClipModel, ModelSpec, build_model, resolve_device
+from clip_continual.models import ClipModel, ModelSpec, build_model
 from clip_continual.pretraining import PretrainingConfig, pretrain
 
 logger = logging.getLogger(__name__)
@@ -23,15 +23,15 @@ def _spec(model_params: dict[str, Any]) -> ModelSpec:
     )
 
 
-def _cache_key(model_params: dict[str, Any], config: PretrainingConfig, corpus_params: dict[str, Any],
-               seed: int) -> dict[str, Any]:
-    return {
-        "architecture": model_params["architecture"],
-        "pretrained": model_params.get("pretrained"),
-        "pretraining": config.fingerprint(),
-        "corpus": corpus_params,
-        "seed": seed,
-    }
+def _source_key(model_params: dict[str, Any], config: PretrainingConfig | None,
+                data_params: dict[str, Any]) -> dict[str, Any]:
+    """What the starting model is made from; a checkpoint with the same key is reused.
+    ``config`` is None when pretraining is disabled (the weights are used as they are)."""
+    key = {"architecture": model_params["architecture"], "pretrained": model_params.get("pretrained")}
+    if config is not None:  # the fingerprint covers the seed
+        key |= {"pretraining": config.fingerprint(),
+                "corpus": {**data_params["shapes"], "image_size": data_params["image_size"]}}
+    return key
 
 
 def pretrain_clip(
@@ -49,8 +49,7 @@ def pretrain_clip(
     params = dict(pretraining_params)
     enabled = params.pop("enabled", True)
     config = PretrainingConfig.from_params({**params, "seed": seed})
-    key = _cache_key(model_params, config, {**data_params["shapes"], "image_size": data_params["image_size"]}, seed) \
-        if enabled else {"architecture": model_params["architecture"], "pretrained": model_params.get("pretrained")}
+    key = _source_key(model_params, config if enabled else None, data_params)
     if cached is not None and cached.metadata.get("source") == key:
         logger.info("Reusing the pretrained model on disk (same settings); delete it to pretrain again.")
         return cached
@@ -73,7 +72,6 @@ def evaluate_pretrained(
     evaluation_params: dict[str, Any],
 ) -> dict[str, float]:
     batch_size, device = evaluation_params["batch_size"], evaluation_params.get("device", "auto")
-    device = resolve_device(device)
     metrics = {
         "zs_acc": zero_shot_accuracy(model, zero_shot_set, list(prompts["shapes"]), batch_size, device),
         **evaluate_retrieval(model, retrieval_set, batch_size, device,
