@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 
@@ -188,7 +189,7 @@ def test_registry_lists_every_pipeline():
     assert {f"{BENCHMARK}.{task}" for task in TASKS} | {f"{BENCHMARK}.pretrained"} == namespaces
     previous = "pretrained_model"
     for task in TASKS:
-        (fine_tune,) = [n for n in chain.nodes if n.name == f"{BENCHMARK}.{task}.fine_tune"]
+        (fine_tune,) = [n for n in chain.nodes if n.name == f"{BENCHMARK}.{task}.fine_tune_{task}"]
         assert previous in fine_tune.inputs
         assert f"{BENCHMARK}.{task}.model" in fine_tune.outputs
         previous = f"{BENCHMARK}.{task}.model"
@@ -200,6 +201,36 @@ def test_registry_lists_every_pipeline():
     # A benchmark alone builds its run's vocabulary (another method needs its own).
     for benchmark in ("digits_mst", "digits_ost"):
         assert "build_replay_vocabulary" in {node.name for node in pipelines[benchmark].nodes}
+
+
+def test_every_default_node_shows_its_source_and_own_name_in_kedro_viz():
+    """kedro viz reads the code of plain functions only (following ``__wrapped__``), and names
+    a node inside its namespace by its own name: five `fine_tune` boxes would look the same."""
+    from kedro_viz.models.flowchart.model_utils import _extract_wrapped_func
+
+    from clip_continual.pipeline_registry import register_pipelines
+
+    nodes = register_pipelines()["__default__"].nodes
+    for node in nodes:
+        assert inspect.isfunction(node.func), node.name
+        source = inspect.getsource(_extract_wrapped_func(node.func))
+        assert source.lstrip().startswith("def "), node.name
+        assert "bound(" not in source, node.name
+    own_names = [node.name.rsplit(".", 1)[-1] for node in nodes]
+    assert len(set(own_names)) == len(own_names)
+
+
+def test_bind_fixes_arguments_and_rejects_unknown_ones():
+    from clip_continual.pipelines import bind
+
+    def scale(value, *, factor):
+        return value * factor
+
+    double = bind(scale, factor=2)
+    assert double(4) == 8 and double.__name__ == "scale"
+    assert list(inspect.signature(double).parameters) == ["value"]
+    with pytest.raises(TypeError, match="factor2"):
+        bind(scale, factor2=2)
 
 
 def test_a_benchmark_pipeline_runs_on_its_own(project):

@@ -134,3 +134,23 @@ def test_figures_are_written_as_png(tmp_path):
     assert plt.get_fignums() == open_before  # nothing registered with pyplot
     curves_axes = figures["curves"].axes[1]
     assert list(curves_axes.get_xticks()) == [0, 1, 2, 3]
+
+
+def test_figures_name_the_run_the_task_classes_and_one_accuracy_unit():
+    results = _step_results()
+    run = "digits_mst/vr_lwf/alpha=1.0/seed=0"
+    classes = [["zero", "one"], ["two", "three"], ["four", "five"]][: reporting.accuracy_matrix(results).shape[1]]
+    matrix = reporting.accuracy_matrix_figure(reporting.accuracy_matrix(results), run, classes)
+    curves = reporting.metric_curves_figure(reporting.metrics_table(results), run)
+    comparison = reporting.comparison_figure(pd.DataFrame(
+        {"method": ["ft"], "ut_acc": [0.9], "zs_acc": [0.2], "a_acc": [0.55], "bwt": [0.0],
+         "i2t_r1": [0.1], "t2i_r1": [0.1]}), "digits_mst: latest finished run of each method")
+    assert run in matrix.axes[0].get_title() and run in curves.axes[0].get_title()
+    assert "digits_mst" in comparison.axes[0].get_title()
+    ticks = [label.get_text() for label in matrix.axes[0].get_xticklabels()]
+    assert ticks[0] == "task_1\n(zero, one)"
+    assert "classified among all" in matrix.axes[0].get_xlabel()
+    # Fractions everywhere, as in the tables, JSON and MLflow: no axis runs to 100.
+    assert matrix.axes[0].images[0].get_clim() == (0.0, 1.0)
+    assert curves.axes[0].get_ylim() == (0.0, 1.0) and comparison.axes[0].get_xlim() == (0.0, 1.0)
+    assert all("%" not in axes.get_ylabel() for figure in (matrix, curves, comparison) for axes in figure.axes)

@@ -1,8 +1,9 @@
 """Tables, summaries and figures from the per-step results of ``evaluation.evaluate_step``.
 
 Plain Python, pandas and matplotlib; no Kedro import. Figures are built on the Agg canvas
-directly (never through pyplot), so nothing is left in a global figure registry. Tables keep
-fractions in [0, 1]; figures show percentages, as the papers do.
+directly (never through pyplot), so nothing is left in a global figure registry. Accuracies are
+fractions in [0, 1] everywhere: tables, JSON, MLflow and the figures' axes. Every figure is
+titled with the run it shows (``run_key.run_name``: benchmark/method/alpha/seed).
 """
 
 from __future__ import annotations
@@ -126,68 +127,86 @@ def _new_figure(width: float, height: float) -> Figure:
     return figure
 
 
-def accuracy_matrix_figure(matrix: pd.DataFrame) -> Figure:
-    """Heatmap of the accuracy matrix, each cell annotated with its accuracy in %."""
-    values = matrix.to_numpy(dtype=float) * 100.0
+def _titled(axes: Any, what: str, run: str | None) -> None:
+    axes.set_title(f"{run}\n{what}" if run else what, fontsize=10)
+
+
+def _task_label(column: str, classes: Sequence[str] | None) -> str:
+    return f"{column}\n({', '.join(classes)})" if classes else column
+
+
+def accuracy_matrix_figure(matrix: pd.DataFrame, run: str | None = None,
+                           task_classes: Sequence[Sequence[str]] | None = None) -> Figure:
+    """Heatmap of the accuracy matrix (fractions), each cell annotated. ``run`` titles it;
+    ``task_classes[i]`` names the classes of task i + 1 under its column."""
+    values = matrix.to_numpy(dtype=float)
     n_rows, n_cols = values.shape
-    figure = _new_figure(1.6 + 0.8 * n_cols, 1.2 + 0.5 * n_rows)
+    figure = _new_figure(2.4 + 1.0 * n_cols, 2.0 + 0.5 * n_rows)
     axes = figure.add_subplot()
-    image = axes.imshow(values, vmin=0.0, vmax=100.0, cmap="viridis", aspect="auto")
+    image = axes.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     for row in range(n_rows):
         for col in range(n_cols):
             value = values[row, col]
             if np.isfinite(value):
                 # Dark text on the bright (high) end of viridis, light text elsewhere.
-                axes.text(col, row, f"{value:.1f}", ha="center", va="center", fontsize=8,
-                          color="black" if value > 60.0 else "white")
-    axes.set_xticks(range(n_cols), [str(c) for c in matrix.columns], rotation=45, ha="right")
+                axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                          color="black" if value > 0.6 else "white")
+    classes = list(task_classes or [None] * n_cols)
+    axes.set_xticks(range(n_cols), [_task_label(str(c), k) for c, k in zip(matrix.columns, classes)],
+                    fontsize=8)
     axes.set_yticks(range(n_rows), [str(i) for i in matrix.index])
-    axes.set_xlabel("evaluated on")
-    axes.set_ylabel(str(matrix.index.name or "after"))
-    axes.set_title("Accuracy (%) after each step")
-    figure.colorbar(image, ax=axes, label="accuracy (%)")
+    all_classes = sum(len(k) for k in classes if k)
+    axes.set_xlabel(
+        "accuracy on the task's classes (mean per class); each test image is classified among "
+        + (f"all {all_classes} class prompts" if all_classes else "all class prompts")
+        + " of the updated task", fontsize=8)
+    axes.set_ylabel(f"model {matrix.index.name or 'after'}")
+    _titled(axes, "UT accuracy matrix (0-1)", run)
+    figure.colorbar(image, ax=axes, label="accuracy (0-1)")
     return figure
 
 
-def metric_curves_figure(table: pd.DataFrame) -> Figure:
-    """UT-Acc, ZS-Acc and A-Acc (top) and BWT (bottom) in % against the step."""
+def metric_curves_figure(table: pd.DataFrame, run: str | None = None) -> Figure:
+    """UT-Acc, ZS-Acc and A-Acc (top) and BWT (bottom), fractions, against the step."""
     steps = table["step"].to_numpy()
     figure = _new_figure(6.0, 5.0)
     accuracy_axes, bwt_axes = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     for column, label in (("ut_acc", "UT-Acc"), ("zs_acc", "ZS-Acc"), ("a_acc", "A-Acc")):
-        accuracy_axes.plot(steps, table[column].to_numpy(dtype=float) * 100.0, marker="o", label=label)
-    accuracy_axes.set_ylabel("accuracy (%)")
+        accuracy_axes.plot(steps, table[column].to_numpy(dtype=float), marker="o", label=label)
+    accuracy_axes.set_ylim(0.0, 1.0)
+    accuracy_axes.set_ylabel("accuracy (0-1)")
     accuracy_axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     accuracy_axes.grid(alpha=0.3)
-    bwt_axes.plot(steps, table["bwt"].to_numpy(dtype=float) * 100.0, marker="o", color="tab:red")
+    bwt_axes.plot(steps, table["bwt"].to_numpy(dtype=float), marker="o", color="tab:red")
     bwt_axes.axhline(0.0, color="grey", linewidth=0.8)
-    bwt_axes.set_ylabel("BWT (%)")
+    bwt_axes.set_ylabel("BWT")
     bwt_axes.set_xlabel("step (0 = starting model)")
     bwt_axes.set_xticks(steps)
     bwt_axes.grid(alpha=0.3)
-    accuracy_axes.set_title("Metrics after each continual step")
+    _titled(accuracy_axes, "Metrics after each continual step", run)
     return figure
 
 
-def comparison_figure(table: pd.DataFrame) -> Figure:
-    """ZS-Acc against UT-Acc (in %) per method, each point labelled; dashed lines of equal A-Acc."""
+def comparison_figure(table: pd.DataFrame, run: str | None = None) -> Figure:
+    """ZS-Acc against UT-Acc (fractions) per method, each point labelled; dashed lines of
+    equal A-Acc. ``run`` says what was compared (benchmark, seed)."""
     figure = _new_figure(6.0, 5.0)
     axes = figure.add_subplot()
-    ut = table["ut_acc"].to_numpy(dtype=float) * 100.0
-    zs = table["zs_acc"].to_numpy(dtype=float) * 100.0
+    ut = table["ut_acc"].to_numpy(dtype=float)
+    zs = table["zs_acc"].to_numpy(dtype=float)
     # Along ut + zs = 2 * a the A-Acc is constant: better trade-offs lie up and to the right.
-    for a_acc in range(10, 100, 10):
-        axes.plot([0, 100], [2 * a_acc, 2 * a_acc - 100], color="lightgrey", linestyle="--", linewidth=0.7, zorder=0)
+    for a_acc in np.arange(0.1, 1.0, 0.1):
+        axes.plot([0, 1], [2 * a_acc, 2 * a_acc - 1], color="lightgrey", linestyle="--", linewidth=0.7, zorder=0)
     for index, (name, x, y) in enumerate(zip(table["method"], ut, zs)):
         if np.isfinite(x) and np.isfinite(y):
             axes.scatter(x, y, s=40)
             # Alternate label sides so methods with close results stay readable.
             axes.annotate(str(name), (x, y), textcoords="offset points", fontsize=9,
                           xytext=(6, 5) if index % 2 == 0 else (6, -12))
-    axes.set_xlim(0, 100)
-    axes.set_ylim(0, 100)
-    axes.set_xlabel("UT-Acc (%)")
-    axes.set_ylabel("ZS-Acc (%)")
-    axes.set_title("Updated task vs zero-shot accuracy (dashed: equal A-Acc)")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("UT-Acc (0-1)")
+    axes.set_ylabel("ZS-Acc (0-1)")
+    _titled(axes, "UT-Acc vs ZS-Acc (dashed: equal A-Acc)", run)
     axes.grid(alpha=0.3)
     return figure

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 # Parameters that change how a run is shown or where it is tracked, not what it computes.
 NON_SCIENTIFIC_KEYS = frozenset({"progress", "device", "log_every", "tracking", "compare", "reporting"})
@@ -38,5 +43,40 @@ def set_current_run_key(key: str | None) -> None:
 
 
 def current_run_key() -> str:
-    """The resolver behind ``${run_key:}`` in catalog.yml (set by a hook from the parameters)."""
-    return _current or DEFAULT_RUN_KEY
+    """The resolver behind ``${run_key:}`` in catalog.yml (set by a hook from the parameters;
+    without hooks, as in `kedro viz run`, computed from the project's configured parameters)."""
+    if _current is None:
+        params = project_parameters()
+        return compute_run_key(params) if params else DEFAULT_RUN_KEY
+    return _current
+
+
+def project_parameters(start: Path | None = None) -> dict[str, Any]:
+    """The parameters of the Kedro project around ``start`` (default: the working folder) in
+    ``$KEDRO_ENV`` (default ``local``) over ``base``, as `kedro run` reads them without
+    ``--params``; empty outside a project."""
+    from kedro.config import OmegaConfigLoader
+    from kedro.utils import find_kedro_project
+
+    project = find_kedro_project(start or Path.cwd())
+    if project is None:
+        return {}
+    loader = OmegaConfigLoader(
+        str(Path(project) / "conf"), base_env="base",
+        default_run_env=os.environ.get("KEDRO_ENV", "local"), merge_strategy={"parameters": "soft"},
+    )
+    try:
+        return dict(loader["parameters"])
+    except Exception as error:  # a broken file is reported by the run itself
+        logger.warning("could not read the project's parameters for the run key: %s", error)
+        return {}
+
+
+def run_name(what: str, method: str | None = None, alpha: Any = None, seed: Any = None) -> str:
+    """What a run ran, as MLflow names it and the plots title it, e.g.
+    ``digits_mst/vr_lwf/alpha=1.0/seed=0``; ``what`` is the benchmark, or the pipelines of a
+    run without a continual sequence (``data_preparation+pretraining/seed=0``). A method
+    without a distillation weight (``ft``) gets no ``alpha``."""
+    parts = [what, method, None if alpha is None else f"alpha={alpha}",
+             None if seed is None else f"seed={seed}"]
+    return "/".join(str(part) for part in parts if part is not None)

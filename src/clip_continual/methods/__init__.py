@@ -28,6 +28,16 @@ def method_takes_alpha(name: str) -> bool:
     return "alpha" in inspect.signature(method_class(name)).parameters
 
 
+def effective_alpha(name: str, alpha: float | None) -> float | None:
+    """The distillation weight a run of ``name`` uses: None for a method without one (ft),
+    the method's own default when ``alpha`` is None."""
+    if not method_takes_alpha(name):
+        return None
+    if alpha is None:
+        return inspect.signature(method_class(name)).parameters["alpha"].default
+    return alpha
+
+
 def method_class(name: str) -> type[ContinualMethod]:
     try:
         return METHODS[name]

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
-from functools import partial, update_wrapper
+import inspect
+from functools import wraps
 from typing import Any, Callable
 
 
 def bind(func: Callable[..., Any], **fixed: Any) -> Callable[..., Any]:
     """``func`` with some keyword arguments fixed at pipeline-creation time (a task's index,
-    a benchmark's phases), keeping its name for logs and kedro viz."""
-    return update_wrapper(partial(func, **fixed), func)
+    a benchmark's phases).
+
+    A plain function (not a ``functools.partial``), so kedro viz shows ``func``'s source:
+    it reads the code of functions only, following ``__wrapped__``. Its signature lacks the
+    fixed arguments, so Kedro matches the node's inputs against the rest.
+    """
+    signature = inspect.signature(func)
+    unknown = sorted(set(fixed) - set(signature.parameters))
+    if unknown:
+        raise TypeError(f"{func.__name__}() has no parameters {unknown} to fix")
+
+    @wraps(func)
+    def bound(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs, **fixed)
+
+    bound.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p for name, p in signature.parameters.items() if name not in fixed]
+    )
+    return bound

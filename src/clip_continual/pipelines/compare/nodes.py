@@ -18,4 +18,5 @@ def compare_methods(tracking: dict[str, Any], params: dict[str, Any]) -> tuple[p
     uri = tracking_uri(tracking.get("uri"), find_kedro_project(Path.cwd()) or Path.cwd())
     runs = latest_finished_runs(uri, params["experiment_name"], params.get("benchmark"))
     table = reporting.comparison_table(runs)
-    return table, reporting.comparison_figure(table)
+    what = f"{params.get('benchmark') or 'every benchmark'}: latest finished run of each method"
+    return table, reporting.comparison_figure(table, what)

@@ -4,13 +4,11 @@ pretrained model is evaluated once as step 0 (``<benchmark>.pretrained``)."""
 
 from __future__ import annotations
 
-from clip_continual.pipelines import bind
-
 from kedro.pipeline import Node, Pipeline
 
 from clip_continual.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, Benchmark
+from clip_continual.pipelines import bind
 from clip_continual.pipelines.continual_learning import nodes
-
 
 
 def _namespaced(template: Pipeline, namespace: str, shared: dict[str, str]) -> Pipeline:
@@ -38,10 +36,11 @@ def _evaluate_node(benchmark: Benchmark, step: int, task: str, with_previous: bo
         inputs["previous_evaluation"] = "previous_evaluation"
     return Node(
         bind(nodes.evaluate_model, step=step, task=task, phases=benchmark.phases,
-                updated_task=benchmark.updated_task),
+             updated_task=benchmark.updated_task),
         inputs=inputs,
         outputs="evaluation",
-        name="evaluate_model",
+        # Named per task: kedro viz shows a node's own name inside its namespace.
+        name=f"evaluate_after_{task}" if step else "evaluate_starting_model",
         tags=["evaluation"],
     )
 
@@ -61,10 +60,10 @@ def _task_pipeline(benchmark: Benchmark, index: int, task: str, previous: str | 
         fine_tune_inputs["pretrained_model"] = "pretrained_model"
     fine_tune = Node(
         bind(nodes.fine_tune_task, task_index=index, phases=benchmark.phases,
-                updated_task=benchmark.updated_task, default_teacher=benchmark.default_teacher),
+             updated_task=benchmark.updated_task, default_teacher=benchmark.default_teacher),
         inputs=fine_tune_inputs,
         outputs=["model", "training_summary"],
-        name="fine_tune",
+        name=f"fine_tune_{task}",
         tags=["training"],
     )
     start = f"{benchmark.name}.{previous}.model" if previous else "pretrained_model"

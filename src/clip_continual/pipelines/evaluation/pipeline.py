@@ -1,8 +1,7 @@
-from clip_continual.pipelines import bind
-
 from kedro.pipeline import Node, Pipeline
 
 from clip_continual.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, Benchmark
+from clip_continual.pipelines import bind
 from clip_continual.pipelines.evaluation import nodes
 
 
@@ -11,10 +10,11 @@ def create_pipeline(benchmark: Benchmark | None = None, **kwargs) -> Pipeline:
     benchmark = benchmark or BENCHMARKS[DEFAULT_BENCHMARK]
     steps = ("pretrained", *benchmark.task_names)
     report = Node(
-        bind(nodes.report_continual_run, benchmark=benchmark.name),
-        inputs=["params:method", "params:continual_learning", *(f"{step}_evaluation" for step in steps)],
+        bind(nodes.report_continual_run, benchmark=benchmark.name, phases=benchmark.phases),
+        inputs=["params:method", "params:continual_learning", "params:seed", f"{benchmark.updated_task}_test",
+                *(f"{step}_evaluation" for step in steps)],
         outputs=["continual_metrics", "accuracy_matrix", "continual_summary",
-                 "accuracy_matrix_plot", "metric_curves_plot", f"{benchmark.name}.continual_metrics"],
+                 "accuracy_matrix_plot", "metric_curves_plot", f"{benchmark.name}.run_metrics_archive"],
         name="report_continual_run",
     )
     return Pipeline(
