@@ -17,7 +17,6 @@ only; a test that changes a project works on its own ``copy_project``):
 from __future__ import annotations
 
 import atexit
-import copy
 import os
 import shutil
 import tempfile
@@ -52,14 +51,17 @@ def store_uri(project: Path) -> str:
 
 
 def write_local_parameters(project: Path, own_store: bool = True) -> None:
-    """The tiny settings as the project's local overrides. ``own_store``: ``tracking.uri`` names
-    the project's SQLite file; otherwise it is left unset (the project's default store)."""
-    params = copy.deepcopy(TINY_PARAMETERS)
-    if own_store:
-        params["tracking"] = {"uri": store_uri(project)}
+    """The tiny settings as the project's local overrides. ``own_store``: conf/local/mlflow.yml
+    names the project's SQLite file; otherwise mlflow.yml's default is left to find it (the
+    project's default store)."""
     local = project / "conf" / "local"
     local.mkdir(parents=True, exist_ok=True)
-    (local / "parameters.yml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (local / "parameters.yml").write_text(yaml.safe_dump(TINY_PARAMETERS, sort_keys=False))
+    mlflow_yml = local / "mlflow.yml"
+    if own_store:
+        mlflow_yml.write_text(yaml.safe_dump({"server": {"mlflow_tracking_uri": store_uri(project)}}))
+    elif mlflow_yml.exists():
+        mlflow_yml.unlink()
 
 
 _STORE_TEMPLATE: list[Path] = []
@@ -178,7 +180,7 @@ class ComparedProject:
 
 
 def compared_project(tmp_path_factory: pytest.TempPathFactory) -> ComparedProject:
-    """A copy of the finished project, without ``tracking.uri`` nor ``MLFLOW_TRACKING_URI`` (so
+    """A copy of the finished project, without a local mlflow.yml nor ``MLFLOW_TRACKING_URI`` (so
     the project's default store), that ran ``digits_mst`` with ``vr_lwf``, then with ``ft`` and
     ``only_missing_outputs``, then ``compare`` from a subfolder (built once per session)."""
     if "compared" not in _BUILT:

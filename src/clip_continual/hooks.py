@@ -1,30 +1,33 @@
 """Project hooks: the keys of a run's artifacts, the checks before a run, and MLflow tracking
-(one run per `kedro run`). The tracking logic itself lives in plain functions of
-``clip_continual.tracking``; the hooks only call them."""
+(one run per `kedro run`, through kedro-mlflow). The tracking logic itself lives in plain
+functions of ``clip_continual.tracking``; the hooks only call them."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
-from matplotlib.figure import Figure
+from kedro.io import MemoryDataset
+from kedro_mlflow.framework.hooks import MlflowHook
+from kedro_mlflow.io.catalog.switch_catalog_logging import switch_catalog_logging
+from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
 
 from clip_continual import tracking
 from clip_continual.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
 from clip_continual.files import check_writable
+from clip_continual.methods import METHODS, effective_alpha
 from clip_continual.models import ModelSpec, check_model_source
 from clip_continual.run_key import (
-    compute_run_key, compute_source_key, current_run_key, set_current_run_key, set_current_source_key,
+    compute_run_key, compute_source_key, current_run_key, run_name, set_current_run_key,
+    set_current_source_key,
 )
 from clip_continual.schema import check_parameters
-from clip_continual.tracking import default_artifact_location, flatten_params, log_metrics, tracking_uri
 
 logger = logging.getLogger(__name__)
-
-EVALUATION_SUFFIX = ".evaluation"
 
 
 class RunKeyHook:
@@ -93,119 +96,102 @@ def _benchmark_of(pipeline_names: list[str] | None) -> str:
     return DEFAULT_BENCHMARK
 
 
-class MlflowTrackingHook:
-    """One MLflow run per `kedro run`: parameters once, each continual step's metrics with
-    `step` = task index (0 = the starting model), training losses, reports as artifacts.
+def _configured_store(context) -> str:
+    """The tracking URI of conf/<env>/mlflow.yml (by default `MLFLOW_TRACKING_URI`, else the
+    project's SQLite file), read before kedro-mlflow first contacts the store."""
+    loader = context.config_loader
+    loader.config_patterns.setdefault("mlflow", ["mlflow*", "mlflow*/**", "**/mlflow*"])
+    try:
+        server = dict(loader["mlflow"].get("server") or {})
+    except MissingConfigException:
+        server = {}
+    return server.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or "mlruns"
 
-    The store is probed before the run; an error ends the run FAILED, Ctrl-C or SIGTERM KILLED;
-    a run left RUNNING by a killed process is marked KILLED by the next run; a resumed run logs
-    the stored evaluations of the tasks it skipped, so it holds the whole sequence."""
+
+class MlflowTrackingHook(MlflowHook):
+    """kedro-mlflow's hook (conf/<env>/mlflow.yml, parameters, the MLflow datasets of the
+    catalog), plus what the plugin does not do: the run's name and tags, parameters a method does
+    not use left out, `--params tracking.enabled=false`, and a true record of how the run ended
+    (the store probed first; FAILED on an error, KILLED on Ctrl-C or SIGTERM; a run left RUNNING
+    by a killed process marked KILLED by the next run). The logic lives in ``tracking``."""
 
     def __init__(self) -> None:
-        self._settings: dict[str, Any] = {}
+        super().__init__()
         self._params: dict[str, Any] = {}
-        self._project_path = Path.cwd()
-        self._active = False
-        self._logged: set[str] = set()
+        self._enabled = True
         self._signals: Any = None
 
     @hook_impl
     def after_context_created(self, context) -> None:
-        self._project_path = Path(context.project_path)
         self._params = dict(context.params)
-        self._settings = dict(self._params.get("tracking") or {})
-
-    def _wanted(self, pipeline) -> bool:
-        if not self._settings.get("enabled", True):
-            return False
-        skipped = set(self._settings.get("skip_pipelines_tagged", ["untracked"]))
-        return any(not (set(node.tags) & skipped) for node in pipeline.nodes)
-
-    def _open_experiment(self, uri: str) -> str:
-        import mlflow
-
-        tracking.probe_store(uri)
+        self._enabled = bool((self._params.get("tracking") or {}).get("enabled", True))
+        if not self._enabled:
+            return
+        tracking.probe_store(_configured_store(context))
         tracking.end_run_left_open("KILLED")  # one this process left open (interrupted in-process)
-        mlflow.set_tracking_uri(uri)
-        experiment_name = self._settings.get("experiment_name", "clip-continual")
-        if mlflow.get_experiment_by_name(experiment_name) is None:
-            mlflow.create_experiment(experiment_name, artifact_location=default_artifact_location(uri))
-        mlflow.set_experiment(experiment_name)
-        tracking.close_abandoned_runs(uri, experiment_name)
-        return experiment_name
+        super().after_context_created(context)
+        uri, experiment = self.mlflow_config.server.mlflow_tracking_uri, self.mlflow_config.tracking.experiment.name
+        tracking.mark_experiment_kind(uri, experiment)
+        tracking.close_abandoned_runs(uri, experiment)
+
+    def _run_name(self, run_params: dict[str, Any], pipeline) -> str:
+        seed = self._params.get("seed")
+        if not any("training" in node.tags for node in pipeline.nodes):
+            return run_name("+".join(run_params.get("pipeline_names") or ["__default__"]), seed=seed)
+        method = self._params.get("method")
+        alpha = (self._params.get("continual_learning") or {}).get("alpha")
+        alpha = effective_alpha(method, alpha) if method in METHODS else alpha
+        return run_name(_benchmark_of(run_params.get("pipeline_names")), method, alpha, seed)
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        if not self._wanted(pipeline):
+        self.run_id = None  # a hook outlives its session (notebooks, tests): never reopen an old run
+        if self._enabled:
+            self.mlflow_config.tracking.run.name = self._run_name(run_params, pipeline)
+            super().before_pipeline_run(run_params, pipeline, catalog)
+        self._is_mlflow_enabled = self._enabled and self._is_mlflow_enabled
+        if not self._is_mlflow_enabled:
+            _untrack(pipeline, catalog)
             return
         import mlflow
 
-        uri = tracking_uri(self._settings.get("uri"), self._project_path)
-        self._open_experiment(uri)
-        benchmark = _benchmark_of(run_params.get("pipeline_names"))
-        method = self._params.get("method", "unknown")
-        run = mlflow.start_run(run_name=f"{benchmark}-{method}")
-        self._active, self._logged = True, set()
         self._signals = tracking.guard_interruptions()
         mlflow.set_tags({
-            "benchmark": benchmark,
-            "method": method,
+            "benchmark": _benchmark_of(run_params.get("pipeline_names")),
+            "method": self._params.get("method", "unknown"),
             "run_key": current_run_key(),
-            "kedro.session_id": str(run_params.get("session_id") or run_params.get("run_id") or ""),
-            "kedro.pipelines": ",".join(run_params.get("pipeline_names") or ["__default__"]),
             **tracking.run_identity_tags(),
         })
-        flat = flatten_params({k: v for k, v in self._params.items() if k != "tracking"})
-        flat["benchmark"] = benchmark
-        items = sorted(flat.items())
-        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
-            mlflow.log_params(dict(items[start:start + 100]))
-        logger.info("MLflow run %s (%s) in %s", run.info.run_id, run.info.run_name, uri)
 
     @hook_impl
-    def after_node_run(self, node, outputs: dict[str, Any]) -> None:
-        if not self._active:
-            return
-        for name, value in outputs.items():
-            if name.endswith(EVALUATION_SUFFIX) and isinstance(value, dict):
-                tracking.log_stored_evaluations([value])
-                self._logged.add(name)
-            elif name == "pretraining_metrics" and isinstance(value, dict):
-                log_metrics({f"pretraining/{k}": v for k, v in value.items()}, step=0)
-        tracking.heartbeat()
+    def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
+        logged = tracking.parameters_to_log(inputs, self._params.get("method"))
+        super().before_node_run(node, catalog, logged, is_async)
 
     @hook_impl
-    def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
-        if not self._active or dataset_name not in self._settings.get("artifacts", []):
-            return
-        import mlflow
-
-        if isinstance(data, Figure):
-            mlflow.log_figure(data, f"reports/{dataset_name}.png")
-        elif isinstance(data, pd.DataFrame):
-            mlflow.log_text(data.to_csv(index=False), f"reports/{dataset_name}.csv")
-        elif isinstance(data, dict):
-            mlflow.log_dict(data, f"reports/{dataset_name}.json")
-
-    def _log_skipped_evaluations(self, pipeline, catalog) -> None:
-        """Evaluations the run did not compute (`--only-missing-outputs` skipped their tasks)."""
-        names = sorted(n for n in pipeline.all_outputs() if n.endswith(EVALUATION_SUFFIX) and n not in self._logged)
-        tracking.log_stored_evaluations(catalog.load(n) for n in names if catalog.exists(n))
+    def after_node_run(self) -> None:
+        if self._is_mlflow_enabled:
+            tracking.heartbeat()
 
     @hook_impl
-    def after_pipeline_run(self, pipeline, catalog) -> None:
-        if self._active:
-            self._log_skipped_evaluations(pipeline, catalog)
-        self._end(tracking.status_for(None))
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        super().after_pipeline_run(run_params, pipeline, catalog)
+        tracking.restore_signals(self._signals)
+        self._signals = None
 
     @hook_impl
-    def on_pipeline_error(self, error: Exception) -> None:
-        self._end(tracking.status_for(error))
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if self._is_mlflow_enabled:
+            super().on_pipeline_error(error, run_params, pipeline, catalog)  # ends the run FAILED
+        tracking.restore_signals(self._signals)
+        self._signals = None
 
-    def _end(self, status: str) -> None:
-        if self._active:
-            import mlflow
 
-            mlflow.end_run(status=status)
-            tracking.restore_signals(self._signals)
-            self._active = False
+def _untrack(pipeline, catalog) -> None:
+    """No MLflow run: the pipeline's MLflow artifact datasets only write their local files, and
+    its metric datasets become memory datasets (they would otherwise open a run of their own)."""
+    for name in pipeline.datasets():
+        dataset = catalog.get(name)  # materialises dataset factories
+        if isinstance(dataset, MlflowMetricsHistoryDataset):
+            catalog[name] = MemoryDataset()
+    switch_catalog_logging(catalog, False)

@@ -214,11 +214,54 @@ def close_abandoned_runs(uri: str, experiment_name: str) -> list[str]:
     return closed
 
 
-def log_stored_evaluations(evaluations: Iterable[dict[str, Any]]) -> None:
-    """Log evaluations computed by an earlier, interrupted run (a resumed run skips their nodes),
-    so the resumed run carries the whole sequence's curves."""
-    for evaluation in evaluations:
-        log_metrics({k: evaluation[k] for k in FINAL_METRICS if k in evaluation}, step=evaluation["step"])
+# --- what a run logs ---------------------------------------------------------------------------
+
+CONTINUAL_GROUP, PRETRAINING_GROUP = "continual", "pretraining"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# Parameters that say how a run is tracked, not what it computes: not logged as run parameters.
+UNLOGGED_PARAMETERS = frozenset({"tracking"})
+
+
+def metric_name(name: str, group: str = CONTINUAL_GROUP) -> str:
+    """``continual/ut_acc``: the MLflow UI shows each group (before the slash) as a section."""
+    return f"{group}/{name}"
+
+
+def metric_history(values: dict[str, Any], group: str, step: int) -> dict[str, dict[str, float]]:
+    """Every finite number of ``values`` (whatever metrics it holds; ``step`` itself left out)
+    in kedro-mlflow's metric-history form, named ``<group>/<name>``, at ``step``."""
+    return {
+        metric_name(name, group): {"value": float(value), "step": int(step)}
+        for name, value in values.items()
+        if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        and math.isfinite(value)
+    }
+
+
+def parameters_to_log(inputs: dict[str, Any], method: str | None) -> dict[str, Any]:
+    """A node's inputs as the run's parameters should show them: without the tracking settings,
+    and without the distillation weight for a method that has none (ft)."""
+    from clip_continual.methods import METHODS, method_takes_alpha
+
+    logged = {}
+    for name, value in inputs.items():
+        if name.removeprefix("params:") in UNLOGGED_PARAMETERS:
+            continue
+        if name == "params:continual_learning" and method in METHODS and not method_takes_alpha(method):
+            value = {key: item for key, item in value.items() if key != "alpha"}
+        logged[name] = value
+    return logged
+
+
+def mark_experiment_kind(uri: str, experiment_name: str) -> None:
+    """Tag the experiment as model development, so MLflow 3's UI opens it on its runs (not on
+    an empty GenAI overview); also for an experiment created before the tag was configured."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is not None and EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 # --- which runs are results ------------------------------------------------------------------
@@ -246,8 +289,8 @@ def why_not_a_result(client: Any, run: Any) -> str | None:
         return f"{status} (interrupted or failed)"
     expected = _expected_steps(run.data.tags.get("benchmark"))
     if expected is None:
-        return None if "zs_acc" in run.data.metrics else "no zs_acc metric"
-    logged = {m.step for m in client.get_metric_history(run.info.run_id, "zs_acc")}
+        return None if metric_name("zs_acc") in run.data.metrics else f"no {metric_name('zs_acc')} metric"
+    logged = {m.step for m in client.get_metric_history(run.info.run_id, metric_name("zs_acc"))}
     missing = sorted(expected - logged)
     return f"incomplete sequence: no metrics for step(s) {missing}" if missing else None
 
@@ -290,7 +333,7 @@ def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) 
         latest[variant] = {
             "method": variant,
             "run_id": run.info.run_id,
-            **{name: run.data.metrics.get(name) for name in FINAL_METRICS},
+            **{name: run.data.metrics.get(metric_name(name)) for name in FINAL_METRICS},
         }
     if not latest:
         raise NoRunsToCompare(

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+import mlflow
 import pandas as pd
-from kedro.utils import find_kedro_project
 from matplotlib.figure import Figure
 
 from clip_continual import reporting
-from clip_continual.tracking import latest_finished_runs, probe_store, tracking_uri
+from clip_continual.tracking import latest_finished_runs, probe_store
 
 
-def compare_methods(tracking: dict[str, Any], params: dict[str, Any]) -> tuple[pd.DataFrame, Figure]:
-    # The same default store as the tracking hook's: the project's, also from a subfolder.
-    uri = tracking_uri(tracking.get("uri"), find_kedro_project(Path.cwd()) or Path.cwd())
+def compare_methods(params: dict[str, Any]) -> tuple[pd.DataFrame, Figure]:
+    # The store of conf/<env>/mlflow.yml, set up by kedro-mlflow when the session started.
+    uri = mlflow.get_tracking_uri()
     probe_store(uri)
     runs = latest_finished_runs(uri, params["experiment_name"], params.get("benchmark"))
     table = reporting.comparison_table(runs)

@@ -4,15 +4,15 @@ from clip_continual.pipelines.compare import nodes
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    # Tagged untracked: reading MLflow must not open a run of its own.
+    # Reading MLflow opens no run of its own: conf/base/mlflow.yml lists it as untracked.
     return Pipeline(
         [
             Node(
                 nodes.compare_methods,
-                inputs=["params:tracking", "params:compare"],
+                inputs="params:compare",
                 outputs=["method_comparison", "method_comparison_plot"],
                 name="compare_methods",
             )
         ],
-        tags=["compare", "untracked"],
+        tags="compare",
     )

@@ -12,7 +12,7 @@ from clip_continual.evaluation import evaluate_step
 from clip_continual.methods import METHODS, method_takes_alpha
 from clip_continual.models import ClipModel
 from clip_continual.replay import ReplayVocabulary
-from clip_continual.tracking import log_metrics
+from clip_continual.tracking import CONTINUAL_GROUP, log_metrics, metric_history
 from clip_continual.training import TrainingConfig, TrainingConfigError, fine_tune, plan_training
 
 logger = logging.getLogger(__name__)
@@ -104,8 +104,9 @@ def evaluate_model(
     task: str,
     phases: tuple[tuple[int, ...], ...],
     updated_task: str,
-) -> dict[str, Any]:
-    """Metrics after ``step`` (0 = the starting model), carrying the accuracy rows so far."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Metrics after ``step`` (0 = the starting model), carrying the accuracy rows so far, and
+    the same metrics for MLflow (``continual/<name>`` at ``step`` = task index)."""
     earlier = list(previous_evaluation["acc_rows"]) if previous_evaluation else []
     result = evaluate_step(
         model,
@@ -125,4 +126,4 @@ def evaluate_model(
     result["acc_rows"] = earlier + [result["acc_row"]]
     logger.info("step %d (%s): UT-Acc %.3f  ZS-Acc %.3f  BWT %+.3f", step, task, result["ut_acc"],
                 result["zs_acc"], result["bwt"])
-    return result
+    return result, metric_history(result, CONTINUAL_GROUP, step)

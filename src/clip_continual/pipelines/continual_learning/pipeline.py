@@ -38,7 +38,7 @@ def _evaluate_node(benchmark: Benchmark, step: int, task: str, with_previous: bo
         bind(nodes.evaluate_model, step=step, task=task, phases=benchmark.phases,
              updated_task=benchmark.updated_task),
         inputs=inputs,
-        outputs="evaluation",
+        outputs=["evaluation", "mlflow_metrics"],
         # Named per task: kedro viz shows a node's own name inside its namespace.
         name=f"evaluate_after_{task}" if step else "evaluate_starting_model",
         tags=["evaluation"],

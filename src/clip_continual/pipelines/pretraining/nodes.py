@@ -11,6 +11,7 @@ from clip_continual.data.common import ImageSet
 from clip_continual.evaluation import evaluate_retrieval, zero_shot_accuracy
 from clip_continual.models import ClipModel, ModelSpec, build_model, require_architecture
 from clip_continual.pretraining import PretrainingConfig, pretrain
+from clip_continual.tracking import PRETRAINING_GROUP, metric_history
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ def evaluate_pretrained(
     retrieval_set: ImageSet,
     prompts: dict[str, Any],
     evaluation_params: dict[str, Any],
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The starting model's metrics, and the same for MLflow (``pretraining/<name>``)."""
     batch_size, device = evaluation_params["batch_size"], evaluation_params.get("device", "auto")
     metrics = {
         "zs_acc": zero_shot_accuracy(model, zero_shot_set, list(prompts["shapes"]), batch_size, device),
@@ -82,4 +84,4 @@ def evaluate_pretrained(
     summary = model.metadata.get("pretraining") or {}
     if "train_seconds" in summary:
         metrics["train_seconds"] = summary["train_seconds"]
-    return metrics
+    return metrics, metric_history(metrics, PRETRAINING_GROUP, step=0)

@@ -17,7 +17,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 nodes.evaluate_pretrained,
                 inputs=["pretrained_model", "shapes_zero_shot", "shapes_retrieval", "params:prompts",
                         "params:evaluation"],
-                outputs="pretraining_metrics",
+                outputs=["pretraining_metrics", "pretraining_mlflow_metrics"],
                 name="evaluate_pretrained",
             ),
         ],
