@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from clip_continual.run_key import compute_run_key
 from clip_continual.tracking import (
-    DEFAULT_STORE_FILE, NoRunsToCompare, default_artifact_location, flatten_params, log_metrics,
-    tracking_uri,
+    DEFAULT_STORE_FILE, NoRunsToCompare, default_artifact_location, log_metrics, metric_history,
+    parameters_to_log, tracking_uri,
 )
 from project_helpers import (
     BENCHMARK, REPO_ROOT, TASKS, copy_project, mlflow_runs, run_folders,
@@ -22,10 +22,12 @@ from project_helpers import (
 
 STEP_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt",
                 "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+# At the top of the run's artifacts (where MLflow's compare view looks), named as the local files.
 REPORT_ARTIFACTS = {
-    "reports/continual_metrics.csv", "reports/accuracy_matrix.csv", "reports/continual_summary.json",
-    "reports/accuracy_matrix_plot.png", "reports/metric_curves_plot.png",
+    "continual_metrics.csv", "accuracy_matrix.csv", "continual_summary.json",
+    "accuracy_matrix.png", "metric_curves.png", "pretraining_metrics.json",
 }
+RUN_NAME = f"{BENCHMARK}/vr_lwf/alpha=1.0/seed=0"
 
 
 @pytest.fixture(scope="session")
@@ -47,19 +49,24 @@ def project(finished, tmp_path):
 
 # --- the run of a default `kedro run` -----------------------------------------------------------
 
-def test_one_finished_run_named_after_benchmark_and_method(finished, finished_run):
+def test_one_finished_run_named_after_what_it_ran(finished, finished_run):
     assert finished_run.info.status == "FINISHED"
-    assert finished_run.info.run_name == f"{BENCHMARK}-vr_lwf"
+    assert finished_run.info.run_name == RUN_NAME
     tags = finished_run.data.tags
     assert tags["benchmark"] == BENCHMARK and tags["method"] == "vr_lwf"
     (folder,) = run_folders(finished)
     assert tags["run_key"] == folder.name
+    assert tags["kedro_command"] == "kedro run --pipeline=__default__"  # set by kedro-mlflow
 
 
-def test_parameters_are_logged_flat(finished_run):
+def test_the_experiment_opens_on_its_runs(finished):
+    experiment = MlflowClient(tracking_uri=store_uri(finished)).get_experiment_by_name("clip-continual")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_parameters_are_logged_flat_by_kedro_mlflow(finished_run):
     params = finished_run.data.params
     assert params["method"] == "vr_lwf"
-    assert params["benchmark"] == BENCHMARK
     assert params["seed"] == "0"
     assert params["model.architecture"] == "clip-continual-micro"
     configured = yaml.safe_load((REPO_ROOT / "conf/base/parameters_continual_learning.yml").read_text())
@@ -70,10 +77,10 @@ def test_parameters_are_logged_flat(finished_run):
     assert not any(name.startswith("tracking.") for name in params)
 
 
-def test_step_metrics_have_one_point_per_step(finished, finished_run, client):
+def test_step_metrics_are_grouped_with_one_point_per_step(finished, finished_run, client):
     table = pd.read_csv(finished / "data" / "08_reporting" / "continual_metrics.csv")
     for name in STEP_METRICS:
-        history = client.get_metric_history(finished_run.info.run_id, name)
+        history = client.get_metric_history(finished_run.info.run_id, f"continual/{name}")
         assert sorted(point.step for point in history) == list(range(len(TASKS) + 1)), name
         logged = {point.step: point.value for point in history}
         for step, value in zip(table["step"], table[name]):
@@ -81,6 +88,8 @@ def test_step_metrics_have_one_point_per_step(finished, finished_run, client):
                 assert logged[step] == pytest.approx(value), (name, step)
     pretraining = client.get_metric_history(finished_run.info.run_id, "pretraining/zs_acc")
     assert [point.step for point in pretraining] == [0]
+    # Every metric sits in a group (a section of the run page): none is a bare `zs_acc`.
+    assert {name.split("/")[0] for name in finished_run.data.metrics} == {"continual", "pretraining", "train"}
 
 
 def test_training_losses_go_on_across_tasks(finished_run, client):
@@ -92,18 +101,28 @@ def test_training_losses_go_on_across_tasks(finished_run, client):
     assert all(math.isfinite(point.value) for point in history)
 
 
-def test_reports_are_run_artifacts(finished, finished_run, client, tmp_path):
+def test_reports_are_top_level_run_artifacts(finished, finished_run, client, tmp_path):
     run_id = finished_run.info.run_id
-    names = {artifact.path for artifact in client.list_artifacts(run_id, "reports")}
+    names = {artifact.path for artifact in client.list_artifacts(run_id)}
     assert names == REPORT_ARTIFACTS
     assert finished_run.info.artifact_uri.startswith((finished / "mlartifacts").as_uri())
-    local = Path(client.download_artifacts(run_id, "reports/continual_metrics.csv", str(tmp_path)))
-    pd.testing.assert_frame_equal(
-        pd.read_csv(local), pd.read_csv(finished / "data" / "08_reporting" / "continual_metrics.csv")
-    )
-    for plot in ("accuracy_matrix_plot.png", "metric_curves_plot.png"):
-        png = Path(client.download_artifacts(run_id, f"reports/{plot}", str(tmp_path)))
-        assert png.read_bytes().startswith(b"\x89PNG")
+    reporting = finished / "data" / "08_reporting"
+    for name in REPORT_ARTIFACTS:  # the very files of data/08_reporting
+        local = Path(client.download_artifacts(run_id, name, str(tmp_path)))
+        assert local.read_bytes() == (reporting / name).read_bytes(), name
+
+
+def test_mlflow_tracking_uri_overrides_the_project_store(finished, tmp_path, monkeypatch):
+    project = copy_project(finished, tmp_path / "project", own_store=False)
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    report = project / "data" / "08_reporting" / "continual_metrics.csv"
+    report.unlink()
+    run_pipeline(project, ["evaluation"])
+    assert report.is_file()
+    (run,) = mlflow_runs(elsewhere)
+    assert run.info.run_name == "evaluation/seed=0"  # no training: named after its pipelines
+    assert mlflow_runs(store_uri(project)) == []
 
 
 # --- runs that track nothing, or fail -----------------------------------------------------------
@@ -122,7 +141,7 @@ def test_a_failing_run_is_marked_failed(project):
         run_pipeline(project, [BENCHMARK])
     (run,) = mlflow_runs(store_uri(project))
     assert run.info.status == "FAILED"
-    assert run.info.run_name == f"{BENCHMARK}-vr_lwf"
+    assert run.info.run_name == RUN_NAME
 
 
 # --- comparing methods ------------------------------------------------------------------------
@@ -138,7 +157,9 @@ def test_compare_tables_the_latest_run_of_each_method(compared):
     # found them; compare itself opened no run.
     runs = mlflow_runs(store_uri(compared.path))
     assert len(runs) == compared.runs_before_compare == 2
-    assert {run.info.run_name for run in runs} == {f"{BENCHMARK}-ft", f"{BENCHMARK}-vr_lwf"}
+    assert {run.info.run_name for run in runs} == {f"{BENCHMARK}/ft/seed=0", RUN_NAME}
+    ft_run = next(run for run in runs if run.data.tags["method"] == "ft")
+    assert "continual_learning.alpha" not in ft_run.data.params  # ft has no distillation weight
     assert all(run.info.status == "FINISHED" for run in runs)
     assert (compared.path / DEFAULT_STORE_FILE).is_file()
     assert not (compared.path / "notebooks" / DEFAULT_STORE_FILE).exists()
@@ -152,10 +173,22 @@ def test_compare_without_runs_says_what_to_run(project):
 
 # --- units ------------------------------------------------------------------------------------
 
-def test_flatten_params_joins_nested_keys_with_dots():
-    flat = flatten_params({"a": {"b": {"c": 1}, "d": [1, 2]}, "e": None, "f": "x" * 7000})
-    assert flat == {"a.b.c": "1", "a.d": "[1, 2]", "e": "None", "f": "x" * 6000}
-    assert flatten_params({}) == {}
+def test_metric_history_groups_every_finite_number_at_its_step():
+    values = {"step": 3, "ut_acc": 0.5, "learning_acc": 1, "bwt": float("nan"), "task": "task_3",
+              "flag": True, "acc_row": [0.1]}
+    assert metric_history(values, "continual", 3) == {
+        "continual/ut_acc": {"value": 0.5, "step": 3}, "continual/learning_acc": {"value": 1.0, "step": 3},
+    }
+
+
+def test_parameters_to_log_leave_out_tracking_and_unused_alpha():
+    inputs = {"params:continual_learning": {"alpha": 1.0, "teacher": "auto"}, "params:tracking": {"log_every": 1},
+              "params:method": "ft", "model": object()}
+    logged = parameters_to_log(inputs, "ft")
+    assert logged["params:continual_learning"] == {"teacher": "auto"}
+    assert "params:tracking" not in logged and logged["params:method"] == "ft"
+    assert parameters_to_log(inputs, "vr_lwf")["params:continual_learning"]["alpha"] == 1.0
+    assert inputs["params:continual_learning"]["alpha"] == 1.0  # the node's own inputs untouched
 
 
 def test_tracking_uri_prefers_config_then_environment_then_project(monkeypatch, tmp_path):
@@ -185,7 +218,7 @@ BASE_PARAMS = {
     "continual_learning": {"alpha": None, "training": {"lr": 1e-4, "progress": True, "device": "auto",
                                                          "log_every": 10}},
     "evaluation": {"batch_size": 256, "device": "auto"},
-    "tracking": {"enabled": True, "uri": None},
+    "tracking": {"enabled": True, "log_every": 1},
 }
 
 
@@ -218,7 +251,7 @@ def test_run_key_ignores_how_a_run_is_shown_or_tracked():
                  _with(continual_learning__training__device="cpu"),
                  _with(continual_learning__training__log_every=1),
                  _with(evaluation__device="cuda"),
-                 _with(tracking__enabled=False), _with(tracking__uri="http://server:5000")):
+                 _with(tracking__enabled=False), _with(tracking__log_every=5)):
         assert compute_run_key(same) == key
 
 

@@ -40,18 +40,6 @@ def default_artifact_location(uri: str) -> str | None:
     return None
 
 
-def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested parameters -> ``{"a.b.c": "value"}`` (MLflow parameters are flat strings)."""
-    flat: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_params(value, f"{name}."))
-        else:
-            flat[name] = str(value)[:6000]
-    return flat
-
-
 def log_metrics(metrics: dict[str, float], step: int) -> None:
     """Log finite numeric metrics to the active MLflow run, if there is one."""
     import mlflow
