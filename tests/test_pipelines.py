@@ -81,7 +81,13 @@ def test_default_pipeline_writes_one_checkpoint_per_task(finished):
     model = _load_checkpoint(folder / "task_5.pt")
     assert model.metadata["method"] == "vr_lwf" and model.metadata["task_index"] == 5
     assert model.metadata["classes"] == [8, 9]
-    assert (finished / "data" / "06_models" / "pretrained_model.pt").is_file()
+    assert _pretrained_checkpoint(finished).is_file()
+
+
+def _pretrained_checkpoint(project):
+    """The start model's checkpoint, in its source-key folder."""
+    (checkpoint,) = (project / "data" / "06_models" / "pretrained").glob("*/model.pt")
+    return checkpoint
 
 
 def test_catalog_resolves_run_artifacts_into_the_run_key_folder(finished):
@@ -101,12 +107,27 @@ def test_catalog_resolves_run_artifacts_into_the_run_key_folder(finished):
     assert catalog.load("continual_metrics")["step"].tolist() == [0, 1, 2, 3, 4, 5]
 
 
+def test_run_key_paths_resolve_without_hooks_as_in_kedro_viz(finished, monkeypatch):
+    """`kedro viz run` builds the catalog without running hooks: the keys come from the
+    project's configured parameters, so its paths and previews are the run's real files."""
+    from clip_continual import run_key
+
+    monkeypatch.setattr(run_key, "_current", None)
+    monkeypatch.setattr(run_key, "_current_source", None)
+    monkeypatch.chdir(finished / "data")  # a subfolder of the project, too
+    (folder,) = run_folders(finished)
+    assert run_key.current_run_key() == folder.name
+    assert _pretrained_checkpoint(finished).parent.name == run_key.current_source_key()
+    monkeypatch.chdir(finished.parent)  # outside any project: the placeholder key
+    assert run_key.current_run_key() == run_key.DEFAULT_RUN_KEY
+
+
 # --- reuse, resume and separate runs ------------------------------------------------------------
 
 def test_second_run_reuses_the_pretrained_checkpoint(project, monkeypatch):
     from clip_continual.pipelines.pretraining import nodes as pretraining_nodes
 
-    checkpoint = project / "data" / "06_models" / "pretrained_model.pt"
+    checkpoint = _pretrained_checkpoint(project)
     before = _load_checkpoint(checkpoint)
     calls = []
     real_pretrain = pretraining_nodes.pretrain
@@ -148,12 +169,14 @@ def test_only_missing_outputs_resumes_an_interrupted_sequence(project):
         assert (models / f"{task}.pt").is_file() and (outputs / f"{task}_evaluation.json").is_file()
     table = pd.read_csv(outputs / "continual_metrics.csv")
     assert table["step"].tolist() == [0, 1, 2, 3, 4, 5]
-    # The resumed run evaluated steps 4 and 5 only.
+    # The resumed run evaluated steps 4 and 5 only (the earlier evaluation files are untouched),
+    # and its MLflow run still holds the whole sequence, from the stored evaluations.
     from mlflow.tracking import MlflowClient
 
     (run,) = mlflow_runs(store_uri(project))
-    history = MlflowClient(tracking_uri=store_uri(project)).get_metric_history(run.info.run_id, "ut_acc")
-    assert sorted(point.step for point in history) == [4, 5]
+    history = MlflowClient(tracking_uri=store_uri(project)).get_metric_history(run.info.run_id, "continual/ut_acc")
+    assert sorted(point.step for point in history) == [0, 1, 2, 3, 4, 5]
+    assert run.info.status == "FINISHED"
 
 
 def test_a_second_method_neither_collides_nor_resumes_the_first(compared):
@@ -259,7 +282,7 @@ def test_a_benchmark_defined_in_code_is_a_pipeline_of_its_own(project, monkeypat
     assert list(matrix.columns) == ["after", "task_1", "task_2"]
     assert matrix["after"].tolist() == ["pretrained", "task_1", "task_2"]
     (run,) = mlflow_runs(store_uri(project))
-    assert run.info.run_name == "digits_two-vr_lwf"
+    assert run.info.run_name == "digits_two/vr_lwf/alpha=1.0/seed=0"
 
 
 # --- clear errors -----------------------------------------------------------------------------

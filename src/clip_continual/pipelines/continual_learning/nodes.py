@@ -104,9 +104,8 @@ def evaluate_model(
     task: str,
     phases: tuple[tuple[int, ...], ...],
     updated_task: str,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Metrics after ``step`` (0 = the starting model), carrying the accuracy rows so far, and
-    the same metrics for MLflow (``continual/<name>`` at ``step`` = task index)."""
+) -> dict[str, Any]:
+    """Metrics after ``step`` (0 = the starting model), carrying the accuracy rows so far."""
     earlier = list(previous_evaluation["acc_rows"]) if previous_evaluation else []
     result = evaluate_step(
         model,
@@ -126,4 +125,11 @@ def evaluate_model(
     result["acc_rows"] = earlier + [result["acc_row"]]
     logger.info("step %d (%s): UT-Acc %.3f  ZS-Acc %.3f  BWT %+.3f", step, task, result["ut_acc"],
                 result["zs_acc"], result["bwt"])
-    return result, metric_history(result, CONTINUAL_GROUP, step)
+    return result
+
+
+def step_metrics_for_mlflow(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """A step's metrics as MLflow metrics ``continual/<name>`` at ``step`` = task index. A node of
+    its own: a resumed run (``--only-missing-outputs``) logs the finished tasks' stored
+    evaluations again without evaluating their models again, so it holds the whole sequence."""
+    return metric_history(evaluation, CONTINUAL_GROUP, evaluation["step"])

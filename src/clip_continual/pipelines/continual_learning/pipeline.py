@@ -38,11 +38,23 @@ def _evaluate_node(benchmark: Benchmark, step: int, task: str, with_previous: bo
         bind(nodes.evaluate_model, step=step, task=task, phases=benchmark.phases,
              updated_task=benchmark.updated_task),
         inputs=inputs,
-        outputs=["evaluation", "mlflow_metrics"],
+        outputs="evaluation",
         # Named per task: kedro viz shows a node's own name inside its namespace.
         name=f"evaluate_after_{task}" if step else "evaluate_starting_model",
         tags=["evaluation"],
     )
+
+
+def _evaluation_steps(benchmark: Benchmark, step: int, task: str, with_previous: bool) -> Pipeline:
+    """Evaluate the model after ``step``, then hand its metrics to MLflow."""
+    track = Node(
+        nodes.step_metrics_for_mlflow,
+        inputs="evaluation",
+        outputs="mlflow_metrics",
+        name=f"track_after_{task}" if step else "track_starting_model",
+        tags=["tracking"],
+    )
+    return Pipeline([_evaluate_node(benchmark, step, task, with_previous), track])
 
 
 def _task_pipeline(benchmark: Benchmark, index: int, task: str, previous: str | None) -> Pipeline:
@@ -78,7 +90,7 @@ def _task_pipeline(benchmark: Benchmark, index: int, task: str, previous: str | 
         "pretrained_model": "pretrained_model",
     }
     return _namespaced(
-        Pipeline([fine_tune, _evaluate_node(benchmark, index, task, with_previous=True)]),
+        Pipeline([fine_tune, _evaluation_steps(benchmark, index, task, with_previous=True)]),
         f"{benchmark.name}.{task}",
         shared,
     )
@@ -87,7 +99,7 @@ def _task_pipeline(benchmark: Benchmark, index: int, task: str, previous: str | 
 def create_pipeline(benchmark: Benchmark | None = None, **kwargs) -> Pipeline:
     benchmark = benchmark or BENCHMARKS[DEFAULT_BENCHMARK]
     start = _namespaced(
-        Pipeline([_evaluate_node(benchmark, 0, "pretrained", with_previous=False)]),
+        _evaluation_steps(benchmark, 0, "pretrained", with_previous=False),
         f"{benchmark.name}.pretrained",
         {"model": "pretrained_model", "updated_test": f"{benchmark.updated_task}_test",
          "shapes_zero_shot": "shapes_zero_shot", "shapes_retrieval": "shapes_retrieval"},

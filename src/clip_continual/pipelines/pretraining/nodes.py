@@ -73,8 +73,7 @@ def evaluate_pretrained(
     retrieval_set: ImageSet,
     prompts: dict[str, Any],
     evaluation_params: dict[str, Any],
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """The starting model's metrics, and the same for MLflow (``pretraining/<name>``)."""
+) -> dict[str, float]:
     batch_size, device = evaluation_params["batch_size"], evaluation_params.get("device", "auto")
     metrics = {
         "zs_acc": zero_shot_accuracy(model, zero_shot_set, list(prompts["shapes"]), batch_size, device),
@@ -84,4 +83,10 @@ def evaluate_pretrained(
     summary = model.metadata.get("pretraining") or {}
     if "train_seconds" in summary:
         metrics["train_seconds"] = summary["train_seconds"]
-    return metrics, metric_history(metrics, PRETRAINING_GROUP, step=0)
+    return metrics
+
+
+def pretraining_metrics_for_mlflow(metrics: dict[str, float]) -> dict[str, Any]:
+    """The pretrained model's metrics as MLflow metrics ``pretraining/<name>`` at step 0 (a node
+    of its own, as the continual steps': a resumed run logs them without evaluating again)."""
+    return metric_history(metrics, PRETRAINING_GROUP, step=0)
