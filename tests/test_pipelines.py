@@ -122,6 +122,40 @@ def test_run_key_paths_resolve_without_hooks_as_in_kedro_viz(finished, monkeypat
     assert run_key.current_run_key() == run_key.DEFAULT_RUN_KEY
 
 
+LAYERS = ("primary", "model_input", "models", "reporting")
+
+
+def test_every_stored_dataset_has_a_layer_and_layers_flow_one_way(finished):
+    """kedro viz draws the layers in order only when no node (nor namespace, its nodes together)
+    reads a later layer than it writes."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+    from kedro.io import MemoryDataset
+
+    from clip_continual.pipeline_registry import register_pipelines
+
+    bootstrap_project(finished)
+    with KedroSession.create(project_path=finished) as session:
+        catalog = session.load_context().catalog
+    pipeline = register_pipelines()["__default__"]
+
+    def rank(name):
+        dataset = catalog.get(name)
+        if name.startswith("params:") or isinstance(dataset, MemoryDataset):
+            return None
+        layer = (dataset.metadata or {}).get("kedro-viz", {}).get("layer")
+        assert layer in LAYERS, name
+        return LAYERS.index(layer)
+
+    parts = [pipeline.only_nodes(node.name) for node in pipeline.nodes]
+    parts += [pipeline.only_nodes_with_namespaces([space]) for space in {n.namespace for n in pipeline.nodes if n.namespace}]
+    for part in parts:
+        read = [r for r in map(rank, part.inputs()) if r is not None]
+        written = [r for r in map(rank, part.all_outputs()) if r is not None]
+        if read and written:
+            assert max(read) <= min(written), part.describe()
+
+
 # --- reuse, resume and separate runs ------------------------------------------------------------
 
 def test_second_run_reuses_the_pretrained_checkpoint(project, monkeypatch):
@@ -300,7 +334,7 @@ def test_unknown_method_fails_at_once_naming_the_known_methods(project):
 
 
 def test_invalid_training_parameter_fails_with_a_clear_message(project):
-    with pytest.raises(ValueError, match="lr must be a positive number, got -1"):
+    with pytest.raises(ValueError, match="lr must be a positive, finite number, got -1"):
         run_pipeline(project, [BENCHMARK], params={"continual_learning": {"training": {"lr": -1}}})
 
 
