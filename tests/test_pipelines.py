@@ -273,6 +273,7 @@ def test_every_default_node_shows_its_source_and_own_name_in_kedro_viz():
         source = inspect.getsource(_extract_wrapped_func(node.func))
         assert source.lstrip().startswith("def "), node.name
         assert "bound(" not in source, node.name
+        assert inspect.getfile(node.func) == inspect.getfile(_extract_wrapped_func(node.func)), node.name
     own_names = [node.name.rsplit(".", 1)[-1] for node in nodes]
     assert len(set(own_names)) == len(own_names)
 

@@ -57,6 +57,7 @@ def test_one_finished_run_named_after_what_it_ran(finished, finished_run):
     (folder,) = run_folders(finished)
     assert tags["run_key"] == folder.name
     assert tags["kedro_command"] == "kedro run --pipeline=__default__"  # set by kedro-mlflow
+    assert "run_id" not in tags and tags["kedro_session_id"]  # not confused with MLflow's run ID
 
 
 def test_the_experiment_opens_on_its_runs(finished):

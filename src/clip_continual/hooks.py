@@ -156,6 +156,7 @@ class MlflowTrackingHook(MlflowHook):
         import mlflow
 
         self._signals = tracking.guard_interruptions()
+        tracking.rename_session_tag(self.run_id)
         mlflow.set_tags({
             "benchmark": _benchmark_of(run_params.get("pipeline_names")),
             "method": self._params.get("method", "unknown"),

@@ -241,6 +241,18 @@ def parameters_to_log(inputs: dict[str, Any], method: str | None) -> dict[str, A
     return logged
 
 
+def rename_session_tag(run_id: str) -> None:
+    """kedro-mlflow tags a run with Kedro's session id as ``run_id``, which the run page shows
+    beside MLflow's own Run ID: call it ``kedro_session_id``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    session = client.get_run(run_id).data.tags.get("run_id")
+    if session is not None:
+        client.set_tag(run_id, "kedro_session_id", session)
+        client.delete_tag(run_id, "run_id")
+
+
 def mark_experiment_kind(uri: str, experiment_name: str) -> None:
     """Tag the experiment as model development, so MLflow 3's UI opens it on its runs (not on
     an empty GenAI overview); also for an experiment created before the tag was configured."""
