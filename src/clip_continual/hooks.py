@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,10 @@ def _base_parameters(context) -> dict[str, Any]:
     """The parameters of conf/base alone: every known key with its default (the schema)."""
     loader = context.config_loader
     base = loader.base_env or "base"
-    return dict(type(loader)(conf_source=str(loader.conf_source), base_env=base, default_run_env=base,
-                             merge_strategy={"parameters": "soft"})["parameters"])
+    with warnings.catch_warnings():  # OmegaConf's deprecation notices, already shown once
+        warnings.simplefilter("ignore", UserWarning)
+        return dict(type(loader)(conf_source=str(loader.conf_source), base_env=base,
+                                 default_run_env=base, merge_strategy={"parameters": "soft"})["parameters"])
 
 
 def _output_files(pipeline, catalog, project_path: Path) -> list[Path]:

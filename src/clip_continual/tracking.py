@@ -239,6 +239,8 @@ def why_not_a_result(client: Any, run: Any) -> str | None:
     """None when ``run`` FINISHED with every step's metrics (0 = the start model .. T), else why not."""
     status = run.info.status
     if status != "FINISHED":
+        if status == "RUNNING" and _process_gone(run.data.tags):
+            return "left RUNNING by a process that was killed"
         if status == "RUNNING":
             beat = run.data.tags.get(HEARTBEAT_TAG)
             since = f", last sign of life {time.time() - float(beat):.0f} s ago" if beat else ""
