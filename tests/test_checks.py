@@ -141,3 +141,11 @@ def test_an_unwritable_output_is_refused_before_the_run(project):
     with pytest.raises(OutputError, match="08_reporting' is a file where a folder is needed"):
         run_pipeline(project, ["digits_mst"])
     assert _data_files(project) == before
+
+
+def test_divergence_advice_fits_the_precision():
+    from clip_continual.training import _diverged
+
+    on_cpu = _diverged({"loss": float("nan")}, step=3, task_index=1, precision="fp32")
+    assert "lower continual_learning.training.lr" in on_cpu and "precision" not in on_cpu
+    assert "precision=fp32" in _diverged({"loss": float("nan")}, step=3, task_index=1, precision="bf16")

@@ -128,3 +128,16 @@ def test_a_failure_ends_with_a_one_line_summary(finished, tmp_path, monkeypatch)
     assert "Traceback" not in result.output and "--traceback" in result.output
     verbose = CliRunner().invoke(cli, ["run", "--traceback", "--params", "metod=ft"])
     assert "Traceback (most recent call last)" in verbose.output
+
+
+def test_sigterm_unwinds_like_ctrl_c():
+    import signal
+
+    previous = tracking.guard_interruptions()
+    try:
+        with pytest.raises(tracking.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+    finally:
+        tracking.restore_signals(previous)
+    assert signal.getsignal(signal.SIGTERM) is previous

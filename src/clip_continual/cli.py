@@ -63,4 +63,11 @@ def run(ctx: click.Context, show_traceback: bool, **kwargs) -> None:
         elif not isinstance(error, KeyboardInterrupt):
             click.echo(f"(full traceback: `kedro run --traceback ...` or {TRACEBACK_ENV}=1)", err=True)
         click.secho(f"Error: {error_summary(error)}", fg="red", err=True)
-        ctx.exit(130 if isinstance(error, KeyboardInterrupt) else 1)
+        ctx.exit(_exit_code(error))
+
+
+def _exit_code(error: BaseException) -> int:
+    """The shell's conventions: 128 + the signal's number, 1 for an error."""
+    if isinstance(error, tracking.Terminated):
+        return 143
+    return 130 if isinstance(error, KeyboardInterrupt) else 1

@@ -83,7 +83,10 @@ class SettingsCheckHook:
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         check_parameters(self._params, self._defaults)
-        if any("pretraining" in node.tags for node in pipeline.nodes):
+        # A start model already on disk for this source is reused without its weights (so an
+        # open_clip tag needs no network then).
+        builds_start_model = any("pretraining" in node.tags for node in pipeline.nodes)
+        if builds_start_model and not catalog.exists("pretrained_model_cache"):
             model = self._params["model"]
             check_model_source(ModelSpec(model["architecture"], model.get("pretrained"), model.get("cache_dir")))
         check_writable(_output_files(pipeline, catalog, self._project_path))
