@@ -91,9 +91,10 @@ def _probe_server(uri: str, timeout: float) -> None:
     try:
         socket.create_connection((parsed.hostname, port), timeout=timeout).close()
     except OSError as error:
-        reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or str(error))
+        reason = f"no answer within {timeout:.0f} s" if isinstance(error, TimeoutError) else (
+            (error.strerror or str(error)).lower())
         raise TrackingStoreError(
-            f"the MLflow tracking store {uri} cannot be reached ({reason} within {timeout:.0f} s); "
+            f"the MLflow tracking store {uri} cannot be reached ({reason}); "
             f"{TRACKING_OFF_HINT}"
         ) from error
 
