@@ -81,7 +81,8 @@ def test_default_pipeline_writes_one_checkpoint_per_task(finished):
     model = _load_checkpoint(folder / "task_5.pt")
     assert model.metadata["method"] == "vr_lwf" and model.metadata["task_index"] == 5
     assert model.metadata["classes"] == [8, 9]
-    assert _pretrained_checkpoint(finished).is_file()
+    start = _pretrained_checkpoint(finished).parent
+    assert start.name.startswith("clip-continual-micro-")
 
 
 def _pretrained_checkpoint(project):
@@ -162,7 +163,7 @@ def test_second_run_reuses_the_pretrained_checkpoint(project, monkeypatch):
     from clip_continual.pipelines.pretraining import nodes as pretraining_nodes
 
     checkpoint = _pretrained_checkpoint(project)
-    before = _load_checkpoint(checkpoint)
+    before, written = _load_checkpoint(checkpoint), file_state(checkpoint)
     calls = []
     real_pretrain = pretraining_nodes.pretrain
 
@@ -173,13 +174,16 @@ def test_second_run_reuses_the_pretrained_checkpoint(project, monkeypatch):
     monkeypatch.setattr(pretraining_nodes, "pretrain", counting_pretrain)
     run_pipeline(project, ["data_preparation", "pretraining"])
     assert calls == [], "the same settings must reuse the pretrained checkpoint"
+    assert file_state(checkpoint) == written, "an unchanged checkpoint is not written again"
     after = _load_checkpoint(checkpoint)
     assert _state_dict_equal(before, after)
     assert after.metadata["source"] == before.metadata["source"]
 
-    # Other pretraining settings do pretrain again.
+    # Other pretraining settings do pretrain again, into a folder of their own.
     run_pipeline(project, ["pretraining"], params={"pretraining": {"steps": 4}})
     assert calls == [1]
+    assert len(list((project / "data" / "06_models" / "pretrained").glob("*/model.pt"))) == 2
+    assert file_state(checkpoint) == written
 
 
 def test_only_missing_outputs_resumes_an_interrupted_sequence(project):

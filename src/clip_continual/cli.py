@@ -60,7 +60,14 @@ def run(ctx: click.Context, show_traceback: bool, **kwargs) -> None:
             raise
         if show_traceback or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             click.echo(traceback.format_exc(), err=True)
-        else:
+        elif not isinstance(error, KeyboardInterrupt):
             click.echo(f"(full traceback: `kedro run --traceback ...` or {TRACEBACK_ENV}=1)", err=True)
         click.secho(f"Error: {error_summary(error)}", fg="red", err=True)
-        ctx.exit(130 if isinstance(error, KeyboardInterrupt) else 1)
+        ctx.exit(_exit_code(error))
+
+
+def _exit_code(error: BaseException) -> int:
+    """The shell's conventions: 128 + the signal's number, 1 for an error."""
+    if isinstance(error, tracking.Terminated):
+        return 143
+    return 130 if isinstance(error, KeyboardInterrupt) else 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,10 @@ def _base_parameters(context) -> dict[str, Any]:
     """The parameters of conf/base alone: every known key with its default (the schema)."""
     loader = context.config_loader
     base = loader.base_env or "base"
-    return dict(type(loader)(conf_source=str(loader.conf_source), base_env=base, default_run_env=base,
-                             merge_strategy={"parameters": "soft"})["parameters"])
+    with warnings.catch_warnings():  # OmegaConf's deprecation notices, already shown once
+        warnings.simplefilter("ignore", UserWarning)
+        return dict(type(loader)(conf_source=str(loader.conf_source), base_env=base,
+                                 default_run_env=base, merge_strategy={"parameters": "soft"})["parameters"])
 
 
 def _output_files(pipeline, catalog, project_path: Path) -> list[Path]:
@@ -83,7 +86,10 @@ class SettingsCheckHook:
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         check_parameters(self._params, self._defaults)
-        if any("pretraining" in node.tags for node in pipeline.nodes):
+        # A start model already on disk for this source is reused without its weights (so an
+        # open_clip tag needs no network then).
+        builds_start_model = any("pretraining" in node.tags for node in pipeline.nodes)
+        if builds_start_model and not catalog.exists("pretrained_model_cache"):
             model = self._params["model"]
             check_model_source(ModelSpec(model["architecture"], model.get("pretrained"), model.get("cache_dir")))
         check_writable(_output_files(pipeline, catalog, self._project_path))

@@ -221,7 +221,7 @@ def resolve_pretrained(spec: ModelSpec) -> str | None:
         return str(path)
     if path.suffix in WEIGHT_FILE_SUFFIXES or os.sep in source:
         raise PretrainedWeightsUnavailable(
-            f"pretrained weights file '{source}' does not exist. Point `pretrained` at an existing "
+            f"pretrained weights file '{source}' does not exist. Point `model.pretrained` at an existing "
             f"weights file, an open_clip tag, or null for random initialisation."
         )
     cfg = open_clip.get_pretrained_cfg(spec.architecture, source)
@@ -241,7 +241,7 @@ def resolve_pretrained(spec: ModelSpec) -> str | None:
         raise PretrainedWeightsUnavailable(
             f"cannot download the '{source}' weights of {spec.architecture}: {host} is not "
             f"reachable (offline?). Download the weights file on a machine with internet access "
-            f"and set `pretrained` to its local path (e.g. --params "
+            f"and set `model.pretrained` to its local path (e.g. --params "
             f"\"model.pretrained=/path/to/{spec.architecture}-{source}.bin\")."
         )
     return source

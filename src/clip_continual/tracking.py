@@ -79,9 +79,10 @@ def _probe_server(uri: str, timeout: float) -> None:
     try:
         socket.create_connection((parsed.hostname, port), timeout=timeout).close()
     except OSError as error:
-        reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or str(error))
+        reason = f"no answer within {timeout:.0f} s" if isinstance(error, TimeoutError) else (
+            (error.strerror or str(error)).lower())
         raise TrackingStoreError(
-            f"the MLflow tracking store {uri} cannot be reached ({reason} within {timeout:.0f} s); "
+            f"the MLflow tracking store {uri} cannot be reached ({reason}); "
             f"{TRACKING_OFF_HINT}"
         ) from error
 
@@ -282,6 +283,8 @@ def why_not_a_result(client: Any, run: Any) -> str | None:
     """None when ``run`` FINISHED with every step's metrics (0 = the start model .. T), else why not."""
     status = run.info.status
     if status != "FINISHED":
+        if status == "RUNNING" and _process_gone(run.data.tags):
+            return "left RUNNING by a process that was killed"
         if status == "RUNNING":
             beat = run.data.tags.get(HEARTBEAT_TAG)
             since = f", last sign of life {time.time() - float(beat):.0f} s ago" if beat else ""
