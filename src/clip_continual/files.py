@@ -82,6 +82,12 @@ def _is_disk_full(error: BaseException | None) -> bool:
     return False
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], size_hint: int = 0) -> None:
     """Write ``path`` through ``write(handle)`` atomically. ``size_hint`` (bytes, about what
     will be written) is checked against the free space first, so a full disk fails before
@@ -93,6 +99,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], siz
         raise DiskFullError(_space_message(path, size_hint))
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; a plain file is not
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
