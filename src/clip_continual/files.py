@@ -21,6 +21,7 @@ from typing import BinaryIO, Callable, Iterable
 logger = logging.getLogger(__name__)
 
 MB = 1024 * 1024
+FORMAT_OVERHEAD = 64 * 1024  # zip headers and metadata beyond the arrays' own bytes
 # .<target name>.<pid>-<mkstemp's 8 random characters>.tmp (older files: no pid)
 _TEMPORARY = re.compile(r"^\..+\.(?:(\d+)-)?[a-z0-9_]{8}\.tmp$")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -60,11 +61,15 @@ def remove_stale_temporaries(folder: Path) -> None:
         logger.info("Removed %s (%.0f MB), left by an interrupted save.", candidate, size / MB)
 
 
+def _megabytes(size: int) -> str:
+    return f"{size / MB:.2f} MB" if size < 100 * MB else f"{size / MB:.0f} MB"
+
+
 def _space_message(path: Path, needed: int) -> str:
     free = shutil.disk_usage(path.parent).free
     return (
-        f"no space left on device for '{path}': writing it needs about {needed / MB:.0f} MB, "
-        f"the disk has {free / MB:.0f} MB free. Free some space (or put data/ on a larger disk) "
+        f"no space left on device for '{path}': writing it needs about {_megabytes(needed)}, "
+        f"the disk has {_megabytes(free)} free. Free some space (or put data/ on a larger disk) "
         f"and rerun; nothing was overwritten."
     )
 
@@ -82,17 +87,25 @@ def _is_disk_full(error: BaseException | None) -> bool:
     return False
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], size_hint: int = 0) -> None:
-    """Write ``path`` through ``write(handle)`` atomically. ``size_hint`` (bytes, about what
-    will be written) is checked against the free space first, so a full disk fails before
-    anything is touched."""
+    """Write ``path`` through ``write(handle)`` atomically. ``size_hint`` (the bytes of the
+    arrays to write) is checked against the free space first, so a full disk mostly fails
+    before anything is touched; a disk that fills during the write fails the same way."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
+    size_hint += FORMAT_OVERHEAD if size_hint else 0
     if size_hint and shutil.disk_usage(path.parent).free < size_hint:
         raise DiskFullError(_space_message(path, size_hint))
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; a plain file is not
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

@@ -289,7 +289,7 @@ def why_not_a_result(client: Any, run: Any) -> str | None:
             beat = run.data.tags.get(HEARTBEAT_TAG)
             since = f", last sign of life {time.time() - float(beat):.0f} s ago" if beat else ""
             return f"still RUNNING (or killed without a trace{since})"
-        return f"{status} (interrupted or failed)"
+        return {"KILLED": "KILLED (interrupted)", "FAILED": "FAILED (stopped by an error)"}.get(status, status)
     expected = _expected_steps(run.data.tags.get("benchmark"))
     if expected is None:
         return None if metric_name("zs_acc") in run.data.metrics else f"no {metric_name('zs_acc')} metric"
