@@ -59,8 +59,8 @@ FINAL_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt", "i2t_r1", "i2t_r5", "i2t_r1
                  "t2i_r1", "t2i_r5", "t2i_r10")
 PROBE_TIMEOUT_S = 5.0
 HOST_TAG, PID_TAG, HEARTBEAT_TAG = "clip_continual.host", "clip_continual.pid", "clip_continual.heartbeat"
-TRACKING_OFF_HINT = ("point tracking.uri (or MLFLOW_TRACKING_URI) at a reachable store, or run "
-                     "without tracking: --params tracking.enabled=false")
+TRACKING_OFF_HINT = ("point MLFLOW_TRACKING_URI (or server.mlflow_tracking_uri in conf/<env>/mlflow.yml) "
+                     "at a reachable store, or run without tracking: --params tracking.enabled=false")
 
 
 class TrackingStoreError(RuntimeError):
