@@ -386,8 +386,10 @@ def fine_tune(
     task_seed = config.seed + task_index
     torch.manual_seed(task_seed)
 
+    wall_started = time.perf_counter()
     student = start.clone()
     student.model.to(device)
+    method.prepare_student(student.model, config.parts)
     trainable = set_trainable_parts(student.model, config.parts)
     student.model.train()
     teacher_clip = _prepare_teacher(method, start, teacher, config, device)
@@ -491,6 +493,7 @@ def fine_tune(
         "median_step_time_s": statistics.median(step_times),
         "train_time_s": float(sum(step_times)),
         "setup_time_s": setup_time,
+        "wall_time_s": time.perf_counter() - wall_started,
         "final_losses": {name: values[-1] for name, values in history.items()},
         "mean_losses": {name: float(np.mean(values)) for name, values in history.items()},
         "final_lr": learning_rate_at(plan.total_steps - 1, config.lr, config.schedule,

@@ -12,6 +12,8 @@ from clip_continual.methods.base import (
 )
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.lwf import LearningWithoutForgetting
+from clip_continual.methods.moe_adapters import MoEAdapters
+from clip_continual.methods.rkr import RectifiedKnowledgeRetention
 from clip_continual.methods.vr_lwf import VocabularyReplayLwF, reference_vr_lwf_terms
 from clip_continual.methods.vr_lwf_zscl import ZsclVocabularyReplay
 
@@ -20,6 +22,8 @@ METHODS: dict[str, type[ContinualMethod]] = {
     LearningWithoutForgetting.name: LearningWithoutForgetting,
     VocabularyReplayLwF.name: VocabularyReplayLwF,
     ZsclVocabularyReplay.name: ZsclVocabularyReplay,
+    RectifiedKnowledgeRetention.name: RectifiedKnowledgeRetention,
+    MoEAdapters.name: MoEAdapters,
 }
 
 
@@ -53,7 +57,7 @@ def get_method(name: str, **hyper: Any) -> ContinualMethod:
 
 __all__ = [
     "METHODS", "Batch", "ContinualMethod", "FineTuning", "LearningWithoutForgetting",
-    "MethodConfigError", "TaskContext", "Teacher", "VocabularyReplayLwF", "ZsclVocabularyReplay",
+    "MethodConfigError", "MoEAdapters", "RectifiedKnowledgeRetention", "TaskContext", "Teacher", "VocabularyReplayLwF", "ZsclVocabularyReplay",
     "distillation_kl", "get_method", "method_class", "reference_vr_lwf_terms",
     "soft_target_cross_entropy",
 ]

@@ -242,6 +242,10 @@ class ContinualMethod(ABC):
     def hyper_parameters(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.hyper_parameter_names() if hasattr(self, name)}
 
+    def prepare_student(self, student: nn.Module, parts: str) -> None:
+        """Change the student's architecture before its parameters are chosen for training
+        (e.g. add adapters, ``clip_continual.adapters``); ``parts`` is the loop's setting."""
+
     def before_task(self, task: TaskContext) -> None:
         """Prepare per-task state (called once, after the teacher is ready)."""
 
