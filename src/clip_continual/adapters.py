@@ -77,7 +77,7 @@ def _structure(recipe: dict[str, Any]) -> dict[str, Any]:
     """What must match for a model's adapters to continue under a recipe (a MoE model gains
     routers task by task)."""
     return {key: list(value) if key == "towers" else value
-            for key, value in recipe.items() if key != "routers"}
+            for key, value in recipe.items() if key not in ("routers", "ddas_tasks")}
 
 
 def adapter_parameters(model: nn.Module, towers: tuple[str, ...] | list[str]) -> list[nn.Parameter]:
@@ -193,6 +193,9 @@ class MixtureOfAdapters(nn.Module):
         self.register_buffer("usage", torch.zeros(experts))
         for _ in range(routers):
             self.add_router()
+        # Set for one forward by DDAS: each sample's router, -1 for none (the frozen CLIP).
+        self.routes: torch.Tensor | None = None
+        self.bypass = False
 
     @property
     def active_router(self) -> int:
@@ -215,8 +218,15 @@ class MixtureOfAdapters(nn.Module):
         return chosen
 
     def routing(self, first_token: torch.Tensor) -> torch.Tensor:
-        """(B, experts) gate weights: softmax over each sample's top-k logits, zero elsewhere."""
+        """(B, experts) gate weights: softmax over each sample's top-k logits, zero elsewhere;
+        all zero for a sample whose DDAS route is -1."""
         gate, noise = self.gates[self.active_router], self.noise[self.active_router]
+        if self.routes is not None:
+            per_sample = torch.stack(list(self.gates))[self.routes.clamp(min=0)]
+            logits = torch.einsum("bd,bde->be", first_token, per_sample.to(first_token.dtype))
+            top_logits, top_experts = logits.topk(self.top_k, dim=1)
+            weights = top_logits.softmax(dim=1) * (self.routes >= 0).unsqueeze(1)
+            return torch.zeros_like(logits).scatter(1, top_experts, weights)
         logits = first_token @ gate.to(first_token.dtype)
         if self.training:
             std = F.softplus(first_token @ noise.to(first_token.dtype)) + 1e-2
@@ -225,6 +235,8 @@ class MixtureOfAdapters(nn.Module):
         return torch.zeros_like(logits).scatter(1, top_experts, top_logits.softmax(dim=1))
 
     def forward(self, x: torch.Tensor, batch_first: bool = True) -> torch.Tensor:
+        if self.bypass:
+            return torch.zeros_like(x)
         tokens = x if batch_first else x.transpose(0, 1)  # (B, L, D)
         gates = self.routing(tokens[:, 0])
         if self.training:
@@ -267,7 +279,130 @@ def _add_mixtures(model: nn.Module, recipe: dict[str, Any]) -> None:
             ).to(device=like.device, dtype=like.dtype)
             block.__class__ = MixtureBlock
             block.add_module("mixture", mixture)
+    if recipe.get("ddas"):
+        if "visual" not in recipe["towers"]:
+            raise AdapterError("DDAS routes images: it needs adapters in the visual tower (parts wm or io)")
+        add_task_selector(model, int(recipe.get("ddas_tasks", 0)))
 
 
 def mixtures(model: nn.Module) -> Iterator[MixtureOfAdapters]:
     return (module for module in model.modules() if isinstance(module, MixtureOfAdapters))
+
+
+# --- DDAS: which task's router an image should take -----------------------------------------
+
+class Autoencoder(nn.Module):
+    """``sigmoid(W2 relu(W1 x))``, trained to reconstruct sigmoid-squashed features (MSE), as
+    MoE-Adapters mtil/src/models/AutoEncoder.py."""
+
+    def __init__(self, features: int, code: int) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(features, code)
+        self.decoder = nn.Linear(code, features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decoder(torch.relu(self.encoder(x))))
+
+
+class TaskSelector(nn.Module):
+    """MoE-Adapters' Distribution Discriminative Auto-Selector (mtil/src/models/evaluation.py,
+    zeroshot_eval): one autoencoder per task; an image takes the router of the task whose
+    autoencoder reconstructs its features best, or no adapter at all (the frozen CLIP) when
+    even that error exceeds the task's threshold.
+
+    Differences, because the reference's parts are not available here: the features are the
+    frozen CLIP's own image embeddings (adapters bypassed) instead of an ImageNet AlexNet's
+    conv5 maps; the choice is per image instead of per test batch (our test batches mix tasks);
+    each task's threshold is a quantile of its own training images' errors instead of one
+    hand-set number (feature scales differ between models).
+    """
+
+    def __init__(self, features: int, tasks: int = 0) -> None:
+        super().__init__()
+        self.features = features
+        self.autoencoders = nn.ModuleList()
+        self.register_buffer("thresholds", torch.zeros(0))
+        for _ in range(tasks):
+            self.add_task()
+
+    @property
+    def code(self) -> int:
+        # The reference squeezes 9,216 features into 100; small embeddings keep a bottleneck.
+        return max(1, min(100, self.features // 2))
+
+    def add_task(self, threshold: float = float("inf")) -> Autoencoder:
+        like = self.thresholds
+        autoencoder = Autoencoder(self.features, self.code).to(like.device)
+        self.autoencoders.append(autoencoder)
+        self.thresholds = torch.cat([like, torch.tensor([threshold], device=like.device)])
+        return autoencoder
+
+    def errors(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, tasks) mean squared reconstruction error of each image under each autoencoder."""
+        target = torch.sigmoid(features.float())
+        return torch.stack([((ae(target) - target) ** 2).mean(dim=1) for ae in self.autoencoders], dim=1)
+
+    def select(self, features: torch.Tensor) -> torch.Tensor:
+        """Each image's task index, -1 where no autoencoder knows it."""
+        best_error, best = self.errors(features).min(dim=1)
+        return torch.where(best_error <= self.thresholds[best], best, torch.full_like(best, -1))
+
+
+def add_task_selector(model: nn.Module, tasks: int) -> TaskSelector:
+    visual = model.visual
+    selector = TaskSelector(int(visual.output_dim), tasks).to(next(visual.parameters()).device)
+    visual.add_module("task_selector", selector)
+    visual.register_forward_pre_hook(_route_images)
+    visual.register_forward_hook(_forget_routes)
+    return selector
+
+
+def visual_mixtures(model_or_visual: nn.Module) -> list[MixtureOfAdapters]:
+    visual = getattr(model_or_visual, "visual", model_or_visual)
+    return [m for m in visual.modules() if isinstance(m, MixtureOfAdapters)]
+
+
+def frozen_image_features(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The frozen CLIP's image embeddings: the image tower with its adapters bypassed."""
+    chosen = visual_mixtures(visual)
+    for mixture in chosen:
+        mixture.bypass = True
+    try:
+        return visual(pixels)
+    finally:
+        for mixture in chosen:
+            mixture.bypass = False
+
+
+def _route_images(visual: nn.Module, args: tuple) -> None:
+    """Before an evaluation forward of the image tower: route each image (DDAS)."""
+    chosen = visual_mixtures(visual)
+    selector = visual.task_selector
+    if visual.training or not len(selector.autoencoders) or any(m.bypass for m in chosen):
+        return
+    routes = selector.select(frozen_image_features(visual, args[0]))
+    for mixture in chosen:
+        mixture.routes = routes
+
+
+def _forget_routes(visual: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    for mixture in visual_mixtures(visual):
+        mixture.routes = None
+
+
+def fit_autoencoder(autoencoder: Autoencoder, features: torch.Tensor, steps: int, batch_size: int = 64,
+                    seed: int = 0) -> None:
+    """Train one DDAS autoencoder on a task's (frozen) image features: Adam, lr 0.01, weight
+    decay 1e-4, MSE on sigmoid-squashed features (mtil/src/models/AutoEncoder.py)."""
+    target = torch.sigmoid(features.detach().float())
+    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=0.01, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    autoencoder.train()
+    for _ in range(steps):
+        rows = torch.randint(0, len(target), (min(batch_size, len(target)),), generator=generator)
+        batch = target[rows.to(target.device)]
+        loss = F.mse_loss(autoencoder(batch), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    autoencoder.eval()

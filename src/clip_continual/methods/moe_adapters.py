@@ -17,8 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clip_continual.adapters import TOWERS_OF_PARTS, adapter_recipe, add_adapters, mixtures
-from clip_continual.methods.base import MethodConfigError, TaskContext
+from clip_continual.adapters import (
+    TOWERS_OF_PARTS, adapter_recipe, add_adapters, fit_autoencoder, frozen_image_features, mixtures,
+)
+from clip_continual.methods.base import MethodConfigError, TaskContext, evaluation_mode
 from clip_continual.methods.ft import FineTuning
 
 
@@ -28,12 +30,20 @@ class MoEAdapters(FineTuning):
     experts (``0.1 * up(relu(down(x)))``), ``g`` the task's router (softmax over the noisy top-k
     logits of the first token x_0). Each task gets a new router; experts are shared, and after
     a task the ``frozen_per_task`` experts its router chose most are frozen for good.
+
+    ``ddas``: after each task an autoencoder learns the task's images (``ddas_steps`` Adam
+    steps) and at evaluation every image takes the router of the task that reconstructs it
+    best, or no adapter when its error exceeds the ``ddas_quantile`` quantile of that task's
+    training errors (``clip_continual.adapters.TaskSelector``). Without it the latest router
+    serves every input, as the reference evaluates without DDAS; the text tower always uses
+    the latest router (text carries no image to discriminate).
     """
 
     name = "moe_adapters"
 
     def __init__(self, experts: int = 22, top_k: int = 2, bottleneck: int = 64,
-                 frozen_per_task: int = 2, label_smoothing: float = 0.2) -> None:
+                 frozen_per_task: int = 2, ddas: bool = False, ddas_steps: int = 300,
+                 ddas_quantile: float = 0.95, label_smoothing: float = 0.2) -> None:
         super().__init__(label_smoothing=label_smoothing)
         for key, value in (("experts", experts), ("top_k", top_k), ("bottleneck", bottleneck)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -44,19 +54,43 @@ class MoEAdapters(FineTuning):
             raise MethodConfigError(f"frozen_per_task must be an integer >= 0, got {frozen_per_task!r}")
         self.experts, self.top_k, self.bottleneck = experts, top_k, bottleneck
         self.frozen_per_task = frozen_per_task
+        if isinstance(ddas_steps, bool) or not isinstance(ddas_steps, int) or ddas_steps < 1:
+            raise MethodConfigError(f"ddas_steps must be a positive integer, got {ddas_steps!r}")
+        if not 0.0 < float(ddas_quantile) <= 1.0:
+            raise MethodConfigError(f"ddas_quantile must lie in (0, 1], got {ddas_quantile}")
+        self.ddas, self.ddas_steps, self.ddas_quantile = bool(ddas), ddas_steps, float(ddas_quantile)
 
     def prepare_student(self, student: nn.Module, parts: str) -> None:
         add_adapters(student, {"kind": "moe", "experts": self.experts, "top_k": self.top_k,
                                "bottleneck": self.bottleneck, "routers": 0,
-                               "towers": TOWERS_OF_PARTS[parts]})
+                               "towers": TOWERS_OF_PARTS[parts], "ddas": self.ddas, "ddas_tasks": 0})
         for mixture in mixtures(student):
             mixture.add_router()
         adapter_recipe(student)["routers"] += 1
 
     def after_task(self, task: TaskContext, student: nn.Module) -> None:
-        if not self.frozen_per_task:
-            return
         with torch.no_grad():
             for mixture in mixtures(student):
                 count = min(self.frozen_per_task, len(mixture.experts))
-                mixture.frozen[mixture.usage.topk(count).indices] = True
+                if count:
+                    mixture.frozen[mixture.usage.topk(count).indices] = True
+        if self.ddas:
+            self._fit_task_selector(task, student)
+
+    def _fit_task_selector(self, task: TaskContext, student: nn.Module) -> None:
+        """One more autoencoder, for this task's images; its threshold from their errors."""
+        if task.train_set is None or task.preprocess is None:
+            raise ValueError("moe_adapters with ddas needs the task's training images in TaskContext")
+        images = task.train_set.images
+        with torch.no_grad(), evaluation_mode(student):
+            features = torch.cat([
+                frozen_image_features(student.visual, task.preprocess(images[begin:begin + 256]))
+                for begin in range(0, len(images), 256)
+            ]).float()
+        selector = student.visual.task_selector
+        autoencoder = selector.add_task()
+        fit_autoencoder(autoencoder, features, self.ddas_steps, seed=task.task_index)
+        with torch.no_grad():
+            errors = selector.errors(features)[:, -1]
+            selector.thresholds[-1] = torch.quantile(errors, self.ddas_quantile)
+        adapter_recipe(student)["ddas_tasks"] += 1
