@@ -33,9 +33,11 @@ def training_config(method: str, params: dict[str, Any], seed: int, default_teac
         alpha = None  # one alpha for the sweep; ft has no distillation weight to set
     if teacher_choice not in TEACHERS:
         raise TrainingConfigError(f"unknown teacher '{teacher_choice}': choose one of {', '.join(TEACHERS)}")
+    options = (params.get("methods") or {}).get(method) or {}
     return TrainingConfig.from_params({
         **(params.get("training") or {}), "method": method, "alpha": alpha, "seed": seed,
         "teacher": default_teacher if teacher_choice == "auto" else teacher_choice,
+        "method_options": options,
     })
 
 
@@ -58,14 +60,18 @@ def fine_tune_task(
     prompts: dict[str, Any],
     tracking: dict[str, Any],
     seed: int,
+    reference_set: ImageSet,
     pretrained_model: ClipModel | None = None,
+    previous_method_state: dict[str, np.ndarray] | None = None,
     *,
     task_index: int,
     phases: tuple[tuple[int, ...], ...],
     updated_task: str,
     default_teacher: str,
-) -> tuple[ClipModel, dict[str, Any]]:
+) -> tuple[ClipModel, dict[str, Any], dict[str, np.ndarray]]:
+    """Train task ``task_index``; also returns what the method hands to the next task."""
     config = training_config(method, params, seed, default_teacher)
+    continual_method = config.build_method()
     teacher = start_model if config.teacher == "previous" or pretrained_model is None else pretrained_model
     seen = sorted({c for phase in phases[:task_index] for c in phase})
     log_every = max(1, int(tracking.get("log_every", 1)))
@@ -86,9 +92,12 @@ def fine_tune_task(
         teacher=teacher,
         task_index=task_index,
         on_step=log_losses,
+        method=continual_method,
+        extras={"reference_set": reference_set, "pretrained_model": pretrained_model},
+        previous_state=previous_method_state,
     )
     model.metadata.update({"method": method, "task_index": task_index, "classes": list(phases[task_index - 1])})
-    return model, summary
+    return model, summary, continual_method.export_state()
 
 
 def evaluate_model(

@@ -56,14 +56,16 @@ def _task_pipeline(benchmark: Benchmark, index: int, task: str, previous: str | 
         "prompts": "params:prompts",
         "tracking": "params:tracking",
         "seed": "params:seed",
+        "reference_set": "reference_set",
     }
     if previous is not None:  # `teacher: pretrained` needs it after task_1
         fine_tune_inputs["pretrained_model"] = "pretrained_model"
+        fine_tune_inputs["previous_method_state"] = "previous_method_state"
     fine_tune = Node(
         bind(nodes.fine_tune_task, task_index=index, phases=benchmark.phases,
                 updated_task=benchmark.updated_task, default_teacher=benchmark.default_teacher),
         inputs=fine_tune_inputs,
-        outputs=["model", "training_summary"],
+        outputs=["model", "training_summary", "method_state"],
         name="fine_tune",
         tags=["training"],
     )
@@ -77,6 +79,8 @@ def _task_pipeline(benchmark: Benchmark, index: int, task: str, previous: str | 
         "shapes_retrieval": "shapes_retrieval",
         "replay_vocabulary": "replay_vocabulary",
         "pretrained_model": "pretrained_model",
+        "reference_set": "reference_set",
+        "previous_method_state": f"{benchmark.name}.{previous}.method_state",
     }
     return _namespaced(
         Pipeline([fine_tune, _evaluate_node(benchmark, index, task, with_previous=True)]),
