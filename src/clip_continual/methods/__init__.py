@@ -16,6 +16,7 @@ from clip_continual.methods.moe_adapters import MoEAdapters
 from clip_continual.methods.rkr import RectifiedKnowledgeRetention
 from clip_continual.methods.vr_lwf import VocabularyReplayLwF, reference_vr_lwf_terms
 from clip_continual.methods.vr_lwf_zscl import ZsclVocabularyReplay
+from clip_continual.methods.zscl import ZeroShotContinualLearning
 
 METHODS: dict[str, type[ContinualMethod]] = {
     FineTuning.name: FineTuning,
@@ -24,6 +25,7 @@ METHODS: dict[str, type[ContinualMethod]] = {
     ZsclVocabularyReplay.name: ZsclVocabularyReplay,
     RectifiedKnowledgeRetention.name: RectifiedKnowledgeRetention,
     MoEAdapters.name: MoEAdapters,
+    ZeroShotContinualLearning.name: ZeroShotContinualLearning,
 }
 
 
@@ -57,7 +59,8 @@ def get_method(name: str, **hyper: Any) -> ContinualMethod:
 
 __all__ = [
     "METHODS", "Batch", "ContinualMethod", "FineTuning", "LearningWithoutForgetting",
-    "MethodConfigError", "MoEAdapters", "RectifiedKnowledgeRetention", "TaskContext", "Teacher", "VocabularyReplayLwF", "ZsclVocabularyReplay",
+    "MethodConfigError", "MoEAdapters", "RectifiedKnowledgeRetention", "TaskContext", "Teacher",
+    "VocabularyReplayLwF", "ZeroShotContinualLearning", "ZsclVocabularyReplay",
     "distillation_kl", "get_method", "method_class", "reference_vr_lwf_terms",
     "soft_target_cross_entropy",
 ]

@@ -93,7 +93,9 @@ def fine_tune_task(
         task_index=task_index,
         on_step=log_losses,
         method=continual_method,
-        extras={"reference_set": reference_set, "pretrained_model": pretrained_model},
+        # Task 1 starts from the pretrained model, which the pipeline hands in only as start_model.
+        extras={"reference_set": reference_set,
+                "pretrained_model": start_model if pretrained_model is None else pretrained_model},
         previous_state=previous_method_state,
     )
     model.metadata.update({"method": method, "task_index": task_index, "classes": list(phases[task_index - 1])})
