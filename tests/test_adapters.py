@@ -20,14 +20,8 @@ NUM_CLASSES = 4
 
 
 @pytest.fixture(scope="module")
-def train_set(micro):
-    rng = np.random.default_rng(0)
-    size = micro.image_size
-    return ImageSet(
-        images=rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8),
-        labels=np.tile(np.arange(NUM_CLASSES), 4),
-        class_names=tuple(f"thing {i}" for i in range(NUM_CLASSES)),
-    )
+def train_set(micro, random_image_set):
+    return random_image_set(micro, 16, NUM_CLASSES)
 
 
 SMALL = {"rkr": {}, "moe_adapters": {"experts": 4, "bottleneck": 8}}  # seconds, not minutes
