@@ -427,6 +427,7 @@ def fine_tune(
             vocabulary=vocabulary,
             teacher=None if teacher_clip is None else Teacher(teacher_clip.model, autocast),
             autocast=autocast,
+            seed=task_seed,
             train_set=train_set,
             preprocess=functools.partial(student.preprocess, device=device),
             tokenize=lambda texts: student.tokenize(list(texts)).to(device),

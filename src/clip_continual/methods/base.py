@@ -128,7 +128,8 @@ class TaskContext:
     -> model input on the device) and ``tokenize`` (texts -> token ids on the device) of the
     student; ``extras`` holds the named inputs a method declares in ``needs_inputs`` (e.g.
     ``reference_set``); ``previous_state`` is the arrays the method exported after the previous
-    task (empty for the first task).
+    task (empty for the first task); ``seed`` is the task's seed, so that whatever a method
+    draws (replay batches) is a pure function of ``(seed, step)``.
     """
 
     task_index: int
@@ -139,6 +140,7 @@ class TaskContext:
     vocabulary: ReplayVocabulary | None = None
     teacher: Teacher | None = None
     autocast: Callable[[], ContextManager] = contextlib.nullcontext
+    seed: int = 0
     train_set: ImageSet | None = None
     preprocess: Callable[[np.ndarray], torch.Tensor] | None = None
     tokenize: Callable[[list[str]], torch.Tensor] | None = None
