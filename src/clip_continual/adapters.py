@@ -220,17 +220,18 @@ class MixtureOfAdapters(nn.Module):
     def routing(self, first_token: torch.Tensor) -> torch.Tensor:
         """(B, experts) gate weights: softmax over each sample's top-k logits, zero elsewhere;
         all zero for a sample whose DDAS route is -1."""
-        gate, noise = self.gates[self.active_router], self.noise[self.active_router]
         if self.routes is not None:
             per_sample = torch.stack(list(self.gates))[self.routes.clamp(min=0)]
             logits = torch.einsum("bd,bde->be", first_token, per_sample.to(first_token.dtype))
-            top_logits, top_experts = logits.topk(self.top_k, dim=1)
-            weights = top_logits.softmax(dim=1) * (self.routes >= 0).unsqueeze(1)
-            return torch.zeros_like(logits).scatter(1, top_experts, weights)
+            return self._top_k(logits) * (self.routes >= 0).unsqueeze(1)
+        gate, noise = self.gates[self.active_router], self.noise[self.active_router]
         logits = first_token @ gate.to(first_token.dtype)
         if self.training:
             std = F.softplus(first_token @ noise.to(first_token.dtype)) + 1e-2
             logits = logits + torch.randn_like(logits) * std
+        return self._top_k(logits)
+
+    def _top_k(self, logits: torch.Tensor) -> torch.Tensor:
         top_logits, top_experts = logits.topk(self.top_k, dim=1)
         return torch.zeros_like(logits).scatter(1, top_experts, top_logits.softmax(dim=1))
 
