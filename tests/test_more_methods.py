@@ -260,6 +260,12 @@ def test_icarl_memory_stays_within_budget_and_resumes_exactly(micro, train_set, 
     assert all(torch.equal(first_weights[k], second_weights[k]) for k in first_weights)
 
 
+def test_icarl_with_a_budget_below_one_exemplar_per_class_replays_nothing(micro, train_set, reference_set):
+    method = get_method("icarl", per_class=3, budget=1)
+    _, summary = train(method, micro, train_set, reference_set, steps=1)
+    assert len(method.memory) == 0 and summary["final_losses"]["icarl_image"] == 0.0
+
+
 # --- GeoDL ---------------------------------------------------------------------------------
 
 def test_newton_schulz_single_iteration_by_hand():
