@@ -9,9 +9,8 @@ computation (no caching, full-context text, separate forwards) for comparison.
 
 Methods that replay or regularise towards earlier tasks are timed as in a later task: a random
 reference set of image-caption pairs is given (A-GEM, GEM, ZSCL, whose zero-shot model is the
-start model), EWC gets a Fisher for every
-parameter, GEM a memory of one earlier task (two constraints); iCaRL builds its memory from the
-task's own images, as in every task.
+start model), EWC gets a Fisher for every parameter, GEM a memory of one earlier task (two
+constraints); iCaRL builds its memory from the task's own images, as in every task.
 
     python benchmarks/step_time.py --steps 20 --batch-size 100
 """
