@@ -205,7 +205,9 @@ def close_abandoned_runs(uri: str, experiment_name: str) -> list[str]:
 
 # --- what a run logs ---------------------------------------------------------------------------
 
-CONTINUAL_GROUP, PRETRAINING_GROUP = "continual", "pretraining"
+CONTINUAL_GROUP, PRETRAINING_GROUP, TASK_GROUP = "continual", "pretraining", "task"
+# What a task costs, per method (from its training summary), logged beside its metrics.
+TASK_COSTS = ("trainable_parameters", "wall_time_s", "median_step_time_s")
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # Parameters that say how a run is tracked, not what it computes: not logged as run parameters.
 UNLOGGED_PARAMETERS = frozenset({"tracking"})

@@ -341,6 +341,8 @@ def fine_tune(
     task_index: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     method: ContinualMethod | None = None,
+    extras: Mapping[str, Any] | None = None,
+    previous_state: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[ClipModel, dict[str, Any]]:
     """Fine-tune a copy of ``start`` on ``train_set`` and return it with a summary.
 
@@ -350,7 +352,10 @@ def fine_tune(
     method distils from (may be ``start`` itself); it is only read. ``on_step(step, values)``
     is called after every optimizer step with the 1-based step of this task and the loss terms,
     their sum ``loss`` and the learning rate ``lr``. ``method`` overrides the method named by
-    ``config`` with a ready instance. ``start`` is never modified.
+    ``config`` with a ready instance (read its ``export_state()`` afterwards). ``extras`` are
+    the named inputs the method declares in ``needs_inputs`` (e.g. ``reference_set``);
+    ``previous_state`` the arrays it exported after the previous task. ``start`` is never
+    modified.
     """
     config = config or TrainingConfig()
     method = method or config.build_method()
@@ -386,6 +391,10 @@ def fine_tune(
             )
     else:
         vocabulary = None
+    extras = dict(extras or {})
+    missing = [name for name in method.needs_inputs if extras.get(name) is None]
+    if missing:
+        raise ValueError(f"method '{method.name}' needs the input(s) {missing}; pass them in `extras`")
 
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -393,8 +402,10 @@ def fine_tune(
     task_seed = config.seed + task_index
     torch.manual_seed(task_seed)
 
+    wall_started = time.perf_counter()
     student = start.clone()
     student.model.to(device)
+    method.prepare_student(student.model, config.parts)
     trainable = set_trainable_parts(student.model, config.parts)
     student.model.train()
     teacher_clip = _prepare_teacher(method, start, teacher, config, device)
@@ -423,6 +434,12 @@ def fine_tune(
             vocabulary=vocabulary,
             teacher=None if teacher_clip is None else Teacher(teacher_clip.model, autocast),
             autocast=autocast,
+            seed=task_seed,
+            train_set=train_set,
+            preprocess=functools.partial(student.preprocess, device=device),
+            tokenize=lambda texts: student.tokenize(list(texts)).to(device),
+            extras=extras,
+            previous_state=dict(previous_state or {}),
         )
         teacher_reads_clean = method.distills_clean_images or config.augment == "none"
         # Precomputing pays once the task shows every image at least once on average.
@@ -448,16 +465,9 @@ def fine_tune(
                 with autocast():
                     terms = method.loss_terms(student.model, batch, task)
                 loss = torch.stack(list(terms.values())).sum()
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.grad_clip_norm is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                if hasattr(student.model, "logit_scale"):
-                    with torch.no_grad():
-                        student.model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+                _optimizer_step(loss, batch, task, method, student.model, optimizer, scaler,
+                                trainable, config.grad_clip_norm)
+                method.after_optimizer_step(student.model, step + 1, task)
                 # One device sync per step: all terms and the total come back together.
                 numbers = torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float().tolist()
                 step_times.append(time.perf_counter() - started)
@@ -495,6 +505,7 @@ def fine_tune(
         "median_step_time_s": statistics.median(step_times),
         "train_time_s": float(sum(step_times)),
         "setup_time_s": setup_time,
+        "wall_time_s": time.perf_counter() - wall_started,
         "final_losses": {name: values[-1] for name, values in history.items()},
         "mean_losses": {name: float(np.mean(values)) for name, values in history.items()},
         "final_lr": learning_rate_at(plan.total_steps - 1, config.lr, config.schedule,
@@ -509,6 +520,26 @@ def fine_tune(
          "parts": config.parts, "final_loss": summary["final_losses"]["loss"]}
     )
     return student, summary
+
+
+def _optimizer_step(
+    loss: torch.Tensor, batch: Batch, task: TaskContext, method: ContinualMethod,
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    trainable: list[torch.nn.Parameter], grad_clip_norm: float | None,
+) -> None:
+    """Backward, the method's gradient hook on unscaled gradients (A-GEM projects before any
+    clipping, as the paper's agem.py does not clip), clipping, the step, the logit-scale clamp."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # a no-op without fp16 loss scaling
+    method.before_optimizer_step(model, batch, task)
+    if grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    if hasattr(model, "logit_scale"):
+        with torch.no_grad():
+            model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
 
 
 def _clean_batches(

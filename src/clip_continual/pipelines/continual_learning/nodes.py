@@ -12,7 +12,7 @@ from clip_continual.evaluation import evaluate_step
 from clip_continual.methods import METHODS, method_takes_alpha
 from clip_continual.models import ClipModel
 from clip_continual.replay import ReplayVocabulary
-from clip_continual.tracking import CONTINUAL_GROUP, log_metrics, metric_history
+from clip_continual.tracking import CONTINUAL_GROUP, TASK_COSTS, TASK_GROUP, log_metrics, metric_history
 from clip_continual.training import TrainingConfig, TrainingConfigError, fine_tune, plan_training
 
 logger = logging.getLogger(__name__)
@@ -33,9 +33,11 @@ def training_config(method: str, params: dict[str, Any], seed: int, default_teac
         alpha = None  # one alpha for the sweep; ft has no distillation weight to set
     if teacher_choice not in TEACHERS:
         raise TrainingConfigError(f"unknown teacher '{teacher_choice}': choose one of {', '.join(TEACHERS)}")
+    options = (params.get("methods") or {}).get(method) or {}
     return TrainingConfig.from_params({
         **(params.get("training") or {}), "method": method, "alpha": alpha, "seed": seed,
         "teacher": default_teacher if teacher_choice == "auto" else teacher_choice,
+        "method_options": options,
     })
 
 
@@ -58,14 +60,18 @@ def fine_tune_task(
     prompts: dict[str, Any],
     tracking: dict[str, Any],
     seed: int,
+    reference_set: ImageSet,
     pretrained_model: ClipModel | None = None,
+    previous_method_state: dict[str, np.ndarray] | None = None,
     *,
     task_index: int,
     phases: tuple[tuple[int, ...], ...],
     updated_task: str,
     default_teacher: str,
-) -> tuple[ClipModel, dict[str, Any]]:
+) -> tuple[ClipModel, dict[str, Any], dict[str, np.ndarray]]:
+    """Train task ``task_index``; also returns what the method hands to the next task."""
     config = training_config(method, params, seed, default_teacher)
+    continual_method = config.build_method()
     teacher = start_model if config.teacher == "previous" or pretrained_model is None else pretrained_model
     seen = sorted({c for phase in phases[:task_index] for c in phase})
     log_every = max(1, int(tracking.get("log_every", 1)))
@@ -86,9 +92,14 @@ def fine_tune_task(
         teacher=teacher,
         task_index=task_index,
         on_step=log_losses,
+        method=continual_method,
+        # Task 1 starts from the pretrained model, which the pipeline hands in only as start_model.
+        extras={"reference_set": reference_set,
+                "pretrained_model": start_model if pretrained_model is None else pretrained_model},
+        previous_state=previous_method_state,
     )
     model.metadata.update({"method": method, "task_index": task_index, "classes": list(phases[task_index - 1])})
-    return model, summary
+    return model, summary, continual_method.export_state()
 
 
 def evaluate_model(
@@ -128,8 +139,12 @@ def evaluate_model(
     return result
 
 
-def step_metrics_for_mlflow(evaluation: dict[str, Any]) -> dict[str, Any]:
-    """A step's metrics as MLflow metrics ``continual/<name>`` at ``step`` = task index. A node of
-    its own: a resumed run (``--only-missing-outputs``) logs the finished tasks' stored
-    evaluations again without evaluating their models again, so it holds the whole sequence."""
-    return metric_history(evaluation, CONTINUAL_GROUP, evaluation["step"])
+def step_metrics_for_mlflow(evaluation: dict[str, Any],
+                            training_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A step's metrics as MLflow metrics ``continual/<name>`` at ``step`` = task index, and what
+    the task cost (``task/<cost>``, the same step). A node of its own: a resumed run
+    (``--only-missing-outputs``) logs the finished tasks' stored evaluations again without
+    evaluating their models again, so it holds the whole sequence."""
+    step = evaluation["step"]
+    costs = {k: training_summary[k] for k in TASK_COSTS if k in training_summary} if training_summary else {}
+    return metric_history(evaluation, CONTINUAL_GROUP, step) | metric_history(costs, TASK_GROUP, step)

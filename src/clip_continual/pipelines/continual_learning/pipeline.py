@@ -46,10 +46,10 @@ def _evaluate_node(benchmark: Benchmark, step: int, task: str, with_previous: bo
 
 
 def _evaluation_steps(benchmark: Benchmark, step: int, task: str, with_previous: bool) -> Pipeline:
-    """Evaluate the model after ``step``, then hand its metrics to MLflow."""
+    """Evaluate the model after ``step``, then hand its metrics (and the task's costs) to MLflow."""
     track = Node(
         nodes.step_metrics_for_mlflow,
-        inputs="evaluation",
+        inputs=["evaluation", "training_summary"] if step else "evaluation",
         outputs="mlflow_metrics",
         name=f"track_after_{task}" if step else "track_starting_model",
         tags=["tracking"],
@@ -67,14 +67,16 @@ def _task_pipeline(benchmark: Benchmark, index: int, task: str, previous: str | 
         "prompts": "params:prompts",
         "tracking": "params:tracking",
         "seed": "params:seed",
+        "reference_set": "reference_set",
     }
     if previous is not None:  # `teacher: pretrained` needs it after task_1
         fine_tune_inputs["pretrained_model"] = "pretrained_model"
+        fine_tune_inputs["previous_method_state"] = "previous_method_state"
     fine_tune = Node(
         bind(nodes.fine_tune_task, task_index=index, phases=benchmark.phases,
              updated_task=benchmark.updated_task, default_teacher=benchmark.default_teacher),
         inputs=fine_tune_inputs,
-        outputs=["model", "training_summary"],
+        outputs=["model", "training_summary", "method_state"],
         name=f"fine_tune_{task}",
         tags=["training"],
     )
@@ -88,6 +90,8 @@ def _task_pipeline(benchmark: Benchmark, index: int, task: str, previous: str | 
         "shapes_retrieval": "shapes_retrieval",
         "replay_vocabulary": "replay_vocabulary",
         "pretrained_model": "pretrained_model",
+        "reference_set": "reference_set",
+        "previous_method_state": f"{benchmark.name}.{previous}.method_state",
     }
     return _namespaced(
         Pipeline([fine_tune, _evaluation_steps(benchmark, index, task, with_previous=True)]),
