@@ -77,6 +77,8 @@ def test_parameters_are_logged_flat_by_kedro_mlflow(finished_run):
     assert params["continual_learning.training.parts"] == "wm"
     assert params["continual_learning.training.steps"] == "2"
     assert not any(name.startswith("tracking.") for name in params)
+    # vr_lwf has no entry under continual_learning.methods: no other method's settings are logged.
+    assert not any(name.startswith("continual_learning.methods.") for name in params)
 
 
 def test_step_metrics_are_grouped_with_one_point_per_step(finished, finished_run, client):
@@ -192,11 +194,13 @@ def test_metric_history_groups_every_finite_number_at_its_step():
     }
 
 
-def test_parameters_to_log_leave_out_tracking_and_unused_alpha():
-    inputs = {"params:continual_learning": {"alpha": 1.0, "teacher": "auto"}, "params:tracking": {"log_every": 1},
-              "params:method": "ft", "model": object()}
+def test_parameters_to_log_leave_out_tracking_and_what_the_method_does_not_use():
+    inputs = {"params:continual_learning": {"alpha": 1.0, "teacher": "auto",
+                                            "methods": {"ewc": {"penalty": 1.0}, "imm": {"weight": 0.6}}},
+              "params:tracking": {"log_every": 1}, "params:method": "ft", "model": object()}
     logged = parameters_to_log(inputs, "ft")
-    assert logged["params:continual_learning"] == {"teacher": "auto"}
+    assert logged["params:continual_learning"] == {"teacher": "auto", "methods": {}}
+    assert parameters_to_log(inputs, "ewc")["params:continual_learning"]["methods"] == {"ewc": {"penalty": 1.0}}
     assert "params:tracking" not in logged and logged["params:method"] == "ft"
     assert parameters_to_log(inputs, "vr_lwf")["params:continual_learning"]["alpha"] == 1.0
     assert inputs["params:continual_learning"]["alpha"] == 1.0  # the node's own inputs untouched

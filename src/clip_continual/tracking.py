@@ -231,15 +231,20 @@ def metric_history(values: dict[str, Any], group: str, step: int) -> dict[str, d
 
 def parameters_to_log(inputs: dict[str, Any], method: str | None) -> dict[str, Any]:
     """A node's inputs as the run's parameters should show them: without the tracking settings,
-    and without the distillation weight for a method that has none (ft)."""
+    without the distillation weight for a method that has none (ft), and with the
+    hyper-parameters of the run's own method only (``continual_learning.methods.<method>``)."""
     from clip_continual.methods import METHODS, method_takes_alpha
 
     logged = {}
     for name, value in inputs.items():
         if name.removeprefix("params:") in UNLOGGED_PARAMETERS:
             continue
-        if name == "params:continual_learning" and method in METHODS and not method_takes_alpha(method):
-            value = {key: item for key, item in value.items() if key != "alpha"}
+        if name == "params:continual_learning" and isinstance(value, dict):
+            value = dict(value)
+            if method in METHODS and not method_takes_alpha(method):
+                value.pop("alpha", None)
+            if isinstance(value.get("methods"), dict):
+                value["methods"] = {k: v for k, v in value["methods"].items() if k == method}
         logged[name] = value
     return logged
 
