@@ -80,7 +80,8 @@ def test_default_pipeline_writes_one_checkpoint_per_task(finished):
     model = _load_checkpoint(folder / "task_5.pt")
     assert model.metadata["method"] == "vr_lwf" and model.metadata["task_index"] == 5
     assert model.metadata["classes"] == [8, 9]
-    assert (finished / "data" / "06_models" / "pretrained_model.pt").is_file()
+    (start,) = (finished / "data" / "06_models" / "pretrained").iterdir()
+    assert start.name.startswith("clip-continual-micro-") and (start / "model.pt").is_file()
 
 
 def test_catalog_resolves_run_artifacts_into_the_run_key_folder(finished):
@@ -105,8 +106,8 @@ def test_catalog_resolves_run_artifacts_into_the_run_key_folder(finished):
 def test_second_run_reuses_the_pretrained_checkpoint(project, monkeypatch):
     from clip_continual.pipelines.pretraining import nodes as pretraining_nodes
 
-    checkpoint = project / "data" / "06_models" / "pretrained_model.pt"
-    before = _load_checkpoint(checkpoint)
+    (checkpoint,) = (project / "data" / "06_models" / "pretrained").glob("*/model.pt")
+    before, written = _load_checkpoint(checkpoint), file_state(checkpoint)
     calls = []
     real_pretrain = pretraining_nodes.pretrain
 
@@ -117,13 +118,16 @@ def test_second_run_reuses_the_pretrained_checkpoint(project, monkeypatch):
     monkeypatch.setattr(pretraining_nodes, "pretrain", counting_pretrain)
     run_pipeline(project, ["data_preparation", "pretraining"])
     assert calls == [], "the same settings must reuse the pretrained checkpoint"
+    assert file_state(checkpoint) == written, "an unchanged checkpoint is not written again"
     after = _load_checkpoint(checkpoint)
     assert _state_dict_equal(before, after)
     assert after.metadata["source"] == before.metadata["source"]
 
-    # Other pretraining settings do pretrain again.
+    # Other pretraining settings do pretrain again, into a folder of their own.
     run_pipeline(project, ["pretraining"], params={"pretraining": {"steps": 4}})
     assert calls == [1]
+    assert len(list((project / "data" / "06_models" / "pretrained").glob("*/model.pt"))) == 2
+    assert file_state(checkpoint) == written
 
 
 def test_only_missing_outputs_resumes_an_interrupted_sequence(project):
@@ -147,12 +151,13 @@ def test_only_missing_outputs_resumes_an_interrupted_sequence(project):
         assert (models / f"{task}.pt").is_file() and (outputs / f"{task}_evaluation.json").is_file()
     table = pd.read_csv(outputs / "continual_metrics.csv")
     assert table["step"].tolist() == [0, 1, 2, 3, 4, 5]
-    # The resumed run evaluated steps 4 and 5 only.
+    # The resumed run evaluated steps 4 and 5 and logged the stored steps 0-3 again: its curves
+    # hold the whole sequence.
     from mlflow.tracking import MlflowClient
 
     (run,) = mlflow_runs(store_uri(project))
     history = MlflowClient(tracking_uri=store_uri(project)).get_metric_history(run.info.run_id, "ut_acc")
-    assert sorted(point.step for point in history) == [4, 5]
+    assert sorted(point.step for point in history) == [0, 1, 2, 3, 4, 5]
 
 
 def test_a_second_method_neither_collides_nor_resumes_the_first(compared):
@@ -246,7 +251,7 @@ def test_unknown_method_fails_at_once_naming_the_known_methods(project):
 
 
 def test_invalid_training_parameter_fails_with_a_clear_message(project):
-    with pytest.raises(ValueError, match="lr must be a positive number, got -1"):
+    with pytest.raises(ValueError, match="lr must be a positive, finite number, got -1"):
         run_pipeline(project, [BENCHMARK], params={"continual_learning": {"training": {"lr": -1}}})
 
 

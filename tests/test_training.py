@@ -72,7 +72,7 @@ def test_config_from_params_and_errors():
         ({"teacher": "best"}, "teacher must be one of pretrained, previous"),
         ({"steps": 0}, "steps must be a positive integer"),
         ({"steps": None, "epochs": None}, "give the training length"),
-        ({"lr": -1}, "lr must be a positive number"),
+        ({"lr": -1}, "lr must be a positive, finite number"),
         ({"batch_size": 2.5}, "batch_size must be a positive integer"),
         ({"betas": [0.9, 1.5]}, "betas must be two numbers"),
         ({"grad_clip_norm": 0}, "grad_clip_norm must be positive or null"),

@@ -25,6 +25,7 @@ from torch import nn
 from clip_continual.adapters import (
     TOWERS_OF_PARTS, AdapterError, adapter_parameters, adapter_recipe, add_adapters,
 )
+from clip_continual.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ class ClipModel:
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # (path, modification time, size) of the checkpoint this object was loaded from, so that
+    # saving it back unchanged is skipped; a clone (what training changes) has none.
+    origin: tuple[str, int, int] | None = field(default=None, compare=False, repr=False)
 
     @property
     def image_size(self) -> int:
@@ -220,7 +224,7 @@ def resolve_pretrained(spec: ModelSpec) -> str | None:
         return str(path)
     if path.suffix in WEIGHT_FILE_SUFFIXES or os.sep in source:
         raise PretrainedWeightsUnavailable(
-            f"pretrained weights file '{source}' does not exist. Point `pretrained` at an existing "
+            f"pretrained weights file '{source}' does not exist. Point `model.pretrained` at an existing "
             f"weights file, an open_clip tag, or null for random initialisation."
         )
     cfg = open_clip.get_pretrained_cfg(spec.architecture, source)
@@ -240,7 +244,7 @@ def resolve_pretrained(spec: ModelSpec) -> str | None:
         raise PretrainedWeightsUnavailable(
             f"cannot download the '{source}' weights of {spec.architecture}: {host} is not "
             f"reachable (offline?). Download the weights file on a machine with internet access "
-            f"and set `pretrained` to its local path (e.g. --params "
+            f"and set `model.pretrained` to its local path (e.g. --params "
             f"\"model.pretrained=/path/to/{spec.architecture}-{source}.bin\")."
         )
     return source
@@ -252,6 +256,7 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> ClipMode
     pretrained = resolve_pretrained(spec)
     own_checkpoint = _read_own_checkpoint(pretrained) if pretrained and Path(pretrained).is_file() else None
     if own_checkpoint is not None:
+        require_architecture(own_checkpoint.get("architecture"), spec.architecture, pretrained)
         loaded = model_from_checkpoint(own_checkpoint, device=device)
         return ClipModel(
             spec=spec,
@@ -268,10 +273,51 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> ClipMode
         )
     except RuntimeError as error:
         raise PretrainedWeightsUnavailable(
-            f"could not load the weights '{pretrained}' into {spec.architecture}: {error}. "
-            f"Check that the file holds weights of this architecture."
+            f"could not load the weights '{pretrained}' into {spec.architecture}: "
+            f"{_first_lines(str(error))}. Check that the file holds weights of this architecture."
         ) from error
     return _wrap(spec, model, model_config)
+
+
+def _first_lines(message: str, count: int = 2) -> str:
+    """A load error's gist: PyTorch lists every mismatching tensor (hundreds of lines)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    more = f" (and {len(lines) - count} more lines)" if len(lines) > count else ""
+    return " ".join(lines[:count]) + more
+
+
+def require_architecture(found: str | None, requested: str, path: str | os.PathLike) -> None:
+    if found != requested:
+        raise CheckpointError(
+            f"'{path}' holds a {found} checkpoint, but the requested architecture is {requested}. "
+            f"Set model.architecture={found} to start from it, or point model.pretrained at "
+            f"{requested} weights."
+        )
+
+
+def check_model_source(spec: ModelSpec) -> None:
+    """What ``build_model`` will need, checked in a second without building anything: the
+    architecture is known, the weights file exists and is readable (or the tag can be
+    fetched), and one of our own checkpoints holds this architecture."""
+    model_config_for(spec.architecture)
+    pretrained = resolve_pretrained(spec)
+    if not pretrained or not Path(pretrained).is_file():
+        return
+    try:
+        with open(pretrained, "rb") as handle:
+            handle.read(1)
+    except OSError as error:
+        raise PretrainedWeightsUnavailable(
+            f"cannot read the weights file '{pretrained}': {error.strerror or error}. "
+            f"Make it readable or point model.pretrained at another file."
+        ) from error
+    if pretrained.endswith((".pt", ".pth", ".ckpt")):
+        try:
+            payload = torch.load(pretrained, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not ours, or not a zip file: build_model hands it to open_clip
+            return
+        if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+            require_architecture(payload.get("architecture"), spec.architecture, pretrained)
 
 
 def _wrap(spec: ModelSpec, model: nn.Module, model_config: dict[str, Any],
@@ -406,19 +452,11 @@ def checkpoint_payload(clip: ClipModel) -> dict[str, Any]:
 
 
 def save_checkpoint(clip: ClipModel, path: str | os.PathLike) -> None:
-    """Write atomically: a temporary file in the same folder, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(checkpoint_payload(clip), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    """Write atomically (see ``files.atomic_write``): a full disk or a kill mid-save leaves the
+    previous file as it was and no half-written one."""
+    payload = checkpoint_payload(clip)
+    size = sum(t.numel() * t.element_size() for t in payload["state_dict"].values())
+    atomic_write(path, lambda handle: torch.save(payload, handle), size_hint=size)
 
 
 def _read_own_checkpoint(path: str) -> dict[str, Any] | None:

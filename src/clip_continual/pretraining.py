@@ -39,8 +39,10 @@ class PretrainingConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pretraining.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"pretraining.lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"pretraining.lr must be a positive, finite number, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"pretraining.weight_decay must be >= 0 and finite, got {self.weight_decay}")
         if self.warmup_steps < 0:
             raise ValueError(f"pretraining.warmup_steps must be >= 0, got {self.warmup_steps}")
 

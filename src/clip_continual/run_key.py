@@ -1,14 +1,20 @@
-"""A short key that tells runs of different methods or settings apart on disk.
+"""Short keys that tell runs of different methods or settings apart on disk.
 
 Artifacts of a continual run (per-task checkpoints and evaluations) live under
 ``<benchmark>/<run key>/``, so an `ft` run never overwrites a `vr_lwf` run's checkpoints, and
 `kedro run --only-missing-outputs` only resumes a run with exactly the same settings.
+
+The model every continual run starts from lives under ``pretrained/<source key>/``: the
+architecture plus a hash of where its weights come from (weights file, pretraining settings),
+so loading other weights never overwrites the embedded pretrained model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 # Parameters that change how a run is shown or where it is tracked, not what it computes.
@@ -16,6 +22,7 @@ NON_SCIENTIFIC_KEYS = frozenset({"progress", "device", "log_every", "tracking", 
 DEFAULT_RUN_KEY = "default"
 
 _current: str | None = None
+_current_source: str | None = None
 
 
 def _scientific(value: Any) -> Any:
@@ -50,3 +57,43 @@ def set_current_run_key(key: str | None) -> None:
 def current_run_key() -> str:
     """The resolver behind ``${run_key:}`` in catalog.yml (set by a hook from the parameters)."""
     return _current or DEFAULT_RUN_KEY
+
+
+def _weights_file(pretrained: Any) -> dict[str, Any] | None:
+    """A local weights file's size and modification time: replacing it changes the key."""
+    if not isinstance(pretrained, str) or not pretrained:
+        return None
+    path = Path(pretrained).expanduser()
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def compute_source_key(params: dict[str, Any]) -> str:
+    """``<architecture>-<hash of the weights source and, when pretraining, its settings>``."""
+    model = dict(params.get("model") or {})
+    pretraining = dict(params.get("pretraining") or {})
+    source: dict[str, Any] = {
+        "architecture": model.get("architecture"),
+        "pretrained": model.get("pretrained"),
+        "weights_file": _weights_file(model.get("pretrained")),
+    }
+    if pretraining.pop("enabled", True):
+        data = params.get("data_preparation") or {}
+        source |= {"pretraining": pretraining, "seed": params.get("seed"),
+                   "corpus": {"shapes": data.get("shapes"), "image_size": data.get("image_size")}}
+    digest = hashlib.sha256(json.dumps(_scientific(source), sort_keys=True, default=str).encode())
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(model.get("architecture") or "model"))
+    return f"{name}-{digest.hexdigest()[:10]}"
+
+
+def set_current_source_key(key: str | None) -> None:
+    global _current_source
+    _current_source = key
+
+
+def current_source_key() -> str:
+    """The resolver behind ``${source_key:}`` in catalog.yml (set by a hook from the parameters)."""
+    return _current_source or DEFAULT_RUN_KEY

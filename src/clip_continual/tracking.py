@@ -1,12 +1,23 @@
-"""MLflow tracking: where the store is, how parameters are flattened, and metric logging that
-is a no-op when no run is active (so the science runs the same with tracking off)."""
+"""MLflow tracking: where the store is, how parameters are flattened, metric logging that is a
+no-op when no run is active (so the science runs the same with tracking off), and what keeps a
+run's record true: the store probed before the run, an interrupted run marked KILLED (never
+FINISHED), a run left RUNNING by a killed process recognised, and only complete sequences
+compared. Plain functions, no Kedro import: any hook can call them."""
 
 from __future__ import annotations
 
+import atexit
+import logging
 import math
 import os
+import signal
+import socket
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+from urllib.parse import urlparse
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_STORE_FILE = "mlflow.db"
 
@@ -58,19 +69,207 @@ def log_metrics(metrics: dict[str, float], step: int) -> None:
 
 FINAL_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt", "i2t_r1", "i2t_r5", "i2t_r10",
                  "t2i_r1", "t2i_r5", "t2i_r10")
+PROBE_TIMEOUT_S = 5.0
+HOST_TAG, PID_TAG, HEARTBEAT_TAG = "clip_continual.host", "clip_continual.pid", "clip_continual.heartbeat"
+TRACKING_OFF_HINT = ("point tracking.uri (or MLFLOW_TRACKING_URI) at a reachable store, or run "
+                     "without tracking: --params tracking.enabled=false")
 
+
+class TrackingStoreError(RuntimeError):
+    """The tracking store cannot be reached or written; the message says which and how to fix it."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the run unwinds, its MLflow run is marked KILLED."""
+
+
+# --- the store, probed once before a run ----------------------------------------------------
+
+def _probe_server(uri: str, timeout: float) -> None:
+    parsed = urlparse(uri)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        reason = f"no answer within {timeout:.0f} s" if isinstance(error, TimeoutError) else (
+            (error.strerror or str(error)).lower())
+        raise TrackingStoreError(
+            f"the MLflow tracking store {uri} cannot be reached ({reason}); "
+            f"{TRACKING_OFF_HINT}"
+        ) from error
+
+
+def _probe_folder(uri: str, path: Path) -> None:
+    from clip_continual.files import _unwritable
+
+    reason = _unwritable(path)
+    if reason is None and path.is_file() and not os.access(path, os.R_OK):
+        reason = "the file is not readable"
+    if reason:
+        raise TrackingStoreError(f"the MLflow tracking store {uri} cannot be written: {reason}; {TRACKING_OFF_HINT}")
+
+
+def probe_store(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail in seconds, naming the URI, the cause and the fix, when the store is unusable (MLflow
+    itself retries an unreachable server for minutes). Other schemes are left to MLflow."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        _probe_server(uri, timeout)
+    elif scheme == "sqlite" and uri.startswith("sqlite:///"):
+        _probe_folder(uri, Path(uri[len("sqlite:///"):]))
+    elif scheme in ("", "file"):
+        _probe_folder(uri, Path(urlparse(uri).path if scheme else uri) / "meta.yaml")
+
+
+# --- how a run ends --------------------------------------------------------------------------
+
+def status_for(error: BaseException | None) -> str:
+    """FINISHED when the pipeline ended, KILLED for Ctrl-C / SIGTERM, FAILED for an error."""
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
+def end_run_left_open(status: str = "KILLED") -> None:
+    """End the active MLflow run, if one is still open, with ``status``. Registered at exit
+    before MLflow's own handler, which would otherwise record an interrupted run as FINISHED."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is not None:
+        mlflow.end_run(status=status)
+        logger.warning("MLflow run %s ended early; marked %s.", run.info.run_id, status)
+
+
+_exit_handler_registered = False
+
+
+def guard_interruptions() -> Any:
+    """While a run is active: SIGTERM unwinds like Ctrl-C, and an exit with the run still open
+    marks it KILLED (atexit handlers run last-registered first, so before MLflow's). Returns
+    the previous SIGTERM handler, for ``restore_signals``."""
+    global _exit_handler_registered
+    if not _exit_handler_registered:
+        atexit.register(end_run_left_open, "KILLED")
+        _exit_handler_registered = True
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated(f"terminated by signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
+
+
+def restore_signals(previous: Any) -> None:
+    if previous is not None:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except ValueError:
+            pass
+
+
+def run_identity_tags() -> dict[str, str]:
+    """Tags that let a later run tell a live run from one whose process was killed."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), HEARTBEAT_TAG: f"{time.time():.0f}"}
+
+
+def heartbeat() -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tag(HEARTBEAT_TAG, f"{time.time():.0f}")
+
+
+def _process_gone(tags: dict[str, str]) -> bool:
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return False  # another machine's run: only its heartbeat tells
+    pid = int(tags[PID_TAG])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def close_abandoned_runs(uri: str, experiment_name: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this machine whose process is gone (SIGKILL, power loss)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    closed = []
+    for run in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'"):
+        if _process_gone(run.data.tags):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+            logger.warning("MLflow run %s (%s) was left RUNNING by a process that is gone; marked KILLED.",
+                           run.info.run_id, run.info.run_name)
+    return closed
+
+
+def log_stored_evaluations(evaluations: Iterable[dict[str, Any]]) -> None:
+    """Log evaluations computed by an earlier, interrupted run (a resumed run skips their nodes),
+    so the resumed run carries the whole sequence's curves."""
+    for evaluation in evaluations:
+        log_metrics({k: evaluation[k] for k in FINAL_METRICS if k in evaluation}, step=evaluation["step"])
+
+
+# --- which runs are results ------------------------------------------------------------------
 
 class NoRunsToCompare(LookupError):
     """The experiment has no finished runs to compare."""
 
 
-def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) -> list[dict[str, Any]]:
-    """The newest FINISHED run per method variant (of ``benchmark``, if given), with its final
-    metrics. Each alpha of a method that has one is its own variant, e.g. ``vr_lwf (alpha=1.0)``,
-    so a sweep does not hide the default run."""
-    from mlflow.tracking import MlflowClient
+def _expected_steps(benchmark: str | None) -> set[int] | None:
+    from clip_continual.benchmarks import BENCHMARKS
 
+    if benchmark not in BENCHMARKS:
+        return None
+    return set(range(len(BENCHMARKS[benchmark].phases) + 1))
+
+
+def why_not_a_result(client: Any, run: Any) -> str | None:
+    """None when ``run`` FINISHED with every step's metrics (0 = the start model .. T), else why not."""
+    status = run.info.status
+    if status != "FINISHED":
+        if status == "RUNNING" and _process_gone(run.data.tags):
+            return "left RUNNING by a process that was killed"
+        if status == "RUNNING":
+            beat = run.data.tags.get(HEARTBEAT_TAG)
+            since = f", last sign of life {time.time() - float(beat):.0f} s ago" if beat else ""
+            return f"still RUNNING (or killed without a trace{since})"
+        return {"KILLED": "KILLED (interrupted)", "FAILED": "FAILED (stopped by an error)"}.get(status, status)
+    expected = _expected_steps(run.data.tags.get("benchmark"))
+    if expected is None:
+        return None if "zs_acc" in run.data.metrics else "no zs_acc metric"
+    logged = {m.step for m in client.get_metric_history(run.info.run_id, "zs_acc")}
+    missing = sorted(expected - logged)
+    return f"incomplete sequence: no metrics for step(s) {missing}" if missing else None
+
+
+def _variant(run: Any) -> str | None:
     from clip_continual.methods import METHODS, method_takes_alpha
+
+    method = run.data.tags.get("method")
+    alpha = run.data.params.get("continual_learning.alpha", "None")
+    weighted = alpha not in ("None", "null", "") and method in METHODS and method_takes_alpha(method)
+    return f"{method} (alpha={alpha})" if weighted else method
+
+
+def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) -> list[dict[str, Any]]:
+    """The newest complete FINISHED run per method variant (of ``benchmark``, if given), with
+    its final metrics. Each alpha of a method that has one is its own variant, e.g.
+    ``vr_lwf (alpha=1.0)``, so a sweep does not hide the default run. Newer runs that are not
+    results (interrupted, failed, still running, incomplete) are skipped, with a warning why."""
+    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(experiment_name)
@@ -78,18 +277,18 @@ def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) 
         raise NoRunsToCompare(
             f"no MLflow experiment '{experiment_name}' in {uri}: run `kedro run` (once per method) first"
         )
-    query = "attributes.status = 'FINISHED'"
-    if benchmark:
-        query += f" and tags.benchmark = '{benchmark}'"
+    query = f"tags.benchmark = '{benchmark}'" if benchmark else ""
     runs = client.search_runs([experiment.experiment_id], filter_string=query,
                               order_by=["attributes.start_time DESC"])
     latest: dict[str, dict[str, Any]] = {}
     for run in runs:
-        method = run.data.tags.get("method")
-        alpha = run.data.params.get("continual_learning.alpha", "None")
-        weighted = alpha not in ("None", "null", "") and method in METHODS and method_takes_alpha(method)
-        variant = f"{method} (alpha={alpha})" if weighted else method
-        if method is None or variant in latest or "zs_acc" not in run.data.metrics:
+        variant = _variant(run)
+        if variant is None or variant in latest:
+            continue
+        reason = why_not_a_result(client, run)
+        if reason:
+            logger.warning("compare: skipped run %s (%s, %s): %s", run.info.run_id, variant,
+                           run.info.run_name, reason)
             continue
         latest[variant] = {
             "method": variant,
@@ -98,7 +297,7 @@ def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) 
         }
     if not latest:
         raise NoRunsToCompare(
-            f"experiment '{experiment_name}' has no finished runs"
+            f"experiment '{experiment_name}' has no complete finished runs"
             + (f" of benchmark '{benchmark}'" if benchmark else "")
             + ": run e.g. `kedro run --params method=ft` and `kedro run --params method=vr_lwf` first"
         )

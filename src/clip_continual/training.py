@@ -165,8 +165,8 @@ def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
 
 
 def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise TrainingConfigError(f"{name} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise TrainingConfigError(f"{name} must be a positive, finite number, got {value!r}")
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -246,6 +246,13 @@ def augment_crop_flip(
         crop = image[:, top : top + size, left : left + size]
         crops.append(crop.flip(-1) if flip else crop)
     return torch.stack(crops)
+
+
+def _diverged(values: dict[str, float], step: int, task_index: int, precision: str) -> str:
+    advice = "lower continual_learning.training.lr"
+    if precision != "fp32":  # fp32 is only advice where training is not already in fp32
+        advice += " or set continual_learning.training.precision=fp32"
+    return f"the loss became {values['loss']} at step {step + 1} of task {task_index} ({values}); {advice}"
 
 
 # --- devices and precision ----------------------------------------------------------------
@@ -466,10 +473,7 @@ def fine_tune(
                 step_times.append(time.perf_counter() - started)
                 values = dict(zip(["loss", *terms], numbers))
                 if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(
-                        f"the loss became {values['loss']} at step {step + 1} of task {task_index} "
-                        f"({values}); lower the learning rate or train in precision 'fp32'"
-                    )
+                    raise FloatingPointError(_diverged(values, step, task_index, precision))
                 for name, value in values.items():
                     history.setdefault(name, []).append(value)
                     window.setdefault(name, []).append(value)

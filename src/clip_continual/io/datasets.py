@@ -2,21 +2,26 @@
 
 Both write atomically (temporary file in the target folder, then rename), so an interrupted
 run never leaves a half-written artifact that a resumed run would mistake for a finished one.
+Both formats are zip files: a file that is not a readable zip (truncated, corrupt) does not
+count as existing, so ``kedro run --only-missing-outputs`` writes it again.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import logging
+import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from kedro.io import AbstractVersionedDataset, DatasetError, Version
 
 from clip_continual.data.common import ImageSet
+from clip_continual.files import atomic_write
 from clip_continual.models import ClipModel, ModelError, load_checkpoint, save_checkpoint
 from clip_continual.replay import ReplayVocabulary
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointDataset(AbstractVersionedDataset[ClipModel, ClipModel]):
@@ -42,23 +47,27 @@ class CheckpointDataset(AbstractVersionedDataset[ClipModel, ClipModel]):
 
     def load(self) -> ClipModel | None:
         path = Path(str(self._get_load_path()))
-        if self._missing_ok and not path.exists():
+        if self._missing_ok and not _readable_zip(self._get_load_path):
+            if path.exists():
+                logger.warning("'%s' is corrupt (not a readable checkpoint); it will be written again.", path)
             return None
         try:
-            return load_checkpoint(path)
+            model = load_checkpoint(path)
         except ModelError as error:
             raise DatasetError(str(error)) from error
+        model.origin = _identity(path)
+        return model
 
     def save(self, data: ClipModel) -> None:
         if not isinstance(data, ClipModel):
             raise DatasetError(f"CheckpointDataset saves ClipModel objects, got {type(data).__name__}")
-        save_checkpoint(data, str(self._get_save_path()))
+        path = Path(str(self._get_save_path()))
+        if data.origin is not None and data.origin == _identity(path):
+            return  # the model was loaded from this very file, which has not changed since
+        save_checkpoint(data, path)
 
     def _exists(self) -> bool:
-        try:
-            return Path(str(self._get_load_path())).is_file()
-        except DatasetError:
-            return False
+        return _readable_zip(self._get_load_path)
 
 
 _NPZ_TYPES = {"image_set": ImageSet, "replay_vocabulary": ReplayVocabulary}
@@ -94,7 +103,7 @@ class NpzDataset(AbstractVersionedDataset[Any, Any]):
         try:
             with np.load(path, allow_pickle=False) as bundle:
                 arrays = {name: bundle[name] for name in bundle.files}
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
             raise DatasetError(
                 f"cannot read '{path}' ({error}); it is missing or corrupt. Rerun the node that "
                 f"writes it (e.g. `kedro run --pipelines data_preparation`)."
@@ -103,19 +112,31 @@ class NpzDataset(AbstractVersionedDataset[Any, Any]):
 
     def save(self, data: Any) -> None:
         arrays = data if isinstance(data, dict) else data.to_arrays()
-        path = Path(str(self._get_save_path()))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                (np.savez_compressed if self._compress else np.savez)(handle, **arrays)
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        write = np.savez_compressed if self._compress else np.savez
+        size = sum(np.asarray(a).nbytes for a in arrays.values())
+        atomic_write(Path(str(self._get_save_path())), lambda handle: write(handle, **arrays), size)
 
     def _exists(self) -> bool:
-        try:
-            return Path(str(self._get_load_path())).is_file()
-        except DatasetError:
+        return _readable_zip(self._get_load_path)
+
+
+def _identity(path: Path) -> tuple[str, int, int] | None:
+    """What tells whether a file changed: its resolved path, modification time and size."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+def _readable_zip(load_path: Callable[[], PurePosixPath]) -> bool:
+    """The file exists and its zip directory reads (a truncated file fails here)."""
+    try:
+        path = Path(str(load_path()))
+        if not path.is_file():
             return False
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+        return True
+    except (DatasetError, OSError, zipfile.BadZipFile):
+        return False

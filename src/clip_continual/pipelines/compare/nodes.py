@@ -10,12 +10,13 @@ from kedro.utils import find_kedro_project
 from matplotlib.figure import Figure
 
 from clip_continual import reporting
-from clip_continual.tracking import latest_finished_runs, tracking_uri
+from clip_continual.tracking import latest_finished_runs, probe_store, tracking_uri
 
 
 def compare_methods(tracking: dict[str, Any], params: dict[str, Any]) -> tuple[pd.DataFrame, Figure]:
     # The same default store as the tracking hook's: the project's, also from a subfolder.
     uri = tracking_uri(tracking.get("uri"), find_kedro_project(Path.cwd()) or Path.cwd())
+    probe_store(uri)
     runs = latest_finished_runs(uri, params["experiment_name"], params.get("benchmark"))
     table = reporting.comparison_table(runs)
     return table, reporting.comparison_figure(table)

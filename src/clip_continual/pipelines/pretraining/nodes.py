@@ -9,7 +9,7 @@ import torch
 
 from clip_continual.data.common import ImageSet
 from clip_continual.evaluation import evaluate_retrieval, zero_shot_accuracy
-from clip_continual.models import ClipModel, ModelSpec, build_model
+from clip_continual.models import ClipModel, ModelSpec, build_model, require_architecture
 from clip_continual.pretraining import PretrainingConfig, pretrain
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ def pretrain_clip(
     enabled = params.pop("enabled", True)
     config = PretrainingConfig.from_params({**params, "seed": seed})
     key = _source_key(model_params, config if enabled else None, data_params)
+    if cached is not None:  # never reuse nor overwrite a checkpoint of another architecture
+        require_architecture(cached.spec.architecture, model_params["architecture"], "the cached start model")
     if cached is not None and cached.metadata.get("source") == key:
         logger.info("Reusing the pretrained model on disk (same settings); delete it to pretrain again.")
         return cached

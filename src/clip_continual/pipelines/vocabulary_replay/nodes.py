@@ -9,13 +9,17 @@ from clip_continual.models import ClipModel
 from clip_continual.replay import ReplayVocabulary, VocabularyConfig, build_vocabulary
 
 
-def build_replay_vocabulary(
-    model: ClipModel, params: dict[str, Any], method: str, seed: int
-) -> ReplayVocabulary:
+def vocabulary_config(params: dict[str, Any], method: str, seed: int) -> VocabularyConfig:
     """``mode: auto`` takes the vocabulary the method was published with (paper for vr_lwf,
     ZSCL's fixed table for vr_lwf_zscl)."""
     mode = params.get("mode", "auto")
     if mode == "auto":
         mode = method_class(method).default_vocabulary_mode or "paper"
-    config = VocabularyConfig.from_params({**params, "mode": mode, "seed": seed})
+    return VocabularyConfig.from_params({**params, "mode": mode, "seed": seed})
+
+
+def build_replay_vocabulary(
+    model: ClipModel, params: dict[str, Any], method: str, seed: int
+) -> ReplayVocabulary:
+    config = vocabulary_config(params, method, seed)
     return build_vocabulary(config, model.context_length, model.tokenizer)

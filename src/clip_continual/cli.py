@@ -1,0 +1,73 @@
+"""Project commands: Kedro's own ``kedro run``, with a failure summarised in its last lines.
+
+``kedro run`` takes every option of Kedro's command. When the run fails, the output ends with
+one line that says what is wrong and how to fix it, instead of a traceback; ``--traceback`` (or
+``CLIP_CONTINUAL_TRACEBACK=1``) shows the full traceback as well. Ctrl-C or SIGTERM mark the
+run's MLflow run KILLED, never FINISHED.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import click
+from kedro.framework.cli.project import run as kedro_run
+
+from clip_continual import tracking
+
+TRACEBACK_ENV = "CLIP_CONTINUAL_TRACEBACK"
+
+
+@click.group(name="clip-continual")
+def cli() -> None:
+    """clip-continual's project commands."""
+
+
+def _own_message(error: BaseException) -> str:
+    """The message of the first error in the chain raised by this project (it names the cause
+    and the fix), else the outermost error's last line (Kedro puts the cause last)."""
+    current: BaseException | None = error
+    seen = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__module__.startswith("clip_continual"):
+            return str(current)
+        current = current.__cause__ or current.__context__
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+
+
+def error_summary(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return ("interrupted; the MLflow run (if any) is marked KILLED. Finished tasks are kept: "
+                "`kedro run --only-missing-outputs` resumes from the first missing one.")
+    return _own_message(error)
+
+
+@cli.command(name="run", params=list(kedro_run.params), help=kedro_run.help,
+             context_settings=kedro_run.context_settings)
+@click.option("--traceback", "show_traceback", is_flag=True, help="On failure, print the full traceback too.")
+@click.pass_context
+def run(ctx: click.Context, show_traceback: bool, **kwargs) -> None:
+    try:
+        ctx.invoke(kedro_run, **kwargs)
+    except (click.exceptions.Exit, click.ClickException):
+        raise
+    except BaseException as error:
+        tracking.end_run_left_open(tracking.status_for(error))
+        if isinstance(error, SystemExit):
+            raise
+        if show_traceback or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            click.echo(traceback.format_exc(), err=True)
+        elif not isinstance(error, KeyboardInterrupt):
+            click.echo(f"(full traceback: `kedro run --traceback ...` or {TRACEBACK_ENV}=1)", err=True)
+        click.secho(f"Error: {error_summary(error)}", fg="red", err=True)
+        ctx.exit(_exit_code(error))
+
+
+def _exit_code(error: BaseException) -> int:
+    """The shell's conventions: 128 + the signal's number, 1 for an error."""
+    if isinstance(error, tracking.Terminated):
+        return 143
+    return 130 if isinstance(error, KeyboardInterrupt) else 1

@@ -1,0 +1,188 @@
+"""Parameter checks that run before any node: a typo or an impossible value fails at once,
+with one message naming the setting, what is wrong and how to fix it.
+
+The schema is conf/base itself: the known keys are the keys of the parameter files in
+conf/base, and a value must have its default's type (a block stays a block, a number stays a
+finite number, a switch stays true/false). Range rules belong to the config dataclass that
+reads a block (TrainingConfig, PretrainingConfig, VocabularyConfig) and are run from
+``BLOCK_CHECKS``.
+
+How to add a parameter: give it its default in a conf/base/parameters*.yml file (every
+setting has one there) and read it where it is needed; that makes the key known. If it has a
+range, check it in its config dataclass (or add a rule to ``BLOCK_CHECKS``). A block whose keys
+are the user's own (class prompts per dataset, a method's options) goes in ``OPEN_BLOCKS``.
+
+Plain Python; no Kedro import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Callable, Mapping
+
+# Blocks whose keys are chosen by the user, not by the project; only their values are checked.
+OPEN_BLOCKS = frozenset({"prompts", "continual_learning.training.method_options"})
+
+FIX_HINT = "Fix it in conf/ (parameters*.yml) or in --params."
+
+
+class ParameterError(ValueError):
+    """A parameter is unknown, of the wrong type, or out of range."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_number(value: Any) -> Any:
+    """YAML 1.1 and the command line hand over '1e-4' or 'inf' as strings."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _non_finite(value: Any) -> bool:
+    if _is_number(value):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
+def _unknown_key(name: str, key: str, known: list[str]) -> str:
+    parent = name.rpartition(".")[0]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else ""
+    block = f" of '{parent}'" if parent else " at the top level"
+    return f"unknown parameter '{name}'{hint}; known keys{block}: {', '.join(sorted(known))}"
+
+
+def _type_problem(name: str, value: Any, default: Any) -> str | None:
+    """What is wrong with ``value`` given its default's type, or None."""
+    if not isinstance(value, Mapping) and _non_finite(_as_number(value)):
+        return f"'{name}' must be finite, got {value!r}"
+    if default is None or value is None and not isinstance(default, Mapping):
+        return None  # a null default takes any value; null switches a setting to its fallback
+    expected = (
+        "a block of settings" if isinstance(default, Mapping)
+        else "true or false" if isinstance(default, bool)
+        else "a number" if _is_number(default)
+        else "a list" if isinstance(default, (list, tuple))
+        else "a string" if isinstance(default, str)
+        else None
+    )
+    fits = {
+        "a block of settings": isinstance(value, Mapping),
+        "true or false": isinstance(value, bool),
+        "a number": _is_number(_as_number(value)),
+        "a list": isinstance(value, (list, tuple)),
+        "a string": isinstance(value, str),
+        None: True,
+    }[expected]
+    return None if fits else f"'{name}' must be {expected} (default: {default!r}), got {value!r}"
+
+
+def schema_problems(params: Mapping[str, Any], defaults: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every key of ``params`` checked against ``defaults`` (conf/base), recursively."""
+    problems: list[str] = []
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if name in OPEN_BLOCKS:
+            if not isinstance(value, Mapping):
+                problems.append(f"'{name}' must be a block of settings, got {value!r}")
+            elif _non_finite(value):
+                problems.append(f"'{name}' holds a value that is not finite: {value!r}")
+            continue
+        if key not in defaults:
+            problems.append(_unknown_key(name, str(key), [str(k) for k in defaults]))
+            continue
+        problem = _type_problem(name, value, defaults[key])
+        if problem:
+            problems.append(problem)
+        elif isinstance(value, Mapping) and isinstance(defaults[key], Mapping):
+            problems += schema_problems(value, defaults[key], f"{name}.")
+    return problems
+
+
+# --- range rules of each block (the config dataclasses own most of them) --------------------
+
+def _check_method(params: Mapping[str, Any]) -> None:
+    from clip_continual.methods import method_class
+
+    method_class(params.get("method"))
+
+
+def _check_continual_learning(params: Mapping[str, Any]) -> None:
+    from clip_continual.pipelines.continual_learning.nodes import training_config
+
+    training_config(params.get("method"), dict(params.get("continual_learning") or {}),
+                    params.get("seed", 0), default_teacher="previous")
+
+
+def _check_pretraining(params: Mapping[str, Any]) -> None:
+    from clip_continual.pretraining import PretrainingConfig
+
+    block = {k: v for k, v in (params.get("pretraining") or {}).items() if k != "enabled"}
+    PretrainingConfig.from_params({**block, "seed": params.get("seed", 0)})
+
+
+def _check_vocabulary(params: Mapping[str, Any]) -> None:
+    from clip_continual.pipelines.vocabulary_replay.nodes import vocabulary_config
+
+    vocabulary_config(dict(params.get("vocabulary_replay") or {}), params.get("method"), params.get("seed", 0))
+
+
+def _check_sizes(params: Mapping[str, Any]) -> None:
+    """Sizes and counts that no config dataclass reads as a whole."""
+    rules = {
+        ("seed",): 0,
+        ("data_preparation", "image_size"): 8,
+        ("data_preparation", "shapes", "corpus_size"): 1,
+        ("data_preparation", "shapes", "zero_shot_per_class"): 1,
+        ("data_preparation", "shapes", "retrieval_size"): 1,
+        ("evaluation", "batch_size"): 1,
+        ("evaluation", "retrieval_folds"): 1,
+        ("tracking", "log_every"): 1,
+    }
+    for path, minimum in rules.items():
+        value: Any = params
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+            raise ValueError(f"'{'.'.join(path)}' must be an integer >= {minimum}, got {value!r}")
+    fraction = ((params.get("data_preparation") or {}).get("digits") or {}).get("test_fraction")
+    if fraction is not None and not (_is_number(fraction) and 0 < fraction < 1):
+        raise ValueError(f"'data_preparation.digits.test_fraction' must be between 0 and 1, got {fraction!r}")
+
+
+# Block name -> check of the whole parameter tree; raises ValueError naming the setting. Run
+# in order, up to the first failure (a bad method would fail every block that depends on it).
+BLOCK_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
+    "method": _check_method,
+    "continual_learning": _check_continual_learning,
+    "pretraining": _check_pretraining,
+    "vocabulary_replay": _check_vocabulary,
+    "sizes": _check_sizes,
+}
+
+
+def check_parameters(params: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Raise one ``ParameterError`` listing every unknown key, wrong type, non-finite or
+    out-of-range value of ``params`` (the run's parameters) against ``defaults`` (conf/base)."""
+    problems = schema_problems(params, defaults)
+    if not problems:  # range rules assume the types are right
+        for block, check in BLOCK_CHECKS.items():
+            try:
+                check(params)
+            except ValueError as error:
+                message = str(error).rstrip(".")
+                problems.append(message if block in message else f"{block}: {message}")
+                break
+    if problems:
+        raise ParameterError(f"invalid parameters: {'; '.join(problems)}. {FIX_HINT}")
