@@ -73,7 +73,8 @@ def test_adapters_and_zscl_run_one_task_through_the_pipeline(project, method):
     summary = json.loads((outputs / "task_1_training.json").read_text())
     assert summary["method"] == method and summary["wall_time_s"] > 0
     model = CheckpointDataset(filepath=str(models / "task_1.pt")).load()
-    pretrained = CheckpointDataset(filepath=str(project / "data" / "06_models" / "pretrained_model.pt")).load()
+    (start,) = (project / "data" / "06_models" / "pretrained").glob("*/model.pt")  # its source-key folder
+    pretrained = CheckpointDataset(filepath=str(start)).load()
     total = sum(p.numel() for p in pretrained.model.parameters())
     if method == "zscl":
         assert adapter_recipe(model.model) is None and summary["trainable_parameters"] == total
