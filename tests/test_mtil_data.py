@@ -207,6 +207,14 @@ def test_few_shot_draws_k_per_class_reproducibly():
         mtil.few_shot_positions(labels, shots=0, seed=0)
 
 
+def test_few_shot_source_keeps_k_images_per_class(raw):
+    root, _ = raw
+    train = tvs.load_split("eurosat", root, "train")
+    shots = mtil.few_shot(train, 1, seed=0)
+    assert sorted(shots.labels) == sorted(set(train.labels)) and len(shots) == len(set(train.labels))
+    assert shots.open_image(0).mode == "RGB" and mtil.few_shot(train, None, seed=0) is train
+
+
 def test_cifar100_class_order_and_steps():
     order = cil.CIFAR100_CLASS_ORDER
     assert sorted(order) == list(range(100)) and order[:4] == (87, 0, 52, 58) and order[-1] == 39

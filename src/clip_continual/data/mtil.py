@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clip_continual.data.source import SubsetSource
 from clip_continual.data.torchvision_sets import SPECS
 
 # ZSCL mtil/scripts/ZSCL.sh (and lwf.sh, lwf_vr.sh, wc.sh, ...): dataset=(Aircraft Caltech101 ...)
@@ -94,3 +95,10 @@ def few_shot_positions(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
         members = np.flatnonzero(labels == label)
         chosen.append(rng.choice(members, size=min(shots, len(members)), replace=False))
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def few_shot(source: SubsetSource, shots: int | None, seed: int) -> SubsetSource:
+    """``shots`` training images per class of ``source`` (None: all of them)."""
+    if shots is None:
+        return source
+    return source.subset(few_shot_positions(source.labels, shots, seed))

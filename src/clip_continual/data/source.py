@@ -68,6 +68,10 @@ class SubsetSource:
         image, label = self.dataset[int(self.indices[i])]
         return as_rgb(image), int(label)
 
+    def open_image(self, i: int) -> Image.Image:
+        """Example ``i``'s image alone (the lazy-image interface of the DataLoader path)."""
+        return self[i][0]
+
     def subset(self, positions: np.ndarray) -> SubsetSource:
         """The examples at ``positions`` of this source (positions, not dataset indices)."""
         return SubsetSource(
