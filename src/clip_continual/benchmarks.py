@@ -1,7 +1,13 @@
-"""Benchmarks: which updated task, split into which phases, taught by which teacher.
+"""Benchmarks: a sequence of tasks plus an evaluation suite, all named by catalog entries.
 
-A benchmark's task count is part of its definition, known when pipelines are registered:
-Kedro cannot reshape a pipeline from runtime parameters.
+Each task names the prepared dataset it trains on and the classes it learns (a phase of one
+dataset, as in the paper's MST, or all of it, as in OST). The evaluation suite names the updated
+task's test set, any number of zero-shot sets (each with its prompt templates) and any number of
+retrieval sets. A benchmark's task count is part of its definition, known when pipelines are
+registered: Kedro cannot reshape a pipeline from runtime parameters.
+
+Prompts are named by their key in the benchmark's ``prompts`` parameters, so a user can change a
+template with ``--params`` without touching code.
 """
 
 from __future__ import annotations
@@ -10,36 +16,160 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Benchmark:
+class Task:
+    """One training session: ``train_set`` (a catalog entry) restricted to ``classes``."""
+
     name: str
-    updated_task: str  # prefix of the prepared `<updated_task>_train` / `_test` datasets
-    phases: tuple[tuple[int, ...], ...]  # class ids trained in each task, in order
+    train_set: str
+    classes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ZeroShotSet:
+    """A held-out classification set scored zero-shot with the templates ``prompts[prompt_key]``."""
+
+    dataset: str
+    prompt_key: str
+
+
+@dataclass(frozen=True)
+class RetrievalSet:
+    """An image-caption set; ``folds`` splits it into equal folds whose metrics are averaged
+    (5 on COCO 5K: the 1K-test protocol); None takes ``evaluation.retrieval_folds``."""
+
+    dataset: str
+    folds: int | None = None
+
+
+@dataclass(frozen=True)
+class EvaluationSuite:
+    """What is measured after every task. ``updated_prompt_key`` names the updated task's class
+    prompt in ``prompts``. The first zero-shot set and the first retrieval set give the
+    headline columns (``zs_acc`` averages all zero-shot sets; every set is also reported alone)."""
+
+    updated_test: str
+    updated_prompt_key: str
+    zero_shot: tuple[ZeroShotSet, ...] = ()
+    retrieval: tuple[RetrievalSet, ...] = ()
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        return (self.updated_test, *(s.dataset for s in self.zero_shot), *(s.dataset for s in self.retrieval))
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """``params`` names the benchmark's own parameters block (``parameters_<name>.yml``), whose
+    ``model``, ``continual_learning``, ``evaluation``, ``prompts`` and ``loader`` replace the global
+    blocks; None (the embedded default) reads the global blocks. ``pretrained_model`` is the
+    catalog entry the first task starts from."""
+
+    name: str
+    tasks: tuple[Task, ...]
+    suite: EvaluationSuite
     default_teacher: str  # "previous" (MST) or "pretrained" (OST)
     description: str
+    params: str | None = None
+    pretrained_model: str = "pretrained_model"
+
+    def __post_init__(self) -> None:
+        names = [task.name for task in self.tasks]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"benchmark '{self.name}' needs tasks with distinct names, got {names}")
 
     @property
     def task_names(self) -> tuple[str, ...]:
-        return tuple(f"task_{k}" for k in range(1, len(self.phases) + 1))
+        return tuple(task.name for task in self.tasks)
+
+    @property
+    def phases(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(task.classes for task in self.tasks)
 
     @property
     def protocol(self) -> str:
-        return "ost" if len(self.phases) == 1 else "mst"
+        return "ost" if len(self.tasks) == 1 else "mst"
 
+    def params_block(self, block: str) -> str:
+        """The parameters entry a node of this benchmark reads, e.g. ``params:coco_mst.evaluation``."""
+        return f"params:{self.params}.{block}" if self.params else f"params:{block}"
+
+
+def class_tasks(train_set: str, phases: tuple[tuple[int, ...], ...]) -> tuple[Task, ...]:
+    """``task_1 .. task_T``, each a phase of one training set."""
+    return tuple(Task(f"task_{k}", train_set, tuple(phase)) for k, phase in enumerate(phases, start=1))
+
+
+def consecutive_phases(num_classes: int, per_task: int) -> tuple[tuple[int, ...], ...]:
+    """Classes 0..C-1 in their order, ``per_task`` at a time (the paper's MST splits)."""
+    if num_classes % per_task:
+        raise ValueError(f"{num_classes} classes do not split into tasks of {per_task}")
+    return tuple(tuple(range(start, start + per_task)) for start in range(0, num_classes, per_task))
+
+
+_SHAPES_SUITE = EvaluationSuite(
+    updated_test="digits_test",
+    updated_prompt_key="digits",
+    zero_shot=(ZeroShotSet("shapes_zero_shot", "shapes"),),
+    retrieval=(RetrievalSet("shapes_retrieval"),),
+)
+
+# The paper's COCO protocols (PAPER.md): 80 classes in category-id order; zero-shot on the
+# held-out tiered-ImageNet classes; retrieval on COCO 5K (mean of five 1K folds) and Flickr30K 1K.
+_COCO_SUITE = EvaluationSuite(
+    updated_test="prepared_coco_test",
+    updated_prompt_key="coco",
+    zero_shot=(ZeroShotSet("prepared_zero_shot", "zero_shot"),),
+    retrieval=(RetrievalSet("prepared_coco_retrieval", folds=5), RetrievalSet("prepared_flickr_retrieval", folds=1)),
+)
+
+_EUROSAT_SUITE = EvaluationSuite(
+    updated_test="prepared_eurosat_test",
+    updated_prompt_key="eurosat",
+    zero_shot=(ZeroShotSet("prepared_zero_shot", "zero_shot"),),
+    retrieval=(RetrievalSet("prepared_coco_retrieval", folds=5), RetrievalSet("prepared_flickr_retrieval", folds=1)),
+)
 
 BENCHMARKS = {
     "digits_mst": Benchmark(
         name="digits_mst",
-        updated_task="digits",
-        phases=((0, 1), (2, 3), (4, 5), (6, 7), (8, 9)),
+        tasks=class_tasks("digits_train", consecutive_phases(10, 2)),
+        suite=_SHAPES_SUITE,
         default_teacher="previous",
         description="handwritten digits, 5 sessions of 2 classes (multi-session training)",
     ),
     "digits_ost": Benchmark(
         name="digits_ost",
-        updated_task="digits",
-        phases=(tuple(range(10)),),
+        tasks=class_tasks("digits_train", (tuple(range(10)),)),
+        suite=_SHAPES_SUITE,
         default_teacher="pretrained",
         description="handwritten digits, all 10 classes at once (one-session training)",
+    ),
+    "coco_ost": Benchmark(
+        name="coco_ost",
+        tasks=class_tasks("prepared_coco_train", (tuple(range(80)),)),
+        suite=_COCO_SUITE,
+        default_teacher="pretrained",
+        description="COCO 2014 object crops, all 80 classes at once (the paper's OST)",
+        params="coco_ost",
+        pretrained_model="coco_ost.pretrained_model",
+    ),
+    "coco_mst": Benchmark(
+        name="coco_mst",
+        tasks=class_tasks("prepared_coco_train", consecutive_phases(80, 10)),
+        suite=_COCO_SUITE,
+        default_teacher="previous",
+        description="COCO 2014 object crops, 8 sessions of 10 classes in category order (the paper's MST)",
+        params="coco_mst",
+        pretrained_model="coco_mst.pretrained_model",
+    ),
+    "eurosat_mst": Benchmark(
+        name="eurosat_mst",
+        tasks=class_tasks("prepared_eurosat_train", consecutive_phases(10, 2)),
+        suite=_EUROSAT_SUITE,
+        default_teacher="previous",
+        description="EuroSAT RGB, 5 sessions of 2 classes (the paper's remote-sensing MST)",
+        params="eurosat_mst",
+        pretrained_model="eurosat_mst.pretrained_model",
     ),
 }
 DEFAULT_BENCHMARK = "digits_mst"

@@ -25,6 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from clip_continual.data.common import ImageSet
+from clip_continual.data.loading import (
+    InMemoryImages, LazyImages, LoaderConfig, TrainBatch, TrainingSource, training_source,
+)
 from clip_continual.methods import ContinualMethod, MethodConfigError, get_method
 from clip_continual.methods.base import Batch, TaskContext, Teacher, evaluation_mode
 from clip_continual.models import (
@@ -322,9 +325,193 @@ def _prepare_teacher(
     return teacher
 
 
+@dataclass
+class _Task:
+    """What one task's steps share: the student, its trainable parameters, the method's task
+    context, optimizer and scaler, and the batches in order."""
+
+    student: ClipModel
+    trainable: list[torch.nn.Parameter]
+    context: TaskContext
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    plan: TrainingPlan
+    device: torch.device
+    precision: str
+    setup_time: float = 0.0
+
+
+def _checked_classes(
+    source: TrainingSource, class_prompts: Sequence[str], current_classes: Sequence[int] | None,
+    seen_classes: Sequence[int] | None,
+) -> tuple[list[int], list[int]]:
+    if len(class_prompts) != len(source.class_names):
+        raise ValueError(
+            f"{len(class_prompts)} class prompts for {len(source.class_names)} classes; give "
+            f"one prompt per class of the updated task, index = global label"
+        )
+    current = _class_ids("current_classes", current_classes, list(range(len(class_prompts))))
+    seen = _class_ids("seen_classes", seen_classes, current)
+    if not set(np.unique(source.labels).tolist()) <= set(current):
+        raise ValueError(
+            "the training set has labels outside current_classes; restrict it with "
+            "restrict_to_classes(current_classes)"
+        )
+    return current, seen
+
+
+def _checked_vocabulary(method: ContinualMethod, vocabulary: ReplayVocabulary | None,
+                        start: ClipModel) -> ReplayVocabulary | None:
+    if not method.needs_vocabulary:
+        return None
+    if vocabulary is None:
+        raise ValueError(
+            f"method '{method.name}' needs a replayed vocabulary; build one with "
+            f"replay.build_vocabulary(VocabularyConfig(mode='{method.default_vocabulary_mode}'), "
+            f"model.context_length)"
+        )
+    if vocabulary.context_length != start.context_length:
+        raise ValueError(
+            f"the vocabulary was built for context length {vocabulary.context_length}, the "
+            f"model has {start.context_length}; rebuild the vocabulary for this model"
+        )
+    if vocabulary.config.mode != method.default_vocabulary_mode:
+        logger.warning(
+            "method '%s' was published with vocabulary mode '%s'; this run replays mode '%s'",
+            method.name, method.default_vocabulary_mode, vocabulary.config.mode,
+        )
+    return vocabulary
+
+
+def _start_task(
+    start: ClipModel, source: TrainingSource, class_prompts: Sequence[str], current: list[int],
+    seen: list[int], config: TrainingConfig, method: ContinualMethod,
+    vocabulary: ReplayVocabulary | None, teacher: ClipModel | None, task_index: int,
+) -> _Task:
+    """Devices, precision, the student copy, the teacher and the optimizer of one task."""
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    autocast = autocast_for(precision, device)
+    torch.manual_seed(config.seed + task_index)
+    student = start.clone()
+    student.model.to(device)
+    trainable = set_trainable_parts(student.model, config.parts)
+    student.model.train()
+    teacher_clip = _prepare_teacher(method, start, teacher, config, device)
+    plan = plan_training(config, len(source))
+    context = TaskContext(
+        task_index=task_index,
+        device=device,
+        class_tokens=student.tokenize(list(class_prompts)).to(device),
+        current_classes=torch.tensor(current, device=device),
+        seen_classes=torch.tensor(seen, device=device),
+        vocabulary=vocabulary,
+        teacher=None if teacher_clip is None else Teacher(teacher_clip.model, autocast),
+        autocast=autocast,
+    )
+    logger.info(
+        "task %d: %s %s, %d steps (%d per epoch, batch %d), parts %s (%d trainable parameters), "
+        "%s %s", task_index, method.name, method.hyper_parameters(), plan.total_steps,
+        plan.steps_per_epoch, plan.batch_size, config.parts, sum(p.numel() for p in trainable),
+        device, precision,
+    )
+    return _Task(student, trainable, context, build_optimizer(trainable, config),
+                 torch.amp.GradScaler(device.type, enabled=precision == "fp16"), plan, device, precision)
+
+
+def _precompute_teacher(task: _Task, source: TrainingSource, config: TrainingConfig,
+                        method: ContinualMethod) -> None:
+    """The fixed teacher's features of every clean training image, once per task; pays once
+    the task shows every image at least once on average."""
+    teacher_reads_clean = method.distills_clean_images or config.augment == "none"
+    plan = task.plan
+    if (task.context.teacher is not None and method.uses_teacher_images and teacher_reads_clean
+            and plan.total_steps * plan.batch_size >= plan.num_images):
+        batches = source.clean_batches(task.student, max(plan.batch_size, MIN_PRECOMPUTE_BATCH), task.device)
+        task.context.teacher.precompute_image_features(
+            ((torch.from_numpy(indices).to(task.device), pixels) for indices, pixels in batches),
+            plan.num_images,
+        )
+
+
+def _batches(task: _Task, source: TrainingSource, config: TrainingConfig, method: ContinualMethod,
+             task_seed: int) -> Iterator[TrainBatch]:
+    """The task's batches in the order of ``BatchOrder``: a pure function of (seed, step)."""
+    order = BatchOrder(task.plan, task_seed)
+    indices = [order.indices(step) for step in range(task.plan.total_steps)]
+    need_clean = config.augment == "crop_flip" and method.distills_clean_images
+    if isinstance(source, InMemoryImages):
+        def augment(step: int, images: np.ndarray) -> torch.Tensor:
+            generator = torch.Generator().manual_seed(derive_seed(task_seed, _STREAM_AUGMENT, step))
+            return augment_crop_flip(images, task.student, generator, task.device)
+
+        return source.train_batches(task.student, indices, task.device,
+                                    augment if config.augment == "crop_flip" else None, need_clean)
+    return source.train_batches(task.student, indices, task.device, config.augment == "crop_flip",
+                                need_clean, seed=task_seed)
+
+
+def _optimizer_step(task: _Task, method: ContinualMethod, batch: Batch, lr: float,
+                    config: TrainingConfig) -> dict[str, float]:
+    """One update; returns the loss terms, their sum ``loss``, as plain numbers."""
+    for group in task.optimizer.param_groups:
+        group["lr"] = lr
+    with task.context.autocast():
+        terms = method.loss_terms(task.student.model, batch, task.context)
+    loss = torch.stack(list(terms.values())).sum()
+    task.optimizer.zero_grad(set_to_none=True)
+    task.scaler.scale(loss).backward()
+    if config.grad_clip_norm is not None:
+        task.scaler.unscale_(task.optimizer)
+        torch.nn.utils.clip_grad_norm_(task.trainable, config.grad_clip_norm)
+    task.scaler.step(task.optimizer)
+    task.scaler.update()
+    if hasattr(task.student.model, "logit_scale"):
+        with torch.no_grad():
+            task.student.model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+    # One device sync per step: all terms and the total come back together.
+    numbers = torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float().tolist()
+    return dict(zip(["loss", *terms], numbers))
+
+
+def _train_steps(
+    task: _Task, batches: Iterator[TrainBatch], source: TrainingSource, config: TrainingConfig,
+    method: ContinualMethod, vocabulary: ReplayVocabulary | None, task_index: int,
+    on_step: Callable[[int, dict[str, float]], None] | None,
+) -> tuple[dict[str, list[float]], list[float]]:
+    """The loop over steps; returns every loss term's history and the step times."""
+    plan, history, step_times, window = task.plan, {}, [], {}
+    progress = tqdm(range(plan.total_steps), desc=f"task {task_index} {method.name}",
+                    disable=not config.progress, leave=False)
+    started = time.perf_counter()
+    for step, train_batch in zip(progress, batches):
+        lr = learning_rate_at(step, config.lr, config.schedule, plan.milestone_steps, config.lr_gamma)
+        batch = _make_batch(step, train_batch, source, vocabulary, task_index, task.device)
+        values = _optimizer_step(task, method, batch, lr, config)
+        step_times.append(time.perf_counter() - started)
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(
+                f"the loss became {values['loss']} at step {step + 1} of task {task_index} "
+                f"({values}); lower the learning rate or train in precision 'fp32'"
+            )
+        for name, value in values.items():
+            history.setdefault(name, []).append(value)
+            window.setdefault(name, []).append(value)
+        progress.set_postfix({k: f"{np.mean(v):.4f}" for k, v in window.items()}, refresh=False)
+        if (step + 1) % config.log_every == 0 or step + 1 == plan.total_steps:
+            logger.info("task %d step %d/%d lr %.3g %s", task_index, step + 1, plan.total_steps,
+                        lr, {k: round(float(np.mean(v)), 5) for k, v in window.items()})
+            window = {}
+        if on_step is not None:
+            on_step(step + 1, {**values, "lr": lr})
+        started = time.perf_counter()  # the next step's time includes waiting for its batch
+    progress.close()
+    return history, step_times
+
+
 def fine_tune(
     start: ClipModel,
-    train_set: ImageSet,
+    train_set: ImageSet | TrainingSource | LazyImages,
     class_prompts: Sequence[str],
     current_classes: Sequence[int] | None = None,
     seen_classes: Sequence[int] | None = None,
@@ -334,147 +521,47 @@ def fine_tune(
     task_index: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     method: ContinualMethod | None = None,
+    loader: LoaderConfig | None = None,
 ) -> tuple[ClipModel, dict[str, Any]]:
     """Fine-tune a copy of ``start`` on ``train_set`` and return it with a summary.
 
-    ``class_prompts`` are the prompts of ALL classes of the updated task (index = global label);
-    ``current_classes`` (default: all) are learnt now, ``seen_classes`` (default: the current
-    ones) are all classes learnt so far, current included. ``teacher`` is the frozen model the
-    method distils from (may be ``start`` itself); it is only read. ``on_step(step, values)``
-    is called after every optimizer step with the 1-based step of this task and the loss terms,
-    their sum ``loss`` and the learning rate ``lr``. ``method`` overrides the method named by
-    ``config`` with a ready instance. ``start`` is never modified.
+    ``train_set`` is an in-memory ``ImageSet`` or a lazy set (a prepared split, an
+    ``ImageIndex``) read by DataLoader workers as ``loader`` says. ``class_prompts`` are the
+    prompts of ALL classes of the updated task (index = global label); ``current_classes``
+    (default: all) are learnt now, ``seen_classes`` (default: the current ones) are all classes
+    learnt so far, current included. ``teacher`` is the frozen model the method distils from
+    (may be ``start`` itself); it is only read. ``on_step(step, values)`` is called after every
+    optimizer step with the 1-based step of this task and the loss terms, their sum ``loss`` and
+    the learning rate ``lr``. ``method`` overrides the method named by ``config`` with a ready
+    instance. ``start`` is never modified.
     """
     config = config or TrainingConfig()
     method = method or config.build_method()
-    if len(class_prompts) != len(train_set.class_names):
-        raise ValueError(
-            f"{len(class_prompts)} class prompts for {len(train_set.class_names)} classes; give "
-            f"one prompt per class of the updated task, index = global label"
-        )
-    all_classes = list(range(len(class_prompts)))
-    current = _class_ids("current_classes", current_classes, all_classes)
-    seen = _class_ids("seen_classes", seen_classes, current)
-    if not set(np.unique(train_set.labels).tolist()) <= set(current):
-        raise ValueError(
-            "the training set has labels outside current_classes; restrict it with "
-            "ImageSet.restrict_to_classes(current_classes)"
-        )
-    if method.needs_vocabulary:
-        if vocabulary is None:
-            raise ValueError(
-                f"method '{method.name}' needs a replayed vocabulary; build one with "
-                f"replay.build_vocabulary(VocabularyConfig(mode='{method.default_vocabulary_mode}'), "
-                f"model.context_length)"
-            )
-        if vocabulary.context_length != start.context_length:
-            raise ValueError(
-                f"the vocabulary was built for context length {vocabulary.context_length}, the "
-                f"model has {start.context_length}; rebuild the vocabulary for this model"
-            )
-        if vocabulary.config.mode != method.default_vocabulary_mode:
-            logger.warning(
-                "method '%s' was published with vocabulary mode '%s'; this run replays mode '%s'",
-                method.name, method.default_vocabulary_mode, vocabulary.config.mode,
-            )
-    else:
-        vocabulary = None
-
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    autocast = autocast_for(precision, device)
-    task_seed = config.seed + task_index
-    torch.manual_seed(task_seed)
-
-    student = start.clone()
-    student.model.to(device)
-    trainable = set_trainable_parts(student.model, config.parts)
-    student.model.train()
-    teacher_clip = _prepare_teacher(method, start, teacher, config, device)
-
-    plan = plan_training(config, len(train_set))
-    optimizer = build_optimizer(trainable, config)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    order = BatchOrder(plan, task_seed)
-    trainable_count = sum(p.numel() for p in trainable)
-    logger.info(
-        "task %d: %s %s, %d steps (%d per epoch, batch %d), parts %s (%d trainable parameters), "
-        "%s %s", task_index, method.name, method.hyper_parameters(), plan.total_steps,
-        plan.steps_per_epoch, plan.batch_size, config.parts, trainable_count, device, precision,
-    )
-
-    step_times: list[float] = []
-    history: dict[str, list[float]] = {}
+    source = training_source(train_set, loader)
+    current, seen = _checked_classes(source, class_prompts, current_classes, seen_classes)
+    vocabulary = _checked_vocabulary(method, vocabulary, start)
+    task = _start_task(start, source, class_prompts, current, seen, config, method, vocabulary,
+                       teacher, task_index)
     setup_started = time.perf_counter()
-    with evaluation_mode(teacher_clip.model if teacher_clip is not None else None):
-        task = TaskContext(
-            task_index=task_index,
-            device=device,
-            class_tokens=student.tokenize(list(class_prompts)).to(device),
-            current_classes=torch.tensor(current, device=device),
-            seen_classes=torch.tensor(seen, device=device),
-            vocabulary=vocabulary,
-            teacher=None if teacher_clip is None else Teacher(teacher_clip.model, autocast),
-            autocast=autocast,
-        )
-        teacher_reads_clean = method.distills_clean_images or config.augment == "none"
-        # Precomputing pays once the task shows every image at least once on average.
-        if (task.teacher is not None and method.uses_teacher_images and teacher_reads_clean
-                and plan.total_steps * plan.batch_size >= plan.num_images):
-            task.teacher.precompute_image_features(
-                _clean_batches(student, train_set, max(plan.batch_size, MIN_PRECOMPUTE_BATCH), device),
-                plan.num_images,
-            )
-        method.before_task(task)
-        setup_time = time.perf_counter() - setup_started
+    with evaluation_mode(task.context.teacher.model if task.context.teacher is not None else None):
+        _precompute_teacher(task, source, config, method)
+        method.before_task(task.context)
+        task.setup_time = time.perf_counter() - setup_started
         try:
-            progress = tqdm(range(plan.total_steps), desc=f"task {task_index} {method.name}",
-                            disable=not config.progress, leave=False)
-            window: dict[str, list[float]] = {}
-            for step in progress:
-                started = time.perf_counter()
-                lr = learning_rate_at(step, config.lr, config.schedule, plan.milestone_steps, config.lr_gamma)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batch = _make_batch(step, order.indices(step), train_set, student, vocabulary,
-                                    config, method, task_index, task_seed, device)
-                with autocast():
-                    terms = method.loss_terms(student.model, batch, task)
-                loss = torch.stack(list(terms.values())).sum()
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.grad_clip_norm is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                if hasattr(student.model, "logit_scale"):
-                    with torch.no_grad():
-                        student.model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
-                # One device sync per step: all terms and the total come back together.
-                numbers = torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float().tolist()
-                step_times.append(time.perf_counter() - started)
-                values = dict(zip(["loss", *terms], numbers))
-                if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(
-                        f"the loss became {values['loss']} at step {step + 1} of task {task_index} "
-                        f"({values}); lower the learning rate or train in precision 'fp32'"
-                    )
-                for name, value in values.items():
-                    history.setdefault(name, []).append(value)
-                    window.setdefault(name, []).append(value)
-                progress.set_postfix({k: f"{np.mean(v):.4f}" for k, v in window.items()}, refresh=False)
-                if (step + 1) % config.log_every == 0 or step + 1 == plan.total_steps:
-                    logger.info("task %d step %d/%d lr %.3g %s", task_index, step + 1, plan.total_steps,
-                                lr, {k: round(float(np.mean(v)), 5) for k, v in window.items()})
-                    window = {}
-                if on_step is not None:
-                    on_step(step + 1, {**values, "lr": lr})
-            progress.close()
+            batches = _batches(task, source, config, method, config.seed + task_index)
+            history, step_times = _train_steps(task, batches, source, config, method, vocabulary,
+                                               task_index, on_step)
         finally:
-            method.after_task(task, student.model)
+            method.after_task(task.context, task.student.model)
+    return _finish(task, method, config, history, step_times, task_index)
 
-    # Hand back a plain model: eval mode, every parameter trainable again, as CLIP loads.
+
+def _finish(task: _Task, method: ContinualMethod, config: TrainingConfig,
+            history: dict[str, list[float]], step_times: list[float], task_index: int,
+            ) -> tuple[ClipModel, dict[str, Any]]:
+    """Hand back a plain model (eval mode, every parameter trainable again, as CLIP loads) and
+    the task's summary."""
+    student, plan = task.student, task.plan
     student.model.eval()
     for parameter in student.model.parameters():
         parameter.requires_grad_(True)
@@ -487,18 +574,18 @@ def fine_tune(
         "epochs": plan.total_steps / plan.steps_per_epoch,
         "num_images": plan.num_images,
         "batch_size": plan.batch_size,
-        "trainable_parameters": trainable_count,
+        "trainable_parameters": sum(p.numel() for p in task.trainable),
         "median_step_time_s": statistics.median(step_times),
         "train_time_s": float(sum(step_times)),
-        "setup_time_s": setup_time,
+        "setup_time_s": task.setup_time,
         "final_losses": {name: values[-1] for name, values in history.items()},
         "mean_losses": {name: float(np.mean(values)) for name, values in history.items()},
         "final_lr": learning_rate_at(plan.total_steps - 1, config.lr, config.schedule,
                                      plan.milestone_steps, config.lr_gamma),
         "logit_scale": (float(student.model.logit_scale.detach().exp())
                         if hasattr(student.model, "logit_scale") else None),
-        "device": str(device),
-        "precision": precision,
+        "device": str(task.device),
+        "precision": task.precision,
     }
     student.metadata.setdefault("training", []).append(
         {"task_index": task_index, "method": method.name, "steps": plan.total_steps,
@@ -507,33 +594,14 @@ def fine_tune(
     return student, summary
 
 
-def _clean_batches(
-    clip: ClipModel, images: ImageSet, batch_size: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for begin in range(0, len(images), batch_size):
-        indices = np.arange(begin, min(begin + batch_size, len(images)))
-        yield torch.from_numpy(indices).to(device), clip.preprocess(images.images[indices], device)
-
-
-def _make_batch(
-    step: int, indices: np.ndarray, train_set: ImageSet, student: ClipModel,
-    vocabulary: ReplayVocabulary | None, config: TrainingConfig, method: ContinualMethod,
-    task_index: int, task_seed: int, device: torch.device,
-) -> Batch:
-    images = train_set.images[indices]
-    clean_pixels = None
-    if config.augment == "crop_flip":
-        generator = torch.Generator().manual_seed(derive_seed(task_seed, _STREAM_AUGMENT, step))
-        pixels = augment_crop_flip(images, student, generator, device)
-        if method.distills_clean_images:
-            clean_pixels = student.preprocess(images, device)
-    else:
-        pixels = student.preprocess(images, device)
+def _make_batch(step: int, train_batch: TrainBatch, source: TrainingSource,
+                vocabulary: ReplayVocabulary | None, task_index: int, device: torch.device) -> Batch:
+    indices = train_batch.indices
     return Batch(
         step=step,
         indices=torch.from_numpy(indices).to(device),
-        labels=torch.from_numpy(train_set.labels[indices]).long().to(device),
-        pixels=pixels,
-        clean_pixels=clean_pixels,
+        labels=torch.from_numpy(source.labels[indices]).long().to(device),
+        pixels=train_batch.pixels,
+        clean_pixels=train_batch.clean_pixels,
         vocab_tokens=None if vocabulary is None else vocabulary.tokens(task_index, step).to(device),
     )

@@ -7,8 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from clip_continual.benchmarks import Benchmark
 from clip_continual.data.common import ImageSet
-from clip_continual.evaluation import evaluate_step
+from clip_continual.data.index import ImageIndex
+from clip_continual.data.loading import LoaderConfig, training_source
+from clip_continual.evaluation import evaluate_step, fill_template
 from clip_continual.methods import METHODS, method_takes_alpha
 from clip_continual.models import ClipModel
 from clip_continual.replay import ReplayVocabulary
@@ -20,8 +23,8 @@ logger = logging.getLogger(__name__)
 TEACHERS = ("auto", "previous", "pretrained")
 
 
-def class_prompts(image_set: ImageSet, template: str) -> list[str]:
-    return [template.format(name) for name in image_set.class_names]
+def class_prompts(image_set: ImageSet | ImageIndex, template: str) -> list[str]:
+    return [fill_template(template, name) for name in image_set.class_names]
 
 
 def training_config(method: str, params: dict[str, Any], seed: int, default_teacher: str) -> TrainingConfig:
@@ -39,19 +42,19 @@ def training_config(method: str, params: dict[str, Any], seed: int, default_teac
     })
 
 
-def _steps_before(config: TrainingConfig, train_set: ImageSet, phases: tuple[tuple[int, ...], ...],
+def _steps_before(config: TrainingConfig, train_labels: np.ndarray, benchmark: Benchmark,
                   task_index: int) -> int:
     """Iterations of the tasks before ``task_index``, so that the training-loss curve goes on
     across tasks (also when a task's length is given in epochs, ``steps: null``)."""
     return sum(
-        plan_training(config, int(np.isin(train_set.labels, phase).sum())).total_steps
-        for phase in phases[: task_index - 1]
+        plan_training(config, int(np.isin(train_labels, task.classes).sum())).total_steps
+        for task in benchmark.tasks[: task_index - 1]
     )
 
 
 def fine_tune_task(
     start_model: ClipModel,
-    train_set: ImageSet,
+    train_set: ImageSet | ImageIndex,
     vocabulary: ReplayVocabulary,
     method: str,
     params: dict[str, Any],
@@ -59,17 +62,17 @@ def fine_tune_task(
     tracking: dict[str, Any],
     seed: int,
     pretrained_model: ClipModel | None = None,
+    loader: dict[str, Any] | None = None,
     *,
     task_index: int,
-    phases: tuple[tuple[int, ...], ...],
-    updated_task: str,
-    default_teacher: str,
+    benchmark: Benchmark,
 ) -> tuple[ClipModel, dict[str, Any]]:
-    config = training_config(method, params, seed, default_teacher)
+    config = training_config(method, params, seed, benchmark.default_teacher)
     teacher = start_model if config.teacher == "previous" or pretrained_model is None else pretrained_model
-    seen = sorted({c for phase in phases[:task_index] for c in phase})
+    task = benchmark.tasks[task_index - 1]
+    seen = sorted({c for phase in benchmark.phases[:task_index] for c in phase})
     log_every = max(1, int(tracking.get("log_every", 1)))
-    offset = _steps_before(config, train_set, phases, task_index)
+    offset = _steps_before(config, train_set.labels, benchmark, task_index)
 
     def log_losses(step: int, losses: dict[str, float]) -> None:
         if step % log_every == 0:
@@ -77,9 +80,9 @@ def fine_tune_task(
 
     model, summary = fine_tune(
         start_model,
-        train_set.restrict_to_classes(phases[task_index - 1]),
-        class_prompts(train_set, prompts[updated_task]),
-        current_classes=list(phases[task_index - 1]),
+        training_source(train_set.restrict_to_classes(task.classes), LoaderConfig.from_params(loader)),
+        class_prompts(train_set, prompts[benchmark.suite.updated_prompt_key]),
+        current_classes=list(task.classes),
         seen_classes=seen,
         config=config,
         vocabulary=vocabulary,
@@ -87,40 +90,48 @@ def fine_tune_task(
         task_index=task_index,
         on_step=log_losses,
     )
-    model.metadata.update({"method": method, "task_index": task_index, "classes": list(phases[task_index - 1])})
+    model.metadata.update({"method": method, "task_index": task_index, "classes": list(task.classes)})
     return model, summary
+
+
+def _templates(prompts: dict[str, Any], key: str) -> list[str]:
+    value = prompts[key]
+    return [value] if isinstance(value, str) else list(value)
 
 
 def evaluate_model(
     model: ClipModel,
-    updated_test: ImageSet,
-    zero_shot_set: ImageSet,
-    retrieval_set: ImageSet,
+    updated_test: ImageSet | ImageIndex,
     prompts: dict[str, Any],
     params: dict[str, Any],
     previous_evaluation: dict[str, Any] | None = None,
     *,
     step: int,
     task: str,
-    phases: tuple[tuple[int, ...], ...],
-    updated_task: str,
+    benchmark: Benchmark,
+    **eval_sets: ImageSet | ImageIndex,
 ) -> dict[str, Any]:
-    """Metrics after ``step`` (0 = the starting model), carrying the accuracy rows so far."""
+    """Metrics after ``step`` (0 = the starting model) on the benchmark's evaluation suite,
+    carrying the accuracy rows so far. ``eval_sets`` are ``zero_shot_<i>`` and ``retrieval_<i>``
+    in the order of the suite."""
+    suite = benchmark.suite
     earlier = list(previous_evaluation["acc_rows"]) if previous_evaluation else []
+    default_folds = params.get("retrieval_folds", 1)
     result = evaluate_step(
         model,
         step=step,
         task=task,
         updated_test=updated_test,
-        class_prompts=class_prompts(updated_test, prompts[updated_task]),
-        phases=[list(p) for p in phases],
-        zero_shot_set=zero_shot_set,
-        zero_shot_templates=list(prompts["shapes"]),
-        retrieval_set=retrieval_set,
+        class_prompts=class_prompts(updated_test, prompts[suite.updated_prompt_key]),
+        phases=[list(p) for p in benchmark.phases],
+        zero_shot_sets={s.dataset: (eval_sets[f"zero_shot_{i}"], _templates(prompts, s.prompt_key))
+                        for i, s in enumerate(suite.zero_shot)},
+        retrieval_sets={s.dataset: (eval_sets[f"retrieval_{i}"], s.folds or default_folds)
+                        for i, s in enumerate(suite.retrieval)},
         batch_size=params["batch_size"],
         device=params.get("device", "auto"),
         previous_rows=earlier or None,
-        retrieval_folds=params.get("retrieval_folds", 1),
+        loader=LoaderConfig.from_params(params.get("loader")),
     )
     result["acc_rows"] = earlier + [result["acc_row"]]
     logger.info("step %d (%s): UT-Acc %.3f  ZS-Acc %.3f  BWT %+.3f", step, task, result["ut_acc"],
