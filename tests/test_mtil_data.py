@@ -191,12 +191,6 @@ def test_mtil_orders_and_learning_rates():
         mtil.order("order3")
 
 
-def test_zscl_cosine_schedule():
-    lr = [mtil.cosine_lr(step, 1e-5, warmup=100, total=1000) for step in (0, 99, 100, 550, 1000)]
-    assert lr[0] == pytest.approx(1e-7) and lr[1] == pytest.approx(1e-5)
-    assert lr[2] == pytest.approx(1e-5) and lr[3] == pytest.approx(0.5e-5) and lr[4] == pytest.approx(0.0)
-
-
 def test_few_shot_draws_k_per_class_reproducibly():
     labels = np.array([0] * 10 + [1] * 3 + [2] * 7)
     chosen = mtil.few_shot_positions(labels, shots=5, seed=0)

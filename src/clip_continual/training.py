@@ -38,10 +38,10 @@ from clip_continual.replay import ReplayVocabulary, derive_seed
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw")
-SCHEDULES = ("constant", "step")
+SCHEDULES = ("constant", "step", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-AUGMENTATIONS = ("none", "crop_flip")
+AUGMENTATIONS = ("none", "crop_flip", "zscl")
 TEACHERS = ("pretrained", "previous")
 LOGIT_SCALE_MAX = math.log(100.0)  # open_clip's clamp: a temperature of at least 1/100
 CROP_RESIZE_RATIO = 256 / 224  # the paper's train transform: resize 256, random crop 224
@@ -60,7 +60,10 @@ class TrainingConfig:
     """How to fine-tune one task. Defaults are the paper's (Adam, lr 1e-6, batch 100, 15 epochs,
     clip 1.0, seed 10). ``steps`` and ``epochs`` may both be set: the run stops at whichever
     comes first (handy to cap a long run). ``lr_milestones`` are in epochs and only apply to
-    ``schedule: step`` (paper OST: lr x0.1 after epoch 10 of 15). ``alpha`` and
+    ``schedule: step`` (paper OST: lr x0.1 after epoch 10 of 15). ``schedule: cosine`` decays to 0
+    over the task after ``warmup_steps`` of linear warm-up (ZSCL's). ``train_logit_scale: false``
+    keeps CLIP's temperature fixed (ZSCL). ``augment``: none, crop_flip (the paper's resize 256,
+    random crop 224, flip) or zscl (ZSCL's random resized crop, scale 0.9-1). ``alpha`` and
     ``method_options`` are the method's hyper-parameters; None/absent keeps its default.
     ``teacher`` says which model the caller hands in as teacher; with "previous" and no teacher
     given, the start model itself is the teacher.
@@ -81,6 +84,8 @@ class TrainingConfig:
     schedule: str = "constant"
     lr_milestones: tuple[float, ...] = (10,)
     lr_gamma: float = 0.1
+    warmup_steps: int = 0
+    train_logit_scale: bool = True
     grad_clip_norm: float | None = 1.0
     precision: str = "auto"
     device: str = "auto"
@@ -110,6 +115,8 @@ class TrainingConfig:
             raise TrainingConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
         _positive_int("batch_size", self.batch_size)
         _positive_int("log_every", self.log_every)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise TrainingConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise TrainingConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.steps is None and self.epochs is None:
@@ -182,9 +189,18 @@ def _positive_int(name: str, value: Any) -> None:
 def learning_rate_at(
     step: int, base_lr: float, schedule: str = "constant",
     milestone_steps: Sequence[int] = (), gamma: float = 0.1,
+    warmup_steps: int = 0, total_steps: int | None = None,
 ) -> float:
-    """The learning rate of (0-based) ``step``: constant, or times ``gamma`` at each milestone
-    already reached. A function of the step alone, so a resumed run gets the same rates."""
+    """The learning rate of (0-based) ``step``: constant, times ``gamma`` at each milestone
+    already reached, or cosine. The first ``warmup_steps`` rise linearly to ``base_lr``. A
+    function of the step alone, so a resumed run gets the same rates."""
+    if step < warmup_steps:  # ZSCL mtil/src/utils.py _warmup_lr: base_lr * (step + 1) / warmup
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "cosine":  # ZSCL mtil/src/utils.py cosine_lr, to 0 at total_steps
+        if total_steps is None:
+            raise TrainingConfigError("the cosine schedule needs the task's total number of steps")
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) * base_lr
     if schedule == "constant":
         return base_lr
     if schedule == "step":
@@ -199,6 +215,11 @@ class TrainingPlan:
     steps_per_epoch: int
     total_steps: int
     milestone_steps: tuple[int, ...]
+
+
+def step_learning_rate(config: TrainingConfig, plan: TrainingPlan, step: int) -> float:
+    return learning_rate_at(step, config.lr, config.schedule, plan.milestone_steps, config.lr_gamma,
+                            config.warmup_steps, plan.total_steps)
 
 
 def plan_training(config: TrainingConfig, num_images: int) -> TrainingPlan:
@@ -249,6 +270,48 @@ def augment_crop_flip(
         crop = image[:, top : top + size, left : left + size]
         crops.append(crop.flip(-1) if flip else crop)
     return torch.stack(crops)
+
+
+ZSCL_CROP_SCALE = (0.9, 1.0)  # ZSCL mtil/clip/clip.py: RandomResizedCrop(n_px, scale=(0.9, 1.0))
+CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, which ZSCL keeps
+
+
+def random_resized_box(height: int, width: int, generator: torch.Generator,
+                       scale: tuple[float, float] = ZSCL_CROP_SCALE) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop as torchvision's RandomResizedCrop draws it
+    (area fraction in ``scale``, aspect ratio log-uniform in 3/4..4/3, ten tries, then the
+    centre, clipped to that ratio range), from ``generator`` so that a step's batch is reproducible."""
+    area = height * width
+    for _ in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=generator).item())
+        log_low, log_high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+        ratio = math.exp(log_low + (log_high - log_low) * torch.rand(1, generator=generator).item())
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    aspect = width / height  # torchvision's fallback: the centre, clipped to the ratio range
+    w, h = width, height
+    if aspect < CROP_RATIO[0]:
+        h = round(width / CROP_RATIO[0])
+    elif aspect > CROP_RATIO[1]:
+        w = round(height * CROP_RATIO[1])
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augment_zscl(
+    images: np.ndarray, clip: ClipModel, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """ZSCL's train transform (mtil/clip/clip.py ``_transform(n_px, is_train=True)``):
+    RandomResizedCrop(S, scale=(0.9, 1.0), bicubic), per image, drawn from ``generator``."""
+    size = clip.image_size
+    crops = []
+    for image in images:
+        top, left, height, width = random_resized_box(image.shape[0], image.shape[1], generator)
+        crops.append(image[top:top + height, left:left + width])
+    return torch.cat([preprocess_images(crop[None], size, clip.image_mean, clip.image_std, device)
+                      for crop in crops])
 
 
 # --- devices and precision ----------------------------------------------------------------
@@ -396,6 +459,10 @@ def _start_task(
     student = start.clone()
     student.model.to(device)
     trainable = set_trainable_parts(student.model, config.parts)
+    if not config.train_logit_scale and hasattr(student.model, "logit_scale"):
+        # ZSCL mtil/src/models/finetune.py: exclude_params_name = ["logit_scale"]
+        student.model.logit_scale.requires_grad_(False)
+        trainable = [p for p in trainable if p is not student.model.logit_scale]
     student.model.train()
     teacher_clip = _prepare_teacher(method, start, teacher, config, device)
     plan = plan_training(config, len(source))
@@ -439,15 +506,18 @@ def _batches(task: _Task, source: TrainingSource, config: TrainingConfig, method
     """The task's batches in the order of ``BatchOrder``: a pure function of (seed, step)."""
     order = BatchOrder(task.plan, task_seed)
     indices = [order.indices(step) for step in range(task.plan.total_steps)]
-    need_clean = config.augment == "crop_flip" and method.distills_clean_images
+    augments = config.augment != "none"
+    need_clean = augments and method.distills_clean_images
     if isinstance(source, InMemoryImages):
+        transform = augment_crop_flip if config.augment == "crop_flip" else augment_zscl
+
         def augment(step: int, images: np.ndarray) -> torch.Tensor:
             generator = torch.Generator().manual_seed(derive_seed(task_seed, _STREAM_AUGMENT, step))
-            return augment_crop_flip(images, task.student, generator, task.device)
+            return transform(images, task.student, generator, task.device)
 
-        return source.train_batches(task.student, indices, task.device,
-                                    augment if config.augment == "crop_flip" else None, need_clean)
-    return source.train_batches(task.student, indices, task.device, config.augment == "crop_flip",
+        return source.train_batches(task.student, indices, task.device, augment if augments else None,
+                                    need_clean)
+    return source.train_batches(task.student, indices, task.device, config.augment if augments else False,
                                 need_clean, seed=task_seed)
 
 
@@ -485,7 +555,7 @@ def _train_steps(
                     disable=not config.progress, leave=False)
     started = time.perf_counter()
     for step, train_batch in zip(progress, batches):
-        lr = learning_rate_at(step, config.lr, config.schedule, plan.milestone_steps, config.lr_gamma)
+        lr = step_learning_rate(config, plan, step)
         batch = _make_batch(step, train_batch, source, vocabulary, task_index, task.device)
         values = _optimizer_step(task, method, batch, lr, config)
         step_times.append(time.perf_counter() - started)
@@ -580,8 +650,7 @@ def _finish(task: _Task, method: ContinualMethod, config: TrainingConfig,
         "setup_time_s": task.setup_time,
         "final_losses": {name: values[-1] for name, values in history.items()},
         "mean_losses": {name: float(np.mean(values)) for name, values in history.items()},
-        "final_lr": learning_rate_at(plan.total_steps - 1, config.lr, config.schedule,
-                                     plan.milestone_steps, config.lr_gamma),
+        "final_lr": step_learning_rate(config, plan, plan.total_steps - 1),
         "logit_scale": (float(student.model.logit_scale.detach().exp())
                         if hasattr(student.model, "logit_scale") else None),
         "device": str(task.device),

@@ -82,6 +82,18 @@ def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
     ])
 
 
+def zscl_train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """ZSCL's train transform (ZSCL mtil/clip/clip.py, _transform(n_px, is_train=True))."""
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+TRAIN_TRANSFORMS = {"crop_flip": train_transform, "zscl": zscl_train_transform}
+
+
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
     return T.Compose([
         T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
@@ -183,12 +195,16 @@ class StreamedImages:
                           generator=generator, **self.loader.loader_kwargs(device))
 
     def train_batches(self, clip, batch_indices: Sequence[np.ndarray], device: torch.device,
-                      augment: bool, need_clean: bool, seed: int = 0) -> Iterator[TrainBatch]:
-        """Batches in the given order; ``augment``: the paper's train transform, else the test one."""
+                      augment: bool | str, need_clean: bool, seed: int = 0) -> Iterator[TrainBatch]:
+        """Batches in the given order; ``augment``: a train transform by name (True: the paper's
+        crop_flip), else the test one."""
         mean, std, size = clip.image_mean, clip.image_std, clip.image_size
         clean = eval_transform(size, mean, std)
-        dataset = (_TransformedImages(self.images, train_transform(size, mean, std), clean if need_clean else None)
-                   if augment else _TransformedImages(self.images, clean))
+        if augment:
+            make = TRAIN_TRANSFORMS["crop_flip" if augment is True else augment]
+            dataset = _TransformedImages(self.images, make(size, mean, std), clean if need_clean else None)
+        else:
+            dataset = _TransformedImages(self.images, clean)
         for item in self._loader(dataset, [list(b) for b in batch_indices], device, seed):
             indices, pixels = item[0].numpy(), item[1].to(device, non_blocking=True)
             clean_pixels = item[2].to(device, non_blocking=True) if len(item) > 2 else None

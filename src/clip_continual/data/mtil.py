@@ -41,6 +41,7 @@ class MtilTraining:
     betas: tuple[float, float] = (0.9, 0.999)  # finetune.py betas=(0.9, args.beta2), --beta2 0.999
     warmup_iterations: int = 100  # mtil/src/args.py --warmup_length 100; utils.cosine_lr
     schedule: str = "cosine"  # mtil/src/utils.py cosine_lr: linear warm-up, then cosine to 0
+    # (training.learning_rate_at with schedule "cosine" and warmup_steps computes it)
     batch_size: int = 64  # mtil/src/args.py --batch-size 64
     eval_batch_size: int = 128  # mtil/src/args.py --batch-size-eval 128
     # mtil/scripts/*.sh --iterations 1000. ZSCL's loop (finetune.py) runs
@@ -70,15 +71,6 @@ def task_learning_rates(datasets: tuple[str, ...]) -> tuple[float, ...]:
     if unknown:
         raise ValueError(f"no ZSCL learning rate for {unknown}; known: {sorted(LEARNING_RATES)}")
     return tuple(LEARNING_RATES[key] for key in datasets)
-
-
-def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """ZSCL's schedule (mtil/src/utils.py cosine_lr): lr * (step + 1) / warmup during warm-up,
-    then 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup))) * lr."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + float(np.cos(np.pi * progress))) * base_lr
 
 
 def few_shot_positions(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
