@@ -235,6 +235,27 @@ def test_image_folder_without_a_map_uses_the_folder_names(tmp_path):
     assert open_image(index, 2).size == (10, 8)
 
 
+def test_imagenet_class_index_json_serves_as_a_class_map(tmp_path):
+    write_image_folder(tmp_path / "train", {"n01440764": 1, "n01443537": 1})
+    path = tmp_path / "imagenet_class_index.json"
+    path.write_text(json.dumps({"0": ["n01440764", "tench"], "1": ["n01443537", "goldfish"],
+                                "2": ["n01484850", "great_white_shark"]}))
+    assert image_folder_index(tmp_path / "train", path).class_names == ("tench", "goldfish")
+
+
+@pytest.mark.parametrize("file_name, content, message", [
+    ("map.json", "[1, 2]", "must hold a JSON object of strings"),
+    ("map.csv", "folder,name\nn01,tench\nn02,goldfish,extra\n", "data row 2 of .* does not have two columns"),
+    ("map.txt", "n01 tench", r"must end in .json or .csv"),
+])
+def test_malformed_class_map_is_refused(tmp_path, file_name, content, message):
+    write_image_folder(tmp_path / "zs", {"n01": 1})
+    (tmp_path / file_name).write_text(content)
+    with pytest.raises(RawFormatError, match=f"class map: .*{message}") as caught:
+        image_folder_index(tmp_path / "zs", tmp_path / file_name)
+    assert str(tmp_path / file_name) in str(caught.value)
+
+
 def test_class_map_that_misses_a_folder_is_refused(tmp_path):
     class_map = write_image_folder(tmp_path / "zs", {"n01": 1, "n02": 1, "n03": 1},
                                    class_map={"n01": "tench", "n04": "extra"}, map_format="csv")
