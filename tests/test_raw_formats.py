@@ -11,7 +11,8 @@ from clip_continual.data.coco import COCO_PROMPT, coco_class_names, coco_crops
 from clip_continual.data.common import DataFormatError
 from clip_continual.data.eurosat import EUROSAT_PROMPT, eurosat_class_name, eurosat_splits
 from clip_continual.data.image_folder import ZERO_SHOT_PROMPT, image_folder_index
-from clip_continual.data.index import BadImageError, ImageIndex, open_image
+from clip_continual.data.images import BadImageError, open_image
+from clip_continual.data.index import ImageIndex
 from clip_continual.data.karpathy import COCO_RETRIEVAL_FOLDS, coco_retrieval, flickr30k_retrieval
 from clip_continual.data.raw_files import EmptyDataError, MissingInputError, RawFormatError
 from clip_continual.data.tiered_imagenet import tiered_imagenet_test_classes, tiered_imagenet_test_index
