@@ -101,7 +101,7 @@ def test_open_image_cuts_the_box_out(coco_splits):
 def test_coco_train_only_needs_no_karpathy_file(coco, tmp_path):
     root = tmp_path / "coco"
     shutil.copytree(coco.root / "annotations", root / "annotations")
-    (root / "train2014").mkdir()
+    shutil.copytree(coco.root / "train2014", root / "train2014")
     (root / "annotations" / "instances_val2014.json").unlink()
     assert len(coco_crops(root, splits=("train",))["train"]) == len(coco.train)
 
@@ -116,6 +116,10 @@ def test_coco_missing_folder_or_file_is_named(coco, tmp_path):
     shutil.copytree(coco.root / "annotations", root / "annotations")
     with pytest.raises(MissingInputError, match="train2014 images: expected a folder at .*train2014"):
         coco_crops(root)
+    (root / "train2014").mkdir()
+    with pytest.raises(MissingInputError, match=r"COCO train2014 images: none of 32 image files sampled .* exists, "
+                                                 r"e.g. '.*train2014/COCO_train2014_000000000009.jpg'"):
+        coco_crops(root)  # an empty image folder is caught before any work, too
     (root / "annotations" / "instances_train2014.json").unlink()
     with pytest.raises(MissingInputError, match="instances_train2014.json', found nothing"):
         coco_crops(root)
@@ -209,7 +213,10 @@ def test_karpathy_image_with_too_few_captions_is_refused(tmp_path):
 def test_retrieval_without_its_image_folder_is_refused(tmp_path):
     fixture = write_flickr30k(tmp_path / "flickr30k")
     shutil.rmtree(fixture.images_dir)
-    with pytest.raises(MissingInputError, match="flickr30k-images"):
+    with pytest.raises(MissingInputError, match="expected a folder at '.*flickr30k-images', found nothing"):
+        flickr30k_retrieval(fixture.root)
+    fixture.images_dir.mkdir()
+    with pytest.raises(MissingInputError, match="none of 6 image files sampled from the index exists"):
         flickr30k_retrieval(fixture.root)
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from clip_continual.data.common import DataFormatError
 from clip_continual.data.index import ImageIndex
+from clip_continual.data.raw_files import MissingInputError
 
 
 class BadImageError(DataFormatError):
@@ -48,3 +50,19 @@ def open_image(index: ImageIndex, i: int) -> Image.Image:
         return rgb
     x, y, width, height = (float(v) for v in index.boxes[i])
     return rgb.crop((x, y, x + width, y + height))
+
+
+def check_images_present(index: ImageIndex, what: str, fix: str, sample: int = 32) -> None:
+    """Raise ``MissingInputError`` when none of ``sample`` files spread over ``index`` exists.
+
+    That is a wrong or empty image folder, caught in milliseconds before any work; isolated
+    missing or broken files are left to the loader, which skips and counts them.
+    """
+    if not len(index):
+        return
+    picks = sorted({int(i) for i in np.linspace(0, len(index) - 1, num=min(sample, len(index)))})
+    if not any(index.path(i).is_file() for i in picks):
+        raise MissingInputError(
+            f"{what}: none of {len(picks)} image files sampled from the index exists, e.g. "
+            f"'{index.path(picks[0])}'. {fix}"
+        )

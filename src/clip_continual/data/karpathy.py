@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clip_continual.data.images import check_images_present
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.raw_files import EmptyDataError, RawFormatError, read_json, require_folder, require_keys
 
@@ -79,10 +80,10 @@ def retrieval_index(
     """The images of ``split`` (paths relative to ``image_root``) with their first
     ``captions_per_image`` captions; labels are -1 (a retrieval gallery has no classes)."""
     karpathy_json = Path(karpathy_json)
-    image_root = require_folder(image_root, f"images of '{karpathy_json.name}'",
-                                "Point the image folder parameter at the folder the file's image names live in.")
+    fix = "Point the image folder parameter at the folder the file's image names live in."
+    image_root = require_folder(image_root, f"images of '{karpathy_json.name}'", fix)
     entries = select_split(read_karpathy(karpathy_json), split, karpathy_json)
-    return ImageIndex(
+    index = ImageIndex(
         root=str(image_root),
         paths=tuple(karpathy_path(entry) for entry in entries),
         labels=np.full(len(entries), -1, dtype=np.int64),
@@ -90,6 +91,8 @@ def retrieval_index(
         captions=tuple(_first_captions(entry, karpathy_json, captions_per_image) for entry in entries),
         name=name or f"{karpathy_json.stem}_{split}",
     )
+    check_images_present(index, f"images of '{karpathy_json.name}'", fix)
+    return index
 
 
 def coco_retrieval(coco_root: str | Path, karpathy_json: str | Path | None = None) -> ImageIndex:
