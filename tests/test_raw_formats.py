@@ -170,8 +170,9 @@ def test_coco_split_without_usable_box_is_refused(coco, tmp_path):
 # --- retrieval ----------------------------------------------------------------------------------
 
 
-def test_coco_retrieval_is_the_karpathy_test_images_in_order_with_five_captions(coco):
+def test_coco_retrieval_is_the_karpathy_test_images_in_order_with_five_captions(coco, caplog):
     index = coco_retrieval(coco.root)
+    assert "coco_5k_test has 10 images, not the published 5000" in caplog.text
     assert list(index.paths) == coco.test_images and len(index) == 10
     assert [list(c) for c in index.captions] == coco.test_captions  # first five of six, too
     assert (index.labels == -1).all() and index.class_names == ()

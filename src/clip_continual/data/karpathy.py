@@ -10,6 +10,7 @@ paper reports) and Flickr30K with one. Plain Python; no Kedro import.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ KARPATHY_SPLITS = ("train", "restval", "val", "test")
 CAPTIONS_PER_IMAGE = 5
 COCO_RETRIEVAL_FOLDS = 5  # 5K test reported as the mean of five 1K folds
 FLICKR_RETRIEVAL_FOLDS = 1  # Flickr30K 1K test as one gallery
+
+PUBLISHED_TEST_SIZES = {"coco_5k_test": 5000, "flickr30k_1k_test": 1000}
+log = logging.getLogger(__name__)
 
 _FIX = ("Use Karpathy's split file (dataset_coco.json / dataset_flickr30k.json from "
         "caption_datasets.zip), unchanged.")
@@ -95,13 +99,21 @@ def retrieval_index(
     return index
 
 
+def _published(index: ImageIndex) -> ImageIndex:
+    expected = PUBLISHED_TEST_SIZES[index.name]
+    if len(index) != expected:
+        log.warning("%s has %d images, not the published %d: its recalls are not comparable with "
+                    "published ones", index.name, len(index), expected)
+    return index
+
+
 def coco_retrieval(coco_root: str | Path, karpathy_json: str | Path | None = None) -> ImageIndex:
     """COCO 5K test (Karpathy split 'test'): images under ``coco_root/val2014``.
 
     ``karpathy_json`` defaults to ``coco_root/dataset_coco.json``."""
     coco_root = Path(coco_root)
-    return retrieval_index(karpathy_json or coco_root / "dataset_coco.json", coco_root, "test",
-                           name="coco_5k_test")
+    return _published(retrieval_index(karpathy_json or coco_root / "dataset_coco.json", coco_root, "test",
+                                      name="coco_5k_test"))
 
 
 def flickr30k_retrieval(
@@ -111,7 +123,7 @@ def flickr30k_retrieval(
 
     Defaults: ``flickr_root/dataset_flickr30k.json`` and images in ``flickr_root/flickr30k-images``."""
     flickr_root = Path(flickr_root)
-    return retrieval_index(
+    return _published(retrieval_index(
         karpathy_json or flickr_root / "dataset_flickr30k.json",
         images_dir or flickr_root / "flickr30k-images", "test", name="flickr30k_1k_test",
-    )
+    ))
