@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clip_continual.data.images import check_images_present
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.karpathy import read_karpathy, select_split
 from clip_continual.data.raw_files import (
@@ -97,11 +98,13 @@ def _crop_index(instances: dict, path: Path, root: Path, folder: str, split: str
             f"in '{path}'" + ("" if keep_files is None else f" on the {len(keep_files)} images of "
                               "Karpathy's split (is dataset_coco.json the COCO 2014 file?)") + "."
         )
-    return ImageIndex(
+    index = ImageIndex(
         root=str(root), paths=tuple(f"{folder}/{file_name}" for file_name, _, _ in crops),
         labels=np.array([label_of[c] for _, _, c in crops], dtype=np.int64), class_names=names,
         boxes=np.array([box for _, box, _ in crops], dtype=np.float32), name=f"coco_crops_{split}",
     )
+    check_images_present(index, f"COCO {folder} images", _FIX_ROOT)
+    return index
 
 
 def coco_crops(
