@@ -14,14 +14,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clip_continual.data import class_incremental, mtil
+
+EVALUATIONS = ("phases", "datasets", "class_incremental")
+
 
 @dataclass(frozen=True)
 class Task:
-    """One training session: ``train_set`` (a catalog entry) restricted to ``classes``."""
+    """One training session: ``train_set`` (a catalog entry) restricted to ``classes`` (empty:
+    every class of the set, as in MTIL, where each task is a whole dataset). A task with its own
+    ``test_set`` and ``prompt_key`` (MTIL) is evaluated on that set with those prompts."""
 
     name: str
     train_set: str
     classes: tuple[int, ...]
+    test_set: str | None = None
+    prompt_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,14 +55,15 @@ class EvaluationSuite:
     prompt in ``prompts``. The first zero-shot set and the first retrieval set give the
     headline columns (``zs_acc`` averages all zero-shot sets; every set is also reported alone)."""
 
-    updated_test: str
-    updated_prompt_key: str
+    updated_test: str | None = None  # None: each task brings its test set (MTIL)
+    updated_prompt_key: str | None = None
     zero_shot: tuple[ZeroShotSet, ...] = ()
     retrieval: tuple[RetrievalSet, ...] = ()
 
     @property
     def datasets(self) -> tuple[str, ...]:
-        return (self.updated_test, *(s.dataset for s in self.zero_shot), *(s.dataset for s in self.retrieval))
+        sets = (self.updated_test, *(s.dataset for s in self.zero_shot), *(s.dataset for s in self.retrieval))
+        return tuple(name for name in sets if name is not None)
 
 
 @dataclass(frozen=True)
@@ -71,11 +80,25 @@ class Benchmark:
     description: str
     params: str | None = None
     pretrained_model: str = "pretrained_model"
+    # phases: the updated test set per phase (the paper's MST / OST); datasets: each task's own
+    # test set among its own classes (MTIL); class_incremental: the test images of the classes
+    # seen so far among those classes (class-incremental CIFAR-100).
+    evaluation: str = "phases"
 
     def __post_init__(self) -> None:
         names = [task.name for task in self.tasks]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"benchmark '{self.name}' needs tasks with distinct names, got {names}")
+        if self.evaluation not in EVALUATIONS:
+            raise ValueError(f"benchmark '{self.name}': evaluation must be one of {EVALUATIONS}")
+        if self.evaluation == "datasets" and any(t.test_set is None or t.prompt_key is None for t in self.tasks):
+            raise ValueError(f"benchmark '{self.name}': every task needs a test set and a prompt key")
+
+    @property
+    def test_sets(self) -> tuple[str, ...]:
+        """Every catalog entry the evaluation reads."""
+        own = (task.test_set for task in self.tasks if task.test_set is not None)
+        return tuple(dict.fromkeys((*self.suite.datasets, *own)))
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -173,3 +196,34 @@ BENCHMARKS = {
     ),
 }
 DEFAULT_BENCHMARK = "digits_mst"
+
+
+def _mtil(order: str) -> Benchmark:
+    """MTIL (ZSCL): each task fine-tunes on one whole dataset of the order."""
+    name = f"mtil_{order}"
+    tasks = tuple(
+        Task(key, f"prepared_mtil_{key}_train", (), test_set=f"prepared_mtil_{key}_test", prompt_key=key)
+        for key in mtil.order(order)
+    )
+    return Benchmark(
+        name=name, tasks=tasks, suite=EvaluationSuite(), default_teacher="previous",
+        description=f"MTIL {order.replace('order', 'order ')}: 11 datasets in sequence, each test set "
+                    f"after every task (ZSCL)",
+        params=name, pretrained_model=f"{name}.pretrained_model", evaluation="datasets",
+    )
+
+
+def _cifar100(steps: int) -> Benchmark:
+    """Class-incremental CIFAR-100 in ZSCL's class order."""
+    name = f"cifar100_{steps}steps"
+    return Benchmark(
+        name=name, tasks=class_tasks("prepared_cifar100_cil_train", class_incremental.cifar100_phases(steps)),
+        suite=EvaluationSuite(updated_test="prepared_cifar100_cil_test", updated_prompt_key="cifar100"),
+        default_teacher="previous",
+        description=f"class-incremental CIFAR-100, {steps} steps of {100 // steps} classes (ZSCL's order)",
+        params=name, pretrained_model=f"{name}.pretrained_model", evaluation="class_incremental",
+    )
+
+
+BENCHMARKS.update({b.name: b for b in (_mtil("order1"), _mtil("order2"))})
+BENCHMARKS.update({b.name: b for b in (_cifar100(steps) for steps in class_incremental.STEP_COUNTS)})

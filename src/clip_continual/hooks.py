@@ -22,6 +22,13 @@ EVALUATION_METRICS = (
     "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
 )
 
+# MTIL and class-incremental runs add one curve per dataset and the sequence metrics.
+SEQUENCE_METRICS = ("transfer", "avg", "last", "cil_acc")
+
+
+def _is_curve(key: str) -> bool:
+    return key in EVALUATION_METRICS or key in SEQUENCE_METRICS or key.startswith("acc/")
+
 
 class RunKeyHook:
     """Computes the run key from the run's parameters before the catalog is built."""
@@ -124,7 +131,7 @@ class MlflowTrackingHook:
             return
         for name, value in outputs.items():
             if name.endswith(EVALUATION_SUFFIX) and isinstance(value, dict):
-                log_metrics({k: value[k] for k in EVALUATION_METRICS if k in value}, step=value["step"])
+                log_metrics({k: v for k, v in value.items() if _is_curve(k) and v is not None}, step=value["step"])
             elif name == "pretraining_metrics" and isinstance(value, dict):
                 log_metrics({f"pretraining/{k}": v for k, v in value.items()}, step=0)
 

@@ -115,7 +115,9 @@ class _EncodedExamples(Dataset):
         from clip_continual.data.images import BadImageError, open_image
 
         try:
-            image = resize_shorter_side(open_image(self.index, i), self.max_side)
+            # An ImageIndex is decoded from its files; an image source opens its own examples.
+            opened = self.index.open_image(i) if hasattr(self.index, "open_image") else open_image(self.index, i)
+            image = resize_shorter_side(opened, self.max_side)
         except BadImageError as error:
             return i, str(error)
         buffer = io.BytesIO()

@@ -69,8 +69,28 @@ class SubsetSource:
         return as_rgb(image), int(label)
 
     def open_image(self, i: int) -> Image.Image:
-        """Example ``i``'s image alone (the lazy-image interface of the DataLoader path)."""
-        return self[i][0]
+        """Example ``i``'s image alone (the lazy-image interface of the DataLoader path); a file
+        that cannot be decoded raises ``BadImageError``, which preparation skips and counts."""
+        from clip_continual.data.images import BadImageError
+
+        try:
+            return self[i][0]
+        except (OSError, ValueError) as error:  # PIL: truncated, unidentified or unreadable file
+            raise BadImageError(self.paths[i], str(error)) from error
+
+    # What preparation records of each example (an ImageIndex's fields): an id per example,
+    # stable while the dataset's files are, for the fingerprint and the shard metadata.
+    boxes = None
+    captions = None
+
+    @property
+    def root(self) -> str:
+        return str(getattr(self.dataset, "root", ""))
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        kind = type(self.dataset).__name__
+        return tuple(f"{kind}[{int(i)}]" for i in self.indices)
 
     def subset(self, positions: np.ndarray) -> SubsetSource:
         """The examples at ``positions`` of this source (positions, not dataset indices)."""

@@ -11,7 +11,10 @@ from clip_continual.benchmarks import Benchmark
 from clip_continual.data.common import ImageSet
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.loading import LoaderConfig, training_source
+from clip_continual.data import zscl_text
+from clip_continual.data.mtil import few_shot_positions
 from clip_continual.evaluation import evaluate_step, fill_template
+from clip_continual.sequence_evaluation import evaluate_class_incremental_step, evaluate_datasets_step
 from clip_continual.methods import METHODS, method_takes_alpha
 from clip_continual.models import ClipModel
 from clip_continual.replay import ReplayVocabulary
@@ -67,10 +70,11 @@ def fine_tune_task(
     task_index: int,
     benchmark: Benchmark,
 ) -> tuple[ClipModel, dict[str, Any]]:
-    config = training_config(method, params, seed, benchmark.default_teacher)
-    teacher = start_model if config.teacher == "previous" or pretrained_model is None else pretrained_model
     task = benchmark.tasks[task_index - 1]
-    seen = sorted({c for phase in benchmark.phases[:task_index] for c in phase})
+    config = training_config(method, task_params(params, task.name), seed, benchmark.default_teacher)
+    teacher = start_model if config.teacher == "previous" or pretrained_model is None else pretrained_model
+    classes = task.classes or tuple(range(len(train_set.class_names)))  # empty: the whole dataset
+    seen = sorted({c for phase in benchmark.phases[:task_index - 1] for c in phase} | set(classes))
     log_every = max(1, int(tracking.get("log_every", 1)))
     offset = _steps_before(config, train_set.labels, benchmark, task_index)
 
@@ -80,9 +84,9 @@ def fine_tune_task(
 
     model, summary = fine_tune(
         start_model,
-        training_source(train_set.restrict_to_classes(task.classes), LoaderConfig.from_params(loader)),
-        class_prompts(train_set, prompts[benchmark.suite.updated_prompt_key]),
-        current_classes=list(task.classes),
+        training_source(_few_shot(train_set.restrict_to_classes(classes), params), LoaderConfig.from_params(loader)),
+        class_prompts(train_set, templates_for(prompts, task.prompt_key or benchmark.suite.updated_prompt_key)[0]),
+        current_classes=list(classes),
         seen_classes=seen,
         config=config,
         vocabulary=vocabulary,
@@ -90,13 +94,34 @@ def fine_tune_task(
         task_index=task_index,
         on_step=log_losses,
     )
-    model.metadata.update({"method": method, "task_index": task_index, "classes": list(task.classes)})
+    model.metadata.update({"method": method, "task_index": task_index, "classes": list(classes)})
     return model, summary
 
 
-def _templates(prompts: dict[str, Any], key: str) -> list[str]:
-    value = prompts[key]
+def templates_for(prompts: dict[str, Any], key: str) -> list[str]:
+    """The templates of ``prompts[key]``; an MTIL dataset absent there has ZSCL's (the first is
+    the one training uses, ZSCL mtil/src/datasets/collections.py ``template``)."""
+    value = prompts.get(key) if prompts else None
+    if value is None and key in zscl_text.TEMPLATES:
+        return list(zscl_text.TEMPLATES[key])
+    if value is None:
+        raise KeyError(f"no prompt template '{key}' in the benchmark's prompts parameters")
     return [value] if isinstance(value, str) else list(value)
+
+
+def task_params(params: dict[str, Any], task: str) -> dict[str, Any]:
+    """``params`` with ``task_training[task]`` (e.g. MTIL's learning rate per dataset) over
+    ``training``."""
+    overrides = (params.get("task_training") or {}).get(task) or {}
+    return {**params, "training": {**(params.get("training") or {}), **overrides}}
+
+
+def _few_shot(train_set: Any, params: dict[str, Any]) -> Any:
+    """``few_shot`` images per class drawn with ``few_shot_seed`` (the few-shot MTIL variant)."""
+    shots = params.get("few_shot")
+    if shots is None:
+        return train_set
+    return train_set.subset(few_shot_positions(train_set.labels, int(shots), int(params.get("few_shot_seed", 0))))
 
 
 def evaluate_model(
@@ -124,7 +149,7 @@ def evaluate_model(
         updated_test=updated_test,
         class_prompts=class_prompts(updated_test, prompts[suite.updated_prompt_key]),
         phases=[list(p) for p in benchmark.phases],
-        zero_shot_sets={s.dataset: (eval_sets[f"zero_shot_{i}"], _templates(prompts, s.prompt_key))
+        zero_shot_sets={s.dataset: (eval_sets[f"zero_shot_{i}"], templates_for(prompts, s.prompt_key))
                         for i, s in enumerate(suite.zero_shot)},
         retrieval_sets={s.dataset: (eval_sets[f"retrieval_{i}"], s.folds or default_folds)
                         for i, s in enumerate(suite.retrieval)},
@@ -136,4 +161,40 @@ def evaluate_model(
     result["acc_rows"] = earlier + [result["acc_row"]]
     logger.info("step %d (%s): UT-Acc %.3f  ZS-Acc %.3f  BWT %+.3f", step, task, result["ut_acc"],
                 result["zs_acc"], result["bwt"])
+    return result
+
+
+def evaluate_datasets_model(
+    model: ClipModel, prompts: dict[str, Any], params: dict[str, Any],
+    loader: dict[str, Any] | None = None, previous_evaluation: dict[str, Any] | None = None,
+    *, step: int, task: str, benchmark: Benchmark, **test_sets: Any,
+) -> dict[str, Any]:
+    """MTIL after ``step``: every task's test set (``test_<i>``, in task order) among its own
+    classes with all its templates; the accuracy rows so far and Transfer / Avg / Last."""
+    sets = {t.name: (test_sets[f"test_{i}"], templates_for(prompts, t.prompt_key))
+            for i, t in enumerate(benchmark.tasks)}
+    result = evaluate_datasets_step(
+        model, step, task, sets, params["batch_size"], params.get("device", "auto"),
+        previous_rows=previous_evaluation["acc_rows"] if previous_evaluation else None,
+        loader=LoaderConfig.from_params(loader),
+    )
+    logger.info("step %d (%s): Transfer %s  Avg %s  Last %s", step, task, result["transfer"], result["avg"],
+                result["last"])
+    return result
+
+
+def evaluate_class_incremental_model(
+    model: ClipModel, updated_test: Any, prompts: dict[str, Any], params: dict[str, Any],
+    loader: dict[str, Any] | None = None, previous_evaluation: dict[str, Any] | None = None,
+    *, step: int, task: str, benchmark: Benchmark,
+) -> dict[str, Any]:
+    """Class-incremental learning after ``step``: the seen classes' test images among them."""
+    result = evaluate_class_incremental_step(
+        model, step, task, updated_test, templates_for(prompts, benchmark.suite.updated_prompt_key),
+        benchmark.phases, params["batch_size"], params.get("device", "auto"),
+        previous_rows=previous_evaluation["acc_rows"] if previous_evaluation else None,
+        loader=LoaderConfig.from_params(loader),
+    )
+    logger.info("step %d (%s): accuracy on the %d seen classes %.3f", step, task,
+                len({c for p in benchmark.phases[:max(step, 1)] for c in p}), result["cil_acc"])
     return result

@@ -24,8 +24,28 @@ def _namespaced(template: Pipeline, namespace: str, shared: set[str]) -> Pipelin
     )
 
 
+def _sequence_evaluate_node(benchmark: Benchmark, step: int, task: str, model: str,
+                            previous: str | None) -> Node:
+    """MTIL (every task's own test set) or class-incremental evaluation."""
+    inputs = {"model": model}
+    if benchmark.evaluation == "class_incremental":
+        inputs["updated_test"] = benchmark.suite.updated_test
+    inputs.update({"prompts": benchmark.params_block("prompts"), "params": benchmark.params_block("evaluation"),
+                   "loader": benchmark.params_block("loader")})
+    if previous is not None:
+        inputs["previous_evaluation"] = previous
+    function = nodes.evaluate_class_incremental_model
+    if benchmark.evaluation == "datasets":
+        function = nodes.evaluate_datasets_model
+        inputs.update({f"test_{i}": t.test_set for i, t in enumerate(benchmark.tasks)})
+    return Node(bind(function, step=step, task=task, benchmark=benchmark), inputs=inputs,
+                outputs="evaluation", name="evaluate_model", tags=["evaluation"])
+
+
 def _evaluate_node(benchmark: Benchmark, step: int, task: str, model: str,
                    previous: str | None) -> Node:
+    if benchmark.evaluation != "phases":
+        return _sequence_evaluate_node(benchmark, step, task, model, previous)
     suite = benchmark.suite
     inputs = {
         "model": model,
@@ -70,7 +90,7 @@ def _task_pipeline(benchmark: Benchmark, index: int, start: str, previous_evalua
         tags=["training"],
     )
     evaluate = _evaluate_node(benchmark, index, task.name, "model", previous_evaluation)
-    shared = set(fine_tune_inputs.values()) | {previous_evaluation, *benchmark.suite.datasets}
+    shared = set(fine_tune_inputs.values()) | {previous_evaluation, *benchmark.test_sets}
     return _namespaced(Pipeline([fine_tune, evaluate]), f"{benchmark.name}.{task.name}", shared)
 
 
@@ -79,7 +99,7 @@ def create_pipeline(benchmark: Benchmark | None = None, **kwargs) -> Pipeline:
     start = _namespaced(
         Pipeline([_evaluate_node(benchmark, 0, "pretrained", benchmark.pretrained_model, None)]),
         f"{benchmark.name}.pretrained",
-        {benchmark.pretrained_model, *benchmark.suite.datasets},
+        {benchmark.pretrained_model, *benchmark.test_sets},
     )
     chain = [start]
     previous = "pretrained"
