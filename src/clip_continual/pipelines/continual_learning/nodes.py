@@ -61,8 +61,8 @@ def fine_tune_task(
     prompts: dict[str, Any],
     tracking: dict[str, Any],
     seed: int,
-    pretrained_model: ClipModel | None = None,
     loader: dict[str, Any] | None = None,
+    pretrained_model: ClipModel | None = None,
     *,
     task_index: int,
     benchmark: Benchmark,
@@ -104,6 +104,7 @@ def evaluate_model(
     updated_test: ImageSet | ImageIndex,
     prompts: dict[str, Any],
     params: dict[str, Any],
+    loader: dict[str, Any] | None = None,
     previous_evaluation: dict[str, Any] | None = None,
     *,
     step: int,
@@ -131,7 +132,7 @@ def evaluate_model(
         batch_size=params["batch_size"],
         device=params.get("device", "auto"),
         previous_rows=earlier or None,
-        loader=LoaderConfig.from_params(params.get("loader")),
+        loader=LoaderConfig.from_params(loader),
     )
     result["acc_rows"] = earlier + [result["acc_row"]]
     logger.info("step %d (%s): UT-Acc %.3f  ZS-Acc %.3f  BWT %+.3f", step, task, result["ut_acc"],

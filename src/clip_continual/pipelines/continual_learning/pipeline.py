@@ -19,7 +19,7 @@ def _namespaced(template: Pipeline, namespace: str, shared: set[str]) -> Pipelin
     return Pipeline(
         template,
         namespace=namespace,
-        inputs={name for name in free if name in shared},
+        inputs={name for name in free if name in shared and not name.startswith("params:")},
         parameters={name for name in free if name.startswith("params:")},
     )
 
@@ -32,11 +32,14 @@ def _evaluate_node(benchmark: Benchmark, step: int, task: str, model: str,
         "updated_test": suite.updated_test,
         "prompts": benchmark.params_block("prompts"),
         "params": benchmark.params_block("evaluation"),
-        **{f"zero_shot_{i}": s.dataset for i, s in enumerate(suite.zero_shot)},
-        **{f"retrieval_{i}": s.dataset for i, s in enumerate(suite.retrieval)},
     }
+    # In the order of the node's signature: Kedro's parameter check maps inputs by position.
+    if benchmark.params:
+        inputs["loader"] = benchmark.params_block("loader")
     if previous is not None:
         inputs["previous_evaluation"] = previous
+    inputs.update({f"zero_shot_{i}": s.dataset for i, s in enumerate(suite.zero_shot)})
+    inputs.update({f"retrieval_{i}": s.dataset for i, s in enumerate(suite.retrieval)})
     return Node(
         bind(nodes.evaluate_model, step=step, task=task, benchmark=benchmark),
         inputs=inputs,
@@ -56,8 +59,9 @@ def _task_pipeline(benchmark: Benchmark, index: int, start: str, previous_evalua
         "params": benchmark.params_block("continual_learning"),
         "prompts": benchmark.params_block("prompts"),
         "tracking": "params:tracking",
-        "seed": "params:seed",
+        "seed": benchmark.params_block("seed"),
     }
+    # In the order of the node's signature: Kedro's parameter check maps inputs by position.
     if benchmark.params:
         fine_tune_inputs["loader"] = benchmark.params_block("loader")
     if index > 1:  # `teacher: pretrained` needs it after task_1
