@@ -310,7 +310,9 @@ def write_eurosat(root: Path, counts: dict[str, int] | int = 13, *, size: int = 
     files = {}
     for index, (folder, count) in enumerate(counts.items()):
         names = [f"{folder}_{n}.jpg" for n in range(1, count + 1)]
+        data = _jpeg_bytes(Image.new("RGB", (size, size), class_colour(index)))  # encoded once: fast
+        (root / folder).mkdir(parents=True, exist_ok=True)
         for name in names:
-            write_jpeg(root / folder / name, size, size, colour=class_colour(index))
+            (root / folder / name).write_bytes(data)
         files[folder] = sorted(names)
     return EuroSatFixture(root, dict(counts), files)

@@ -14,23 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from clip_continual.data.common import DataFormatError
-
-
-class BadImageError(DataFormatError):
-    """One image file cannot be read or decoded (missing, truncated, not an image).
-
-    A loader may skip and count such images; ``path`` names the file."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(
-            f"unreadable image '{path}': {reason}. Replace the file with an intact copy, or remove it "
-            "and rebuild the index."
-        )
 
 
 @dataclass(frozen=True)
@@ -86,25 +71,3 @@ class ImageIndex:
     def restrict_to_classes(self, classes: list[int] | tuple[int, ...]) -> ImageIndex:
         """The examples whose label is in ``classes``; labels keep their global ids."""
         return self.subset(np.flatnonzero(np.isin(self.labels, np.asarray(classes))))
-
-
-def open_image(index: ImageIndex, i: int) -> Image.Image:
-    """Example ``i`` of ``index`` as an RGB PIL image, decoded in full and cropped to its box.
-
-    The box ``(x, y, w, h)`` is cut as ``(x, y, x + w, y + h)``, which PIL rounds to whole pixels
-    (as the paper's loader does, CL-CLIP data.py ``OST.__getitem__``). Any failure to read or
-    decode the file raises ``BadImageError`` naming it.
-    """
-    path = index.path(i)
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated file fails here, not later in a transform
-            rgb = image.convert("RGB")
-    except FileNotFoundError as error:
-        raise BadImageError(path, "no such file") from error
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise BadImageError(path, f"{type(error).__name__}: {error}") from error
-    if index.boxes is None:
-        return rgb
-    x, y, width, height = (float(v) for v in index.boxes[i])
-    return rgb.crop((x, y, x + width, y + height))

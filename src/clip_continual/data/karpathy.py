@@ -10,10 +10,12 @@ paper reports) and Flickr30K with one. Plain Python; no Kedro import.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
+from clip_continual.data.images import check_images_present
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.raw_files import EmptyDataError, RawFormatError, read_json, require_folder, require_keys
 
@@ -21,6 +23,9 @@ KARPATHY_SPLITS = ("train", "restval", "val", "test")
 CAPTIONS_PER_IMAGE = 5
 COCO_RETRIEVAL_FOLDS = 5  # 5K test reported as the mean of five 1K folds
 FLICKR_RETRIEVAL_FOLDS = 1  # Flickr30K 1K test as one gallery
+
+PUBLISHED_TEST_SIZES = {"coco_5k_test": 5000, "flickr30k_1k_test": 1000}
+log = logging.getLogger(__name__)
 
 _FIX = ("Use Karpathy's split file (dataset_coco.json / dataset_flickr30k.json from "
         "caption_datasets.zip), unchanged.")
@@ -79,10 +84,10 @@ def retrieval_index(
     """The images of ``split`` (paths relative to ``image_root``) with their first
     ``captions_per_image`` captions; labels are -1 (a retrieval gallery has no classes)."""
     karpathy_json = Path(karpathy_json)
-    image_root = require_folder(image_root, f"images of '{karpathy_json.name}'",
-                                "Point the image folder parameter at the folder the file's image names live in.")
+    fix = "Point the image folder parameter at the folder the file's image names live in."
+    image_root = require_folder(image_root, f"images of '{karpathy_json.name}'", fix)
     entries = select_split(read_karpathy(karpathy_json), split, karpathy_json)
-    return ImageIndex(
+    index = ImageIndex(
         root=str(image_root),
         paths=tuple(karpathy_path(entry) for entry in entries),
         labels=np.full(len(entries), -1, dtype=np.int64),
@@ -90,6 +95,16 @@ def retrieval_index(
         captions=tuple(_first_captions(entry, karpathy_json, captions_per_image) for entry in entries),
         name=name or f"{karpathy_json.stem}_{split}",
     )
+    check_images_present(index, f"images of '{karpathy_json.name}'", fix)
+    return index
+
+
+def _published(index: ImageIndex) -> ImageIndex:
+    expected = PUBLISHED_TEST_SIZES[index.name]
+    if len(index) != expected:
+        log.warning("%s has %d images, not the published %d: its recalls are not comparable with "
+                    "published ones", index.name, len(index), expected)
+    return index
 
 
 def coco_retrieval(coco_root: str | Path, karpathy_json: str | Path | None = None) -> ImageIndex:
@@ -97,8 +112,8 @@ def coco_retrieval(coco_root: str | Path, karpathy_json: str | Path | None = Non
 
     ``karpathy_json`` defaults to ``coco_root/dataset_coco.json``."""
     coco_root = Path(coco_root)
-    return retrieval_index(karpathy_json or coco_root / "dataset_coco.json", coco_root, "test",
-                           name="coco_5k_test")
+    return _published(retrieval_index(karpathy_json or coco_root / "dataset_coco.json", coco_root, "test",
+                                      name="coco_5k_test"))
 
 
 def flickr30k_retrieval(
@@ -108,7 +123,7 @@ def flickr30k_retrieval(
 
     Defaults: ``flickr_root/dataset_flickr30k.json`` and images in ``flickr_root/flickr30k-images``."""
     flickr_root = Path(flickr_root)
-    return retrieval_index(
+    return _published(retrieval_index(
         karpathy_json or flickr_root / "dataset_flickr30k.json",
         images_dir or flickr_root / "flickr30k-images", "test", name="flickr30k_1k_test",
-    )
+    ))

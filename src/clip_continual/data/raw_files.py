@@ -26,22 +26,23 @@ class EmptyDataError(RawFormatError):
     """A class folder or a split holds no example."""
 
 
+def _require(path: str | Path, folder: bool, what: str, fix: str) -> Path:
+    path = Path(path)
+    if not (path.is_dir() if folder else path.is_file()):
+        found = "nothing" if not path.exists() else ("a file" if folder else "a folder")
+        expected = "a folder" if folder else "a file"
+        raise MissingInputError(f"{what}: expected {expected} at '{path}', found {found}. {fix}")
+    return path
+
+
 def require_file(path: str | Path, what: str, fix: str) -> Path:
     """``path`` as a Path if it is a file; else MissingInputError naming ``what`` and ``fix``."""
-    path = Path(path)
-    if not path.is_file():
-        found = "a folder" if path.is_dir() else "nothing"
-        raise MissingInputError(f"{what}: expected a file at '{path}', found {found}. {fix}")
-    return path
+    return _require(path, False, what, fix)
 
 
 def require_folder(path: str | Path, what: str, fix: str) -> Path:
     """``path`` as a Path if it is a folder; else MissingInputError naming ``what`` and ``fix``."""
-    path = Path(path)
-    if not path.is_dir():
-        found = "a file" if path.exists() else "nothing"
-        raise MissingInputError(f"{what}: expected a folder at '{path}', found {found}. {fix}")
-    return path
+    return _require(path, True, what, fix)
 
 
 def read_json(path: str | Path, what: str, fix: str) -> Any:
@@ -66,24 +67,39 @@ def require_keys(document: Any, keys: tuple[str, ...], path: str | Path, what: s
         )
 
 
-def read_class_map(path: str | Path) -> dict[str, str]:
-    """A folder-name -> class-name map from a JSON object or a two-column CSV (``folder,name``;
-    the header row is optional)."""
-    fix = ("Write it as a JSON object {\"folder\": \"class name\", ...} or a CSV with the two "
-           "columns folder,name.")
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        mapping = read_json(path, "class map", fix)
-        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
-            raise RawFormatError(f"class map: '{path}' must hold a JSON object of strings. {fix}")
+_FIX_MAP = ("Write it as a JSON object {\"folder\": \"class name\", ...} or a CSV with the two "
+            "columns folder,name.")
+
+
+def _json_class_map(path: Path) -> dict[str, str]:
+    mapping = read_json(path, "class map", _FIX_MAP)
+    if isinstance(mapping, dict) and all(isinstance(v, str) for v in mapping.values()):
         return {str(key): value.strip() for key, value in mapping.items()}
-    if path.suffix.lower() != ".csv":
-        raise RawFormatError(f"class map: '{path}' must end in .json or .csv. {fix}")
-    with require_file(path, "class map", fix).open(newline="", encoding="utf-8") as handle:
+    # the widespread imagenet_class_index.json: {"0": ["n01440764", "tench"], ...}
+    if isinstance(mapping, dict) and all(
+        isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in mapping.values()
+    ):
+        return {folder: name.replace("_", " ").strip() for folder, name in mapping.values()}
+    raise RawFormatError(f"class map: '{path}' must hold a JSON object of strings. {_FIX_MAP}")
+
+
+def _csv_class_map(path: Path) -> dict[str, str]:
+    with require_file(path, "class map", _FIX_MAP).open(newline="", encoding="utf-8") as handle:
         rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
     if rows and [cell.strip().lower() for cell in rows[0]] == ["folder", "name"]:
         rows = rows[1:]
     bad = next((number for number, row in enumerate(rows, start=1) if len(row) != 2), None)
     if bad is not None:
-        raise RawFormatError(f"class map: data row {bad} of '{path}' does not have two columns. {fix}")
+        raise RawFormatError(f"class map: data row {bad} of '{path}' does not have two columns. {_FIX_MAP}")
     return {folder.strip(): name.strip() for folder, name in rows}
+
+
+def read_class_map(path: str | Path) -> dict[str, str]:
+    """A folder-name -> class-name map from a JSON object, a two-column CSV (``folder,name``;
+    the header row is optional) or an ``imagenet_class_index.json`` (index -> [folder, name])."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        return _json_class_map(path)
+    if path.suffix.lower() == ".csv":
+        return _csv_class_map(path)
+    raise RawFormatError(f"class map: '{path}' must end in .json or .csv. {_FIX_MAP}")
