@@ -119,16 +119,58 @@ def test_coco_missing_folder_or_file_is_named(coco, tmp_path):
     (root / "train2014").mkdir()
     with pytest.raises(MissingInputError, match=r"COCO train2014 images: none of 32 image files sampled .* exists, "
                                                  r"e.g. '.*train2014/COCO_train2014_000000000009.jpg'"):
-        coco_crops(root)  # an empty image folder is caught before any work, too
+        coco_crops(root, splits=("train",))  # an empty image folder is caught before any work, too
     (root / "annotations" / "instances_train2014.json").unlink()
     with pytest.raises(MissingInputError, match="instances_train2014.json', found nothing"):
         coco_crops(root)
 
 
+def test_coco_missing_karpathy_file_is_named_before_any_json_is_parsed(coco, tmp_path):
+    root = tmp_path / "coco"
+    for folder in ("annotations", "train2014", "val2014"):
+        shutil.copytree(coco.root / folder, root / folder)
+    (root / "annotations" / "instances_train2014.json").write_text("{ not json")  # would fail if parsed
+    with pytest.raises(MissingInputError, match="Karpathy caption file: expected a file at '.*dataset_coco.json'"):
+        coco_crops(root)
+
+
+def _edit_val_instances(coco, tmp_path, edit):
+    root = shutil.copytree(coco.root, tmp_path / "coco")
+    path = root / "annotations" / "instances_val2014.json"
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+    return root
+
+
+def test_coco_files_of_different_releases_or_with_broken_annotations_are_refused(coco, tmp_path):
+    def rename(document):
+        document["categories"][0]["name"] = "human"
+
+    root = _edit_val_instances(coco, tmp_path / "a", rename)
+    with pytest.raises(RawFormatError, match="instances_train2014.json' and .*instances_val2014.json' list "
+                                             "different categories"):
+        coco_crops(root, coco.karpathy_json)
+
+    def drop_a_category(document):
+        document["categories"] = document["categories"][1:]
+
+    root = _edit_val_instances(coco, tmp_path / "b", drop_a_category)
+    with pytest.raises(RawFormatError, match="instances_val2014.json' annotates category 1, which its 'categories' "
+                                             "list lacks"):
+        coco_crops(root, coco.karpathy_json, splits=("test",))
+
+    def break_a_box(document):
+        document["annotations"][3]["bbox"] = [1.0, 2.0]
+
+    root = _edit_val_instances(coco, tmp_path / "c", break_a_box)
+    with pytest.raises(RawFormatError, match=r"annotation \d+ in '.*instances_val2014.json' has no valid bbox"):
+        coco_crops(root, coco.karpathy_json, splits=("val",))
+
+
 @pytest.mark.parametrize("key", ["images", "annotations", "categories"])
 def test_coco_json_without_a_section_is_refused(coco, tmp_path, key):
-    root = tmp_path / "coco"
-    shutil.copytree(coco.root / "annotations", root / "annotations")
+    root = shutil.copytree(coco.root, tmp_path / "coco")
     path = root / "annotations" / "instances_train2014.json"
     document = json.loads(path.read_text())
     del document[key]
@@ -140,6 +182,7 @@ def test_coco_json_without_a_section_is_refused(coco, tmp_path, key):
 
 def test_coco_json_that_does_not_parse_is_refused(tmp_path):
     (tmp_path / "annotations").mkdir()
+    (tmp_path / "train2014").mkdir()
     (tmp_path / "annotations" / "instances_train2014.json").write_text('{"images": [')
     with pytest.raises(RawFormatError, match="instances_train2014.json' is not valid JSON"):
         coco_crops(tmp_path, splits=("train",))

@@ -31,7 +31,7 @@ from clip_continual.data.images import check_images_present
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.karpathy import read_karpathy, select_split
 from clip_continual.data.raw_files import (
-    EmptyDataError, RawFormatError, read_json, require_folder, require_keys,
+    EmptyDataError, RawFormatError, read_json, require_file, require_folder, require_keys,
 )
 
 COCO_PROMPT = "this is a photo of {name} in the scene ."
@@ -107,6 +107,22 @@ def _crop_index(instances: dict, path: Path, root: Path, folder: str, split: str
     return index
 
 
+def _check_layout(root: Path, splits: tuple[str, ...], karpathy_json: Path) -> dict[str, Path]:
+    """Every file and folder the asked splits need, checked before any (slow) JSON is parsed."""
+    require_folder(root, "COCO 2014 folder", _FIX_ROOT)
+    require_folder(root / "annotations", "COCO 2014 annotations", _FIX_ROOT)
+    folders = ["train2014"] * ("train" in splits) + ["val2014"] * any(s != "train" for s in splits)
+    paths = {}
+    for folder in folders:
+        paths[folder] = require_file(root / "annotations" / f"instances_{folder}.json",
+                                     "COCO instances file", _FIX_ROOT)
+        require_folder(root / folder, f"COCO {folder} images", _FIX_ROOT)
+    if "val2014" in folders:
+        require_file(karpathy_json, "Karpathy caption file",
+                     "Get dataset_coco.json from Karpathy's caption_datasets.zip, or set its parameter.")
+    return paths
+
+
 def coco_crops(
     coco_root: str | Path, karpathy_json: str | Path | None = None,
     splits: tuple[str, ...] = COCO_SPLITS,
@@ -116,28 +132,22 @@ def coco_crops(
     Paths are relative to ``coco_root``; ``karpathy_json`` defaults to
     ``coco_root/dataset_coco.json`` (read only when val or test is asked for).
     """
-    unknown = set(splits) - set(COCO_SPLITS)
-    if unknown or not splits:
+    if not splits or set(splits) - set(COCO_SPLITS):
         raise ValueError(f"COCO crop splits must be among {COCO_SPLITS}, got {list(splits)}")
-    root = require_folder(coco_root, "COCO 2014 folder", _FIX_ROOT)
-    annotations = require_folder(root / "annotations", "COCO 2014 annotations", _FIX_ROOT)
+    root = Path(coco_root)
+    karpathy_json = Path(karpathy_json or root / "dataset_coco.json")
+    paths = _check_layout(root, tuple(splits), karpathy_json)
+    instances = {folder: load_instances(path) for folder, path in paths.items()}
+    if len(instances) == 2:
+        _check_same_categories(instances["train2014"], instances["val2014"], *paths.values())
     result = {}
-    train_path, val_path = annotations / "instances_train2014.json", annotations / "instances_val2014.json"
-    train = load_instances(train_path) if "train" in splits else None
-    if train is not None:
-        require_folder(root / "train2014", "COCO train2014 images", _FIX_ROOT)
-        result["train"] = _crop_index(train, train_path, root, "train2014", "train", None)
-    held_out = [split for split in splits if split != "train"]
-    if held_out:
-        val = load_instances(val_path)
-        if train is not None:
-            _check_same_categories(train, val, train_path, val_path)
-        require_folder(root / "val2014", "COCO val2014 images", _FIX_ROOT)
-        karpathy_json = Path(karpathy_json or root / "dataset_coco.json")
+    if "train" in splits:
+        result["train"] = _crop_index(instances["train2014"], paths["train2014"], root, "train2014", "train", None)
+    if "val2014" in instances:
         entries = read_karpathy(karpathy_json)
-        for split in held_out:
+        for split in (s for s in splits if s != "train"):
             files = {str(entry["filename"]) for entry in select_split(entries, split, karpathy_json)}
-            result[split] = _crop_index(val, val_path, root, "val2014", split, files)
+            result[split] = _crop_index(instances["val2014"], paths["val2014"], root, "val2014", split, files)
     return {split: result[split] for split in splits}
 
 

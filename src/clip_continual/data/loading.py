@@ -261,7 +261,7 @@ class IndexImages:
         return len(self.index)
 
     def open_image(self, i: int) -> Image.Image:
-        from clip_continual.data.images import open_image
+        from clip_continual.data.index import open_image
 
         return open_image(self.index, i)
 

@@ -112,7 +112,7 @@ class _EncodedExamples(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> tuple[int, bytes | str]:
-        from clip_continual.data.images import BadImageError, open_image
+        from clip_continual.data.index import BadImageError, open_image
 
         try:
             # An ImageIndex is decoded from its files; an image source opens its own examples.

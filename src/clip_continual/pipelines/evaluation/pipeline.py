@@ -12,7 +12,7 @@ def create_pipeline(benchmark: Benchmark | None = None, **kwargs) -> Pipeline:
     steps = ("pretrained", *benchmark.task_names)
     report = Node(
         bind(nodes.report_continual_run, benchmark=benchmark.name),
-        inputs=["params:method", "params:continual_learning", *(f"{step}_evaluation" for step in steps)],
+        inputs=["params:method", benchmark.params_block("continual_learning"), *(f"{step}_evaluation" for step in steps)],
         outputs=["continual_metrics", "accuracy_matrix", "continual_summary",
                  "accuracy_matrix_plot", "metric_curves_plot", f"{benchmark.name}.continual_metrics"],
         name="report_continual_run",
