@@ -209,6 +209,18 @@ def test_few_shot_source_keeps_k_images_per_class(raw):
     assert shots.open_image(0).mode == "RGB" and mtil.few_shot(train, None, seed=0) is train
 
 
+def test_few_shot_applies_to_a_prepared_split_in_the_training_node(raw, tmp_path):
+    from clip_continual.data.shards import PreparedSplit, prepare_split
+    from clip_continual.pipelines.continual_learning.nodes import _few_shot
+
+    root, _ = raw
+    prepare_split(tvs.load_split("eurosat", root, "train"), tmp_path / "eurosat_train")
+    prepared = PreparedSplit(tmp_path / "eurosat_train")
+    shots = _few_shot(prepared, {"few_shot": 2, "few_shot_seed": 3})
+    assert np.bincount(shots.labels).max() == 2 and set(shots.labels) == set(prepared.labels)
+    assert _few_shot(prepared, {"few_shot": None}) is prepared
+
+
 def test_cifar100_class_order_and_steps():
     order = cil.CIFAR100_CLASS_ORDER
     assert sorted(order) == list(range(100)) and order[:4] == (87, 0, 52, 58) and order[-1] == 39

@@ -134,6 +134,23 @@ def image_features(
     return features.clone()
 
 
+_TOKEN_CACHE: dict[tuple[Any, ...], torch.Tensor] = {}
+_TOKEN_CACHE_SIZE = 512  # chunks of prompts; a few MB of token ids
+
+
+def cached_tokens(clip: ClipModel, texts: Sequence[str]) -> torch.Tensor:
+    """Token ids of ``texts``, tokenized once per architecture: every evaluation step re-encodes
+    the same class prompts (MTIL: thousands, 12 times), and tokenizing them costs more than
+    encoding them with a small model. The oldest entry goes first when the cache is full."""
+    key = (clip.spec.architecture, clip.context_length, tuple(texts))
+    tokens = _TOKEN_CACHE.get(key)
+    if tokens is None:
+        if len(_TOKEN_CACHE) >= _TOKEN_CACHE_SIZE:
+            _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
+        tokens = _TOKEN_CACHE[key] = clip.tokenize(list(texts))
+    return tokens
+
+
 def text_features(
     clip: ClipModel, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device | None = None,
@@ -144,7 +161,7 @@ def text_features(
     with evaluating(clip, device) as target, torch.inference_mode():
         chunks = []
         for start in range(0, len(texts), batch_size):
-            tokens = clip.tokenize(texts[start:start + batch_size]).to(target)
+            tokens = cached_tokens(clip, texts[start:start + batch_size]).to(target)
             with _autocast(target):
                 features = encode_text(clip.model, tokens, normalize=False)
             chunks.append(F.normalize(features.float(), dim=-1))

@@ -12,6 +12,7 @@ from clip_continual.data.index import ImageIndex
 from clip_continual.data.karpathy import coco_retrieval, flickr30k_retrieval
 from clip_continual.data.loading import LoaderConfig
 from clip_continual.data.shards import ShardRequest, ShardSettings
+from clip_continual.data.torchvision_sets import SPECS, load_split
 from clip_continual.models import ClipModel, ModelSpec, build_model, resolve_pretrained
 from clip_continual.pipelines.continual_learning.nodes import training_config
 
@@ -54,6 +55,27 @@ RAW_SPLITS: dict[str, Callable[[dict[str, Any]], ImageIndex]] = {
     "flickr_retrieval": lambda data: flickr30k_retrieval(
         data["flickr_root"], data.get("flickr_karpathy_json"), data.get("flickr_images")),
 }
+
+
+def _torchvision_split(key: str, split: str) -> Callable[[dict[str, Any]], Any]:
+    def read(data: dict[str, Any]) -> Any:
+        return load_split(key, data["root"], split, bool(data.get("download", False)))
+    return read
+
+
+def _cifar100_cil(split: str) -> Callable[[dict[str, Any]], Any]:
+    def read(data: dict[str, Any]) -> Any:
+        from clip_continual.data.class_incremental import cifar100_source
+
+        return cifar100_source(data["root"], split, bool(data.get("download", False)))
+    return read
+
+
+# MTIL's eleven datasets and class-incremental CIFAR-100, read by torchvision from data.root.
+RAW_SPLITS.update({f"mtil_{key}_{split}": _torchvision_split(key, split)
+                   for key in SPECS
+                   for split in ("train", "test")})
+RAW_SPLITS.update({f"cifar100_cil_{split}": _cifar100_cil(split) for split in ("train", "test")})
 
 
 def check_inputs(

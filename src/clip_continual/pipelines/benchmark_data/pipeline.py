@@ -14,7 +14,7 @@ PREFIX = "prepared_"
 
 def raw_splits(benchmark: Benchmark) -> tuple[str, ...]:
     """The raw splits behind the ``prepared_<split>`` datasets a benchmark reads."""
-    names = [task.train_set for task in benchmark.tasks] + list(benchmark.suite.datasets)
+    names = [task.train_set for task in benchmark.tasks] + list(benchmark.test_sets)
     return tuple(dict.fromkeys(name.removeprefix(PREFIX) for name in names if name.startswith(PREFIX)))
 
 

@@ -48,9 +48,11 @@ def training_config(method: str, params: dict[str, Any], seed: int, default_teac
 def _steps_before(config: TrainingConfig, train_labels: np.ndarray, benchmark: Benchmark,
                   task_index: int) -> int:
     """Iterations of the tasks before ``task_index``, so that the training-loss curve goes on
-    across tasks (also when a task's length is given in epochs, ``steps: null``)."""
+    across tasks (also when a task's length is given in epochs, ``steps: null``). A task on a
+    whole dataset of its own (MTIL) is counted at this task's size: exact when steps are fixed."""
     return sum(
-        plan_training(config, int(np.isin(train_labels, task.classes).sum())).total_steps
+        plan_training(config, int(np.isin(train_labels, task.classes).sum()) if task.classes
+                      else len(train_labels)).total_steps
         for task in benchmark.tasks[: task_index - 1]
     )
 
