@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from clip_continual.data.common import ImageSet
+from clip_continual.data.images import open_image
+from clip_continual.data.index import ImageIndex
 
 # The paper's transforms (PAPER.md; CL-CLIP data.py): train = resize 256 bicubic, random crop
 # 224, horizontal flip; test = resize 224 bicubic, centre crop 224. At another resolution S the
@@ -225,8 +227,6 @@ def as_lazy(data: Any) -> LazyImages:
     """A raw ``ImageIndex`` opens its files with the format decoder; prepared splits read shards."""
     if hasattr(data, "open_image"):
         return data
-    from clip_continual.data.index import ImageIndex
-
     if isinstance(data, ImageIndex):
         return IndexImages(data)
     raise TypeError(f"cannot read images from {type(data).__name__}; expected an ImageSet, ImageIndex or prepared split")
@@ -245,8 +245,6 @@ class IndexImages:
         return len(self.index)
 
     def open_image(self, i: int) -> Image.Image:
-        from clip_continual.data.index import open_image
-
         return open_image(self.index, i)
 
     def restrict_to_classes(self, classes: Sequence[int]) -> IndexImages:

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from clip_continual.data.common import DataFormatError
+from clip_continual.data.images import BadImageError, open_image
 from clip_continual.data.index import ImageIndex
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,6 @@ class _EncodedExamples(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> tuple[int, bytes | str]:
-        from clip_continual.data.index import BadImageError, open_image
-
         try:
             image = resize_shorter_side(open_image(self.index, i), self.max_side)
         except BadImageError as error:
