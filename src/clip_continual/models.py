@@ -6,6 +6,7 @@ Plain Python and PyTorch; no Kedro import.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -270,6 +271,13 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> ClipMode
     return _wrap(spec, model, model_config)
 
 
+@functools.lru_cache(maxsize=8)
+def _tokenizer(architecture: str) -> Any:
+    """One tokenizer per architecture: building one reads the BPE vocabulary (about a second),
+    and every checkpoint loaded in a run would otherwise build its own."""
+    return open_clip.get_tokenizer(architecture)
+
+
 def _wrap(spec: ModelSpec, model: nn.Module, model_config: dict[str, Any],
           metadata: dict[str, Any] | None = None) -> ClipModel:
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
@@ -277,7 +285,7 @@ def _wrap(spec: ModelSpec, model: nn.Module, model_config: dict[str, Any],
         spec=spec,
         model=model,
         model_config=model_config,
-        tokenizer=open_clip.get_tokenizer(spec.architecture),
+        tokenizer=_tokenizer(spec.architecture),
         image_mean=tuple(float(v) for v in preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         image_std=tuple(float(v) for v in preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD)),
         metadata=dict(metadata or {}),

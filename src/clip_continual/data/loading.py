@@ -13,7 +13,7 @@ Plain Python and PyTorch; no Kedro import.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -179,10 +179,12 @@ class StreamedImages:
     def __len__(self) -> int:
         return len(self.images)
 
-    def _loader(self, dataset: Dataset, batch_sampler, device: torch.device, seed: int = 0) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_sampler: list, device: torch.device, seed: int = 0) -> DataLoader:
         generator = torch.Generator().manual_seed(int(seed))
+        # Starting workers costs more than they save on a set of one batch.
+        loader = self.loader if len(batch_sampler) > 1 else replace(self.loader, num_workers=0)
         return DataLoader(dataset, batch_sampler=batch_sampler, worker_init_fn=_seed_worker,
-                          generator=generator, **self.loader.loader_kwargs(device))
+                          generator=generator, **loader.loader_kwargs(device))
 
     def train_batches(self, clip, batch_indices: Sequence[np.ndarray], device: torch.device,
                       augment: bool, need_clean: bool, seed: int = 0) -> Iterator[TrainBatch]:
