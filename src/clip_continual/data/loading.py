@@ -73,15 +73,29 @@ class LoaderConfig:
         }
 
 
-def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    resize = max(image_size, round(image_size * TRAIN_RESIZE_RATIO))
-    return T.Compose([
-        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomCrop(image_size),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+class TrainTransform:
+    """Resize the shorter side to S * 256/224 (bicubic), random S x S crop, random horizontal
+    flip, normalise. The randomness comes from the ``rng`` given per call, so an example's
+    augmentation is a function of (seed, step, example), whichever worker decodes it."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.size = image_size
+        self.resize = T.Resize(max(image_size, round(image_size * TRAIN_RESIZE_RATIO)),
+                               interpolation=T.InterpolationMode.BICUBIC)
+        self.finish = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        image = self.resize(image)
+        left = int(rng.integers(0, image.width - self.size + 1))
+        top = int(rng.integers(0, image.height - self.size + 1))
+        image = image.crop((left, top, left + self.size, top + self.size))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return self.finish(image)
+
+
+def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> TrainTransform:
+    return TrainTransform(image_size, mean, std)
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
@@ -105,30 +119,28 @@ class LazyImages(Protocol):
 
 
 class _TransformedImages(Dataset):
-    """Example ``i`` -> ``(i, pixels)`` or ``(i, pixels, clean pixels)``."""
+    """Example ``i`` -> ``(i, pixels)``; with a train transform the key is ``(i, step)`` and the
+    result ``(i, augmented pixels[, clean pixels])``, augmented from the stream (seed, step, i)."""
 
-    def __init__(self, images: LazyImages, transform: Callable, clean_transform: Callable | None = None):
+    def __init__(self, images: LazyImages, transform: Callable, clean_transform: Callable | None = None,
+                 seed: int | None = None):
         self.images = images
         self.transform = transform
         self.clean_transform = clean_transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int):
-        image = self.images.open_image(int(i))
+    def __getitem__(self, key):
+        if self.seed is None:
+            return int(key), self.transform(self.images.open_image(int(key)))
+        i, step = (int(k) for k in key)
+        image = self.images.open_image(i)
+        pixels = self.transform(image, np.random.default_rng([self.seed, step, i]))
         if self.clean_transform is None:
-            return int(i), self.transform(image)
-        return int(i), self.transform(image), self.clean_transform(image)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torchvision's random transforms draw from torch's generator, which DataLoader seeds per
-    # worker from its own generator; NumPy and `random` follow it for any other augmentation.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    import random
-    random.seed(seed)
+            return i, pixels
+        return i, pixels, self.clean_transform(image)
 
 
 @dataclass
@@ -179,21 +191,24 @@ class StreamedImages:
     def __len__(self) -> int:
         return len(self.images)
 
-    def _loader(self, dataset: Dataset, batch_sampler: list, device: torch.device, seed: int = 0) -> DataLoader:
-        generator = torch.Generator().manual_seed(int(seed))
+    def _loader(self, dataset: Dataset, batch_sampler: list, device: torch.device) -> DataLoader:
         # Starting workers costs more than they save on a set of one batch.
         loader = self.loader if len(batch_sampler) > 1 else replace(self.loader, num_workers=0)
-        return DataLoader(dataset, batch_sampler=batch_sampler, worker_init_fn=_seed_worker,
-                          generator=generator, **loader.loader_kwargs(device))
+        return DataLoader(dataset, batch_sampler=batch_sampler, **loader.loader_kwargs(device))
 
     def train_batches(self, clip, batch_indices: Sequence[np.ndarray], device: torch.device,
                       augment: bool, need_clean: bool, seed: int = 0) -> Iterator[TrainBatch]:
         """Batches in the given order; ``augment``: the paper's train transform, else the test one."""
         mean, std, size = clip.image_mean, clip.image_std, clip.image_size
         clean = eval_transform(size, mean, std)
-        dataset = (_TransformedImages(self.images, train_transform(size, mean, std), clean if need_clean else None)
-                   if augment else _TransformedImages(self.images, clean))
-        for item in self._loader(dataset, [list(b) for b in batch_indices], device, seed):
+        if augment:
+            dataset = _TransformedImages(self.images, train_transform(size, mean, std),
+                                         clean if need_clean else None, seed=seed)
+            keys = [[(int(i), step) for i in batch] for step, batch in enumerate(batch_indices)]
+        else:
+            dataset = _TransformedImages(self.images, clean)
+            keys = [[int(i) for i in batch] for batch in batch_indices]
+        for item in self._loader(dataset, keys, device):
             indices, pixels = item[0].numpy(), item[1].to(device, non_blocking=True)
             clean_pixels = item[2].to(device, non_blocking=True) if len(item) > 2 else None
             yield TrainBatch(indices, pixels, clean_pixels)
