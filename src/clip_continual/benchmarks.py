@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clip_continual.data.karpathy import COCO_RETRIEVAL_FOLDS, FLICKR_RETRIEVAL_FOLDS
+
 
 @dataclass(frozen=True)
 class Task:
@@ -119,14 +121,16 @@ _COCO_SUITE = EvaluationSuite(
     updated_test="prepared_coco_test",
     updated_prompt_key="coco",
     zero_shot=(ZeroShotSet("prepared_zero_shot", "zero_shot"),),
-    retrieval=(RetrievalSet("prepared_coco_retrieval", folds=5), RetrievalSet("prepared_flickr_retrieval", folds=1)),
+    retrieval=(RetrievalSet("prepared_coco_retrieval", COCO_RETRIEVAL_FOLDS),
+               RetrievalSet("prepared_flickr_retrieval", FLICKR_RETRIEVAL_FOLDS)),
 )
 
 _EUROSAT_SUITE = EvaluationSuite(
     updated_test="prepared_eurosat_test",
     updated_prompt_key="eurosat",
     zero_shot=(ZeroShotSet("prepared_zero_shot", "zero_shot"),),
-    retrieval=(RetrievalSet("prepared_coco_retrieval", folds=5), RetrievalSet("prepared_flickr_retrieval", folds=1)),
+    retrieval=(RetrievalSet("prepared_coco_retrieval", COCO_RETRIEVAL_FOLDS),
+               RetrievalSet("prepared_flickr_retrieval", FLICKR_RETRIEVAL_FOLDS)),
 )
 
 BENCHMARKS = {
