@@ -69,6 +69,9 @@ def test_coco_mst_runs_end_to_end_through_the_dataloader_and_resumes(tmp_path, w
     assert evaluation["i2t_r1"] == evaluation["retrieval/prepared_coco_retrieval/i2t_r1"]
     summary = json.loads((folder / "task_3_training.json").read_text())
     assert summary["num_images"] == 20 and summary["steps"] == 2  # 10 classes x 2 train crops
+    (run,) = mlflow_runs(store_uri(project))
+    assert run.info.status == "FINISHED" and run.data.metrics["data/coco_train/images"] == 160
+    assert "retrieval/prepared_flickr_retrieval/t2i_r1" in run.data.metrics
     if workers:
         return
 

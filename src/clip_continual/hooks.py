@@ -124,7 +124,9 @@ class MlflowTrackingHook:
             return
         for name, value in outputs.items():
             if name.endswith(EVALUATION_SUFFIX) and isinstance(value, dict):
-                log_metrics({k: value[k] for k in EVALUATION_METRICS if k in value}, step=value["step"])
+                # Headline metrics, and each set of the suite alone (zs_acc/<set>, retrieval/<set>/...).
+                log_metrics({k: v for k, v in value.items() if k in EVALUATION_METRICS or "/" in k},
+                            step=value["step"])
             elif name == "pretraining_metrics" and isinstance(value, dict):
                 log_metrics({f"pretraining/{k}": v for k, v in value.items()}, step=0)
 
