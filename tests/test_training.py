@@ -7,14 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clip_continual.data.common import ImageSet
+from clip_continual.data.loading import ZsclTrainTransform, random_resized_box
 from clip_continual.methods import reference_vr_lwf_terms
 from clip_continual.models import set_trainable_parts
 from clip_continual.replay import VocabularyConfig, build_vocabulary
 from clip_continual.training import (
     BatchOrder, TrainingConfig, TrainingConfigError, augment_crop_flip, augment_zscl, build_optimizer,
-    fine_tune, learning_rate_at, plan_training, random_resized_box, resolve_precision,
+    fine_tune, learning_rate_at, plan_training, resolve_precision,
 )
 
 NUM_CLASSES = 4
@@ -263,14 +265,19 @@ def test_frozen_logit_scale_stays_and_the_optimizer_skips_it(micro, train_set, p
 
 
 def test_zscl_augmentation(micro, train_set, prompts):
-    generator = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
     for _ in range(20):
-        top, left, height, width = random_resized_box(40, 30, generator)
+        top, left, height, width = random_resized_box(40, 30, rng)
         assert 0 <= top <= 40 - height and 0 <= left <= 30 - width
         assert 0.85 * 1200 <= height * width <= 1200 and 0.7 <= width / height <= 1.4
     pixels = augment_zscl(train_set.images[:3], micro, torch.Generator().manual_seed(1), torch.device("cpu"))
     again = augment_zscl(train_set.images[:3], micro, torch.Generator().manual_seed(1), torch.device("cpu"))
     assert pixels.shape == (3, 3, micro.image_size, micro.image_size) and torch.equal(pixels, again)
+    streamed = ZsclTrainTransform(micro.image_size, micro.image_mean, micro.image_std)  # the DataLoader path
+    image = Image.fromarray(train_set.images[0])
+    first = streamed(image, np.random.default_rng([1, 2, 3]))
+    assert first.shape == (3, micro.image_size, micro.image_size)
+    assert torch.equal(first, streamed(image, np.random.default_rng([1, 2, 3])))
     trained, summary = fine_tune(micro, train_set, prompts, config=config(augment="zscl", schedule="cosine",
                                                                            warmup_steps=1))
     assert summary["final_lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0 / 1)) * 1.0)

@@ -26,10 +26,6 @@ EVALUATION_METRICS = (
 SEQUENCE_METRICS = ("transfer", "avg", "last", "cil_acc")
 
 
-def _is_curve(key: str) -> bool:
-    return key in EVALUATION_METRICS or key in SEQUENCE_METRICS or key.startswith("acc/")
-
-
 class RunKeyHook:
     """Computes the run key from the run's parameters before the catalog is built."""
 
@@ -131,7 +127,11 @@ class MlflowTrackingHook:
             return
         for name, value in outputs.items():
             if name.endswith(EVALUATION_SUFFIX) and isinstance(value, dict):
-                log_metrics({k: v for k, v in value.items() if _is_curve(k) and v is not None}, step=value["step"])
+                # Headline metrics, each set of the suite alone (zs_acc/<set>, retrieval/<set>/...),
+                # and the sequence metrics of MTIL and class-incremental runs (acc/<dataset>, ...).
+                log_metrics({k: v for k, v in value.items()
+                             if (k in EVALUATION_METRICS or k in SEQUENCE_METRICS or "/" in k) and v is not None},
+                            step=value["step"])
             elif name == "pretraining_metrics" and isinstance(value, dict):
                 log_metrics({f"pretraining/{k}": v for k, v in value.items()}, step=0)
 

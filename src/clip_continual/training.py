@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from clip_continual.data.common import ImageSet
 from clip_continual.data.loading import (
-    InMemoryImages, LazyImages, LoaderConfig, TrainBatch, TrainingSource, training_source,
+    InMemoryImages, LazyImages, LoaderConfig, TrainBatch, TrainingSource, random_resized_box, training_source,
 )
 from clip_continual.methods import ContinualMethod, MethodConfigError, get_method
 from clip_continual.methods.base import Batch, TaskContext, Teacher, evaluation_mode
@@ -272,43 +272,16 @@ def augment_crop_flip(
     return torch.stack(crops)
 
 
-ZSCL_CROP_SCALE = (0.9, 1.0)  # ZSCL mtil/clip/clip.py: RandomResizedCrop(n_px, scale=(0.9, 1.0))
-CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, which ZSCL keeps
-
-
-def random_resized_box(height: int, width: int, generator: torch.Generator,
-                       scale: tuple[float, float] = ZSCL_CROP_SCALE) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random crop as torchvision's RandomResizedCrop draws it
-    (area fraction in ``scale``, aspect ratio log-uniform in 3/4..4/3, ten tries, then the
-    centre, clipped to that ratio range), from ``generator`` so that a step's batch is reproducible."""
-    area = height * width
-    for _ in range(10):
-        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=generator).item())
-        log_low, log_high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
-        ratio = math.exp(log_low + (log_high - log_low) * torch.rand(1, generator=generator).item())
-        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
-            return top, left, h, w
-    aspect = width / height  # torchvision's fallback: the centre, clipped to the ratio range
-    w, h = width, height
-    if aspect < CROP_RATIO[0]:
-        h = round(width / CROP_RATIO[0])
-    elif aspect > CROP_RATIO[1]:
-        w = round(height * CROP_RATIO[1])
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 def augment_zscl(
     images: np.ndarray, clip: ClipModel, generator: torch.Generator, device: torch.device
 ) -> torch.Tensor:
     """ZSCL's train transform (mtil/clip/clip.py ``_transform(n_px, is_train=True)``):
     RandomResizedCrop(S, scale=(0.9, 1.0), bicubic), per image, drawn from ``generator``."""
     size = clip.image_size
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
     crops = []
     for image in images:
-        top, left, height, width = random_resized_box(image.shape[0], image.shape[1], generator)
+        top, left, height, width = random_resized_box(image.shape[0], image.shape[1], rng)
         crops.append(image[top:top + height, left:left + width])
     return torch.cat([preprocess_images(crop[None], size, clip.image_mean, clip.image_std, device)
                       for crop in crops])

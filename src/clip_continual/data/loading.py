@@ -13,7 +13,8 @@ Plain Python and PyTorch; no Kedro import.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -23,6 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from clip_continual.data.common import ImageSet
+from clip_continual.data.images import open_image
+from clip_continual.data.index import ImageIndex
 
 # The paper's transforms (PAPER.md; CL-CLIP data.py): train = resize 256 bicubic, random crop
 # 224, horizontal flip; test = resize 224 bicubic, centre crop 224. At another resolution S the
@@ -71,27 +74,72 @@ class LoaderConfig:
         }
 
 
-def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    resize = max(image_size, round(image_size * TRAIN_RESIZE_RATIO))
-    return T.Compose([
-        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomCrop(image_size),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+class TrainTransform:
+    """Resize the shorter side to S * 256/224 (bicubic), random S x S crop, random horizontal
+    flip, normalise. The randomness comes from the ``rng`` given per call, so an example's
+    augmentation is a function of (seed, step, example), whichever worker decodes it."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.size = image_size
+        self.resize = T.Resize(max(image_size, round(image_size * TRAIN_RESIZE_RATIO)),
+                               interpolation=T.InterpolationMode.BICUBIC)
+        self.finish = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        image = self.resize(image)
+        left = int(rng.integers(0, image.width - self.size + 1))
+        top = int(rng.integers(0, image.height - self.size + 1))
+        image = image.crop((left, top, left + self.size, top + self.size))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return self.finish(image)
 
 
-def zscl_train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """ZSCL's train transform (ZSCL mtil/clip/clip.py, _transform(n_px, is_train=True))."""
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> TrainTransform:
+    return TrainTransform(image_size, mean, std)
 
 
-TRAIN_TRANSFORMS = {"crop_flip": train_transform, "zscl": zscl_train_transform}
+ZSCL_CROP_SCALE = (0.9, 1.0)  # ZSCL mtil/clip/clip.py: RandomResizedCrop(n_px, scale=(0.9, 1.0))
+CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, which ZSCL keeps
+
+
+def random_resized_box(height: int, width: int, rng: np.random.Generator,
+                       scale: tuple[float, float] = ZSCL_CROP_SCALE) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop as torchvision's RandomResizedCrop draws it
+    (area fraction in ``scale``, aspect ratio log-uniform in 3/4..4/3, ten tries, then the
+    centre clipped to that ratio range), from ``rng`` so that an augmentation is reproducible."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    aspect = width / height
+    w, h = width, height
+    if aspect < CROP_RATIO[0]:
+        h = round(width / CROP_RATIO[0])
+    elif aspect > CROP_RATIO[1]:
+        w = round(height * CROP_RATIO[1])
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class ZsclTrainTransform:
+    """ZSCL's train transform (ZSCL mtil/clip/clip.py, ``_transform(n_px, is_train=True)``):
+    RandomResizedCrop(S, scale=(0.9, 1.0), bicubic), then normalise; the crop is drawn from the
+    ``rng`` given per call, like ``TrainTransform``."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.size = image_size
+        self.finish = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        top, left, height, width = random_resized_box(image.height, image.width, rng)
+        crop = image.crop((left, top, left + width, top + height))
+        return self.finish(crop.resize((self.size, self.size), Image.Resampling.BICUBIC))
+
+
+TRAIN_TRANSFORMS = {"crop_flip": TrainTransform, "zscl": ZsclTrainTransform}
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
@@ -115,30 +163,28 @@ class LazyImages(Protocol):
 
 
 class _TransformedImages(Dataset):
-    """Example ``i`` -> ``(i, pixels)`` or ``(i, pixels, clean pixels)``."""
+    """Example ``i`` -> ``(i, pixels)``; with a train transform the key is ``(i, step)`` and the
+    result ``(i, augmented pixels[, clean pixels])``, augmented from the stream (seed, step, i)."""
 
-    def __init__(self, images: LazyImages, transform: Callable, clean_transform: Callable | None = None):
+    def __init__(self, images: LazyImages, transform: Callable, clean_transform: Callable | None = None,
+                 seed: int | None = None):
         self.images = images
         self.transform = transform
         self.clean_transform = clean_transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int):
-        image = self.images.open_image(int(i))
+    def __getitem__(self, key):
+        if self.seed is None:
+            return int(key), self.transform(self.images.open_image(int(key)))
+        i, step = (int(k) for k in key)
+        image = self.images.open_image(i)
+        pixels = self.transform(image, np.random.default_rng([self.seed, step, i]))
         if self.clean_transform is None:
-            return int(i), self.transform(image)
-        return int(i), self.transform(image), self.clean_transform(image)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torchvision's random transforms draw from torch's generator, which DataLoader seeds per
-    # worker from its own generator; NumPy and `random` follow it for any other augmentation.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    import random
-    random.seed(seed)
+            return i, pixels
+        return i, pixels, self.clean_transform(image)
 
 
 @dataclass
@@ -189,10 +235,10 @@ class StreamedImages:
     def __len__(self) -> int:
         return len(self.images)
 
-    def _loader(self, dataset: Dataset, batch_sampler, device: torch.device, seed: int = 0) -> DataLoader:
-        generator = torch.Generator().manual_seed(int(seed))
-        return DataLoader(dataset, batch_sampler=batch_sampler, worker_init_fn=_seed_worker,
-                          generator=generator, **self.loader.loader_kwargs(device))
+    def _loader(self, dataset: Dataset, batch_sampler: list, device: torch.device) -> DataLoader:
+        # Starting workers costs more than they save on a set of one batch.
+        loader = self.loader if len(batch_sampler) > 1 else replace(self.loader, num_workers=0)
+        return DataLoader(dataset, batch_sampler=batch_sampler, **loader.loader_kwargs(device))
 
     def train_batches(self, clip, batch_indices: Sequence[np.ndarray], device: torch.device,
                       augment: bool | str, need_clean: bool, seed: int = 0) -> Iterator[TrainBatch]:
@@ -201,11 +247,13 @@ class StreamedImages:
         mean, std, size = clip.image_mean, clip.image_std, clip.image_size
         clean = eval_transform(size, mean, std)
         if augment:
-            make = TRAIN_TRANSFORMS["crop_flip" if augment is True else augment]
-            dataset = _TransformedImages(self.images, make(size, mean, std), clean if need_clean else None)
+            dataset = _TransformedImages(self.images, TRAIN_TRANSFORMS["crop_flip" if augment is True else augment](
+                size, mean, std), clean if need_clean else None, seed=seed)
+            keys = [[(int(i), step) for i in batch] for step, batch in enumerate(batch_indices)]
         else:
             dataset = _TransformedImages(self.images, clean)
-        for item in self._loader(dataset, [list(b) for b in batch_indices], device, seed):
+            keys = [[int(i) for i in batch] for batch in batch_indices]
+        for item in self._loader(dataset, keys, device):
             indices, pixels = item[0].numpy(), item[1].to(device, non_blocking=True)
             clean_pixels = item[2].to(device, non_blocking=True) if len(item) > 2 else None
             yield TrainBatch(indices, pixels, clean_pixels)
@@ -241,8 +289,6 @@ def as_lazy(data: Any) -> LazyImages:
     """A raw ``ImageIndex`` opens its files with the format decoder; prepared splits read shards."""
     if hasattr(data, "open_image"):
         return data
-    from clip_continual.data.index import ImageIndex
-
     if isinstance(data, ImageIndex):
         return IndexImages(data)
     raise TypeError(f"cannot read images from {type(data).__name__}; expected an ImageSet, ImageIndex or prepared split")
@@ -261,8 +307,6 @@ class IndexImages:
         return len(self.index)
 
     def open_image(self, i: int) -> Image.Image:
-        from clip_continual.data.index import open_image
-
         return open_image(self.index, i)
 
     def restrict_to_classes(self, classes: Sequence[int]) -> IndexImages:

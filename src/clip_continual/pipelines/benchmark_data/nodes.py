@@ -8,10 +8,13 @@ from typing import Any, Callable
 
 from clip_continual.data.coco import coco_crops
 from clip_continual.data.common import DataFormatError
+from clip_continual.data.eurosat import eurosat_splits
+from clip_continual.data.image_folder import image_folder_index
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.karpathy import coco_retrieval, flickr30k_retrieval
 from clip_continual.data.loading import LoaderConfig
 from clip_continual.data.shards import ShardRequest, ShardSettings
+from clip_continual.data.tiered_imagenet import tiered_imagenet_test_index
 from clip_continual.data.torchvision_sets import SPECS, load_split
 from clip_continual.models import ClipModel, ModelSpec, build_model, resolve_pretrained
 from clip_continual.pipelines.continual_learning.nodes import training_config
@@ -22,9 +25,6 @@ ZERO_SHOT_KINDS = ("image_folder", "tiered_imagenet")
 
 
 def _zero_shot(data: dict[str, Any]) -> ImageIndex:
-    from clip_continual.data.image_folder import image_folder_index
-    from clip_continual.data.tiered_imagenet import tiered_imagenet_test_index
-
     settings = data["zero_shot"]
     kind = settings.get("kind", "image_folder")
     if kind == "tiered_imagenet":
@@ -39,8 +39,6 @@ def _coco(data: dict[str, Any], split: str) -> ImageIndex:
 
 
 def _eurosat(data: dict[str, Any], split: str) -> ImageIndex:
-    from clip_continual.data.eurosat import eurosat_splits
-
     return eurosat_splits(data["eurosat_root"], data.get("eurosat_test_per_class", 500))[split]
 
 
