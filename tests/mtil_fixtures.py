@@ -25,6 +25,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
+from realdata_fixtures import EUROSAT_FOLDERS
+
 IMAGE_SIZE = 12
 
 
@@ -201,12 +203,6 @@ def write_caltech101(root: Path, per_class: int = 2) -> WrittenSet:
         for k in range(1, per_class + 1):
             _save(class_image(label, k, mode="L" if label % 2 else "RGB"), categories / name / f"image_{k:04d}.jpg")
     return WrittenSet(root / "caltech101", CALTECH101_FOLDERS, len(CALTECH101_FOLDERS) * per_class, 0)
-
-
-EUROSAT_FOLDERS = (
-    "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
-    "Pasture", "PermanentCrop", "Residential", "River", "SeaLake",
-)
 
 
 def write_eurosat(root: Path, per_class: int = 3) -> WrittenSet:

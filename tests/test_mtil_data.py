@@ -211,14 +211,14 @@ def test_few_shot_source_keeps_k_images_per_class(raw):
 
 def test_few_shot_applies_to_a_prepared_split_in_the_training_node(raw, tmp_path):
     from clip_continual.data.shards import PreparedSplit, prepare_split
-    from clip_continual.pipelines.continual_learning.nodes import _few_shot
+    from clip_continual.pipelines.continual_learning.nodes import few_shot_train_set
 
     root, _ = raw
     prepare_split(tvs.load_split("eurosat", root, "train"), tmp_path / "eurosat_train")
     prepared = PreparedSplit(tmp_path / "eurosat_train")
-    shots = _few_shot(prepared, {"few_shot": 2, "few_shot_seed": 3})
+    shots = few_shot_train_set(prepared, {"few_shot": 2, "few_shot_seed": 3})
     assert np.bincount(shots.labels).max() == 2 and set(shots.labels) == set(prepared.labels)
-    assert _few_shot(prepared, {"few_shot": None}) is prepared
+    assert few_shot_train_set(prepared, {"few_shot": None}) is prepared
 
 
 def test_cifar100_class_order_and_steps():

@@ -82,3 +82,14 @@ def test_class_incremental_step_classifies_among_the_seen_classes(micro, sets):
                                            previous_rows=[[0.0] * 3] * 3)
     assert last["cil_acc"] == pytest.approx(ev.zero_shot_accuracy(micro, full, templates, 8, "cpu"))
     assert last["zs_acc"] is None and len(last["acc_rows"]) == 4
+
+
+def test_class_prompts_are_tokenized_once_per_architecture(micro, monkeypatch):
+    calls = []
+    clip = micro.clone()
+    original = clip.tokenize
+    monkeypatch.setattr(clip, "tokenize", lambda texts: calls.append(len(texts)) or original(texts))
+    prompts = [f"a photo of a rare thing {k}." for k in range(5)]
+    first = ev.text_features(clip, prompts, batch_size=4, device="cpu")
+    again = ev.text_features(clip, prompts, batch_size=4, device="cpu")
+    assert calls == [4, 1] and np.allclose(first.numpy(), again.numpy())

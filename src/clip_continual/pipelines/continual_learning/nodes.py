@@ -86,7 +86,8 @@ def fine_tune_task(
 
     model, summary = fine_tune(
         start_model,
-        training_source(_few_shot(train_set.restrict_to_classes(classes), params), LoaderConfig.from_params(loader)),
+        training_source(few_shot_train_set(train_set.restrict_to_classes(classes), params),
+                        LoaderConfig.from_params(loader)),
         class_prompts(train_set, templates_for(prompts, task.prompt_key or benchmark.suite.updated_prompt_key)[0]),
         current_classes=list(classes),
         seen_classes=seen,
@@ -118,7 +119,7 @@ def task_params(params: dict[str, Any], task: str) -> dict[str, Any]:
     return {**params, "training": {**(params.get("training") or {}), **overrides}}
 
 
-def _few_shot(train_set: Any, params: dict[str, Any]) -> Any:
+def few_shot_train_set(train_set: Any, params: dict[str, Any]) -> Any:
     """``few_shot`` images per class drawn with ``few_shot_seed`` (the few-shot MTIL variant)."""
     shots = params.get("few_shot")
     if shots is None:
