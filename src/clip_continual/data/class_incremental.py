@@ -28,7 +28,12 @@ CIL_TEMPLATE = "a bad photo of a {}."
 
 @dataclass(frozen=True)
 class CilTraining:
-    """ZSCL's class-incremental defaults."""
+    """ZSCL's class-incremental defaults.
+
+    One difference on purpose: ZSCL's class-incremental code also evaluates through its train
+    transform (cil/continual_clip/models.py keeps the first transform ``clip.load`` returns, the
+    train one, and cil/main.py builds the test scenario with it); here evaluation uses the test
+    transform (resize, centre crop), as ZSCL's MTIL code does."""
 
     model: str = "ViT-B-16"  # cil/configs/class/cifar100_*.yaml model_name "ViT-B/16"
     batch_size: int = 64  # cifar100_*.yaml batch_size
