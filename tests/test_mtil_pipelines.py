@@ -113,3 +113,17 @@ def test_cifar100_10steps_runs_end_to_end_in_zscl_class_order(tmp_path, monkeypa
     accuracies = [step["cil_acc"] for step in steps[1:]]
     assert summary["avg"] == pytest.approx(np.mean(accuracies)) and summary["last"] == pytest.approx(accuracies[-1])
     assert summary["transfer"] is None and steps[-1]["acc_columns"][0] == "phase_1"
+
+
+@pytest.mark.parametrize("name, first_task, tasks", [
+    ("mtil_order1", "aircraft", 11), ("mtil_order2", "stanford_cars", 11),
+    ("cifar100_10steps", "task_1", 10), ("cifar100_20steps", "task_1", 20), ("cifar100_50steps", "task_1", 50),
+])
+def test_each_zscl_benchmark_is_a_registered_chain_of_its_tasks(name, first_task, tasks):
+    from clip_continual.pipeline_registry import register_pipelines
+
+    pipeline = register_pipelines()[name]
+    fine_tunes = sorted(node.name for node in pipeline.nodes if node.name.endswith(".fine_tune"))
+    assert len(fine_tunes) == tasks and f"{name}.{first_task}.fine_tune" in fine_tunes
+    evaluations = [node for node in pipeline.nodes if node.name.endswith(".evaluate_model")]
+    assert len(evaluations) == tasks + 1  # the starting model, then every task
