@@ -72,7 +72,8 @@ class Benchmark:
     """``params`` names the benchmark's own parameters block (``parameters_<name>.yml``), whose
     ``model``, ``continual_learning``, ``evaluation``, ``prompts`` and ``loader`` replace the global
     blocks; None (the embedded default) reads the global blocks. ``pretrained_model`` is the
-    catalog entry the first task starts from."""
+    catalog entry the first task starts from; ``reference_set`` the image-caption pairs that
+    replay methods (A-GEM, GEM, ZSCL) read, None where the benchmark has none."""
 
     name: str
     tasks: tuple[Task, ...]
@@ -81,6 +82,7 @@ class Benchmark:
     description: str
     params: str | None = None
     pretrained_model: str = "pretrained_model"
+    reference_set: str | None = "reference_set"  # image-caption pairs some methods replay
     # phases: the updated test set per phase (the paper's MST / OST); datasets: each task's own
     # test set among its own classes (MTIL); class_incremental: the test images of the classes
     # seen so far among those classes (class-incremental CIFAR-100).
@@ -134,7 +136,7 @@ def _paper_benchmark(name: str, train_set: str, phases: tuple[tuple[int, ...], .
                      suite: EvaluationSuite, teacher: str, description: str) -> Benchmark:
     """A benchmark on downloaded data: its own parameters block and pretrained CLIP."""
     return Benchmark(name, class_tasks(train_set, phases), suite, teacher, description,
-                     params=name, pretrained_model=f"{name}.pretrained_model")
+                     params=name, pretrained_model=f"{name}.pretrained_model", reference_set=None)
 
 
 _SHAPES_SUITE = EvaluationSuite(

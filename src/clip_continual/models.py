@@ -24,6 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip_continual.adapters import (
+    TOWERS_OF_PARTS, AdapterError, adapter_parameters, adapter_recipe, add_adapters,
+)
+
 logger = logging.getLogger(__name__)
 
 PACKAGED_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -343,11 +347,15 @@ def text_tower_parameters(model: nn.Module) -> list[nn.Parameter]:
 def set_trainable_parts(model: nn.Module, parts: str) -> list[nn.Parameter]:
     """Freeze all but ``parts`` (wm: whole model incl. logit scale, io: image, to: text).
 
-    Returns the trainable parameters, the only ones the optimizer should hold.
+    A model with adapters (``clip_continual.adapters``) trains only its adapters within
+    ``parts``; its backbone stays frozen. Returns the trainable parameters, the only ones the
+    optimizer should hold.
     """
     if parts not in TRAINABLE_PARTS:
         raise ValueError(f"unknown parts '{parts}': choose one of {', '.join(TRAINABLE_PARTS)}")
-    if parts == "wm":
+    if adapter_recipe(model) is not None:
+        chosen = adapter_parameters(model, TOWERS_OF_PARTS[parts])
+    elif parts == "wm":
         chosen = list(model.parameters())
     elif parts == "io":
         chosen = list(model.visual.parameters())
@@ -438,6 +446,7 @@ def checkpoint_payload(clip: ClipModel) -> dict[str, Any]:
         "pretrained": clip.spec.pretrained,
         "model_config": clip.model_config,
         "metadata": clip.metadata,
+        "adapters": adapter_recipe(clip.model),
         "state_dict": {k: v.detach().cpu() for k, v in clip.model.state_dict().items()},
     }
 
@@ -494,8 +503,10 @@ def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = 
         _register_config(architecture, payload["model_config"])
     model = _create_open_clip_model(architecture, None, device=device)
     try:
+        if payload.get("adapters"):
+            add_adapters(model, payload["adapters"])
         model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as error:
+    except (RuntimeError, AdapterError, KeyError) as error:
         raise CheckpointError(
             f"checkpoint state does not fit architecture '{architecture}': {error}"
         ) from error

@@ -39,9 +39,11 @@ def training_config(method: str, params: dict[str, Any], seed: int, default_teac
         alpha = None  # one alpha for the sweep; ft has no distillation weight to set
     if teacher_choice not in TEACHERS:
         raise TrainingConfigError(f"unknown teacher '{teacher_choice}': choose one of {', '.join(TEACHERS)}")
+    options = (params.get("methods") or {}).get(method) or {}
     return TrainingConfig.from_params({
         **(params.get("training") or {}), "method": method, "alpha": alpha, "seed": seed,
         "teacher": default_teacher if teacher_choice == "auto" else teacher_choice,
+        "method_options": options,
     })
 
 
@@ -67,13 +69,18 @@ def fine_tune_task(
     tracking: dict[str, Any],
     seed: int,
     loader: dict[str, Any] | None = None,
+    reference_set: ImageSet | None = None,
     pretrained_model: ClipModel | None = None,
+    previous_method_state: dict[str, np.ndarray] | None = None,
     *,
     task_index: int,
     benchmark: Benchmark,
-) -> tuple[ClipModel, dict[str, Any]]:
+) -> tuple[ClipModel, dict[str, Any], dict[str, np.ndarray]]:
+    """Train task ``task_index``; also returns what the method hands to the next task.
+    Parameters come before the optional datasets: Kedro's parameter check maps inputs by position."""
     task = benchmark.tasks[task_index - 1]
     config = training_config(method, task_params(params, task.name), seed, benchmark.default_teacher)
+    continual_method = config.build_method()
     teacher = start_model if config.teacher == "previous" or pretrained_model is None else pretrained_model
     classes = task.classes or tuple(range(len(train_set.class_names)))  # empty: the whole dataset
     seen = sorted({c for phase in benchmark.phases[:task_index - 1] for c in phase} | set(classes))
@@ -96,9 +103,14 @@ def fine_tune_task(
         teacher=teacher,
         task_index=task_index,
         on_step=log_losses,
+        method=continual_method,
+        # Task 1 starts from the pretrained model, which the pipeline hands in only as start_model.
+        extras={"reference_set": reference_set,
+                "pretrained_model": start_model if pretrained_model is None else pretrained_model},
+        previous_state=previous_method_state,
     )
     model.metadata.update({"method": method, "task_index": task_index, "classes": list(classes)})
-    return model, summary
+    return model, summary, continual_method.export_state()
 
 
 def templates_for(prompts: dict[str, Any], key: str) -> list[str]:
