@@ -204,7 +204,7 @@ def _mtil(order: str) -> Benchmark:
         name=name, tasks=tasks, suite=EvaluationSuite(), default_teacher="previous",
         description=f"MTIL {order.replace('order', 'order ')}: 11 datasets in sequence, each test set "
                     f"after every task (ZSCL)",
-        params=name, pretrained_model=f"{name}.pretrained_model", evaluation="datasets",
+        params=name, pretrained_model=f"{name}.pretrained_model", evaluation="datasets", reference_set=None,
     )
 
 
@@ -217,6 +217,7 @@ def _cifar100(steps: int) -> Benchmark:
         default_teacher="previous",
         description=f"class-incremental CIFAR-100, {steps} steps of {100 // steps} classes (ZSCL's order)",
         params=name, pretrained_model=f"{name}.pretrained_model", evaluation="class_incremental",
+        reference_set=None,
     )
 
 
