@@ -287,11 +287,14 @@ def test_evaluate_step_smoke(clip):
     modes = [m.training for m in clip.model.modules()]
     before = {k: v.clone() for k, v in clip.model.state_dict().items()}
 
-    result = ev.evaluate_step(clip, 1, "task_1", updated, prompts, [[0, 1, 2], [3, 4, 5]], zero_shot,
-                              ["a photo of a {}."], retrieval, batch_size=3, device="cpu", retrieval_folds=2)
+    result = ev.evaluate_step(clip, 1, "task_1", updated, prompts, [[0, 1, 2], [3, 4, 5]],
+                              {"zs": (zero_shot, ["a photo of a {}."])}, {"ret": (retrieval, 2)},
+                              batch_size=3, device="cpu")
 
-    expected_keys = {"step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", *ev.RETRIEVAL_KEYS, "ut_top1", "acc_row"}
+    expected_keys = {"step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", *ev.RETRIEVAL_KEYS, "ut_top1", "acc_row",
+                     "zs_acc/zs", *(f"retrieval/ret/{key}" for key in ev.RETRIEVAL_KEYS)}
     assert set(result) == expected_keys
+    assert result["zs_acc"] == result["zs_acc/zs"] and result["i2t_r1"] == result["retrieval/ret/i2t_r1"]
     assert result["step"] == 1 and result["task"] == "task_1"
     assert len(result["acc_row"]) == 2
     for key in ["ut_acc", "zs_acc", "a_acc", "ut_top1", *ev.RETRIEVAL_KEYS, *result["acc_row"]]:
@@ -314,7 +317,7 @@ def test_evaluate_step_known_answer_and_bwt(clip):
     prompts = [f"a photo of {name} ." for name in updated.class_names]
     phases = [[0, 1, 2], [3, 4, 5]]
 
-    start = ev.evaluate_step(clip, 0, "zero_shot", updated, prompts, phases, zero_shot, ["a {}."])
+    start = ev.evaluate_step(clip, 0, "zero_shot", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])})
     assert start["zs_acc"] == pytest.approx(1 / 4)   # one image per zero-shot class
     assert start["ut_top1"] == pytest.approx(1 / 6)
     assert start["ut_acc"] == pytest.approx(1 / 6)   # step 0: mean over phases of (1/3, 0)
@@ -322,15 +325,28 @@ def test_evaluate_step_known_answer_and_bwt(clip):
     assert start["i2t_r1"] is None
 
     earlier = [start["acc_row"], [0.9, 0.1]]
-    result = ev.evaluate_step(clip, 2, "task_2", updated, prompts, phases, zero_shot, ["a {}."],
+    result = ev.evaluate_step(clip, 2, "task_2", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])},
                               previous_rows=earlier)
     assert result["acc_row"] == pytest.approx(start["acc_row"])
     assert result["bwt"] == pytest.approx(result["acc_row"][0] - 0.9)
     assert result["ut_acc"] == pytest.approx(1 / 6)  # mean over both phases after step 2
 
     with pytest.raises(ValueError, match="acc rows of steps 0..1"):
-        ev.evaluate_step(clip, 2, "task_2", updated, prompts, phases, zero_shot, ["a {}."])
+        ev.evaluate_step(clip, 2, "task_2", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])})
     with pytest.raises(ValueError, match="one prompt per class"):
-        ev.evaluate_step(clip, 1, "task_1", updated, prompts[:5], phases, zero_shot, ["a {}."])
+        ev.evaluate_step(clip, 1, "task_1", updated, prompts[:5], phases, {"zs": (zero_shot, ["a {}."])})
     with pytest.raises(ValueError, match="outside"):
-        ev.evaluate_step(clip, 3, "task_3", updated, prompts, phases, zero_shot, ["a {}."])
+        ev.evaluate_step(clip, 3, "task_3", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])})
+
+
+def test_evaluate_step_averages_several_zero_shot_sets_and_reports_each_retrieval_set(clip):
+    updated, prompts, zero_shot, retrieval = _sets()
+    other = ImageSet(_images(2, constant=50), np.arange(2), ("sun", "moon"))
+    phases = [[0, 1, 2], [3, 4, 5]]
+    result = ev.evaluate_step(clip, 0, "pretrained", updated, prompts, phases,
+                              {"a": (zero_shot, ["a {}."]), "b": (other, ["the {}"])},
+                              {"first": (retrieval, 1), "second": (retrieval, 2)})
+    assert result["zs_acc"] == pytest.approx((result["zs_acc/a"] + result["zs_acc/b"]) / 2)
+    assert result["zs_acc/b"] == pytest.approx(1 / 2)  # identical images: one class wins
+    assert result["i2t_r1"] == result["retrieval/first/i2t_r1"]
+    assert "retrieval/second/t2i_r10" in result

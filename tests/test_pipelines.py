@@ -308,11 +308,12 @@ def test_a_benchmark_pipeline_runs_on_its_own(project):
 
 def test_a_benchmark_defined_in_code_is_a_pipeline_of_its_own(project, monkeypatch):
     """A two-session benchmark added to the registry runs as `kedro run --pipelines <name>`."""
-    from clip_continual.benchmarks import BENCHMARKS, Benchmark
+    from clip_continual.benchmarks import BENCHMARKS, Benchmark, class_tasks
 
     monkeypatch.setitem(BENCHMARKS, "digits_two", Benchmark(
-        name="digits_two", updated_task="digits", phases=((0, 1, 2, 3, 4), (5, 6, 7, 8, 9)),
-        default_teacher="previous", description="digits in two sessions of five classes",
+        name="digits_two", tasks=class_tasks("digits_train", ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))),
+        suite=BENCHMARKS["digits_mst"].suite, default_teacher="previous",
+        description="digits in two sessions of five classes",
     ))
     run_pipeline(project, ["digits_two"])
     (folder,) = run_folders(project, benchmark="digits_two")

@@ -7,14 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clip_continual.data.common import ImageSet
+from clip_continual.data.loading import ZsclTrainTransform, random_resized_box
 from clip_continual.methods import reference_vr_lwf_terms
 from clip_continual.models import set_trainable_parts
 from clip_continual.replay import VocabularyConfig, build_vocabulary
 from clip_continual.training import (
-    BatchOrder, TrainingConfig, TrainingConfigError, augment_crop_flip, build_optimizer, fine_tune,
-    learning_rate_at, plan_training, resolve_precision,
+    BatchOrder, TrainingConfig, TrainingConfigError, augment_crop_flip, augment_zscl, build_optimizer,
+    fine_tune, learning_rate_at, plan_training, resolve_precision,
 )
 
 NUM_CLASSES = 4
@@ -68,7 +70,8 @@ def test_config_from_params_and_errors():
         ({"precision": "fp8"}, "precision must be one of"),
         ({"device": "tpu"}, "device must be one of"),
         ({"augment": "mixup"}, "augment must be one of none, crop_flip"),
-        ({"schedule": "cosine"}, "schedule must be one of constant, step"),
+        ({"schedule": "linear"}, "schedule must be one of constant, step, cosine"),
+        ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
         ({"teacher": "best"}, "teacher must be one of pretrained, previous"),
         ({"steps": 0}, "steps must be a positive integer"),
         ({"steps": None, "epochs": None}, "give the training length"),
@@ -104,6 +107,15 @@ def test_learning_rate_schedule_values():
     assert learning_rate_at(25, 1.0, "step", (10, 20), 0.5) == 0.25
     with pytest.raises(TrainingConfigError):
         learning_rate_at(0, 1.0, "cosine")
+
+
+def test_cosine_schedule_with_warmup_is_zscl_s():
+    """ZSCL mtil/src/utils.py cosine_lr: lr (step + 1) / warmup, then half a cosine to 0."""
+    rates = [learning_rate_at(s, 1e-5, "cosine", warmup_steps=100, total_steps=1000)
+             for s in (0, 49, 99, 100, 550, 999)]
+    expected = [1e-7, 5e-6, 1e-5, 1e-5, 0.5e-5, 0.5 * (1 + math.cos(math.pi * 899 / 900)) * 1e-5]
+    assert rates == pytest.approx(expected)
+    assert learning_rate_at(3, 1.0, "constant", warmup_steps=4) == 1.0 and learning_rate_at(2, 1.0, warmup_steps=4) == 0.75
 
 
 def test_steps_cap_epochs_and_batch_order_is_a_pure_function():
@@ -236,6 +248,33 @@ def test_crop_flip_augmentation(micro, train_set):
     assert pixels.shape == (3, 3, micro.image_size, micro.image_size)
     again = augment_crop_flip(train_set.images[:3], micro, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert torch.equal(pixels, again)
+
+
+def test_frozen_logit_scale_stays_and_the_optimizer_skips_it(micro, train_set, prompts):
+    trained, _ = fine_tune(micro, train_set, prompts, config=config(steps=2, train_logit_scale=False))
+    assert torch.equal(trained.model.logit_scale, micro.model.logit_scale)
+    assert changed_parameters(micro, trained) - {"logit_scale"}  # the rest trains
+    trained, _ = fine_tune(micro, train_set, prompts, config=config(steps=2))
+    assert "logit_scale" in changed_parameters(micro, trained)
+
+
+def test_zscl_augmentation(micro, train_set, prompts):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        top, left, height, width = random_resized_box(40, 30, rng)
+        assert 0 <= top <= 40 - height and 0 <= left <= 30 - width
+        assert 0.85 * 1200 <= height * width <= 1200 and 0.7 <= width / height <= 1.4
+    pixels = augment_zscl(train_set.images[:3], micro, torch.Generator().manual_seed(1), torch.device("cpu"))
+    again = augment_zscl(train_set.images[:3], micro, torch.Generator().manual_seed(1), torch.device("cpu"))
+    assert pixels.shape == (3, 3, micro.image_size, micro.image_size) and torch.equal(pixels, again)
+    streamed = ZsclTrainTransform(micro.image_size, micro.image_mean, micro.image_std)  # the DataLoader path
+    image = Image.fromarray(train_set.images[0])
+    first = streamed(image, np.random.default_rng([1, 2, 3]))
+    assert first.shape == (3, micro.image_size, micro.image_size)
+    assert torch.equal(first, streamed(image, np.random.default_rng([1, 2, 3])))
+    trained, summary = fine_tune(micro, train_set, prompts, config=config(augment="zscl", schedule="cosine",
+                                                                           warmup_steps=1))
+    assert summary["final_lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0 / 1)) * 1.0)
 
 
 def test_input_errors(micro, train_set, prompts):

@@ -15,7 +15,7 @@ Plain Python, NumPy and PyTorch; no Kedro import. Every accuracy and recall is a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_continual.data.common import ImageSet
+from clip_continual.data.loading import LoaderConfig, StreamedImages, as_lazy
 from clip_continual.models import ClipModel, encode_images, encode_text, resolve_device
 
 DEFAULT_BATCH_SIZE = 256
@@ -89,30 +90,65 @@ def _embed_dim(clip: ClipModel) -> int:
     return int(clip.model_config["embed_dim"])
 
 
-def _image_feature_batches(clip: ClipModel, images: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
-    """Normalised fp32 features batch by batch; the caller holds eval mode and inference mode."""
+EvalImages = Any  # uint8 (N, H, W, 3) array, ImageSet, or a lazy set (prepared split, ImageIndex)
+
+
+def _pixel_batches(clip: ClipModel, images: EvalImages, batch_size: int,
+                   loader: LoaderConfig | None) -> Iterator[torch.Tensor]:
+    """Preprocessed pixels batch by batch: in-memory arrays on the device as always, lazy sets
+    through DataLoader workers with the model's test transform."""
+    device = clip.device
+    if isinstance(images, ImageSet):
+        images = images.images
+    if not isinstance(images, np.ndarray):
+        for _, pixels in StreamedImages(as_lazy(images), loader).clean_batches(clip, batch_size, device):
+            yield pixels
+        return
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"images must be a uint8 array of shape (N, H, W, 3), got {images.dtype} {images.shape}")
-    _check_batch_size(batch_size)
-    device = clip.device
     for start in range(0, len(images), batch_size):
-        pixels = clip.preprocess(images[start:start + batch_size], device)
-        with _autocast(device):
+        yield clip.preprocess(images[start:start + batch_size], device)
+
+
+def _image_feature_batches(clip: ClipModel, images: EvalImages, batch_size: int,
+                           loader: LoaderConfig | None = None) -> Iterator[torch.Tensor]:
+    """Normalised fp32 features batch by batch; the caller holds eval mode and inference mode."""
+    _check_batch_size(batch_size)
+    for pixels in _pixel_batches(clip, images, batch_size, loader):
+        with _autocast(clip.device):
             features = encode_images(clip.model, pixels, normalize=False)
         # Normalise after the cast: half-precision norms would cost accuracy.
         yield F.normalize(features.float(), dim=-1)
 
 
 def image_features(
-    clip: ClipModel, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE,
-    device: str | torch.device | None = None,
+    clip: ClipModel, images: EvalImages, batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device | None = None, loader: LoaderConfig | None = None,
 ) -> torch.Tensor:
-    """L2-normalised fp32 image features (N, D) of uint8 (N, H, W, 3) images, on the eval device."""
+    """L2-normalised fp32 image features (N, D) of uint8 (N, H, W, 3) images (or a lazy set),
+    on the eval device."""
     with evaluating(clip, device) as target, torch.inference_mode():
-        chunks = list(_image_feature_batches(clip, images, batch_size))
+        chunks = list(_image_feature_batches(clip, images, batch_size, loader))
         features = torch.cat(chunks) if chunks else torch.empty(0, _embed_dim(clip), device=target)
     # A clone outside inference mode is an ordinary tensor, usable later in autograd graphs.
     return features.clone()
+
+
+_TOKEN_CACHE: dict[tuple[Any, ...], torch.Tensor] = {}
+_TOKEN_CACHE_SIZE = 512  # chunks of prompts; a few MB of token ids
+
+
+def cached_tokens(clip: ClipModel, texts: Sequence[str]) -> torch.Tensor:
+    """Token ids of ``texts``, tokenized once per architecture: every evaluation step re-encodes
+    the same class prompts (MTIL: thousands, 12 times), and tokenizing them costs more than
+    encoding them with a small model. The oldest entry goes first when the cache is full."""
+    key = (clip.spec.architecture, clip.context_length, tuple(texts))
+    tokens = _TOKEN_CACHE.get(key)
+    if tokens is None:
+        if len(_TOKEN_CACHE) >= _TOKEN_CACHE_SIZE:
+            _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
+        tokens = _TOKEN_CACHE[key] = clip.tokenize(list(texts))
+    return tokens
 
 
 def text_features(
@@ -125,7 +161,7 @@ def text_features(
     with evaluating(clip, device) as target, torch.inference_mode():
         chunks = []
         for start in range(0, len(texts), batch_size):
-            tokens = clip.tokenize(texts[start:start + batch_size]).to(target)
+            tokens = cached_tokens(clip, texts[start:start + batch_size]).to(target)
             with _autocast(target):
                 features = encode_text(clip.model, tokens, normalize=False)
             chunks.append(F.normalize(features.float(), dim=-1))
@@ -192,13 +228,15 @@ def predict(image_feats: torch.Tensor | np.ndarray, class_feats: torch.Tensor | 
 
 
 def predict_images(
-    clip: ClipModel, images: np.ndarray, class_feats: torch.Tensor,
+    clip: ClipModel, images: EvalImages, class_feats: torch.Tensor,
     batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None,
+    loader: LoaderConfig | None = None,
 ) -> np.ndarray:
     """Predicted class of each image, streaming batches so no (N, D) feature matrix is kept."""
     with evaluating(clip, device) as target, torch.inference_mode():
         classes = _as_tensor(class_feats, target)
-        predictions = [predict(batch, classes) for batch in _image_feature_batches(clip, images, batch_size)]
+        predictions = [predict(batch, classes)
+                       for batch in _image_feature_batches(clip, images, batch_size, loader)]
     return np.concatenate(predictions) if predictions else np.empty(0, dtype=np.int64)
 
 
@@ -362,16 +400,23 @@ def retrieval_metrics(
     return {key: float(np.mean([fold[key] for fold in per_fold])) for key in per_fold[0]}
 
 
-def evaluate_retrieval(
-    clip: ClipModel, retrieval_set: ImageSet, batch_size: int = DEFAULT_BATCH_SIZE,
-    device: str | torch.device | None = None, folds: int = 1,
-) -> dict[str, float]:
-    """Recall@1/5/10 both ways of ``clip`` on a captioned image set."""
+def _caption_array(retrieval_set: Any) -> np.ndarray:
+    """(N, K) captions of an ``ImageSet``, or of a lazy set's per-image caption lists."""
     if retrieval_set.captions is None:
         raise ValueError("the retrieval set has no captions; prepare it with an (N, K) captions array")
-    texts, owner = caption_index(retrieval_set.captions)
+    if isinstance(retrieval_set, ImageSet):
+        return retrieval_set.captions
+    return StreamedImages(as_lazy(retrieval_set)).caption_array()
+
+
+def evaluate_retrieval(
+    clip: ClipModel, retrieval_set: ImageSet | Any, batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device | None = None, folds: int = 1, loader: LoaderConfig | None = None,
+) -> dict[str, float]:
+    """Recall@1/5/10 both ways of ``clip`` on a captioned image set (in memory or lazy)."""
+    texts, owner = caption_index(_caption_array(retrieval_set))
     with evaluating(clip, device) as target:
-        images = image_features(clip, retrieval_set.images, batch_size, target)
+        images = image_features(clip, retrieval_set, batch_size, target, loader)
         captions = text_features(clip, texts, batch_size, target)
     return retrieval_metrics(images, captions, owner, folds=folds)
 
@@ -510,39 +555,66 @@ def _earlier_rows(previous_rows: Sequence[Sequence[float]] | None, step: int, nu
 
 def zero_shot_accuracy(
     clip: ClipModel,
-    image_set: ImageSet,
+    image_set: ImageSet | Any,
     templates: Sequence[str],
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device | None = None,
+    loader: LoaderConfig | None = None,
 ) -> float:
     """Top-1 accuracy of zero-shot classification among ``image_set``'s class names."""
     with evaluating(clip, device) as target:
         classes = zero_shot_classifier(clip, image_set.class_names, templates, batch_size, target)
-        predictions = predict_images(clip, image_set.images, classes, batch_size, target)
+        predictions = predict_images(clip, image_set, classes, batch_size, target, loader)
     return top1_accuracy(predictions, image_set.labels)
+
+
+def _suite_metrics(
+    clip: ClipModel, zero_shot_sets: Mapping[str, tuple[Any, Sequence[str]]],
+    retrieval_sets: Mapping[str, tuple[Any, int]], batch_size: int, target: torch.device,
+    loader: LoaderConfig | None,
+) -> dict[str, Any]:
+    """``zs_acc`` (mean over the zero-shot sets), the first retrieval set's recalls as the
+    headline columns, and every set alone (``zs_acc/<set>``, ``retrieval/<set>/<metric>``)."""
+    if not zero_shot_sets:
+        raise ValueError("the evaluation suite needs at least one zero-shot set")
+    metrics: dict[str, Any] = {
+        f"zs_acc/{name}": zero_shot_accuracy(clip, images, templates, batch_size, target, loader)
+        for name, (images, templates) in zero_shot_sets.items()
+    }
+    metrics["zs_acc"] = float(np.mean([metrics[f"zs_acc/{name}"] for name in zero_shot_sets]))
+    headline = dict.fromkeys(RETRIEVAL_KEYS)
+    for number, (name, (images, folds)) in enumerate(retrieval_sets.items()):
+        recalls = evaluate_retrieval(clip, images, batch_size, target, folds, loader)
+        headline = recalls if number == 0 else headline
+        metrics.update({f"retrieval/{name}/{key}": value for key, value in recalls.items()})
+    return {**metrics, **{key: headline[key] for key in RETRIEVAL_KEYS}}
 
 
 def evaluate_step(
     clip: ClipModel,
     step: int,
     task: str,
-    updated_test: ImageSet,
+    updated_test: ImageSet | Any,
     class_prompts: Sequence[str],
     phases: Sequence[Sequence[int]],
-    zero_shot_set: ImageSet,
-    zero_shot_templates: Sequence[str],
-    retrieval_set: ImageSet | None = None,
+    zero_shot_sets: Mapping[str, tuple[Any, Sequence[str]]],
+    retrieval_sets: Mapping[str, tuple[Any, int]] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device | None = None,
     previous_rows: Sequence[Sequence[float]] | None = None,
-    retrieval_folds: int = 1,
+    loader: LoaderConfig | None = None,
 ) -> dict[str, Any]:
     """All metrics of the model after ``step`` (0 = the starting model), as a JSON-ready dict.
 
-    Keys: step, task, ut_acc, zs_acc, a_acc, bwt, i2t_r1..t2i_r10 (None without a retrieval
-    set), ut_top1 (plain top-1 over all updated-task test images, the paper's OST UT-Acc) and
-    acc_row (accuracy on each phase 1..T). ``previous_rows[i]`` is the acc_row of step i,
-    required for i = 0..step-1 from step 2 on. The model is left as it was found.
+    ``zero_shot_sets`` maps a name to (image set, prompt templates); ``retrieval_sets`` a name to
+    (captioned image set, folds). Sets are in memory (``ImageSet``) or lazy (prepared splits,
+    read through DataLoader workers as ``loader`` says).
+
+    Keys: step, task, ut_acc, zs_acc (mean over the zero-shot sets), a_acc, bwt, i2t_r1..t2i_r10
+    (the first retrieval set; None without one), ut_top1 (plain top-1 over all updated-task test
+    images, the paper's OST UT-Acc), acc_row (accuracy on each phase 1..T), and each set alone
+    as ``zs_acc/<name>`` and ``retrieval/<name>/<metric>``. ``previous_rows[i]`` is the acc_row
+    of step i, required for i = 0..step-1 from step 2 on. The model is left as it was found.
     """
     step = int(step)
     if len(class_prompts) != len(updated_test.class_names):
@@ -558,13 +630,9 @@ def evaluate_step(
 
     with evaluating(clip, device) as target:
         class_feats = text_features(clip, class_prompts, batch_size, target)
-        ut_predictions = predict_images(clip, updated_test.images, class_feats, batch_size, target)
+        ut_predictions = predict_images(clip, updated_test, class_feats, batch_size, target, loader)
         acc_row = phase_accuracies(ut_predictions, updated_test.labels, phases)
-        zs = zero_shot_accuracy(clip, zero_shot_set, zero_shot_templates, batch_size, target)
-        retrieval = (
-            evaluate_retrieval(clip, retrieval_set, batch_size, target, retrieval_folds)
-            if retrieval_set is not None else dict.fromkeys(RETRIEVAL_KEYS)
-        )
+        suite = _suite_metrics(clip, zero_shot_sets, retrieval_sets or {}, batch_size, target, loader)
 
     # Before step 2 neither UT-Acc nor BWT reads an earlier row: stand-ins keep the shapes.
     rows = np.asarray(earlier + [acc_row]) if step >= 2 else np.asarray([acc_row] * (step + 1))
@@ -573,10 +641,11 @@ def evaluate_step(
         "step": step,
         "task": str(task),
         "ut_acc": ut,
-        "zs_acc": zs,
-        "a_acc": (ut + zs) / 2.0,
+        "zs_acc": suite["zs_acc"],
+        "a_acc": (ut + suite["zs_acc"]) / 2.0,
         "bwt": bwt_at(rows, step),
-        **{key: retrieval[key] for key in RETRIEVAL_KEYS},
+        **{key: suite[key] for key in RETRIEVAL_KEYS},
         "ut_top1": top1_accuracy(ut_predictions, updated_test.labels),
         "acc_row": [float(v) for v in acc_row],
+        **{key: value for key, value in suite.items() if "/" in key},
     }

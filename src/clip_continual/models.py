@@ -6,11 +6,13 @@ Plain Python and PyTorch; no Kedro import.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
 import socket
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,9 +270,12 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> ClipMode
             metadata=loaded.metadata,
         )
     try:
-        model = _create_open_clip_model(
-            spec.architecture, pretrained, device=device, cache_dir=spec.cache_dir
-        )
+        if pretrained and _is_openai_file(pretrained):
+            model = _load_openai_file(spec.architecture, pretrained, model_config).to(device)
+        else:
+            model = _create_open_clip_model(
+                spec.architecture, pretrained, device=device, cache_dir=spec.cache_dir
+            )
     except RuntimeError as error:
         raise PretrainedWeightsUnavailable(
             f"could not load the weights '{pretrained}' into {spec.architecture}: "
@@ -320,6 +325,47 @@ def check_model_source(spec: ModelSpec) -> None:
             require_architecture(payload.get("architecture"), spec.architecture, pretrained)
 
 
+# Entries of OpenAI's released files that open_clip's own state dicts lack.
+_OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _is_openai_file(path: str) -> bool:
+    """OpenAI's format: the TorchScript archive OpenAI publishes (e.g. ``ViT-B-32.pt``), or its
+    state dict, which carries ``input_resolution`` / ``context_length`` / ``vocab_size``."""
+    if not Path(path).is_file():
+        return False
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("constants.pkl") for name in archive.namelist()):
+                return True
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(state, dict) and all(key in state for key in _OPENAI_ONLY_KEYS)
+
+
+def _load_openai_file(architecture: str, path: str, model_config: dict[str, Any]) -> nn.Module:
+    """Build the model from an OpenAI file as OpenAI defined it (QuickGELU, fp32 on load),
+    through open_clip's own loader; refuses weights of another architecture."""
+    model = open_clip.load_openai_model(path, precision="fp32", device="cpu")
+    vision = model_config.get("vision_cfg", {})
+    width, patch = model.visual.conv1.weight.shape[0], model.visual.conv1.weight.shape[-1]
+    if (vision.get("width"), vision.get("patch_size")) not in ((width, patch), (None, None)):
+        raise RuntimeError(
+            f"the OpenAI file holds a vision tower of width {width} and patch {patch}, not "
+            f"{architecture}'s ({vision.get('width')}, {vision.get('patch_size')})"
+        )
+    return model
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(architecture: str) -> Any:
+    """One tokenizer per architecture: building one reads the BPE vocabulary (about a second),
+    and every checkpoint loaded in a run would otherwise build its own."""
+    return open_clip.get_tokenizer(architecture)
+
+
 def _wrap(spec: ModelSpec, model: nn.Module, model_config: dict[str, Any],
           metadata: dict[str, Any] | None = None) -> ClipModel:
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
@@ -327,7 +373,7 @@ def _wrap(spec: ModelSpec, model: nn.Module, model_config: dict[str, Any],
         spec=spec,
         model=model,
         model_config=model_config,
-        tokenizer=open_clip.get_tokenizer(spec.architecture),
+        tokenizer=_tokenizer(spec.architecture),
         image_mean=tuple(float(v) for v in preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         image_std=tuple(float(v) for v in preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD)),
         metadata=dict(metadata or {}),

@@ -18,8 +18,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from clip_continual.evaluation import RETRIEVAL_KEYS, continual_metrics
+from clip_continual.sequence_evaluation import class_incremental_summary
 
 METRIC_COLUMNS = ("step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", *RETRIEVAL_KEYS)
+SEQUENCE_COLUMNS = ("transfer", "avg", "last", "cil_acc")  # MTIL / class-incremental runs only
 FINAL_KEYS = ("ut_acc", "zs_acc", "a_acc", "bwt", *RETRIEVAL_KEYS, "ut_top1")
 COMPARISON_COLUMNS = ("method", "ut_acc", "zs_acc", "a_acc", "bwt", "i2t_r1", "t2i_r1")
 
@@ -46,16 +48,19 @@ def _json_number(value: float) -> float | None:
 
 def metrics_table(step_results: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """One row per step (sorted), columns METRIC_COLUMNS; a missing metric is NaN."""
+    ordered = _sorted_results(step_results)
+    extra = [key for key in SEQUENCE_COLUMNS if any(key in result for result in ordered)]
+    columns = [*METRIC_COLUMNS, *extra]
     rows = [
         {
             "step": int(result["step"]),
             "task": str(result.get("task", "")),
-            **{key: _number(result.get(key)) for key in METRIC_COLUMNS[2:]},
+            **{key: _number(result.get(key)) for key in columns[2:]},
         }
-        for result in _sorted_results(step_results)
+        for result in ordered
     ]
-    table = pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
-    return table.astype({"step": "int64", **{key: "float64" for key in METRIC_COLUMNS[2:]}})
+    table = pd.DataFrame(rows, columns=columns)
+    return table.astype({"step": "int64", **{key: "float64" for key in columns[2:]}})
 
 
 def accuracy_matrix(step_results: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -67,7 +72,9 @@ def accuracy_matrix(step_results: Sequence[dict[str, Any]]) -> pd.DataFrame:
         raise ValueError(f"every acc_row must have the same non-zero length (T), got lengths {sorted(widths)}")
     num_tasks = widths.pop()
     index = pd.Index([str(result.get("task", result["step"])) for result in ordered], name="after")
-    return pd.DataFrame(rows, index=index, columns=[f"task_{i}" for i in range(1, num_tasks + 1)])
+    # MTIL names its columns by dataset, class-incremental runs by phase
+    columns = ordered[-1].get("acc_columns") or [f"task_{i}" for i in range(1, num_tasks + 1)]
+    return pd.DataFrame(rows, index=index, columns=list(columns))
 
 
 def _full_matrix(step_results: Sequence[dict[str, Any]]) -> np.ndarray:
@@ -95,6 +102,9 @@ def summary(step_results: Sequence[dict[str, Any]], method_info: dict[str, Any] 
     metrics["start_ut_acc"] = _json_number(_number(first.get("ut_acc")))
     metrics["start_zs_acc"] = _json_number(_number(first.get("zs_acc")))
     metrics.update({key: _json_number(value) for key, value in continual_metrics(matrix).items()})
+    if all("cil_acc" in result for result in ordered):
+        # class-incremental (ZSCL cil/main.py): Avg and Last of the accuracy on the seen classes
+        metrics.update({**class_incremental_summary(ordered), "transfer": None})
     info = dict(method_info or {})
     clashes = sorted(set(info) & set(metrics))
     if clashes:

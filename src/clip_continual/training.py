@@ -25,6 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from clip_continual.data.common import ImageSet
+from clip_continual.data.loading import (
+    InMemoryImages, LazyImages, LoaderConfig, TrainBatch, TrainingSource, random_resized_box, training_source,
+)
 from clip_continual.methods import ContinualMethod, MethodConfigError, get_method
 from clip_continual.methods.base import Batch, TaskContext, Teacher, evaluation_mode
 from clip_continual.models import (
@@ -35,10 +38,10 @@ from clip_continual.replay import ReplayVocabulary, derive_seed
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw")
-SCHEDULES = ("constant", "step")
+SCHEDULES = ("constant", "step", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-AUGMENTATIONS = ("none", "crop_flip")
+AUGMENTATIONS = ("none", "crop_flip", "zscl")
 TEACHERS = ("pretrained", "previous")
 LOGIT_SCALE_MAX = math.log(100.0)  # open_clip's clamp: a temperature of at least 1/100
 CROP_RESIZE_RATIO = 256 / 224  # the paper's train transform: resize 256, random crop 224
@@ -57,7 +60,10 @@ class TrainingConfig:
     """How to fine-tune one task. Defaults are the paper's (Adam, lr 1e-6, batch 100, 15 epochs,
     clip 1.0, seed 10). ``steps`` and ``epochs`` may both be set: the run stops at whichever
     comes first (handy to cap a long run). ``lr_milestones`` are in epochs and only apply to
-    ``schedule: step`` (paper OST: lr x0.1 after epoch 10 of 15). ``alpha`` and
+    ``schedule: step`` (paper OST: lr x0.1 after epoch 10 of 15). ``schedule: cosine`` decays to 0
+    over the task after ``warmup_steps`` of linear warm-up (ZSCL's). ``train_logit_scale: false``
+    keeps CLIP's temperature fixed (ZSCL). ``augment``: none, crop_flip (the paper's resize 256,
+    random crop 224, flip) or zscl (ZSCL's random resized crop, scale 0.9-1). ``alpha`` and
     ``method_options`` are the method's hyper-parameters; None/absent keeps its default.
     ``teacher`` says which model the caller hands in as teacher; with "previous" and no teacher
     given, the start model itself is the teacher.
@@ -78,6 +84,8 @@ class TrainingConfig:
     schedule: str = "constant"
     lr_milestones: tuple[float, ...] = (10,)
     lr_gamma: float = 0.1
+    warmup_steps: int = 0
+    train_logit_scale: bool = True
     grad_clip_norm: float | None = 1.0
     precision: str = "auto"
     device: str = "auto"
@@ -107,6 +115,8 @@ class TrainingConfig:
             raise TrainingConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
         _positive_int("batch_size", self.batch_size)
         _positive_int("log_every", self.log_every)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise TrainingConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise TrainingConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.steps is None and self.epochs is None:
@@ -179,9 +189,18 @@ def _positive_int(name: str, value: Any) -> None:
 def learning_rate_at(
     step: int, base_lr: float, schedule: str = "constant",
     milestone_steps: Sequence[int] = (), gamma: float = 0.1,
+    warmup_steps: int = 0, total_steps: int | None = None,
 ) -> float:
-    """The learning rate of (0-based) ``step``: constant, or times ``gamma`` at each milestone
-    already reached. A function of the step alone, so a resumed run gets the same rates."""
+    """The learning rate of (0-based) ``step``: constant, times ``gamma`` at each milestone
+    already reached, or cosine. The first ``warmup_steps`` rise linearly to ``base_lr``. A
+    function of the step alone, so a resumed run gets the same rates."""
+    if step < warmup_steps:  # ZSCL mtil/src/utils.py _warmup_lr: base_lr * (step + 1) / warmup
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "cosine":  # ZSCL mtil/src/utils.py cosine_lr, to 0 at total_steps
+        if total_steps is None:
+            raise TrainingConfigError("the cosine schedule needs the task's total number of steps")
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) * base_lr
     if schedule == "constant":
         return base_lr
     if schedule == "step":
@@ -196,6 +215,11 @@ class TrainingPlan:
     steps_per_epoch: int
     total_steps: int
     milestone_steps: tuple[int, ...]
+
+
+def step_learning_rate(config: TrainingConfig, plan: TrainingPlan, step: int) -> float:
+    return learning_rate_at(step, config.lr, config.schedule, plan.milestone_steps, config.lr_gamma,
+                            config.warmup_steps, plan.total_steps)
 
 
 def plan_training(config: TrainingConfig, num_images: int) -> TrainingPlan:
@@ -253,6 +277,21 @@ def _diverged(values: dict[str, float], step: int, task_index: int, precision: s
     if precision != "fp32":  # fp32 is only advice where training is not already in fp32
         advice += " or set continual_learning.training.precision=fp32"
     return f"the loss became {values['loss']} at step {step + 1} of task {task_index} ({values}); {advice}"
+
+
+def augment_zscl(
+    images: np.ndarray, clip: ClipModel, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """ZSCL's train transform (mtil/clip/clip.py ``_transform(n_px, is_train=True)``):
+    RandomResizedCrop(S, scale=(0.9, 1.0), bicubic), per image, drawn from ``generator``."""
+    size = clip.image_size
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    crops = []
+    for image in images:
+        top, left, height, width = random_resized_box(image.shape[0], image.shape[1], rng)
+        crops.append(image[top:top + height, left:left + width])
+    return torch.cat([preprocess_images(crop[None], size, clip.image_mean, clip.image_std, device)
+                      for crop in crops])
 
 
 # --- devices and precision ----------------------------------------------------------------
@@ -329,9 +368,211 @@ def _prepare_teacher(
     return teacher
 
 
+@dataclass
+class _Task:
+    """What one task's steps share: the student, its trainable parameters, the method's task
+    context, optimizer and scaler, and the batches in order."""
+
+    student: ClipModel
+    trainable: list[torch.nn.Parameter]
+    context: TaskContext
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    plan: TrainingPlan
+    device: torch.device
+    precision: str
+    setup_time: float = 0.0
+
+
+def _checked_classes(
+    source: TrainingSource, class_prompts: Sequence[str], current_classes: Sequence[int] | None,
+    seen_classes: Sequence[int] | None,
+) -> tuple[list[int], list[int]]:
+    if len(class_prompts) != len(source.class_names):
+        raise ValueError(
+            f"{len(class_prompts)} class prompts for {len(source.class_names)} classes; give "
+            f"one prompt per class of the updated task, index = global label"
+        )
+    current = _class_ids("current_classes", current_classes, list(range(len(class_prompts))))
+    seen = _class_ids("seen_classes", seen_classes, current)
+    if not set(np.unique(source.labels).tolist()) <= set(current):
+        raise ValueError(
+            "the training set has labels outside current_classes; restrict it with "
+            "restrict_to_classes(current_classes)"
+        )
+    return current, seen
+
+
+def _checked_vocabulary(method: ContinualMethod, vocabulary: ReplayVocabulary | None,
+                        start: ClipModel) -> ReplayVocabulary | None:
+    if not method.needs_vocabulary:
+        return None
+    if vocabulary is None:
+        raise ValueError(
+            f"method '{method.name}' needs a replayed vocabulary; build one with "
+            f"replay.build_vocabulary(VocabularyConfig(mode='{method.default_vocabulary_mode}'), "
+            f"model.context_length)"
+        )
+    if vocabulary.context_length != start.context_length:
+        raise ValueError(
+            f"the vocabulary was built for context length {vocabulary.context_length}, the "
+            f"model has {start.context_length}; rebuild the vocabulary for this model"
+        )
+    if vocabulary.config.mode != method.default_vocabulary_mode:
+        logger.warning(
+            "method '%s' was published with vocabulary mode '%s'; this run replays mode '%s'",
+            method.name, method.default_vocabulary_mode, vocabulary.config.mode,
+        )
+    return vocabulary
+
+
+def _start_task(
+    start: ClipModel, source: TrainingSource, class_prompts: Sequence[str], current: list[int],
+    seen: list[int], config: TrainingConfig, method: ContinualMethod,
+    vocabulary: ReplayVocabulary | None, teacher: ClipModel | None, task_index: int,
+    extras: dict[str, Any], previous_state: dict[str, np.ndarray],
+) -> _Task:
+    """Devices, precision, the student copy, the teacher and the optimizer of one task."""
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    autocast = autocast_for(precision, device)
+    torch.manual_seed(config.seed + task_index)
+    student = start.clone()
+    student.model.to(device)
+    method.prepare_student(student.model, config.parts)
+    trainable = set_trainable_parts(student.model, config.parts)
+    if not config.train_logit_scale and hasattr(student.model, "logit_scale"):
+        # ZSCL mtil/src/models/finetune.py: exclude_params_name = ["logit_scale"]
+        student.model.logit_scale.requires_grad_(False)
+        trainable = [p for p in trainable if p is not student.model.logit_scale]
+    student.model.train()
+    teacher_clip = _prepare_teacher(method, start, teacher, config, device)
+    plan = plan_training(config, len(source))
+    context = TaskContext(
+        task_index=task_index,
+        device=device,
+        class_tokens=student.tokenize(list(class_prompts)).to(device),
+        current_classes=torch.tensor(current, device=device),
+        seen_classes=torch.tensor(seen, device=device),
+        vocabulary=vocabulary,
+        teacher=None if teacher_clip is None else Teacher(teacher_clip.model, autocast),
+        autocast=autocast,
+        seed=config.seed + task_index,
+        # Methods that read the training images themselves (exemplars, Fisher) need them in memory.
+        train_set=source.image_set if isinstance(source, InMemoryImages) else None,
+        preprocess=functools.partial(student.preprocess, device=device),
+        tokenize=lambda texts: student.tokenize(list(texts)).to(device),
+        extras=extras,
+        previous_state=previous_state,
+    )
+    logger.info(
+        "task %d: %s %s, %d steps (%d per epoch, batch %d), parts %s (%d trainable parameters), "
+        "%s %s", task_index, method.name, method.hyper_parameters(), plan.total_steps,
+        plan.steps_per_epoch, plan.batch_size, config.parts, sum(p.numel() for p in trainable),
+        device, precision,
+    )
+    return _Task(student, trainable, context, build_optimizer(trainable, config),
+                 torch.amp.GradScaler(device.type, enabled=precision == "fp16"), plan, device, precision)
+
+
+def _precompute_teacher(task: _Task, source: TrainingSource, config: TrainingConfig,
+                        method: ContinualMethod) -> None:
+    """The fixed teacher's features of every clean training image, once per task; pays once
+    the task shows every image at least once on average."""
+    teacher_reads_clean = method.distills_clean_images or config.augment == "none"
+    plan = task.plan
+    if (task.context.teacher is not None and method.uses_teacher_images and teacher_reads_clean
+            and plan.total_steps * plan.batch_size >= plan.num_images):
+        batches = source.clean_batches(task.student, max(plan.batch_size, MIN_PRECOMPUTE_BATCH), task.device)
+        task.context.teacher.precompute_image_features(
+            ((torch.from_numpy(indices).to(task.device), pixels) for indices, pixels in batches),
+            plan.num_images,
+        )
+
+
+def _batches(task: _Task, source: TrainingSource, config: TrainingConfig, method: ContinualMethod,
+             task_seed: int) -> Iterator[TrainBatch]:
+    """The task's batches in the order of ``BatchOrder``: a pure function of (seed, step)."""
+    order = BatchOrder(task.plan, task_seed)
+    indices = [order.indices(step) for step in range(task.plan.total_steps)]
+    augments = config.augment != "none"
+    need_clean = augments and method.distills_clean_images
+    if isinstance(source, InMemoryImages):
+        transform = augment_crop_flip if config.augment == "crop_flip" else augment_zscl
+
+        def augment(step: int, images: np.ndarray) -> torch.Tensor:
+            generator = torch.Generator().manual_seed(derive_seed(task_seed, _STREAM_AUGMENT, step))
+            return transform(images, task.student, generator, task.device)
+
+        return source.train_batches(task.student, indices, task.device, augment if augments else None,
+                                    need_clean)
+    return source.train_batches(task.student, indices, task.device, config.augment if augments else False,
+                                need_clean, seed=task_seed)
+
+
+def _optimizer_step(task: _Task, method: ContinualMethod, batch: Batch, lr: float,
+                    config: TrainingConfig) -> dict[str, float]:
+    """One update; returns the loss terms, their sum ``loss``, as plain numbers."""
+    for group in task.optimizer.param_groups:
+        group["lr"] = lr
+    model = task.student.model
+    with task.context.autocast():
+        terms = method.loss_terms(model, batch, task.context)
+    loss = torch.stack(list(terms.values())).sum()
+    task.optimizer.zero_grad(set_to_none=True)
+    task.scaler.scale(loss).backward()
+    task.scaler.unscale_(task.optimizer)  # a no-op without fp16 loss scaling
+    # The method's gradient hook sees unscaled gradients before any clipping (A-GEM projects
+    # before clipping, as the paper's agem.py does not clip).
+    method.before_optimizer_step(model, batch, task.context)
+    if config.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(task.trainable, config.grad_clip_norm)
+    task.scaler.step(task.optimizer)
+    task.scaler.update()
+    if hasattr(model, "logit_scale"):
+        with torch.no_grad():
+            model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+    method.after_optimizer_step(model, batch.step + 1, task.context)
+    # One device sync per step: all terms and the total come back together.
+    numbers = torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float().tolist()
+    return dict(zip(["loss", *terms], numbers))
+
+
+def _train_steps(
+    task: _Task, batches: Iterator[TrainBatch], source: TrainingSource, config: TrainingConfig,
+    method: ContinualMethod, vocabulary: ReplayVocabulary | None, task_index: int,
+    on_step: Callable[[int, dict[str, float]], None] | None,
+) -> tuple[dict[str, list[float]], list[float]]:
+    """The loop over steps; returns every loss term's history and the step times."""
+    plan, history, step_times, window = task.plan, {}, [], {}
+    progress = tqdm(range(plan.total_steps), desc=f"task {task_index} {method.name}",
+                    disable=not config.progress, leave=False)
+    started = time.perf_counter()
+    for step, train_batch in zip(progress, batches):
+        lr = step_learning_rate(config, plan, step)
+        batch = _make_batch(step, train_batch, source, vocabulary, task_index, task.device)
+        values = _optimizer_step(task, method, batch, lr, config)
+        step_times.append(time.perf_counter() - started)
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(_diverged(values, step, task_index, task.precision))
+        for name, value in values.items():
+            history.setdefault(name, []).append(value)
+            window.setdefault(name, []).append(value)
+        progress.set_postfix({k: f"{np.mean(v):.4f}" for k, v in window.items()}, refresh=False)
+        if (step + 1) % config.log_every == 0 or step + 1 == plan.total_steps:
+            logger.info("task %d step %d/%d lr %.3g %s", task_index, step + 1, plan.total_steps,
+                        lr, {k: round(float(np.mean(v)), 5) for k, v in window.items()})
+            window = {}
+        if on_step is not None:
+            on_step(step + 1, {**values, "lr": lr})
+        started = time.perf_counter()  # the next step's time includes waiting for its batch
+    progress.close()
+    return history, step_times
+
+
 def fine_tune(
     start: ClipModel,
-    train_set: ImageSet,
+    train_set: ImageSet | TrainingSource | LazyImages,
     class_prompts: Sequence[str],
     current_classes: Sequence[int] | None = None,
     seen_classes: Sequence[int] | None = None,
@@ -341,154 +582,56 @@ def fine_tune(
     task_index: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     method: ContinualMethod | None = None,
+    loader: LoaderConfig | None = None,
     extras: Mapping[str, Any] | None = None,
     previous_state: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[ClipModel, dict[str, Any]]:
     """Fine-tune a copy of ``start`` on ``train_set`` and return it with a summary.
 
-    ``class_prompts`` are the prompts of ALL classes of the updated task (index = global label);
-    ``current_classes`` (default: all) are learnt now, ``seen_classes`` (default: the current
-    ones) are all classes learnt so far, current included. ``teacher`` is the frozen model the
-    method distils from (may be ``start`` itself); it is only read. ``on_step(step, values)``
-    is called after every optimizer step with the 1-based step of this task and the loss terms,
-    their sum ``loss`` and the learning rate ``lr``. ``method`` overrides the method named by
-    ``config`` with a ready instance (read its ``export_state()`` afterwards). ``extras`` are
-    the named inputs the method declares in ``needs_inputs`` (e.g. ``reference_set``);
-    ``previous_state`` the arrays it exported after the previous task. ``start`` is never
-    modified.
+    ``train_set`` is an in-memory ``ImageSet`` or a lazy set (a prepared split, an
+    ``ImageIndex``) read by DataLoader workers as ``loader`` says. ``class_prompts`` are the
+    prompts of ALL classes of the updated task (index = global label); ``current_classes``
+    (default: all) are learnt now, ``seen_classes`` (default: the current ones) are all classes
+    learnt so far, current included. ``teacher`` is the frozen model the method distils from
+    (may be ``start`` itself); it is only read. ``on_step(step, values)`` is called after every
+    optimizer step with the 1-based step of this task and the loss terms, their sum ``loss`` and
+    the learning rate ``lr``. ``method`` overrides the method named by ``config`` with a ready
+    instance (read its ``export_state()`` afterwards). ``extras`` are the named inputs the method
+    declares in ``needs_inputs`` (e.g. ``reference_set``); ``previous_state`` the arrays it
+    exported after the previous task. ``start`` is never modified.
     """
     config = config or TrainingConfig()
     method = method or config.build_method()
-    if len(class_prompts) != len(train_set.class_names):
-        raise ValueError(
-            f"{len(class_prompts)} class prompts for {len(train_set.class_names)} classes; give "
-            f"one prompt per class of the updated task, index = global label"
-        )
-    all_classes = list(range(len(class_prompts)))
-    current = _class_ids("current_classes", current_classes, all_classes)
-    seen = _class_ids("seen_classes", seen_classes, current)
-    if not set(np.unique(train_set.labels).tolist()) <= set(current):
-        raise ValueError(
-            "the training set has labels outside current_classes; restrict it with "
-            "ImageSet.restrict_to_classes(current_classes)"
-        )
-    if method.needs_vocabulary:
-        if vocabulary is None:
-            raise ValueError(
-                f"method '{method.name}' needs a replayed vocabulary; build one with "
-                f"replay.build_vocabulary(VocabularyConfig(mode='{method.default_vocabulary_mode}'), "
-                f"model.context_length)"
-            )
-        if vocabulary.context_length != start.context_length:
-            raise ValueError(
-                f"the vocabulary was built for context length {vocabulary.context_length}, the "
-                f"model has {start.context_length}; rebuild the vocabulary for this model"
-            )
-        if vocabulary.config.mode != method.default_vocabulary_mode:
-            logger.warning(
-                "method '%s' was published with vocabulary mode '%s'; this run replays mode '%s'",
-                method.name, method.default_vocabulary_mode, vocabulary.config.mode,
-            )
-    else:
-        vocabulary = None
+    source = training_source(train_set, loader)
+    current, seen = _checked_classes(source, class_prompts, current_classes, seen_classes)
+    vocabulary = _checked_vocabulary(method, vocabulary, start)
     extras = dict(extras or {})
     missing = [name for name in method.needs_inputs if extras.get(name) is None]
     if missing:
         raise ValueError(f"method '{method.name}' needs the input(s) {missing}; pass them in `extras`")
-
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    autocast = autocast_for(precision, device)
-    task_seed = config.seed + task_index
-    torch.manual_seed(task_seed)
-
     wall_started = time.perf_counter()
-    student = start.clone()
-    student.model.to(device)
-    method.prepare_student(student.model, config.parts)
-    trainable = set_trainable_parts(student.model, config.parts)
-    student.model.train()
-    teacher_clip = _prepare_teacher(method, start, teacher, config, device)
-
-    plan = plan_training(config, len(train_set))
-    optimizer = build_optimizer(trainable, config)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    order = BatchOrder(plan, task_seed)
-    trainable_count = sum(p.numel() for p in trainable)
-    logger.info(
-        "task %d: %s %s, %d steps (%d per epoch, batch %d), parts %s (%d trainable parameters), "
-        "%s %s", task_index, method.name, method.hyper_parameters(), plan.total_steps,
-        plan.steps_per_epoch, plan.batch_size, config.parts, trainable_count, device, precision,
-    )
-
-    step_times: list[float] = []
-    history: dict[str, list[float]] = {}
+    task = _start_task(start, source, class_prompts, current, seen, config, method, vocabulary,
+                       teacher, task_index, extras, dict(previous_state or {}))
     setup_started = time.perf_counter()
-    with evaluation_mode(teacher_clip.model if teacher_clip is not None else None):
-        task = TaskContext(
-            task_index=task_index,
-            device=device,
-            class_tokens=student.tokenize(list(class_prompts)).to(device),
-            current_classes=torch.tensor(current, device=device),
-            seen_classes=torch.tensor(seen, device=device),
-            vocabulary=vocabulary,
-            teacher=None if teacher_clip is None else Teacher(teacher_clip.model, autocast),
-            autocast=autocast,
-            seed=task_seed,
-            train_set=train_set,
-            preprocess=functools.partial(student.preprocess, device=device),
-            tokenize=lambda texts: student.tokenize(list(texts)).to(device),
-            extras=extras,
-            previous_state=dict(previous_state or {}),
-        )
-        teacher_reads_clean = method.distills_clean_images or config.augment == "none"
-        # Precomputing pays once the task shows every image at least once on average.
-        if (task.teacher is not None and method.uses_teacher_images and teacher_reads_clean
-                and plan.total_steps * plan.batch_size >= plan.num_images):
-            task.teacher.precompute_image_features(
-                _clean_batches(student, train_set, max(plan.batch_size, MIN_PRECOMPUTE_BATCH), device),
-                plan.num_images,
-            )
-        method.before_task(task)
-        setup_time = time.perf_counter() - setup_started
+    with evaluation_mode(task.context.teacher.model if task.context.teacher is not None else None):
+        _precompute_teacher(task, source, config, method)
+        method.before_task(task.context)
+        task.setup_time = time.perf_counter() - setup_started
         try:
-            progress = tqdm(range(plan.total_steps), desc=f"task {task_index} {method.name}",
-                            disable=not config.progress, leave=False)
-            window: dict[str, list[float]] = {}
-            for step in progress:
-                started = time.perf_counter()
-                lr = learning_rate_at(step, config.lr, config.schedule, plan.milestone_steps, config.lr_gamma)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batch = _make_batch(step, order.indices(step), train_set, student, vocabulary,
-                                    config, method, task_index, task_seed, device)
-                with autocast():
-                    terms = method.loss_terms(student.model, batch, task)
-                loss = torch.stack(list(terms.values())).sum()
-                _optimizer_step(loss, batch, task, method, student.model, optimizer, scaler,
-                                trainable, config.grad_clip_norm)
-                method.after_optimizer_step(student.model, step + 1, task)
-                # One device sync per step: all terms and the total come back together.
-                numbers = torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float().tolist()
-                step_times.append(time.perf_counter() - started)
-                values = dict(zip(["loss", *terms], numbers))
-                if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(_diverged(values, step, task_index, precision))
-                for name, value in values.items():
-                    history.setdefault(name, []).append(value)
-                    window.setdefault(name, []).append(value)
-                progress.set_postfix({k: f"{np.mean(v):.4f}" for k, v in window.items()}, refresh=False)
-                if (step + 1) % config.log_every == 0 or step + 1 == plan.total_steps:
-                    logger.info("task %d step %d/%d lr %.3g %s", task_index, step + 1, plan.total_steps,
-                                lr, {k: round(float(np.mean(v)), 5) for k, v in window.items()})
-                    window = {}
-                if on_step is not None:
-                    on_step(step + 1, {**values, "lr": lr})
-            progress.close()
+            batches = _batches(task, source, config, method, config.seed + task_index)
+            history, step_times = _train_steps(task, batches, source, config, method, vocabulary,
+                                               task_index, on_step)
         finally:
-            method.after_task(task, student.model)
+            method.after_task(task.context, task.student.model)
+    return _finish(task, method, config, history, step_times, task_index, wall_started)
 
-    # Hand back a plain model: eval mode, every parameter trainable again, as CLIP loads.
+
+def _finish(task: _Task, method: ContinualMethod, config: TrainingConfig,
+            history: dict[str, list[float]], step_times: list[float], task_index: int,
+            wall_started: float) -> tuple[ClipModel, dict[str, Any]]:
+    """Hand back a plain model (eval mode, every parameter trainable again, as CLIP loads) and
+    the task's summary."""
+    student, plan = task.student, task.plan
     student.model.eval()
     for parameter in student.model.parameters():
         parameter.requires_grad_(True)
@@ -501,19 +644,18 @@ def fine_tune(
         "epochs": plan.total_steps / plan.steps_per_epoch,
         "num_images": plan.num_images,
         "batch_size": plan.batch_size,
-        "trainable_parameters": trainable_count,
+        "trainable_parameters": sum(p.numel() for p in task.trainable),
         "median_step_time_s": statistics.median(step_times),
         "train_time_s": float(sum(step_times)),
-        "setup_time_s": setup_time,
+        "setup_time_s": task.setup_time,
         "wall_time_s": time.perf_counter() - wall_started,
         "final_losses": {name: values[-1] for name, values in history.items()},
         "mean_losses": {name: float(np.mean(values)) for name, values in history.items()},
-        "final_lr": learning_rate_at(plan.total_steps - 1, config.lr, config.schedule,
-                                     plan.milestone_steps, config.lr_gamma),
+        "final_lr": step_learning_rate(config, plan, plan.total_steps - 1),
         "logit_scale": (float(student.model.logit_scale.detach().exp())
                         if hasattr(student.model, "logit_scale") else None),
-        "device": str(device),
-        "precision": precision,
+        "device": str(task.device),
+        "precision": task.precision,
     }
     student.metadata.setdefault("training", []).append(
         {"task_index": task_index, "method": method.name, "steps": plan.total_steps,
@@ -522,53 +664,14 @@ def fine_tune(
     return student, summary
 
 
-def _optimizer_step(
-    loss: torch.Tensor, batch: Batch, task: TaskContext, method: ContinualMethod,
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-    trainable: list[torch.nn.Parameter], grad_clip_norm: float | None,
-) -> None:
-    """Backward, the method's gradient hook on unscaled gradients (A-GEM projects before any
-    clipping, as the paper's agem.py does not clip), clipping, the step, the logit-scale clamp."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)  # a no-op without fp16 loss scaling
-    method.before_optimizer_step(model, batch, task)
-    if grad_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(trainable, grad_clip_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    if hasattr(model, "logit_scale"):
-        with torch.no_grad():
-            model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
-
-
-def _clean_batches(
-    clip: ClipModel, images: ImageSet, batch_size: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for begin in range(0, len(images), batch_size):
-        indices = np.arange(begin, min(begin + batch_size, len(images)))
-        yield torch.from_numpy(indices).to(device), clip.preprocess(images.images[indices], device)
-
-
-def _make_batch(
-    step: int, indices: np.ndarray, train_set: ImageSet, student: ClipModel,
-    vocabulary: ReplayVocabulary | None, config: TrainingConfig, method: ContinualMethod,
-    task_index: int, task_seed: int, device: torch.device,
-) -> Batch:
-    images = train_set.images[indices]
-    clean_pixels = None
-    if config.augment == "crop_flip":
-        generator = torch.Generator().manual_seed(derive_seed(task_seed, _STREAM_AUGMENT, step))
-        pixels = augment_crop_flip(images, student, generator, device)
-        if method.distills_clean_images:
-            clean_pixels = student.preprocess(images, device)
-    else:
-        pixels = student.preprocess(images, device)
+def _make_batch(step: int, train_batch: TrainBatch, source: TrainingSource,
+                vocabulary: ReplayVocabulary | None, task_index: int, device: torch.device) -> Batch:
+    indices = train_batch.indices
     return Batch(
         step=step,
         indices=torch.from_numpy(indices).to(device),
-        labels=torch.from_numpy(train_set.labels[indices]).long().to(device),
-        pixels=pixels,
-        clean_pixels=clean_pixels,
+        labels=torch.from_numpy(source.labels[indices]).long().to(device),
+        pixels=train_batch.pixels,
+        clean_pixels=train_batch.clean_pixels,
         vocab_tokens=None if vocabulary is None else vocabulary.tokens(task_index, step).to(device),
     )

@@ -1,5 +1,6 @@
-"""Custom Kedro datasets: model checkpoints and numpy array bundles."""
+"""Custom Kedro datasets: model checkpoints, numpy array bundles and prepared image splits."""
 
 from clip_continual.io.datasets import CheckpointDataset, NpzDataset
+from clip_continual.io.prepared import PreparedSplitDataset
 
-__all__ = ["CheckpointDataset", "NpzDataset"]
+__all__ = ["CheckpointDataset", "NpzDataset", "PreparedSplitDataset"]

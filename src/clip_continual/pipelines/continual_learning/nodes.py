@@ -7,8 +7,14 @@ from typing import Any
 
 import numpy as np
 
+from clip_continual.benchmarks import Benchmark
 from clip_continual.data.common import ImageSet
-from clip_continual.evaluation import evaluate_step
+from clip_continual.data.index import ImageIndex
+from clip_continual.data.loading import LoaderConfig, training_source
+from clip_continual.data import zscl_text
+from clip_continual.data.mtil import few_shot_positions
+from clip_continual.evaluation import evaluate_step, fill_template
+from clip_continual.sequence_evaluation import evaluate_class_incremental_step, evaluate_datasets_step
 from clip_continual.methods import METHODS, method_takes_alpha
 from clip_continual.models import ClipModel
 from clip_continual.replay import ReplayVocabulary
@@ -20,8 +26,8 @@ logger = logging.getLogger(__name__)
 TEACHERS = ("auto", "previous", "pretrained")
 
 
-def class_prompts(image_set: ImageSet, template: str) -> list[str]:
-    return [template.format(name) for name in image_set.class_names]
+def class_prompts(image_set: ImageSet | ImageIndex, template: str) -> list[str]:
+    return [fill_template(template, name) for name in image_set.class_names]
 
 
 def training_config(method: str, params: dict[str, Any], seed: int, default_teacher: str) -> TrainingConfig:
@@ -41,41 +47,45 @@ def training_config(method: str, params: dict[str, Any], seed: int, default_teac
     })
 
 
-def _steps_before(config: TrainingConfig, train_set: ImageSet, phases: tuple[tuple[int, ...], ...],
+def _steps_before(config: TrainingConfig, train_labels: np.ndarray, benchmark: Benchmark,
                   task_index: int) -> int:
     """Iterations of the tasks before ``task_index``, so that the training-loss curve goes on
-    across tasks (also when a task's length is given in epochs, ``steps: null``)."""
+    across tasks (also when a task's length is given in epochs, ``steps: null``). A task on a
+    whole dataset of its own (MTIL) is counted at this task's size: exact when steps are fixed."""
     return sum(
-        plan_training(config, int(np.isin(train_set.labels, phase).sum())).total_steps
-        for phase in phases[: task_index - 1]
+        plan_training(config, int(np.isin(train_labels, task.classes).sum()) if task.classes
+                      else len(train_labels)).total_steps
+        for task in benchmark.tasks[: task_index - 1]
     )
 
 
 def fine_tune_task(
     start_model: ClipModel,
-    train_set: ImageSet,
+    train_set: ImageSet | ImageIndex,
     vocabulary: ReplayVocabulary,
     method: str,
     params: dict[str, Any],
     prompts: dict[str, Any],
     tracking: dict[str, Any],
     seed: int,
-    reference_set: ImageSet,
+    loader: dict[str, Any] | None = None,
+    reference_set: ImageSet | None = None,
     pretrained_model: ClipModel | None = None,
     previous_method_state: dict[str, np.ndarray] | None = None,
     *,
     task_index: int,
-    phases: tuple[tuple[int, ...], ...],
-    updated_task: str,
-    default_teacher: str,
+    benchmark: Benchmark,
 ) -> tuple[ClipModel, dict[str, Any], dict[str, np.ndarray]]:
-    """Train task ``task_index``; also returns what the method hands to the next task."""
-    config = training_config(method, params, seed, default_teacher)
+    """Train task ``task_index``; also returns what the method hands to the next task.
+    Parameters come before the optional datasets: Kedro's parameter check maps inputs by position."""
+    task = benchmark.tasks[task_index - 1]
+    config = training_config(method, task_params(params, task.name), seed, benchmark.default_teacher)
     continual_method = config.build_method()
     teacher = start_model if config.teacher == "previous" or pretrained_model is None else pretrained_model
-    seen = sorted({c for phase in phases[:task_index] for c in phase})
+    classes = task.classes or tuple(range(len(train_set.class_names)))  # empty: the whole dataset
+    seen = sorted({c for phase in benchmark.phases[:task_index - 1] for c in phase} | set(classes))
     log_every = max(1, int(tracking.get("log_every", 1)))
-    offset = _steps_before(config, train_set, phases, task_index)
+    offset = _steps_before(config, train_set.labels, benchmark, task_index)
 
     def log_losses(step: int, losses: dict[str, float]) -> None:
         if step % log_every == 0:
@@ -83,9 +93,10 @@ def fine_tune_task(
 
     model, summary = fine_tune(
         start_model,
-        train_set.restrict_to_classes(phases[task_index - 1]),
-        class_prompts(train_set, prompts[updated_task]),
-        current_classes=list(phases[task_index - 1]),
+        training_source(few_shot_train_set(train_set.restrict_to_classes(classes), params),
+                        LoaderConfig.from_params(loader)),
+        class_prompts(train_set, templates_for(prompts, task.prompt_key or benchmark.suite.updated_prompt_key)[0]),
+        current_classes=list(classes),
         seen_classes=seen,
         config=config,
         vocabulary=vocabulary,
@@ -98,40 +109,70 @@ def fine_tune_task(
                 "pretrained_model": start_model if pretrained_model is None else pretrained_model},
         previous_state=previous_method_state,
     )
-    model.metadata.update({"method": method, "task_index": task_index, "classes": list(phases[task_index - 1])})
+    model.metadata.update({"method": method, "task_index": task_index, "classes": list(classes)})
     return model, summary, continual_method.export_state()
+
+
+def templates_for(prompts: dict[str, Any], key: str) -> list[str]:
+    """The templates of ``prompts[key]``; an MTIL dataset absent there has ZSCL's (the first is
+    the one training uses, ZSCL mtil/src/datasets/collections.py ``template``)."""
+    value = prompts.get(key) if prompts else None
+    if value is None and key in zscl_text.TEMPLATES:
+        return list(zscl_text.TEMPLATES[key])
+    if value is None:
+        raise KeyError(f"no prompt template '{key}' in the benchmark's prompts parameters")
+    return [value] if isinstance(value, str) else list(value)
+
+
+def task_params(params: dict[str, Any], task: str) -> dict[str, Any]:
+    """``params`` with ``task_training[task]`` (e.g. MTIL's learning rate per dataset) over
+    ``training``."""
+    overrides = (params.get("task_training") or {}).get(task) or {}
+    return {**params, "training": {**(params.get("training") or {}), **overrides}}
+
+
+def few_shot_train_set(train_set: Any, params: dict[str, Any]) -> Any:
+    """``few_shot`` images per class drawn with ``few_shot_seed`` (the few-shot MTIL variant)."""
+    shots = params.get("few_shot")
+    if shots is None:
+        return train_set
+    return train_set.subset(few_shot_positions(train_set.labels, int(shots), int(params.get("few_shot_seed", 0))))
 
 
 def evaluate_model(
     model: ClipModel,
-    updated_test: ImageSet,
-    zero_shot_set: ImageSet,
-    retrieval_set: ImageSet,
+    updated_test: ImageSet | ImageIndex,
     prompts: dict[str, Any],
     params: dict[str, Any],
+    loader: dict[str, Any] | None = None,
     previous_evaluation: dict[str, Any] | None = None,
     *,
     step: int,
     task: str,
-    phases: tuple[tuple[int, ...], ...],
-    updated_task: str,
+    benchmark: Benchmark,
+    **eval_sets: ImageSet | ImageIndex,
 ) -> dict[str, Any]:
-    """Metrics after ``step`` (0 = the starting model), carrying the accuracy rows so far."""
+    """Metrics after ``step`` (0 = the starting model) on the benchmark's evaluation suite,
+    carrying the accuracy rows so far. ``eval_sets`` are ``zero_shot_<i>`` and ``retrieval_<i>``
+    in the order of the suite."""
+    suite = benchmark.suite
     earlier = list(previous_evaluation["acc_rows"]) if previous_evaluation else []
+    default_folds = params.get("retrieval_folds", 1)
     result = evaluate_step(
         model,
         step=step,
         task=task,
         updated_test=updated_test,
-        class_prompts=class_prompts(updated_test, prompts[updated_task]),
-        phases=[list(p) for p in phases],
-        zero_shot_set=zero_shot_set,
-        zero_shot_templates=list(prompts["shapes"]),
-        retrieval_set=retrieval_set,
+        class_prompts=class_prompts(updated_test, prompts[suite.updated_prompt_key]),
+        phases=[list(p) for p in benchmark.phases],
+        zero_shot_sets={s.dataset: (eval_sets[f"zero_shot_{i}"], templates_for(prompts, s.prompt_key))
+                        for i, s in enumerate(suite.zero_shot)},
+        retrieval_sets={s.dataset: (eval_sets[f"retrieval_{i}"], s.folds or default_folds)
+                        for i, s in enumerate(suite.retrieval)},
         batch_size=params["batch_size"],
         device=params.get("device", "auto"),
         previous_rows=earlier or None,
-        retrieval_folds=params.get("retrieval_folds", 1),
+        loader=LoaderConfig.from_params(loader),
     )
     result["acc_rows"] = earlier + [result["acc_row"]]
     logger.info("step %d (%s): UT-Acc %.3f  ZS-Acc %.3f  BWT %+.3f", step, task, result["ut_acc"],
@@ -148,3 +189,39 @@ def step_metrics_for_mlflow(evaluation: dict[str, Any],
     step = evaluation["step"]
     costs = {k: training_summary[k] for k in TASK_COSTS if k in training_summary} if training_summary else {}
     return metric_history(evaluation, CONTINUAL_GROUP, step) | metric_history(costs, TASK_GROUP, step)
+
+
+def evaluate_datasets_model(
+    model: ClipModel, prompts: dict[str, Any], params: dict[str, Any],
+    loader: dict[str, Any] | None = None, previous_evaluation: dict[str, Any] | None = None,
+    *, step: int, task: str, benchmark: Benchmark, **test_sets: Any,
+) -> dict[str, Any]:
+    """MTIL after ``step``: every task's test set (``test_<i>``, in task order) among its own
+    classes with all its templates; the accuracy rows so far and Transfer / Avg / Last."""
+    sets = {t.name: (test_sets[f"test_{i}"], templates_for(prompts, t.prompt_key))
+            for i, t in enumerate(benchmark.tasks)}
+    result = evaluate_datasets_step(
+        model, step, task, sets, params["batch_size"], params.get("device", "auto"),
+        previous_rows=previous_evaluation["acc_rows"] if previous_evaluation else None,
+        loader=LoaderConfig.from_params(loader),
+    )
+    logger.info("step %d (%s): Transfer %s  Avg %s  Last %s", step, task, result["transfer"], result["avg"],
+                result["last"])
+    return result
+
+
+def evaluate_class_incremental_model(
+    model: ClipModel, updated_test: Any, prompts: dict[str, Any], params: dict[str, Any],
+    loader: dict[str, Any] | None = None, previous_evaluation: dict[str, Any] | None = None,
+    *, step: int, task: str, benchmark: Benchmark,
+) -> dict[str, Any]:
+    """Class-incremental learning after ``step``: the seen classes' test images among them."""
+    result = evaluate_class_incremental_step(
+        model, step, task, updated_test, templates_for(prompts, benchmark.suite.updated_prompt_key),
+        benchmark.phases, params["batch_size"], params.get("device", "auto"),
+        previous_rows=previous_evaluation["acc_rows"] if previous_evaluation else None,
+        loader=LoaderConfig.from_params(loader),
+    )
+    logger.info("step %d (%s): accuracy on the %d seen classes %.3f", step, task,
+                len({c for p in benchmark.phases[:max(step, 1)] for c in p}), result["cil_acc"])
+    return result

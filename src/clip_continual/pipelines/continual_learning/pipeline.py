@@ -1,6 +1,7 @@
 """One namespaced chain per task: ``<benchmark>.task_k`` fine-tunes the model handed on by
-``<benchmark>.task_{k-1}`` (the pretrained model for task_1) and evaluates the result. The
-pretrained model is evaluated once as step 0 (``<benchmark>.pretrained``)."""
+``<benchmark>.task_{k-1}`` (the benchmark's pretrained model for task_1) on the task's training
+set and evaluates the result on the benchmark's evaluation suite. The pretrained model is
+evaluated once as step 0 (``<benchmark>.pretrained``)."""
 
 from __future__ import annotations
 
@@ -11,41 +12,70 @@ from clip_continual.pipelines import bind
 from clip_continual.pipelines.continual_learning import nodes
 
 
-def _namespaced(template: Pipeline, namespace: str, shared: dict[str, str]) -> Pipeline:
+def _namespaced(template: Pipeline, namespace: str, shared: set[str]) -> Pipeline:
     """Prefix the chain's own datasets with ``namespace``; shared inputs and parameters keep
     their global names."""
     free = template.inputs()
     return Pipeline(
         template,
         namespace=namespace,
-        inputs={name: global_name for name, global_name in shared.items() if name in free},
+        inputs={name for name in free if name in shared and not name.startswith("params:")},
         parameters={name for name in free if name.startswith("params:")},
     )
 
 
-def _evaluate_node(benchmark: Benchmark, step: int, task: str, with_previous: bool) -> Node:
+def _sequence_evaluate_node(benchmark: Benchmark, step: int, task: str, model: str,
+                            previous: str | None) -> Node:
+    """MTIL (every task's own test set) or class-incremental evaluation."""
+    inputs = {"model": model}
+    if benchmark.evaluation == "class_incremental":
+        inputs["updated_test"] = benchmark.suite.updated_test
+    inputs.update({"prompts": benchmark.params_block("prompts"), "params": benchmark.params_block("evaluation"),
+                   "loader": benchmark.params_block("loader")})
+    if previous is not None:
+        inputs["previous_evaluation"] = previous
+    function = nodes.evaluate_class_incremental_model
+    if benchmark.evaluation == "datasets":
+        function = nodes.evaluate_datasets_model
+        inputs.update({f"test_{i}": t.test_set for i, t in enumerate(benchmark.tasks)})
+    return Node(bind(function, step=step, task=task, benchmark=benchmark), inputs=inputs,
+                outputs="evaluation", name=_evaluate_name(step, task), tags=["evaluation"])
+
+
+def _evaluate_node(benchmark: Benchmark, step: int, task: str, model: str,
+                   previous: str | None) -> Node:
+    if benchmark.evaluation != "phases":
+        return _sequence_evaluate_node(benchmark, step, task, model, previous)
+    suite = benchmark.suite
     inputs = {
-        "model": "model",
-        "updated_test": "updated_test",
-        "zero_shot_set": "shapes_zero_shot",
-        "retrieval_set": "shapes_retrieval",
-        "prompts": "params:prompts",
-        "params": "params:evaluation",
+        "model": model,
+        "updated_test": suite.updated_test,
+        "prompts": benchmark.params_block("prompts"),
+        "params": benchmark.params_block("evaluation"),
     }
-    if with_previous:
-        inputs["previous_evaluation"] = "previous_evaluation"
+    # In the order of the node's signature: Kedro's parameter check maps inputs by position.
+    if benchmark.params:
+        inputs["loader"] = benchmark.params_block("loader")
+    if previous is not None:
+        inputs["previous_evaluation"] = previous
+    inputs.update({f"zero_shot_{i}": s.dataset for i, s in enumerate(suite.zero_shot)})
+    inputs.update({f"retrieval_{i}": s.dataset for i, s in enumerate(suite.retrieval)})
     return Node(
-        bind(nodes.evaluate_model, step=step, task=task, phases=benchmark.phases,
-             updated_task=benchmark.updated_task),
+        bind(nodes.evaluate_model, step=step, task=task, benchmark=benchmark),
         inputs=inputs,
         outputs="evaluation",
-        # Named per task: kedro viz shows a node's own name inside its namespace.
-        name=f"evaluate_after_{task}" if step else "evaluate_starting_model",
+        name=_evaluate_name(step, task),
         tags=["evaluation"],
     )
 
 
-def _evaluation_steps(benchmark: Benchmark, step: int, task: str, with_previous: bool) -> Pipeline:
+def _evaluate_name(step: int, task: str) -> str:
+    """Named per task: kedro viz shows a node's own name inside its namespace."""
+    return f"evaluate_after_{task}" if step else "evaluate_starting_model"
+
+
+def _evaluation_steps(benchmark: Benchmark, step: int, task: str, model: str,
+                      previous: str | None) -> Pipeline:
     """Evaluate the model after ``step``, then hand its metrics (and the task's costs) to MLflow."""
     track = Node(
         nodes.step_metrics_for_mlflow,
@@ -54,63 +84,55 @@ def _evaluation_steps(benchmark: Benchmark, step: int, task: str, with_previous:
         name=f"track_after_{task}" if step else "track_starting_model",
         tags=["tracking"],
     )
-    return Pipeline([_evaluate_node(benchmark, step, task, with_previous), track])
+    return Pipeline([_evaluate_node(benchmark, step, task, model, previous), track])
 
 
-def _task_pipeline(benchmark: Benchmark, index: int, task: str, previous: str | None) -> Pipeline:
+def _task_pipeline(benchmark: Benchmark, index: int, start: str, previous: str) -> Pipeline:
+    """Task ``index`` from the model ``start``; ``previous`` names the step before it."""
+    previous_evaluation = f"{benchmark.name}.{previous}.evaluation"
+    task = benchmark.tasks[index - 1]
     fine_tune_inputs = {
-        "start_model": "start_model",
-        "train_set": "updated_train",
-        "vocabulary": "replay_vocabulary",
+        "start_model": start,
+        "train_set": task.train_set,
+        "vocabulary": f"{benchmark.params}.replay_vocabulary" if benchmark.params else "replay_vocabulary",
         "method": "params:method",
-        "params": "params:continual_learning",
-        "prompts": "params:prompts",
+        "params": benchmark.params_block("continual_learning"),
+        "prompts": benchmark.params_block("prompts"),
         "tracking": "params:tracking",
-        "seed": "params:seed",
-        "reference_set": "reference_set",
+        "seed": benchmark.params_block("seed"),
     }
-    if previous is not None:  # `teacher: pretrained` needs it after task_1
-        fine_tune_inputs["pretrained_model"] = "pretrained_model"
-        fine_tune_inputs["previous_method_state"] = "previous_method_state"
+    # Parameters first, in the order of the node's signature: Kedro's parameter check maps
+    # inputs by position.
+    if benchmark.params:
+        fine_tune_inputs["loader"] = benchmark.params_block("loader")
+    if benchmark.reference_set:
+        fine_tune_inputs["reference_set"] = benchmark.reference_set
+    if index > 1:  # `teacher: pretrained` needs it after task_1; the method's state is handed on
+        fine_tune_inputs["pretrained_model"] = benchmark.pretrained_model
+        fine_tune_inputs["previous_method_state"] = f"{benchmark.name}.{previous}.method_state"
     fine_tune = Node(
-        bind(nodes.fine_tune_task, task_index=index, phases=benchmark.phases,
-             updated_task=benchmark.updated_task, default_teacher=benchmark.default_teacher),
+        bind(nodes.fine_tune_task, task_index=index, benchmark=benchmark),
         inputs=fine_tune_inputs,
         outputs=["model", "training_summary", "method_state"],
-        name=f"fine_tune_{task}",
+        name=f"fine_tune_{task.name}",
         tags=["training"],
     )
-    start = f"{benchmark.name}.{previous}.model" if previous else "pretrained_model"
-    shared = {
-        "start_model": start,
-        "previous_evaluation": f"{benchmark.name}.{previous or 'pretrained'}.evaluation",
-        "updated_train": f"{benchmark.updated_task}_train",
-        "updated_test": f"{benchmark.updated_task}_test",
-        "shapes_zero_shot": "shapes_zero_shot",
-        "shapes_retrieval": "shapes_retrieval",
-        "replay_vocabulary": "replay_vocabulary",
-        "pretrained_model": "pretrained_model",
-        "reference_set": "reference_set",
-        "previous_method_state": f"{benchmark.name}.{previous}.method_state",
-    }
-    return _namespaced(
-        Pipeline([fine_tune, _evaluation_steps(benchmark, index, task, with_previous=True)]),
-        f"{benchmark.name}.{task}",
-        shared,
-    )
+    evaluate = _evaluation_steps(benchmark, index, task.name, "model", previous_evaluation)
+    shared = set(fine_tune_inputs.values()) | {previous_evaluation, *benchmark.test_sets}
+    return _namespaced(Pipeline([fine_tune, evaluate]), f"{benchmark.name}.{task.name}", shared)
 
 
 def create_pipeline(benchmark: Benchmark | None = None, **kwargs) -> Pipeline:
     benchmark = benchmark or BENCHMARKS[DEFAULT_BENCHMARK]
     start = _namespaced(
-        _evaluation_steps(benchmark, 0, "pretrained", with_previous=False),
+        _evaluation_steps(benchmark, 0, "pretrained", benchmark.pretrained_model, None),
         f"{benchmark.name}.pretrained",
-        {"model": "pretrained_model", "updated_test": f"{benchmark.updated_task}_test",
-         "shapes_zero_shot": "shapes_zero_shot", "shapes_retrieval": "shapes_retrieval"},
+        {benchmark.pretrained_model, *benchmark.test_sets},
     )
     chain = [start]
-    previous = None
+    previous = "pretrained"
     for index, task in enumerate(benchmark.task_names, start=1):
-        chain.append(_task_pipeline(benchmark, index, task, previous))
+        start_model = (f"{benchmark.name}.{previous}.model" if index > 1 else benchmark.pretrained_model)
+        chain.append(_task_pipeline(benchmark, index, start_model, previous))
         previous = task
     return Pipeline(chain, tags=["continual_learning", benchmark.name])

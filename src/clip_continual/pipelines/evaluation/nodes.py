@@ -8,20 +8,31 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from clip_continual import reporting
-from clip_continual.data.common import ImageSet
 from clip_continual.methods import METHODS, effective_alpha
 from clip_continual.run_key import run_name
 
 
 def report_continual_run(
-    method: str, params: dict[str, Any], seed: int, updated_test: ImageSet, *evaluations: dict[str, Any],
+    method: str, params: dict[str, Any], seed: int, updated_test: Any, *evaluations: dict[str, Any],
     benchmark: str, phases: tuple[tuple[int, ...], ...],
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], Figure, Figure, pd.DataFrame]:
     """The latest run's reports, and its metrics table once more for the run's own folder
     (``<benchmark>.run_metrics_archive``): that copy is missing for a new or resumed run, so
     ``--only-missing-outputs`` never skips its report because another run's reports exist.
     The plots are titled with the run's name and name each task's classes."""
-    steps = list(evaluations)
+    task_classes = [[updated_test.class_names[c] for c in phase] for phase in phases]
+    return _reports(method, params, seed, list(evaluations), benchmark, task_classes)
+
+
+def report_dataset_run(
+    method: str, params: dict[str, Any], seed: int, *evaluations: dict[str, Any], benchmark: str,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], Figure, Figure, pd.DataFrame]:
+    """The reports of a sequence of whole datasets (MTIL), whose columns name the datasets."""
+    return _reports(method, params, seed, list(evaluations), benchmark, None)
+
+
+def _reports(method: str, params: dict[str, Any], seed: int, steps: list[dict[str, Any]], benchmark: str,
+             task_classes: list[list[str]] | None):
     table = reporting.metrics_table(steps)
     matrix = reporting.accuracy_matrix(steps)
     alpha = effective_alpha(method, params.get("alpha")) if method in METHODS else params.get("alpha")
@@ -29,7 +40,6 @@ def report_continual_run(
         steps, {"benchmark": benchmark, "method": method, "alpha": alpha, "seed": seed}
     )
     title = run_name(benchmark, method, alpha, seed)
-    task_classes = [[updated_test.class_names[c] for c in phase] for phase in phases]
     return (
         table,
         matrix.reset_index(),

@@ -5,13 +5,22 @@ from clip_continual.pipelines import bind
 from clip_continual.pipelines.evaluation import nodes
 
 
+def _report_function(benchmark: Benchmark):
+    """Tasks that are phases of one updated task name their classes under the matrix; MTIL's
+    tasks are whole datasets, named by their columns."""
+    if benchmark.suite.updated_test:
+        return bind(nodes.report_continual_run, benchmark=benchmark.name, phases=benchmark.phases)
+    return bind(nodes.report_dataset_run, benchmark=benchmark.name)
+
+
 def create_pipeline(benchmark: Benchmark | None = None, **kwargs) -> Pipeline:
     """Reports over every step's evaluation (step 0 = the pretrained model) of a benchmark."""
     benchmark = benchmark or BENCHMARKS[DEFAULT_BENCHMARK]
     steps = ("pretrained", *benchmark.task_names)
     report = Node(
-        bind(nodes.report_continual_run, benchmark=benchmark.name, phases=benchmark.phases),
-        inputs=["params:method", "params:continual_learning", "params:seed", f"{benchmark.updated_task}_test",
+        _report_function(benchmark),
+        inputs=["params:method", benchmark.params_block("continual_learning"), benchmark.params_block("seed"),
+                *([benchmark.suite.updated_test] if benchmark.suite.updated_test else []),
                 *(f"{step}_evaluation" for step in steps)],
         outputs=["continual_metrics", "accuracy_matrix", "continual_summary",
                  "accuracy_matrix_plot", "metric_curves_plot", f"{benchmark.name}.run_metrics_archive"],

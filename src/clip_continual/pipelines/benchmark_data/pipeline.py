@@ -1,0 +1,38 @@
+"""A named benchmark's data and starting model: check every input, read the raw splits, write
+each prepared split once (``prepared_<split>``, WebDataset shards), load the pretrained CLIP."""
+
+from __future__ import annotations
+
+from kedro.pipeline import Node, Pipeline
+
+from clip_continual.benchmarks import Benchmark
+from clip_continual.pipelines import bind
+from clip_continual.pipelines.benchmark_data import nodes
+
+PREFIX = "prepared_"
+
+
+def raw_splits(benchmark: Benchmark) -> tuple[str, ...]:
+    """The raw splits behind the ``prepared_<split>`` datasets a benchmark reads."""
+    names = [task.train_set for task in benchmark.tasks] + list(benchmark.test_sets)
+    return tuple(dict.fromkeys(name.removeprefix(PREFIX) for name in names if name.startswith(PREFIX)))
+
+
+def create_pipeline(benchmark: Benchmark, **kwargs) -> Pipeline:
+    splits = raw_splits(benchmark)
+    block = benchmark.params_block
+    check = Node(
+        bind(nodes.check_inputs, splits=splits, default_teacher=benchmark.default_teacher),
+        inputs=[block("data"), block("continual_learning"), block("loader"), block("model"),
+                block("preparation"), "params:method", block("seed")],
+        outputs=[f"{benchmark.name}.raw_{split}" for split in splits],
+        name=f"check_{benchmark.name}_inputs",
+    )
+    prepare = [
+        Node(nodes.prepare_split, inputs=[f"{benchmark.name}.raw_{split}", block("preparation")],
+             outputs=f"{PREFIX}{split}", name=f"prepare_{split}")
+        for split in splits
+    ]
+    model = Node(nodes.load_pretrained_model, inputs=[block("model"), block("seed")],
+                 outputs=benchmark.pretrained_model, name=f"load_{benchmark.name}_model")
+    return Pipeline([check, *prepare, model], tags=["data_preparation", benchmark.name])

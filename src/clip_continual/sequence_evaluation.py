@@ -1,0 +1,143 @@
+"""Evaluation of the field's benchmarks after each step: MTIL and class-incremental learning.
+
+- **MTIL** (ZSCL): after step t every dataset's test set is classified among that dataset's own
+  classes, with all its prompt templates; R[t][i] is the accuracy on dataset i (row 0 = the
+  starting model). Transfer / Avg / Last as ZSCL computes them (``mtil/results.ipynb``,
+  ``statistics``): Transfer = mean over i >= 2 of mean over 1 <= t < i of R[t][i]; Avg = mean of
+  R[t][i] over t, i >= 1; Last = mean over i of R[T][i]. After step t < T the same formulas over
+  the rows so far give the curves MLflow draws.
+- **Class-incremental** (ZSCL ``cil/main.py``): after step t the test images of every class seen
+  so far are classified among those classes; ``cil_acc`` is that top-1. Avg = mean of
+  ``cil_acc`` over steps 1..T, Last = ``cil_acc`` after step T. R[t][i] is the accuracy on the
+  classes of phase i among the classes visible then (seen so far, or phases 1..i for a phase not
+  yet learnt).
+
+Image features are computed once per test set and step (large batches, inference mode, mixed
+precision on GPU) and class-text features once per dataset and step.
+
+Plain Python and PyTorch; no Kedro import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from clip_continual.data.loading import LoaderConfig
+from clip_continual.evaluation import (
+    bwt_at, evaluating, image_features, predict, top1_accuracy, ut_acc, zero_shot_accuracy,
+    zero_shot_classifier,
+)
+from clip_continual.models import ClipModel
+
+
+def _mean_or_none(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def mtil_partial_metrics(rows: Sequence[Sequence[float]]) -> dict[str, float | None]:
+    """Transfer / Avg / Last over the rows 0..t available (None where undefined). With all
+    T + 1 rows they are ZSCL's numbers (row 0, the starting model, enters none of them)."""
+    R = np.asarray(rows, dtype=float)
+    t = R.shape[0] - 1
+    if t < 1:
+        return {"transfer": None, "avg": None, "last": None}
+    per_dataset = [R[1:min(t, i - 1) + 1, i - 1].mean() for i in range(2, R.shape[1] + 1)]
+    return {"transfer": _mean_or_none(per_dataset), "avg": float(R[1:].mean()), "last": float(R[t].mean())}
+
+
+def _checked_rows(previous_rows: Sequence[Sequence[float]] | None, step: int, width: int) -> list[list[float]]:
+    rows = [[float(v) for v in row] for row in (previous_rows or [])]
+    if len(rows) != step or any(len(row) != width for row in rows):
+        raise ValueError(f"step {step} needs the {step} earlier acc rows of {width} entries each, got "
+                         f"{len(rows)} rows")
+    return rows
+
+
+def _sequence_metrics(step: int, task: str, acc_row: list[float], rows: list[list[float]]) -> dict[str, Any]:
+    """The columns every benchmark reports: UT-Acc on what was learnt, ZS-Acc on what was not."""
+    matrix = np.asarray(rows + [acc_row])
+    return {
+        "step": step,
+        "task": str(task),
+        "ut_acc": ut_acc(matrix, step),
+        "zs_acc": _mean_or_none(acc_row[step:]),
+        "a_acc": float(np.mean(acc_row)),
+        "bwt": bwt_at(matrix, step),
+        "acc_row": acc_row,
+        "acc_rows": rows + [acc_row],
+    }
+
+
+def evaluate_datasets_step(
+    clip: ClipModel, step: int, task: str,
+    test_sets: Mapping[str, tuple[Any, Sequence[str]]],
+    batch_size: int, device: str | torch.device | None = None,
+    previous_rows: Sequence[Sequence[float]] | None = None,
+    loader: LoaderConfig | None = None,
+) -> dict[str, Any]:
+    """MTIL after ``step``: ``test_sets`` maps each task's name (in task order) to its test set and
+    prompt templates. Keys: step, task, acc/<name> per dataset, acc_row, acc_rows (rows 0..step),
+    acc_columns, ut_acc (datasets trained so far; all at step 0), zs_acc (datasets not trained yet),
+    a_acc (all), bwt, and transfer / avg / last over the rows so far."""
+    step = int(step)
+    rows = _checked_rows(previous_rows, step, len(test_sets))
+    with evaluating(clip, device) as target:
+        accuracies = {name: zero_shot_accuracy(clip, images, templates, batch_size, target, loader)
+                      for name, (images, templates) in test_sets.items()}
+    acc_row = [accuracies[name] for name in test_sets]
+    result = _sequence_metrics(step, task, acc_row, rows)
+    result["acc_columns"] = list(test_sets)
+    result.update({f"acc/{name}": value for name, value in accuracies.items()})
+    result.update(mtil_partial_metrics(result["acc_rows"]))
+    return result
+
+
+def _visible_classes(phases: Sequence[Sequence[int]], step: int, phase: int) -> list[int]:
+    """Classes a test image of ``phase`` is classified among after ``step``: those seen so far,
+    or, for a phase not learnt yet, those of phases 1..phase (what that step will face)."""
+    return sorted({c for p in phases[:max(step, phase + 1)] for c in p})
+
+
+def _accuracy_among(features: torch.Tensor, labels: np.ndarray, class_feats: torch.Tensor,
+                    candidates: list[int], mask: np.ndarray) -> float:
+    picks = predict(features[torch.from_numpy(mask).to(features.device)], class_feats[candidates])
+    return top1_accuracy(np.asarray(candidates)[picks], labels[mask])
+
+
+def evaluate_class_incremental_step(
+    clip: ClipModel, step: int, task: str, test_set: Any, templates: Sequence[str],
+    phases: Sequence[Sequence[int]], batch_size: int, device: str | torch.device | None = None,
+    previous_rows: Sequence[Sequence[float]] | None = None, loader: LoaderConfig | None = None,
+) -> dict[str, Any]:
+    """Class-incremental learning after ``step``. Keys as ``evaluate_datasets_step`` (columns =
+    phases) plus ``cil_acc``: top-1 on the test images of the classes seen so far among those
+    classes (step 0: the first phase's classes, the starting model's zero-shot)."""
+    step = int(step)
+    rows = _checked_rows(previous_rows, step, len(phases))
+    labels = np.asarray(test_set.labels)
+    with evaluating(clip, device) as target:
+        class_feats = zero_shot_classifier(clip, test_set.class_names, templates, batch_size, target)
+        features = image_features(clip, test_set, batch_size, target, loader)
+    acc_row = [
+        _accuracy_among(features, labels, class_feats, _visible_classes(phases, step, i),
+                        np.isin(labels, phase))
+        for i, phase in enumerate(phases)
+    ]
+    seen = _visible_classes(phases, step, 0)
+    result = _sequence_metrics(step, task, acc_row, rows)
+    result["acc_columns"] = [f"phase_{i}" for i in range(1, len(phases) + 1)]
+    result["cil_acc"] = _accuracy_among(features, labels, class_feats, seen, np.isin(labels, seen))
+    return result
+
+
+def class_incremental_summary(step_results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """ZSCL's class-incremental Avg (mean of ``cil_acc`` over steps 1..T) and Last."""
+    ordered = sorted(step_results, key=lambda result: int(result["step"]))
+    accuracies = [float(result["cil_acc"]) for result in ordered if int(result["step"]) >= 1]
+    if not accuracies:
+        raise ValueError("class-incremental Avg and Last need the results of steps 1..T")
+    return {"avg": float(np.mean(accuracies)), "last": accuracies[-1]}
