@@ -71,7 +71,7 @@ def test_coco_mst_runs_end_to_end_through_the_dataloader_and_resumes(tmp_path, w
     assert summary["num_images"] == 20 and summary["steps"] == 2  # 10 classes x 2 train crops
     (run,) = mlflow_runs(store_uri(project))
     assert run.info.status == "FINISHED" and run.data.metrics["data/coco_train/images"] == 160
-    assert "retrieval/prepared_flickr_retrieval/t2i_r1" in run.data.metrics
+    assert "continual/retrieval/prepared_flickr_retrieval/t2i_r1" in run.data.metrics
     if workers:
         return
 

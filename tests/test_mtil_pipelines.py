@@ -85,8 +85,9 @@ def test_mtil_order1_runs_end_to_end_offline(tmp_path, monkeypatch):
     assert json.loads((outputs / "food_training.json").read_text())["num_images"] == 6
 
     (run,) = mlflow_runs(store_uri(project))
-    assert run.info.status == "FINISHED" and {"acc/sun397", "transfer", "avg", "last"} <= set(run.data.metrics)
-    assert run.data.metrics["last"] == pytest.approx(expected["last"])
+    names = {f"continual/{name}" for name in ("acc/sun397", "transfer", "avg", "last")}
+    assert run.info.status == "FINISHED" and names <= set(run.data.metrics)
+    assert run.data.metrics["continual/last"] == pytest.approx(expected["last"])
 
     # An interrupted sequence resumes: the lost last task is redone, nothing before it.
     (models,) = run_folders(project, "06_models", benchmark="mtil_order1")
@@ -123,7 +124,7 @@ def test_each_zscl_benchmark_is_a_registered_chain_of_its_tasks(name, first_task
     from clip_continual.pipeline_registry import register_pipelines
 
     pipeline = register_pipelines()[name]
-    fine_tunes = sorted(node.name for node in pipeline.nodes if node.name.endswith(".fine_tune"))
-    assert len(fine_tunes) == tasks and f"{name}.{first_task}.fine_tune" in fine_tunes
-    evaluations = [node for node in pipeline.nodes if node.name.endswith(".evaluate_model")]
+    fine_tunes = sorted(node.name for node in pipeline.nodes if ".fine_tune_" in node.name)
+    assert len(fine_tunes) == tasks and f"{name}.{first_task}.fine_tune_{first_task}" in fine_tunes
+    evaluations = [node for node in pipeline.nodes if ".evaluate_" in node.name]
     assert len(evaluations) == tasks + 1  # the starting model, then every task

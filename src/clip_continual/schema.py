@@ -23,6 +23,12 @@ from typing import Any, Callable, Mapping
 
 # Blocks whose keys are chosen by the user, not by the project; only their values are checked.
 OPEN_BLOCKS = frozenset({"prompts", "continual_learning.training.method_options"})
+# The same blocks inside a named benchmark's own parameters (e.g. ``mtil_order1.prompts``).
+OPEN_BLOCK_SUFFIXES = tuple(f".{block}" for block in OPEN_BLOCKS)
+
+
+def is_open_block(name: str) -> bool:
+    return name in OPEN_BLOCKS or name.endswith(OPEN_BLOCK_SUFFIXES)
 
 FIX_HINT = "Fix it in conf/ (parameters*.yml) or in --params."
 
@@ -93,7 +99,7 @@ def schema_problems(params: Mapping[str, Any], defaults: Mapping[str, Any], pref
     problems: list[str] = []
     for key, value in params.items():
         name = f"{prefix}{key}"
-        if name in OPEN_BLOCKS:
+        if is_open_block(name):
             if not isinstance(value, Mapping):
                 problems.append(f"'{name}' must be a block of settings, got {value!r}")
             elif _non_finite(value):
