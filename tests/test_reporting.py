@@ -26,6 +26,7 @@ def _step_results(matrix=R, retrieval=True):
         zs = 0.6 - 0.1 * step
         result = {"step": step, "task": TASKS[step], "ut_acc": ut, "zs_acc": zs, "a_acc": (ut + zs) / 2,
                   "bwt": 0.0 if step < 2 else float(np.mean([row[i] - matrix[i + 1][i] for i in range(step - 1)])),
+                  "learning_acc": float(row[step - 1]) if step else None, "seen_acc": ut + 0.05,
                   "ut_top1": ut, "acc_row": [float(v) for v in row]}
         for key in reporting.RETRIEVAL_KEYS:
             result[key] = 0.5 - 0.05 * step if retrieval else None
@@ -41,8 +42,9 @@ def _assert_png(path):
 def test_metrics_table_columns_and_order():
     results = _step_results()
     table = reporting.metrics_table(list(reversed(results)))
-    assert list(table.columns) == ["step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "i2t_r1", "i2t_r5",
-                                   "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
+    assert list(table.columns) == ["step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc",
+                                   "seen_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
+    assert np.isnan(table.loc[0, "learning_acc"]) and table.loc[2, "learning_acc"] == pytest.approx(0.8)
     assert table["step"].tolist() == [0, 1, 2, 3]
     assert table["task"].tolist() == TASKS
     assert table.loc[3, "bwt"] == pytest.approx(-0.2)
@@ -84,6 +86,9 @@ def test_summary_final_and_continual_metrics():
     assert result["transfer"] == pytest.approx(0.45)
     assert result["avg"] == pytest.approx(6.15 / 9)
     assert result["last"] == pytest.approx(2.2 / 3)
+    assert result["learning_accs"] == pytest.approx([0.9, 0.8, 0.9])
+    assert result["mean_learning_acc"] == pytest.approx(2.6 / 3)
+    assert result["seen_acc"] == pytest.approx(2.2 / 3 + 0.05)
     json.dumps(result)
 
 
@@ -103,7 +108,9 @@ def test_comparison_table():
     runs = [reporting.summary(_step_results(), {"method": "vr_lwf"}),
             {"method": "ft", "ut_acc": 0.9, "zs_acc": 0.1, "a_acc": 0.5, "bwt": -0.3}]
     table = reporting.comparison_table(runs)
-    assert list(table.columns) == ["method", "ut_acc", "zs_acc", "a_acc", "bwt", "i2t_r1", "t2i_r1"]
+    assert list(table.columns) == ["method", "ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc",
+                                   "i2t_r1", "t2i_r1"]
+    assert table.loc[0, "mean_learning_acc"] == pytest.approx(2.6 / 3)
     assert table["method"].tolist() == ["vr_lwf", "ft"]
     assert table.loc[0, "ut_acc"] == pytest.approx(2.2 / 3)
     assert np.isnan(table.loc[1, "i2t_r1"])

@@ -261,6 +261,24 @@ def phase_accuracies(predictions: np.ndarray, labels: np.ndarray, phases: Sequen
 
 # --- retrieval --------------------------------------------------------------------------------
 
+def seen_classes(phases: Sequence[Sequence[int]], step: int) -> list[int]:
+    """The classes learnt by ``step`` (phases 1..step); at step 0, before any, every class."""
+    phases = _check_phases(phases)
+    learnt = phases[:step] if step > 0 else phases
+    return sorted({c for phase in learnt for c in phase})
+
+
+def seen_class_accuracy(image_feats: torch.Tensor, labels: np.ndarray, class_feats: torch.Tensor,
+                        seen: Sequence[int]) -> float:
+    """Top-1 accuracy on the images of the ``seen`` classes, each classified among the seen
+    classes only: what class-incremental papers report after each session."""
+    seen = np.asarray(sorted(seen), dtype=np.int64)
+    rows = np.flatnonzero(np.isin(labels, seen))
+    predictions = predict(image_feats[torch.from_numpy(rows).to(image_feats.device)],
+                          class_feats[torch.from_numpy(seen).to(class_feats.device)])
+    return top1_accuracy(seen[predictions], np.asarray(labels)[rows])
+
+
 def caption_index(captions: np.ndarray) -> tuple[list[str], np.ndarray]:
     """Flatten (N, K) captions row by row into texts and the image index of each text.
 
@@ -476,6 +494,13 @@ def bwt_at(R: Any, t: int) -> float:
     return float(np.mean([R[t, i - 1] - R[i, i - 1] for i in range(1, t)]))
 
 
+def learning_accuracies(R: Any) -> list[float]:
+    """The diagonal R[t][t]: the accuracy on each task right after learning it (Riemer et al.
+    2019's "learning accuracy"), which forgetting cannot lower."""
+    R = _check_matrix(R)
+    return [float(R[t, t - 1]) for t in range(1, R.shape[1] + 1)]
+
+
 def continual_metrics(R: Any) -> dict[str, float]:
     """Every continual metric of a complete (T + 1, T) accuracy matrix, by name."""
     R = _check_matrix(R)
@@ -488,6 +513,7 @@ def continual_metrics(R: Any) -> dict[str, float]:
         "transfer": transfer(R),
         "avg": avg_accuracy(R),
         "last": last_accuracy(R),
+        "mean_learning_acc": float(np.mean(learning_accuracies(R))),
     }
 
 
@@ -539,8 +565,9 @@ def evaluate_step(
 ) -> dict[str, Any]:
     """All metrics of the model after ``step`` (0 = the starting model), as a JSON-ready dict.
 
-    Keys: step, task, ut_acc, zs_acc, a_acc, bwt, i2t_r1..t2i_r10 (None without a retrieval
-    set), ut_top1 (plain top-1 over all updated-task test images, the paper's OST UT-Acc) and
+    Keys: step, task, ut_acc, zs_acc, a_acc, bwt, learning_acc (R[step][step], the accuracy on
+    the task just learnt; None at step 0), seen_acc (the classes learnt so far, classified among
+    themselves; every class at step 0), i2t_r1..t2i_r10 (None without a retrieval set), ut_top1 (plain top-1 over all updated-task test images, the paper's OST UT-Acc) and
     acc_row (accuracy on each phase 1..T). ``previous_rows[i]`` is the acc_row of step i,
     required for i = 0..step-1 from step 2 on. The model is left as it was found.
     """
@@ -558,8 +585,10 @@ def evaluate_step(
 
     with evaluating(clip, device) as target:
         class_feats = text_features(clip, class_prompts, batch_size, target)
-        ut_predictions = predict_images(clip, updated_test.images, class_feats, batch_size, target)
+        ut_feats = image_features(clip, updated_test.images, batch_size, target)
+        ut_predictions = predict(ut_feats, class_feats)
         acc_row = phase_accuracies(ut_predictions, updated_test.labels, phases)
+        seen_acc = seen_class_accuracy(ut_feats, updated_test.labels, class_feats, seen_classes(phases, step))
         zs = zero_shot_accuracy(clip, zero_shot_set, zero_shot_templates, batch_size, target)
         retrieval = (
             evaluate_retrieval(clip, retrieval_set, batch_size, target, retrieval_folds)
@@ -576,6 +605,8 @@ def evaluate_step(
         "zs_acc": zs,
         "a_acc": (ut + zs) / 2.0,
         "bwt": bwt_at(rows, step),
+        "learning_acc": float(acc_row[step - 1]) if step > 0 else None,
+        "seen_acc": seen_acc,
         **{key: retrieval[key] for key in RETRIEVAL_KEYS},
         "ut_top1": top1_accuracy(ut_predictions, updated_test.labels),
         "acc_row": [float(v) for v in acc_row],

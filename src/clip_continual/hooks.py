@@ -18,9 +18,10 @@ logger = logging.getLogger(__name__)
 
 EVALUATION_SUFFIX = ".evaluation"
 EVALUATION_METRICS = (
-    "ut_acc", "zs_acc", "a_acc", "bwt",
+    "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc", "seen_acc",
     "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
 )
+SUMMARY_METRICS = ("mean_learning_acc",)  # whole-run metrics of the summary, logged at the last step
 
 
 class RunKeyHook:
@@ -125,6 +126,8 @@ class MlflowTrackingHook:
         for name, value in outputs.items():
             if name.endswith(EVALUATION_SUFFIX) and isinstance(value, dict):
                 log_metrics({k: value[k] for k in EVALUATION_METRICS if k in value}, step=value["step"])
+            elif name == "continual_summary" and isinstance(value, dict):
+                log_metrics({k: value[k] for k in SUMMARY_METRICS if k in value}, step=value["num_tasks"])
             elif name == "pretraining_metrics" and isinstance(value, dict):
                 log_metrics({f"pretraining/{k}": v for k, v in value.items()}, step=0)
 

@@ -16,11 +16,12 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from clip_continual.evaluation import RETRIEVAL_KEYS, continual_metrics
+from clip_continual.evaluation import RETRIEVAL_KEYS, continual_metrics, learning_accuracies
 
-METRIC_COLUMNS = ("step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", *RETRIEVAL_KEYS)
-FINAL_KEYS = ("ut_acc", "zs_acc", "a_acc", "bwt", *RETRIEVAL_KEYS, "ut_top1")
-COMPARISON_COLUMNS = ("method", "ut_acc", "zs_acc", "a_acc", "bwt", "i2t_r1", "t2i_r1")
+METRIC_COLUMNS = ("step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc", "seen_acc",
+                  *RETRIEVAL_KEYS)
+FINAL_KEYS = ("ut_acc", "zs_acc", "a_acc", "bwt", "seen_acc", *RETRIEVAL_KEYS, "ut_top1")
+COMPARISON_COLUMNS = ("method", "ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc", "i2t_r1", "t2i_r1")
 
 
 def _sorted_results(step_results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -94,6 +95,7 @@ def summary(step_results: Sequence[dict[str, Any]], method_info: dict[str, Any] 
     metrics["start_ut_acc"] = _json_number(_number(first.get("ut_acc")))
     metrics["start_zs_acc"] = _json_number(_number(first.get("zs_acc")))
     metrics.update({key: _json_number(value) for key, value in continual_metrics(matrix).items()})
+    metrics["learning_accs"] = [_json_number(value) for value in learning_accuracies(matrix)]
     info = dict(method_info or {})
     clashes = sorted(set(info) & set(metrics))
     if clashes:
@@ -150,12 +152,18 @@ def accuracy_matrix_figure(matrix: pd.DataFrame) -> Figure:
 
 
 def metric_curves_figure(table: pd.DataFrame) -> Figure:
-    """UT-Acc, ZS-Acc and A-Acc (top) and BWT (bottom) in % against the step."""
+    """UT-Acc, ZS-Acc, A-Acc, learning and seen-class accuracy (top) and BWT (bottom) in %
+    against the step."""
     steps = table["step"].to_numpy()
     figure = _new_figure(6.0, 5.0)
     accuracy_axes, bwt_axes = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
-    for column, label in (("ut_acc", "UT-Acc"), ("zs_acc", "ZS-Acc"), ("a_acc", "A-Acc")):
-        accuracy_axes.plot(steps, table[column].to_numpy(dtype=float) * 100.0, marker="o", label=label)
+    curves = (("ut_acc", "UT-Acc", "-"), ("zs_acc", "ZS-Acc", "-"), ("a_acc", "A-Acc", "-"),
+              ("learning_acc", "learning acc (task just learnt)", ":"),
+              ("seen_acc", "seen-class acc", ":"))
+    for column, label, style in curves:
+        if column in table:
+            accuracy_axes.plot(steps, table[column].to_numpy(dtype=float) * 100.0, marker="o",
+                               linestyle=style, label=label)
     accuracy_axes.set_ylabel("accuracy (%)")
     accuracy_axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     accuracy_axes.grid(alpha=0.3)

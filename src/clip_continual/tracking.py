@@ -56,8 +56,8 @@ def log_metrics(metrics: dict[str, float], step: int) -> None:
         mlflow.log_metrics(clean, step=int(step))
 
 
-FINAL_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt", "i2t_r1", "i2t_r5", "i2t_r10",
-                 "t2i_r1", "t2i_r5", "t2i_r10")
+FINAL_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc", "seen_acc",
+                 "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
 
 class NoRunsToCompare(LookupError):
