@@ -108,16 +108,38 @@ def test_comparison_table():
     runs = [reporting.summary(_step_results(), {"method": "vr_lwf"}),
             {"method": "ft", "ut_acc": 0.9, "zs_acc": 0.1, "a_acc": 0.5, "bwt": -0.3}]
     table = reporting.comparison_table(runs)
-    assert list(table.columns) == ["method", "ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc",
-                                   "i2t_r1", "t2i_r1"]
-    assert table.loc[0, "mean_learning_acc"] == pytest.approx(2.6 / 3)
+    assert list(table.columns[:9]) == ["method", "seeds", "ut_acc", "zs_acc", "a_acc", "bwt",
+                                       "mean_learning_acc", "i2t_r1", "t2i_r1"]
     assert table["method"].tolist() == ["vr_lwf", "ft"]
+    assert table["seeds"].tolist() == [1, 1]
     assert table.loc[0, "ut_acc"] == pytest.approx(2.2 / 3)
-    assert np.isnan(table.loc[1, "i2t_r1"])
+    assert table.loc[0, "mean_learning_acc"] == pytest.approx(2.6 / 3)
+    assert np.isnan(table.loc[1, "i2t_r1"]) and np.isnan(table.loc[0, "ut_acc_std"])  # one seed: no std
     with pytest.raises(ValueError, match="twice"):
         reporting.comparison_table(runs + [runs[1]])
     with pytest.raises(ValueError, match="method"):
         reporting.comparison_table([{"ut_acc": 0.5}])
+
+
+def test_comparison_over_seeds_gives_mean_sample_std_and_count():
+    runs = [{"method": "ft", "seed": 0, "ut_acc": 0.2, "zs_acc": 0.5},
+            {"method": "vr_lwf", "seed": 0, "ut_acc": 0.4, "zs_acc": 0.8},
+            {"method": "ft", "seed": 1, "ut_acc": 0.4, "zs_acc": 0.3},
+            {"method": "ft", "seed": 2, "ut_acc": 0.3, "zs_acc": None}]
+    table = reporting.comparison_table(runs).set_index("method")
+    assert table.loc["ft", "seeds"] == 3
+    assert table.loc["ft", "ut_acc"] == pytest.approx(0.3)
+    assert table.loc["ft", "ut_acc_std"] == pytest.approx(0.1)             # sample std (n - 1)
+    assert table.loc["ft", "zs_acc"] == pytest.approx(0.4)                 # the missing value left out
+    assert table.loc["ft", "zs_acc_std"] == pytest.approx(2 ** 0.5 * 0.1)
+    assert np.isnan(table.loc["vr_lwf", "ut_acc_std"])
+    per_run = reporting.comparison_runs_table(runs)
+    assert per_run[["method", "seed"]].values.tolist() == [["ft", 0], ["vr_lwf", 0], ["ft", 1], ["ft", 2]]
+    with pytest.raises(ValueError, match=r"ft \(seed 1\)"):
+        reporting.comparison_table(runs + [{"method": "ft", "seed": 1}])
+    figure = reporting.comparison_figure(reporting.comparison_table(runs))
+    bars = [c for c in figure.axes[0].containers if c.has_xerr or c.has_yerr]
+    assert len(bars) == 1  # only ft has several seeds
 
 
 def test_figures_are_written_as_png(tmp_path):

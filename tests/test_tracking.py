@@ -132,7 +132,8 @@ def test_compare_tables_the_latest_run_of_each_method(compared):
     table = pd.read_csv(reporting / "method_comparison.csv")
     # ft has no distillation weight; every other method is labelled with its alpha.
     assert table["method"].tolist() == ["ft", "vr_lwf (alpha=1.0)"]
-    assert {"ut_acc", "zs_acc", "a_acc", "bwt"} <= set(table.columns)
+    assert {"ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc", "ut_acc_std"} <= set(table.columns)
+    assert table["seeds"].tolist() == [1, 1] and table["zs_acc_std"].isna().all()  # one seed each
     assert (reporting / "method_comparison.png").read_bytes().startswith(b"\x89PNG")
     # Both runs went to the project's default store, where compare (started in a subfolder)
     # found them; compare itself opened no run.

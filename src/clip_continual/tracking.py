@@ -65,9 +65,9 @@ class NoRunsToCompare(LookupError):
 
 
 def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) -> list[dict[str, Any]]:
-    """The newest FINISHED run per method variant (of ``benchmark``, if given), with its final
-    metrics. Each alpha of a method that has one is its own variant, e.g. ``vr_lwf (alpha=1.0)``,
-    so a sweep does not hide the default run."""
+    """The newest FINISHED run per method variant and seed (of ``benchmark``, if given), with
+    its final metrics and seed. Each alpha of a method that has one is its own variant, e.g.
+    ``vr_lwf (alpha=1.0)``, so a sweep does not hide the default run."""
     from mlflow.tracking import MlflowClient
 
     from clip_continual.methods import METHODS, method_takes_alpha
@@ -83,16 +83,18 @@ def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) 
         query += f" and tags.benchmark = '{benchmark}'"
     runs = client.search_runs([experiment.experiment_id], filter_string=query,
                               order_by=["attributes.start_time DESC"])
-    latest: dict[str, dict[str, Any]] = {}
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
     for run in runs:
         method = run.data.tags.get("method")
         alpha = run.data.params.get("continual_learning.alpha", "None")
         weighted = alpha not in ("None", "null", "") and method in METHODS and method_takes_alpha(method)
         variant = f"{method} (alpha={alpha})" if weighted else method
-        if method is None or variant in latest or "zs_acc" not in run.data.metrics:
+        seed = run.data.params.get("seed", "")
+        if method is None or (variant, seed) in latest or "zs_acc" not in run.data.metrics:
             continue
-        latest[variant] = {
+        latest[variant, seed] = {
             "method": variant,
+            "seed": int(seed) if seed.lstrip("-").isdigit() else seed,
             "run_id": run.info.run_id,
             **{name: run.data.metrics.get(name) for name in FINAL_METRICS},
         }
@@ -102,4 +104,4 @@ def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) 
             + (f" of benchmark '{benchmark}'" if benchmark else "")
             + ": run e.g. `kedro run --params method=ft` and `kedro run --params method=vr_lwf` first"
         )
-    return sorted(latest.values(), key=lambda row: row["method"])
+    return sorted(latest.values(), key=lambda row: (row["method"], str(row["seed"]).rjust(12)))
