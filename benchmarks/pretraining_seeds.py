@@ -7,7 +7,7 @@ Nothing is written into the project. On a shared CPU wall time depends on the lo
 (this process, all threads) is the steadier figure.
 
     python benchmarks/pretraining_seeds.py --seeds 0,1,2,3,4
-    python benchmarks/pretraining_seeds.py --seeds 2 --params pretraining.steps=600
+    python benchmarks/pretraining_seeds.py --seeds 2 --params pretraining.steps=300,pretraining.batch_size=64
 """
 
 from __future__ import annotations
@@ -18,28 +18,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 from kedro.config import OmegaConfigLoader
 
 from clip_continual.pipelines.data_preparation import nodes as data_nodes
 from clip_continual.pipelines.pretraining import nodes as pretraining_nodes
+from clip_continual.sweep import merge_params, parse_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-def project_parameters(overrides: list[str]) -> dict[str, Any]:
-    """conf/base parameters with ``a.b=value`` overrides (values parsed as YAML)."""
+def project_parameters(overrides: str | None) -> dict[str, Any]:
+    """conf/base parameters with overrides in the syntax of ``kedro run --params``."""
     loader = OmegaConfigLoader(str(PROJECT / "conf"), base_env="base", default_run_env="local",
                                merge_strategy={"parameters": "soft"})
-    params = loader["parameters"]
-    for override in overrides:
-        key, _, value = override.partition("=")
-        *parents, leaf = key.split(".")
-        node = params
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return params
+    return merge_params(loader["parameters"], parse_params(overrides))
 
 
 def timed(function: Callable[..., Any], *args: Any) -> tuple[Any, float, float]:
@@ -69,9 +61,10 @@ def run_seed(params: dict[str, Any], seed: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
-    parser.add_argument("--params", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="parameter overrides, e.g. pretraining.steps=600")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--params", default=None, metavar="KEY=VALUE,...",
+                        help="overrides as in kedro run --params, e.g. pretraining.steps=300")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); 1 is far steadier on a loaded CPU")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
