@@ -83,6 +83,20 @@ def test_step_metrics_have_one_point_per_step(finished, finished_run, client):
     assert [point.step for point in pretraining] == [0]
 
 
+def test_learning_accuracy_is_logged_after_each_task_and_its_mean_at_the_end(finished, finished_run, client):
+    table = pd.read_csv(finished / "data" / "08_reporting" / "continual_metrics.csv")
+    summary = pd.read_json(finished / "data" / "08_reporting" / "continual_summary.json", typ="series")
+    history = client.get_metric_history(finished_run.info.run_id, "learning_acc")
+    assert sorted(point.step for point in history) == list(range(1, len(TASKS) + 1))  # none at step 0
+    assert [p.value for p in sorted(history, key=lambda p: p.step)] == pytest.approx(table["learning_acc"][1:])
+    seen = client.get_metric_history(finished_run.info.run_id, "seen_acc")
+    assert sorted(point.step for point in seen) == list(range(len(TASKS) + 1))
+    (mean,) = client.get_metric_history(finished_run.info.run_id, "mean_learning_acc")
+    assert mean.step == len(TASKS)
+    assert mean.value == pytest.approx(summary["mean_learning_acc"])
+    assert mean.value == pytest.approx(table["learning_acc"][1:].mean())
+
+
 def test_training_losses_go_on_across_tasks(finished_run, client):
     history = client.get_metric_history(finished_run.info.run_id, "train/loss")
     ordered = sorted(history, key=lambda point: (point.timestamp, point.step))
