@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PretrainingConfig:
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
