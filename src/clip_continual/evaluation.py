@@ -567,9 +567,10 @@ def evaluate_step(
 
     Keys: step, task, ut_acc, zs_acc, a_acc, bwt, learning_acc (R[step][step], the accuracy on
     the task just learnt; None at step 0), seen_acc (the classes learnt so far, classified among
-    themselves; every class at step 0), i2t_r1..t2i_r10 (None without a retrieval set), ut_top1 (plain top-1 over all updated-task test images, the paper's OST UT-Acc) and
-    acc_row (accuracy on each phase 1..T). ``previous_rows[i]`` is the acc_row of step i,
-    required for i = 0..step-1 from step 2 on. The model is left as it was found.
+    themselves; every class at step 0), i2t_r1..t2i_r10 (None without a retrieval set),
+    ut_top1 (plain top-1 over all updated-task test images, the paper's OST UT-Acc) and acc_row
+    (accuracy on each phase 1..T). ``previous_rows[i]`` is the acc_row of step i, required for
+    i = 0..step-1 from step 2 on. The model is left as it was found.
     """
     step = int(step)
     if len(class_prompts) != len(updated_test.class_names):
@@ -588,7 +589,8 @@ def evaluate_step(
         ut_feats = image_features(clip, updated_test.images, batch_size, target)
         ut_predictions = predict(ut_feats, class_feats)
         acc_row = phase_accuracies(ut_predictions, updated_test.labels, phases)
-        seen_acc = seen_class_accuracy(ut_feats, updated_test.labels, class_feats, seen_classes(phases, step))
+        seen_acc = seen_class_accuracy(ut_feats, updated_test.labels, class_feats,
+                                       seen_classes(phases, step))
         zs = zero_shot_accuracy(clip, zero_shot_set, zero_shot_templates, batch_size, target)
         retrieval = (
             evaluate_retrieval(clip, retrieval_set, batch_size, target, retrieval_folds)
