@@ -76,10 +76,19 @@ def test_per_step_ut_acc_and_bwt():
     assert ev.bwt_at(R[:3], 2) == pytest.approx(0.05)      # a run in progress: rows 0..2 only
 
 
+def test_learning_accuracy_is_the_diagonal_and_ignores_later_forgetting():
+    assert ev.learning_accuracies(R) == pytest.approx([0.9, 0.8, 0.9])
+    forgotten = R.copy()
+    forgotten[3, :2] = 0.0  # forgetting after learning does not change it
+    assert ev.learning_accuracies(forgotten) == pytest.approx([0.9, 0.8, 0.9])
+    assert ev.continual_metrics(R)["mean_learning_acc"] == pytest.approx(2.6 / 3)
+
+
 def test_continual_metrics_collects_all():
     metrics = ev.continual_metrics(R)
     assert set(metrics) == {"average_accuracy", "average_incremental_accuracy", "backward_transfer",
-                            "forgetting", "forward_transfer", "transfer", "avg", "last"}
+                            "forgetting", "forward_transfer", "transfer", "avg", "last",
+                            "mean_learning_acc"}
     assert metrics["forgetting"] == pytest.approx(0.225)
 
 
@@ -114,6 +123,23 @@ def test_predict_and_accuracy_on_constructed_features():
     # the last image ties classes 0 and 1: the lowest index wins, deterministically
     np.testing.assert_array_equal(predictions, [0, 2, 1, 0])
     assert ev.top1_accuracy(predictions, np.array([0, 2, 2, 1])) == pytest.approx(0.5)
+
+
+def test_seen_classes_grow_with_the_step():
+    phases = [[3, 1], [0, 2], [4]]
+    assert ev.seen_classes(phases, 0) == [0, 1, 2, 3, 4]   # before learning: every class
+    assert ev.seen_classes(phases, 1) == [1, 3]
+    assert ev.seen_classes(phases, 2) == [0, 1, 2, 3]
+
+
+def test_seen_class_accuracy_classifies_among_the_seen_classes_only():
+    classes = torch.eye(3)
+    # image 1 (class 1) looks most like unseen class 2, but among the seen {0, 1} it is a 1;
+    # image 2 (class 0) is a 1 either way; image 3 (class 2) is not counted.
+    images = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.4, 0.6], [0.2, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    labels = np.array([0, 1, 0, 2])
+    assert ev.seen_class_accuracy(images, labels, classes, [0, 1]) == pytest.approx(2 / 3)
+    assert ev.seen_class_accuracy(images, labels, classes, [0, 1, 2]) == pytest.approx(2 / 4)
 
 
 def test_predict_shape_error():
@@ -291,13 +317,15 @@ def test_evaluate_step_smoke(clip):
                               {"zs": (zero_shot, ["a photo of a {}."])}, {"ret": (retrieval, 2)},
                               batch_size=3, device="cpu")
 
-    expected_keys = {"step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", *ev.RETRIEVAL_KEYS, "ut_top1", "acc_row",
+    expected_keys = {"step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc", "seen_acc",
+                     *ev.RETRIEVAL_KEYS, "ut_top1", "acc_row",
                      "zs_acc/zs", *(f"retrieval/ret/{key}" for key in ev.RETRIEVAL_KEYS)}
     assert set(result) == expected_keys
     assert result["zs_acc"] == result["zs_acc/zs"] and result["i2t_r1"] == result["retrieval/ret/i2t_r1"]
+    assert result["learning_acc"] == result["acc_row"][0]
     assert result["step"] == 1 and result["task"] == "task_1"
     assert len(result["acc_row"]) == 2
-    for key in ["ut_acc", "zs_acc", "a_acc", "ut_top1", *ev.RETRIEVAL_KEYS, *result["acc_row"]]:
+    for key in ["ut_acc", "zs_acc", "a_acc", "ut_top1", "seen_acc", *ev.RETRIEVAL_KEYS, *result["acc_row"]]:
         value = result[key] if isinstance(key, str) else key
         assert 0.0 <= value <= 1.0
     assert result["ut_acc"] == pytest.approx(result["acc_row"][0])
@@ -323,6 +351,11 @@ def test_evaluate_step_known_answer_and_bwt(clip):
     assert start["ut_acc"] == pytest.approx(1 / 6)   # step 0: mean over phases of (1/3, 0)
     assert sorted(start["acc_row"]) == pytest.approx([0.0, 1 / 3])
     assert start["i2t_r1"] is None
+    assert start["learning_acc"] is None and start["seen_acc"] == pytest.approx(1 / 6)
+    # after step 1 the three identical images of classes 0-2 get one class among 0-2: 1/3
+    first = ev.evaluate_step(clip, 1, "task_1", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])})
+    assert first["learning_acc"] == pytest.approx(first["acc_row"][0])
+    assert first["seen_acc"] == pytest.approx(1 / 3)
 
     earlier = [start["acc_row"], [0.9, 0.1]]
     result = ev.evaluate_step(clip, 2, "task_2", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])},

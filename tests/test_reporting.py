@@ -26,6 +26,7 @@ def _step_results(matrix=R, retrieval=True):
         zs = 0.6 - 0.1 * step
         result = {"step": step, "task": TASKS[step], "ut_acc": ut, "zs_acc": zs, "a_acc": (ut + zs) / 2,
                   "bwt": 0.0 if step < 2 else float(np.mean([row[i] - matrix[i + 1][i] for i in range(step - 1)])),
+                  "learning_acc": float(row[step - 1]) if step else None, "seen_acc": ut + 0.05,
                   "ut_top1": ut, "acc_row": [float(v) for v in row]}
         for key in reporting.RETRIEVAL_KEYS:
             result[key] = 0.5 - 0.05 * step if retrieval else None
@@ -41,8 +42,9 @@ def _assert_png(path):
 def test_metrics_table_columns_and_order():
     results = _step_results()
     table = reporting.metrics_table(list(reversed(results)))
-    assert list(table.columns) == ["step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "i2t_r1", "i2t_r5",
-                                   "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
+    assert list(table.columns) == ["step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc",
+                                   "seen_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
+    assert np.isnan(table.loc[0, "learning_acc"]) and table.loc[2, "learning_acc"] == pytest.approx(0.8)
     assert table["step"].tolist() == [0, 1, 2, 3]
     assert table["task"].tolist() == TASKS
     assert table.loc[3, "bwt"] == pytest.approx(-0.2)
@@ -84,6 +86,9 @@ def test_summary_final_and_continual_metrics():
     assert result["transfer"] == pytest.approx(0.45)
     assert result["avg"] == pytest.approx(6.15 / 9)
     assert result["last"] == pytest.approx(2.2 / 3)
+    assert result["learning_accs"] == pytest.approx([0.9, 0.8, 0.9])
+    assert result["mean_learning_acc"] == pytest.approx(2.6 / 3)
+    assert result["seen_acc"] == pytest.approx(2.2 / 3 + 0.05)
     json.dumps(result)
 
 
@@ -103,14 +108,39 @@ def test_comparison_table():
     runs = [reporting.summary(_step_results(), {"method": "vr_lwf"}),
             {"method": "ft", "ut_acc": 0.9, "zs_acc": 0.1, "a_acc": 0.5, "bwt": -0.3}]
     table = reporting.comparison_table(runs)
-    assert list(table.columns) == ["method", "ut_acc", "zs_acc", "a_acc", "bwt", "i2t_r1", "t2i_r1"]
+    assert list(table.columns[:10]) == ["method", "seeds", "ut_acc", "zs_acc", "a_acc", "bwt",
+                                        "mean_learning_acc", "seen_acc", "i2t_r1", "t2i_r1"]
     assert table["method"].tolist() == ["vr_lwf", "ft"]
+    assert table["seeds"].tolist() == [1, 1]
     assert table.loc[0, "ut_acc"] == pytest.approx(2.2 / 3)
-    assert np.isnan(table.loc[1, "i2t_r1"])
+    assert table.loc[0, "mean_learning_acc"] == pytest.approx(2.6 / 3)
+    assert table.loc[0, "seen_acc"] == pytest.approx(2.2 / 3 + 0.05)
+    assert np.isnan(table.loc[1, "i2t_r1"]) and np.isnan(table.loc[0, "ut_acc_std"])  # one seed: no std
     with pytest.raises(ValueError, match="twice"):
         reporting.comparison_table(runs + [runs[1]])
     with pytest.raises(ValueError, match="method"):
         reporting.comparison_table([{"ut_acc": 0.5}])
+
+
+def test_comparison_over_seeds_gives_mean_sample_std_and_count():
+    runs = [{"method": "ft", "seed": 0, "ut_acc": 0.2, "zs_acc": 0.5},
+            {"method": "vr_lwf", "seed": 0, "ut_acc": 0.4, "zs_acc": 0.8},
+            {"method": "ft", "seed": 1, "ut_acc": 0.4, "zs_acc": 0.3},
+            {"method": "ft", "seed": 2, "ut_acc": 0.3, "zs_acc": None}]
+    table = reporting.comparison_table(runs).set_index("method")
+    assert table.loc["ft", "seeds"] == 3
+    assert table.loc["ft", "ut_acc"] == pytest.approx(0.3)
+    assert table.loc["ft", "ut_acc_std"] == pytest.approx(0.1)             # sample std (n - 1)
+    assert table.loc["ft", "zs_acc"] == pytest.approx(0.4)                 # the missing value left out
+    assert table.loc["ft", "zs_acc_std"] == pytest.approx(2 ** 0.5 * 0.1)
+    assert np.isnan(table.loc["vr_lwf", "ut_acc_std"])
+    per_run = reporting.comparison_runs_table(runs)
+    assert per_run[["method", "seed"]].values.tolist() == [["ft", 0], ["vr_lwf", 0], ["ft", 1], ["ft", 2]]
+    with pytest.raises(ValueError, match=r"ft \(seed 1\)"):
+        reporting.comparison_table(runs + [{"method": "ft", "seed": 1}])
+    figure = reporting.comparison_figure(reporting.comparison_table(runs))
+    bars = [c for c in figure.axes[0].containers if c.has_xerr or c.has_yerr]
+    assert len(bars) == 1  # only ft has several seeds
 
 
 def test_figures_are_written_as_png(tmp_path):

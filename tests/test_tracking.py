@@ -105,6 +105,20 @@ def test_task_costs_are_logged_per_task(finished, finished_run, client):
         assert {p.step: p.value for p in history}[3] == pytest.approx(summary[name])
 
 
+def test_learning_accuracy_is_logged_after_each_task_and_its_mean_at_the_end(finished, finished_run, client):
+    table = pd.read_csv(finished / "data" / "08_reporting" / "continual_metrics.csv")
+    summary = pd.read_json(finished / "data" / "08_reporting" / "continual_summary.json", typ="series")
+    history = client.get_metric_history(finished_run.info.run_id, "continual/learning_acc")
+    assert sorted(point.step for point in history) == list(range(1, len(TASKS) + 1))  # none at step 0
+    assert [p.value for p in sorted(history, key=lambda p: p.step)] == pytest.approx(table["learning_acc"][1:])
+    seen = client.get_metric_history(finished_run.info.run_id, "continual/seen_acc")
+    assert sorted(point.step for point in seen) == list(range(len(TASKS) + 1))
+    (mean,) = client.get_metric_history(finished_run.info.run_id, "continual/mean_learning_acc")
+    assert mean.step == len(TASKS)
+    assert mean.value == pytest.approx(summary["mean_learning_acc"])
+    assert mean.value == pytest.approx(table["learning_acc"][1:].mean())
+
+
 def test_training_losses_go_on_across_tasks(finished_run, client):
     history = client.get_metric_history(finished_run.info.run_id, "train/loss")
     ordered = sorted(history, key=lambda point: (point.timestamp, point.step))
@@ -164,7 +178,8 @@ def test_compare_tables_the_latest_run_of_each_method(compared):
     table = pd.read_csv(reporting / "method_comparison.csv")
     # ft has no distillation weight; every other method is labelled with its alpha.
     assert table["method"].tolist() == ["ft", "vr_lwf (alpha=1.0)"]
-    assert {"ut_acc", "zs_acc", "a_acc", "bwt"} <= set(table.columns)
+    assert {"ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc", "ut_acc_std"} <= set(table.columns)
+    assert table["seeds"].tolist() == [1, 1] and table["zs_acc_std"].isna().all()  # one seed each
     assert (reporting / "method_comparison.png").read_bytes().startswith(b"\x89PNG")
     # Both runs went to the project's default store, where compare (started in a subfolder)
     # found them; compare itself opened no run.

@@ -297,6 +297,48 @@ def phase_accuracies(predictions: np.ndarray, labels: np.ndarray, phases: Sequen
     return result
 
 
+def seen_classes(phases: Sequence[Sequence[int]], step: int) -> list[int]:
+    """The classes learnt by ``step`` (phases 1..step); at step 0, before any, every class."""
+    phases = _check_phases(phases)
+    learnt = phases[:step] if step > 0 else phases
+    return sorted({c for phase in learnt for c in phase})
+
+
+def seen_accuracy(seen_predictions: np.ndarray, labels: np.ndarray, seen: Sequence[int]) -> float:
+    """Top-1 accuracy on the images of the ``seen`` classes, given each image's prediction
+    among the seen classes only: what class-incremental papers report after each session."""
+    labels = np.asarray(labels)
+    rows = np.isin(labels, np.asarray(seen))
+    return top1_accuracy(np.asarray(seen_predictions)[rows], labels[rows])
+
+
+def seen_class_accuracy(image_feats: torch.Tensor, labels: np.ndarray, class_feats: torch.Tensor,
+                        seen: Sequence[int]) -> float:
+    """``seen_accuracy`` from image and class features held in memory."""
+    seen = np.asarray(sorted(seen), dtype=np.int64)
+    among_seen = predict(image_feats, class_feats[torch.from_numpy(seen).to(class_feats.device)])
+    return seen_accuracy(seen[among_seen], labels, seen)
+
+
+def _predictions_all_and_seen(
+    clip: ClipModel, images: EvalImages, class_feats: torch.Tensor, seen: Sequence[int],
+    batch_size: int, loader: LoaderConfig | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's class among all classes and among the ``seen`` ones, in one streaming pass
+    (no (N, D) feature matrix kept); the caller holds eval mode."""
+    seen = np.asarray(sorted(seen), dtype=np.int64)
+    every, among_seen = [], []
+    with torch.inference_mode():
+        classes = _as_tensor(class_feats, clip.device)
+        seen_classes_feats = classes[torch.from_numpy(seen).to(classes.device)]
+        for batch in _image_feature_batches(clip, images, batch_size, loader):
+            every.append(predict(batch, classes))
+            among_seen.append(seen[predict(batch, seen_classes_feats)])
+    empty = np.empty(0, dtype=np.int64)
+    return (np.concatenate(every) if every else empty,
+            np.concatenate(among_seen) if among_seen else empty)
+
+
 # --- retrieval --------------------------------------------------------------------------------
 
 def caption_index(captions: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -521,6 +563,13 @@ def bwt_at(R: Any, t: int) -> float:
     return float(np.mean([R[t, i - 1] - R[i, i - 1] for i in range(1, t)]))
 
 
+def learning_accuracies(R: Any) -> list[float]:
+    """The diagonal R[t][t]: the accuracy on each task right after learning it (Riemer et al.
+    2019's "learning accuracy"), which forgetting cannot lower."""
+    R = _check_matrix(R)
+    return [float(R[t, t - 1]) for t in range(1, R.shape[1] + 1)]
+
+
 def continual_metrics(R: Any) -> dict[str, float]:
     """Every continual metric of a complete (T + 1, T) accuracy matrix, by name."""
     R = _check_matrix(R)
@@ -533,6 +582,7 @@ def continual_metrics(R: Any) -> dict[str, float]:
         "transfer": transfer(R),
         "avg": avg_accuracy(R),
         "last": last_accuracy(R),
+        "mean_learning_acc": float(np.mean(learning_accuracies(R))),
     }
 
 
@@ -610,7 +660,9 @@ def evaluate_step(
     (captioned image set, folds). Sets are in memory (``ImageSet``) or lazy (prepared splits,
     read through DataLoader workers as ``loader`` says).
 
-    Keys: step, task, ut_acc, zs_acc (mean over the zero-shot sets), a_acc, bwt, i2t_r1..t2i_r10
+    Keys: step, task, ut_acc, zs_acc (mean over the zero-shot sets), a_acc, bwt, learning_acc
+    (R[step][step], the accuracy on the task just learnt; None at step 0), seen_acc (the classes
+    learnt so far, classified among themselves; every class at step 0), i2t_r1..t2i_r10
     (the first retrieval set; None without one), ut_top1 (plain top-1 over all updated-task test
     images, the paper's OST UT-Acc), acc_row (accuracy on each phase 1..T), and each set alone
     as ``zs_acc/<name>`` and ``retrieval/<name>/<metric>``. ``previous_rows[i]`` is the acc_row
@@ -630,7 +682,8 @@ def evaluate_step(
 
     with evaluating(clip, device) as target:
         class_feats = text_features(clip, class_prompts, batch_size, target)
-        ut_predictions = predict_images(clip, updated_test, class_feats, batch_size, target, loader)
+        ut_predictions, ut_seen_predictions = _predictions_all_and_seen(
+            clip, updated_test, class_feats, seen_classes(phases, step), batch_size, loader)
         acc_row = phase_accuracies(ut_predictions, updated_test.labels, phases)
         suite = _suite_metrics(clip, zero_shot_sets, retrieval_sets or {}, batch_size, target, loader)
 
@@ -644,6 +697,8 @@ def evaluate_step(
         "zs_acc": suite["zs_acc"],
         "a_acc": (ut + suite["zs_acc"]) / 2.0,
         "bwt": bwt_at(rows, step),
+        "learning_acc": float(acc_row[step - 1]) if step > 0 else None,
+        "seen_acc": seen_accuracy(ut_seen_predictions, updated_test.labels, seen_classes(phases, step)),
         **{key: suite[key] for key in RETRIEVAL_KEYS},
         "ut_top1": top1_accuracy(ut_predictions, updated_test.labels),
         "acc_row": [float(v) for v in acc_row],

@@ -17,13 +17,14 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from clip_continual.evaluation import RETRIEVAL_KEYS, continual_metrics
+from clip_continual.evaluation import RETRIEVAL_KEYS, continual_metrics, learning_accuracies
 from clip_continual.sequence_evaluation import class_incremental_summary
 
-METRIC_COLUMNS = ("step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", *RETRIEVAL_KEYS)
+METRIC_COLUMNS = ("step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc", "seen_acc",
+                  *RETRIEVAL_KEYS)
 SEQUENCE_COLUMNS = ("transfer", "avg", "last", "cil_acc")  # MTIL / class-incremental runs only
-FINAL_KEYS = ("ut_acc", "zs_acc", "a_acc", "bwt", *RETRIEVAL_KEYS, "ut_top1")
-COMPARISON_COLUMNS = ("method", "ut_acc", "zs_acc", "a_acc", "bwt", "i2t_r1", "t2i_r1")
+FINAL_KEYS = ("ut_acc", "zs_acc", "a_acc", "bwt", "seen_acc", *RETRIEVAL_KEYS, "ut_top1")
+COMPARISON_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc", "seen_acc", "i2t_r1", "t2i_r1")
 
 
 def _sorted_results(step_results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -102,6 +103,7 @@ def summary(step_results: Sequence[dict[str, Any]], method_info: dict[str, Any] 
     metrics["start_ut_acc"] = _json_number(_number(first.get("ut_acc")))
     metrics["start_zs_acc"] = _json_number(_number(first.get("zs_acc")))
     metrics.update({key: _json_number(value) for key, value in continual_metrics(matrix).items()})
+    metrics["learning_accs"] = [_json_number(value) for value in learning_accuracies(matrix)]
     if all("cil_acc" in result for result in ordered):
         # class-incremental (ZSCL cil/main.py): Avg and Last of the accuracy on the seen classes
         metrics.update({**class_incremental_summary(ordered), "transfer": None})
@@ -112,21 +114,37 @@ def summary(step_results: Sequence[dict[str, Any]], method_info: dict[str, Any] 
     return {**info, **metrics}
 
 
-def comparison_table(runs: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """One row per method: final UT/ZS/A-Acc, BWT and R@1 both ways (NaN where a run lacks one).
-
-    Each run is a flat dict with a 'method' name and its final metrics, e.g. a ``summary``.
-    """
+def _comparison_rows(runs: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run: method, seed and COMPARISON_METRICS; a (method, seed) pair once only."""
     unnamed = [i for i, run in enumerate(runs) if not run.get("method")]
     if unnamed:
         raise ValueError(f"runs {unnamed} have no 'method' name")
-    names = [str(run["method"]) for run in runs]
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    keys = [(str(run["method"]), run.get("seed")) for run in runs]
+    repeated = sorted({f"{m} (seed {s})" if s is not None else m for m, s in keys if keys.count((m, s)) > 1})
     if repeated:
-        raise ValueError(f"methods {repeated} appear twice; give each run a distinct name (e.g. 'vr_lwf a=2')")
-    rows = [{"method": name, **{key: _number(run.get(key)) for key in COMPARISON_COLUMNS[1:]}}
-            for name, run in zip(names, runs)]
-    return pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))
+        raise ValueError(f"{repeated} appear twice; give each run a distinct name (e.g. 'vr_lwf a=2') or seed")
+    rows = [{"method": method, "seed": seed, **{key: _number(run.get(key)) for key in COMPARISON_METRICS}}
+            for (method, seed), run in zip(keys, runs)]
+    return pd.DataFrame(rows, columns=["method", "seed", *COMPARISON_METRICS])
+
+
+def comparison_runs_table(runs: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Every run's final metrics, one row per method and seed."""
+    return _comparison_rows(runs)
+
+
+def comparison_table(runs: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per method, in the order first seen: the number of seeds, then the mean of each of
+    COMPARISON_METRICS over the seeds and its sample standard deviation (``<metric>_std``; NaN
+    for a single seed). NaN where a run lacks a metric (it is left out of that metric's mean).
+
+    Each run is a flat dict with a 'method' name, optionally a 'seed', and its final metrics.
+    """
+    rows = _comparison_rows(runs)
+    grouped = rows.groupby("method", sort=False)[list(COMPARISON_METRICS)]
+    table = grouped.mean().join(grouped.std(ddof=1).add_suffix("_std"))
+    table.insert(0, "seeds", rows.groupby("method", sort=False).size())
+    return table.reset_index()
 
 
 # --- figures ----------------------------------------------------------------------------------
@@ -177,12 +195,18 @@ def accuracy_matrix_figure(matrix: pd.DataFrame, run: str | None = None,
 
 
 def metric_curves_figure(table: pd.DataFrame, run: str | None = None) -> Figure:
-    """UT-Acc, ZS-Acc and A-Acc (top) and BWT (bottom), fractions, against the step."""
+    """UT-Acc, ZS-Acc, A-Acc, learning and seen-class accuracy (top) and BWT (bottom),
+    fractions, against the step."""
     steps = table["step"].to_numpy()
     figure = _new_figure(6.0, 5.0)
     accuracy_axes, bwt_axes = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
-    for column, label in (("ut_acc", "UT-Acc"), ("zs_acc", "ZS-Acc"), ("a_acc", "A-Acc")):
-        accuracy_axes.plot(steps, table[column].to_numpy(dtype=float), marker="o", label=label)
+    curves = (("ut_acc", "UT-Acc", "-"), ("zs_acc", "ZS-Acc", "-"), ("a_acc", "A-Acc", "-"),
+              ("learning_acc", "learning acc (task just learnt)", ":"),
+              ("seen_acc", "seen-class acc", ":"))
+    for column, label, style in curves:
+        if column in table:
+            accuracy_axes.plot(steps, table[column].to_numpy(dtype=float), marker="o",
+                               linestyle=style, label=label)
     accuracy_axes.set_ylim(0.0, 1.0)
     accuracy_axes.set_ylabel("accuracy (0-1)")
     accuracy_axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -197,9 +221,17 @@ def metric_curves_figure(table: pd.DataFrame, run: str | None = None) -> Figure:
     return figure
 
 
+def _std_column(table: pd.DataFrame, metric: str) -> np.ndarray:
+    column = f"{metric}_std"
+    if column not in table:
+        return np.full(len(table), np.nan)
+    return table[column].to_numpy(dtype=float)
+
+
 def comparison_figure(table: pd.DataFrame, run: str | None = None) -> Figure:
-    """ZS-Acc against UT-Acc (fractions) per method, each point labelled; dashed lines of
-    equal A-Acc. ``run`` says what was compared (benchmark, seed)."""
+    """ZS-Acc against UT-Acc (fractions) per method, each point labelled, with error bars of one
+    standard deviation over seeds where there are several; dashed lines of equal A-Acc.
+    ``run`` says what was compared (benchmark, seed)."""
     figure = _new_figure(6.0, 5.0)
     axes = figure.add_subplot()
     ut = table["ut_acc"].to_numpy(dtype=float)
@@ -207,9 +239,12 @@ def comparison_figure(table: pd.DataFrame, run: str | None = None) -> Figure:
     # Along ut + zs = 2 * a the A-Acc is constant: better trade-offs lie up and to the right.
     for a_acc in np.arange(0.1, 1.0, 0.1):
         axes.plot([0, 1], [2 * a_acc, 2 * a_acc - 1], color="lightgrey", linestyle="--", linewidth=0.7, zorder=0)
-    for index, (name, x, y) in enumerate(zip(table["method"], ut, zs)):
+    ut_std, zs_std = (_std_column(table, column) for column in ("ut_acc", "zs_acc"))
+    for index, (name, x, y, dx, dy) in enumerate(zip(table["method"], ut, zs, ut_std, zs_std)):
         if np.isfinite(x) and np.isfinite(y):
-            axes.scatter(x, y, s=40)
+            # Error bars: one standard deviation over the seeds (none for a single seed).
+            axes.errorbar(x, y, xerr=dx if np.isfinite(dx) else None, yerr=dy if np.isfinite(dy) else None,
+                          fmt="o", markersize=6, capsize=3)
             # Alternate label sides so methods with close results stay readable.
             axes.annotate(str(name), (x, y), textcoords="offset points", fontsize=9,
                           xytext=(6, 5) if index % 2 == 0 else (6, -12))

@@ -55,8 +55,8 @@ def log_metrics(metrics: dict[str, float], step: int) -> None:
         mlflow.log_metrics(clean, step=int(step))
 
 
-FINAL_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt", "i2t_r1", "i2t_r5", "i2t_r10",
-                 "t2i_r1", "t2i_r5", "t2i_r10")
+FINAL_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc", "seen_acc",
+                 "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 PROBE_TIMEOUT_S = 5.0
 HOST_TAG, PID_TAG, HEARTBEAT_TAG = "clip_continual.host", "clip_continual.pid", "clip_continual.heartbeat"
 TRACKING_OFF_HINT = ("point MLFLOW_TRACKING_URI (or server.mlflow_tracking_uri in conf/<env>/mlflow.yml) "
@@ -315,8 +315,8 @@ def _variant(run: Any) -> str | None:
 
 
 def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) -> list[dict[str, Any]]:
-    """The newest complete FINISHED run per method variant (of ``benchmark``, if given), with
-    its final metrics. Each alpha of a method that has one is its own variant, e.g.
+    """The newest complete FINISHED run per method variant and seed (of ``benchmark``, if given),
+    with its final metrics and seed. Each alpha of a method that has one is its own variant, e.g.
     ``vr_lwf (alpha=1.0)``, so a sweep does not hide the default run. Newer runs that are not
     results (interrupted, failed, still running, incomplete) are skipped, with a warning why."""
     from mlflow.tracking import MlflowClient
@@ -330,18 +330,20 @@ def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) 
     query = f"tags.benchmark = '{benchmark}'" if benchmark else ""
     runs = client.search_runs([experiment.experiment_id], filter_string=query,
                               order_by=["attributes.start_time DESC"])
-    latest: dict[str, dict[str, Any]] = {}
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
     for run in runs:
         variant = _variant(run)
-        if variant is None or variant in latest:
+        seed = run.data.params.get("seed", "")
+        if variant is None or (variant, seed) in latest:
             continue
         reason = why_not_a_result(client, run)
         if reason:
-            logger.warning("compare: skipped run %s (%s, %s): %s", run.info.run_id, variant,
-                           run.info.run_name, reason)
+            logger.warning("compare: skipped run %s (%s, seed %s, %s): %s", run.info.run_id, variant,
+                           seed, run.info.run_name, reason)
             continue
-        latest[variant] = {
+        latest[variant, seed] = {
             "method": variant,
+            "seed": int(seed) if seed.lstrip("-").isdigit() else seed,
             "run_id": run.info.run_id,
             **{name: run.data.metrics.get(metric_name(name)) for name in FINAL_METRICS},
         }
@@ -351,4 +353,4 @@ def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) 
             + (f" of benchmark '{benchmark}'" if benchmark else "")
             + ": run e.g. `kedro run --params method=ft` and `kedro run --params method=vr_lwf` first"
         )
-    return sorted(latest.values(), key=lambda row: row["method"])
+    return sorted(latest.values(), key=lambda row: (row["method"], str(row["seed"]).rjust(12)))

@@ -12,11 +12,12 @@ from clip_continual import reporting
 from clip_continual.tracking import latest_finished_runs, probe_store
 
 
-def compare_methods(params: dict[str, Any]) -> tuple[pd.DataFrame, Figure]:
+def compare_methods(params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Figure]:
+    """Mean and standard deviation over seeds per method, every run's own row, and the plot."""
     # The store of conf/<env>/mlflow.yml, set up by kedro-mlflow when the session started.
     uri = mlflow.get_tracking_uri()
     probe_store(uri)
     runs = latest_finished_runs(uri, params["experiment_name"], params.get("benchmark"))
     table = reporting.comparison_table(runs)
-    what = f"{params.get('benchmark') or 'every benchmark'}: latest finished run of each method"
-    return table, reporting.comparison_figure(table, what)
+    what = f"{params.get('benchmark') or 'every benchmark'}: latest finished run of each method and seed"
+    return table, reporting.comparison_runs_table(runs), reporting.comparison_figure(table, what)

@@ -10,6 +10,10 @@ from matplotlib.figure import Figure
 from clip_continual import reporting
 from clip_continual.methods import METHODS, effective_alpha
 from clip_continual.run_key import run_name
+from clip_continual.tracking import CONTINUAL_GROUP, metric_history
+
+# Whole-run metrics of the summary, logged as ``continual/<name>`` at the last step.
+SUMMARY_METRICS = ("mean_learning_acc",)
 
 
 def report_continual_run(
@@ -48,3 +52,9 @@ def _reports(method: str, params: dict[str, Any], seed: int, steps: list[dict[st
         reporting.metric_curves_figure(table, title),
         table,
     )
+
+
+def summary_metrics_for_mlflow(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary's whole-run metrics (SUMMARY_METRICS) as MLflow metrics at the last step."""
+    return metric_history({k: summary[k] for k in SUMMARY_METRICS if k in summary},
+                          CONTINUAL_GROUP, summary["num_tasks"])

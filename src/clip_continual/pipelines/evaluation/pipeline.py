@@ -26,8 +26,15 @@ def create_pipeline(benchmark: Benchmark | None = None, **kwargs) -> Pipeline:
                  "accuracy_matrix_plot", "metric_curves_plot", f"{benchmark.name}.run_metrics_archive"],
         name="report_continual_run",
     )
+    track = Node(
+        nodes.summary_metrics_for_mlflow,
+        inputs="continual_summary",
+        outputs="continual_summary_mlflow_metrics",
+        name="track_continual_summary",
+        tags=["tracking"],
+    )
     return Pipeline(
-        [report],
+        [report, track],
         inputs={f"{step}_evaluation": f"{benchmark.name}.{step}.evaluation" for step in steps},
         tags=["evaluation", benchmark.name],
     )

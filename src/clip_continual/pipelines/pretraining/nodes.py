@@ -81,8 +81,9 @@ def evaluate_pretrained(
                              evaluation_params.get("retrieval_folds", 1)),
     }
     summary = model.metadata.get("pretraining") or {}
-    if "train_seconds" in summary:
-        metrics["train_seconds"] = summary["train_seconds"]
+    for key in ("train_seconds", "train_cpu_seconds"):
+        if key in summary:
+            metrics[key] = summary[key]
     return metrics
 
 

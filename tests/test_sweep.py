@@ -1,0 +1,108 @@
+"""The sweep (several methods over several seeds, one MLflow run each) and `compare` over seeds."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from clip_continual import sweep
+from project_helpers import BENCHMARK, _running_in, copy_project, mlflow_runs, run_pipeline, store_uri
+
+# --- units ------------------------------------------------------------------------------------
+
+
+def test_params_are_read_as_kedro_run_reads_them():
+    assert sweep.parse_params("continual_learning.alpha=0.5,method=lwf") == {
+        "continual_learning": {"alpha": 0.5}, "method": "lwf"}
+    assert sweep.parse_params("") == {} and sweep.parse_params(None) == {}
+    with pytest.raises(ValueError, match="key=value"):
+        sweep.parse_params("continual_learning.alpha")
+
+
+def test_a_variant_is_a_method_with_its_own_overrides():
+    assert sweep.Variant.parse("ft") == sweep.Variant("ft", {})
+    assert sweep.Variant.parse("vr_lwf:continual_learning.alpha=0.5") == sweep.Variant(
+        "vr_lwf", {"continual_learning": {"alpha": 0.5}})
+    with pytest.raises(ValueError, match="names no method"):
+        sweep.Variant.parse(":continual_learning.alpha=0.5")
+
+
+def test_runs_are_planned_seed_by_seed_and_overrides_merge():
+    variants = [sweep.Variant("ft"), sweep.Variant.parse("vr_lwf:continual_learning.alpha=0.5")]
+    common = {"continual_learning": {"training": {"steps": 3}, "alpha": 1.0}}
+    runs = sweep.planned_runs(variants, [2, 0], common)
+    assert [(run["seed"], run["method"]) for run in runs] == [(2, "ft"), (2, "vr_lwf"), (0, "ft"), (0, "vr_lwf")]
+    assert runs[0]["continual_learning"] == {"training": {"steps": 3}, "alpha": 1.0}
+    assert runs[1]["continual_learning"] == {"training": {"steps": 3}, "alpha": 0.5}
+    with pytest.raises(ValueError, match="repeat"):
+        sweep.planned_runs(variants, [1, 1])
+    with pytest.raises(ValueError, match="at least one"):
+        sweep.planned_runs([], [0])
+
+
+def test_an_unknown_method_fails_before_any_run(capsys):
+    with pytest.raises(SystemExit):
+        sweep.main(["--methods", "ft", "no_such_method", "--seeds", "0"])
+    assert "unknown methods ['no_such_method']" in capsys.readouterr().err
+
+
+# --- a sweep through Kedro sessions -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def swept(finished, tmp_path_factory):
+    """Two methods over seeds 0 and 1 on a copy of the finished project, then `compare`."""
+    from clip_continual.pipelines.pretraining import nodes as pretraining_nodes
+
+    project = copy_project(finished, tmp_path_factory.mktemp("swept") / "project")
+    pretrained_seeds = []
+    real_pretrain = pretraining_nodes.pretrain
+
+    def counting_pretrain(start, corpus, config, *args, **kwargs):
+        pretrained_seeds.append(config.seed)
+        return real_pretrain(start, corpus, config, *args, **kwargs)
+
+    runs = sweep.planned_runs([sweep.Variant("ft"), sweep.Variant("lwf")], [0, 1])
+    with pytest.MonkeyPatch.context() as patch, _running_in(project):
+        patch.setattr(pretraining_nodes, "pretrain", counting_pretrain)
+        sweep.run_sweep(project, runs)
+    run_pipeline(project, ["compare"])
+    return project, pretrained_seeds
+
+
+def test_each_method_and_seed_is_one_finished_run(swept):
+    project, _ = swept
+    runs = mlflow_runs(store_uri(project))
+    assert sorted((run.data.params["method"], run.data.params["seed"]) for run in runs) == [
+        ("ft", "0"), ("ft", "1"), ("lwf", "0"), ("lwf", "1")]
+    assert all(run.info.status == "FINISHED" for run in runs)
+
+
+def test_pretraining_runs_once_per_new_seed(swept):
+    _, pretrained_seeds = swept
+    # seed 0 reuses the finished project's checkpoint; seed 1 pretrains once for both methods
+    assert pretrained_seeds == [1]
+
+
+def test_compare_reports_mean_and_std_over_seeds(swept):
+    project, _ = swept
+    reporting = project / "data" / "08_reporting"
+    per_run = pd.read_csv(reporting / "method_comparison_runs.csv")
+    table = pd.read_csv(reporting / "method_comparison.csv").set_index("method")
+    ft = per_run[per_run["method"] == "ft"]
+    assert sorted(ft["seed"]) == [0, 1]
+    assert table.loc["ft", "seeds"] == 2
+    for metric in ("ut_acc", "zs_acc", "mean_learning_acc", "i2t_r1"):
+        assert table.loc["ft", metric] == pytest.approx(ft[metric].mean())
+        assert table.loc["ft", f"{metric}_std"] == pytest.approx(ft[metric].std(ddof=1))
+    assert table.loc["lwf (alpha=1.0)", "seeds"] == 2
+    assert (reporting / "method_comparison.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_sweep_runs_only_the_pipeline_asked_for(swept, tmp_path):
+    project = copy_project(swept[0], tmp_path / "project")
+    with _running_in(project):
+        sweep.run_sweep(project, sweep.planned_runs([sweep.Variant("ft")], [0]), pipeline=BENCHMARK)
+    (run,) = mlflow_runs(store_uri(project))
+    # the continual sequence ran; the pretraining pipeline (whose metrics it would log) did not
+    assert "continual/zs_acc" in run.data.metrics
+    assert not any(name.startswith("pretraining/") for name in run.data.metrics)
