@@ -234,16 +234,20 @@ class BatchOrder:
 
 
 def augment_crop_flip(
-    images: np.ndarray, clip: ClipModel, generator: torch.Generator, device: torch.device
+    images: np.ndarray, clip: ClipModel, generator: torch.Generator, device: torch.device,
+    part: slice | None = None, global_count: int | None = None,
 ) -> torch.Tensor:
     """The paper's train transform at the model's resolution S: resize to S * 256/224, random
-    S x S crop, random horizontal flip (per image, from ``generator``)."""
+    S x S crop, random horizontal flip (per image, from ``generator``). When ``images`` are
+    ``part`` of a global batch of ``global_count`` images, the draws are the global batch's, so
+    every image gets the crop it gets in a one-process run."""
     size = clip.image_size
     resized = max(size, round(size * CROP_RESIZE_RATIO))
     big = preprocess_images(images, resized, clip.image_mean, clip.image_std, device)
-    count = len(images)
-    offsets = torch.randint(0, resized - size + 1, (count, 2), generator=generator).tolist()
-    flips = (torch.rand(count, generator=generator) < 0.5).tolist()
+    count = len(images) if global_count is None else global_count
+    part = part or slice(0, count)
+    offsets = torch.randint(0, resized - size + 1, (count, 2), generator=generator)[part].tolist()
+    flips = (torch.rand(count, generator=generator) < 0.5)[part].tolist()
     crops = []
     for image, (top, left), flip in zip(big, offsets, flips):
         crop = image[:, top : top + size, left : left + size]
@@ -278,6 +282,36 @@ def build_optimizer(parameters: list[torch.nn.Parameter], config: TrainingConfig
     kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
     return kind(parameters, lr=config.lr, betas=config.betas, eps=config.eps,
                 weight_decay=config.weight_decay)
+
+
+# --- data parallelism: the extension point clip_continual.distributed fills -------------
+
+class Replica:
+    """The training loop's view of data parallelism; this base is one process training alone.
+
+    A data-parallel replica (``clip_continual.distributed``) trains ``part`` of every global
+    batch, computes the loss terms through ``forward`` (a ``DistributedDataParallel`` wrapper
+    that averages gradients across replicas in backward) and ``reduce``s logged numbers to the
+    global batch's.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def part(self, global_size: int) -> slice:
+        return slice(0, global_size)
+
+    def forward(self, task: _Task, method: ContinualMethod) -> Callable[[Batch], dict[str, torch.Tensor]]:
+        return lambda batch: method.loss_terms(task.student.model, batch, task.context)
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+
+def global_batch_size(plan: TrainingPlan, step: int) -> int:
+    """The size of step ``step``'s global batch (the last batch of an epoch may be short)."""
+    position = step % plan.steps_per_epoch
+    return min(plan.batch_size, plan.num_images - position * plan.batch_size)
 
 
 # --- the loop -----------------------------------------------------------------------------
@@ -339,6 +373,8 @@ class _Task:
     device: torch.device
     precision: str
     setup_time: float = 0.0
+    replica: Replica = field(default_factory=Replica)
+    forward: Callable[[Batch], dict[str, torch.Tensor]] | None = None
 
 
 def _checked_classes(
@@ -438,12 +474,15 @@ def _batches(task: _Task, source: TrainingSource, config: TrainingConfig, method
              task_seed: int) -> Iterator[TrainBatch]:
     """The task's batches in the order of ``BatchOrder``: a pure function of (seed, step)."""
     order = BatchOrder(task.plan, task_seed)
-    indices = [order.indices(step) for step in range(task.plan.total_steps)]
+    global_indices = [order.indices(step) for step in range(task.plan.total_steps)]
+    parts = [task.replica.part(len(batch)) for batch in global_indices]
+    indices = [batch[part] for batch, part in zip(global_indices, parts)]  # this replica's share
     need_clean = config.augment == "crop_flip" and method.distills_clean_images
     if isinstance(source, InMemoryImages):
         def augment(step: int, images: np.ndarray) -> torch.Tensor:
             generator = torch.Generator().manual_seed(derive_seed(task_seed, _STREAM_AUGMENT, step))
-            return augment_crop_flip(images, task.student, generator, task.device)
+            return augment_crop_flip(images, task.student, generator, task.device, parts[step],
+                                     len(global_indices[step]))
 
         return source.train_batches(task.student, indices, task.device,
                                     augment if config.augment == "crop_flip" else None, need_clean)
@@ -457,7 +496,11 @@ def _optimizer_step(task: _Task, method: ContinualMethod, batch: Batch, lr: floa
     for group in task.optimizer.param_groups:
         group["lr"] = lr
     with task.context.autocast():
-        terms = method.loss_terms(task.student.model, batch, task.context)
+        terms = task.forward(batch)
+    # Batch-mean terms weighted by this replica's share of the global batch: averaged over
+    # replicas (DDP), the gradient is the global batch's. 1 in a one-process run.
+    share = len(batch.indices) * task.replica.world_size / global_batch_size(task.plan, batch.step)
+    terms = {name: term * share for name, term in terms.items()}
     loss = torch.stack(list(terms.values())).sum()
     task.optimizer.zero_grad(set_to_none=True)
     task.scaler.scale(loss).backward()
@@ -470,7 +513,8 @@ def _optimizer_step(task: _Task, method: ContinualMethod, batch: Batch, lr: floa
         with torch.no_grad():
             task.student.model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
     # One device sync per step: all terms and the total come back together.
-    numbers = torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float().tolist()
+    numbers = torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float()
+    numbers = task.replica.reduce(numbers).tolist()
     return dict(zip(["loss", *terms], numbers))
 
 
@@ -522,6 +566,7 @@ def fine_tune(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     method: ContinualMethod | None = None,
     loader: LoaderConfig | None = None,
+    replica: Replica | None = None,
 ) -> tuple[ClipModel, dict[str, Any]]:
     """Fine-tune a copy of ``start`` on ``train_set`` and return it with a summary.
 
@@ -533,7 +578,8 @@ def fine_tune(
     (may be ``start`` itself); it is only read. ``on_step(step, values)`` is called after every
     optimizer step with the 1-based step of this task and the loss terms, their sum ``loss`` and
     the learning rate ``lr``. ``method`` overrides the method named by ``config`` with a ready
-    instance. ``start`` is never modified.
+    instance. ``replica`` is this process's place in a data-parallel run (see
+    ``clip_continual.distributed``); default: one process. ``start`` is never modified.
     """
     config = config or TrainingConfig()
     method = method or config.build_method()
@@ -542,6 +588,8 @@ def fine_tune(
     vocabulary = _checked_vocabulary(method, vocabulary, start)
     task = _start_task(start, source, class_prompts, current, seen, config, method, vocabulary,
                        teacher, task_index)
+    task.replica = replica or Replica()
+    task.forward = task.replica.forward(task, method)
     setup_started = time.perf_counter()
     with evaluation_mode(task.context.teacher.model if task.context.teacher is not None else None):
         _precompute_teacher(task, source, config, method)
