@@ -11,12 +11,13 @@ from clip_continual.benchmarks import Benchmark
 from clip_continual.data.common import ImageSet
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.loading import LoaderConfig, training_source
+from clip_continual.distributed import DistributedConfig, fine_tune_distributed
 from clip_continual.evaluation import evaluate_step, fill_template
 from clip_continual.methods import METHODS, method_takes_alpha
 from clip_continual.models import ClipModel
 from clip_continual.replay import ReplayVocabulary
 from clip_continual.tracking import log_metrics
-from clip_continual.training import TrainingConfig, TrainingConfigError, fine_tune, plan_training
+from clip_continual.training import TrainingConfig, TrainingConfigError, plan_training
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,9 @@ def training_config(method: str, params: dict[str, Any], seed: int, default_teac
         alpha = None  # one alpha for the sweep; ft has no distillation weight to set
     if teacher_choice not in TEACHERS:
         raise TrainingConfigError(f"unknown teacher '{teacher_choice}': choose one of {', '.join(TEACHERS)}")
+    training = {k: v for k, v in (params.get("training") or {}).items() if k != "distributed"}
     return TrainingConfig.from_params({
-        **(params.get("training") or {}), "method": method, "alpha": alpha, "seed": seed,
+        **training, "method": method, "alpha": alpha, "seed": seed,
         "teacher": default_teacher if teacher_choice == "auto" else teacher_choice,
     })
 
@@ -68,6 +70,7 @@ def fine_tune_task(
     benchmark: Benchmark,
 ) -> tuple[ClipModel, dict[str, Any]]:
     config = training_config(method, params, seed, benchmark.default_teacher)
+    distributed = DistributedConfig.from_params((params.get("training") or {}).get("distributed"))
     teacher = start_model if config.teacher == "previous" or pretrained_model is None else pretrained_model
     task = benchmark.tasks[task_index - 1]
     seen = sorted({c for phase in benchmark.phases[:task_index] for c in phase})
@@ -78,7 +81,8 @@ def fine_tune_task(
         if step % log_every == 0:
             log_metrics({f"train/{name}": value for name, value in losses.items()}, step=offset + step)
 
-    model, summary = fine_tune(
+    model, summary = fine_tune_distributed(
+        distributed,
         start_model,
         training_source(train_set.restrict_to_classes(task.classes), LoaderConfig.from_params(loader)),
         class_prompts(train_set, prompts[benchmark.suite.updated_prompt_key]),
