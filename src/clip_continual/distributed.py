@@ -139,7 +139,10 @@ class DataParallelReplica(Replica):
     def forward(self, task, method) -> Callable[[Batch], dict[str, torch.Tensor]]:
         context = task.context
         module = _LossOfBatch(task.student.model, lambda model, batch: method.loss_terms(model, batch, context))
-        device_ids = [task.device.index or 0] if task.device.type == "cuda" else None
+        device = task.device
+        device_ids = None
+        if device.type == "cuda":  # 'cuda' is the current device, which the worker set to its own
+            device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
         wrapped = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
         return wrapped
 
@@ -192,7 +195,22 @@ def _payload(start: ClipModel, train_set, class_prompts, **kwargs) -> dict[str, 
     return {"start": start, "train_set": train_set, "class_prompts": list(class_prompts), **kwargs}
 
 
+def _failures_message(error: ChildFailedError, workers: int) -> str:
+    """Every failed worker's own error, the first to fail first (the others often only report
+    that a peer went away)."""
+    failures = sorted(error.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    lines = []
+    for rank, failure in failures:
+        message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
+        lines.append(f"worker {rank} of {workers}: {message or f'exit code {failure.exitcode}'}")
+    return "training failed; nothing was written. " + "; ".join(lines)
+
+
 def _launch_torch(payload: dict[str, Any], settings: DistributedConfig) -> dict[str, Any]:
+    if resolve_device(payload["config"].device).type == "cuda" and settings.workers > torch.cuda.device_count():
+        raise DistributedConfigError(
+            f"training.distributed.workers is {settings.workers} but this machine has "
+            f"{torch.cuda.device_count()} GPU(s); one worker per GPU (or backend 'ray' for more machines)")
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     launch = LaunchConfig(
@@ -203,9 +221,7 @@ def _launch_torch(payload: dict[str, Any], settings: DistributedConfig) -> dict[
     try:
         results = elastic_launch(launch, _torch_worker)(payload)
     except ChildFailedError as error:
-        rank, failure = min(error.failures.items())
-        message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
-        raise WorkerFailedError(f"training worker {rank} of {settings.workers} failed: {message}") from None
+        raise WorkerFailedError(_failures_message(error, settings.workers)) from None
     return results[0]
 
 
