@@ -1,11 +1,16 @@
 """Median training-step time of each method on random data, all in one process.
 
-Prints each method's median step time (wall clock and this process's CPU time) and its ratio to
-ft's.
+Prints each method's median step time (wall clock and this process's CPU time), its ratio to
+ft's, its trainable parameters and its per-task setup. By default every registered method runs.
 
 Every method runs through the real loop (``training.fine_tune``); step times are taken between
 consecutive ``on_step`` calls after a warm-up. ``--reference`` adds the straightforward VR-LwF
 computation (no caching, full-context text, separate forwards) for comparison.
+
+Methods that replay or regularise towards earlier tasks are timed as in a later task: a random
+reference set of image-caption pairs is given (A-GEM, GEM, ZSCL, whose zero-shot model is the
+start model), EWC gets a Fisher for every parameter, GEM a memory of one earlier task (two
+constraints); iCaRL builds its memory from the task's own images, as in every task.
 
     python benchmarks/step_time.py --steps 20 --batch-size 100
 """
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 
 from clip_continual.data.common import ImageSet
-from clip_continual.methods import VocabularyReplayLwF, reference_vr_lwf_terms
+from clip_continual.methods import METHODS, VocabularyReplayLwF, method_class, reference_vr_lwf_terms
 from clip_continual.models import ModelSpec, build_model
 from clip_continual.replay import VocabularyConfig, build_vocabulary
 from clip_continual.training import TrainingConfig, fine_tune
@@ -42,6 +47,17 @@ class ReferenceVRLwF(VocabularyReplayLwF):
         )
 
 
+def later_task_state(name: str, start, train_set: ImageSet) -> dict[str, np.ndarray]:
+    """What an earlier task would have handed on, so the per-step work is that of task >= 2."""
+    if name == "ewc":
+        return {f"fisher:{n}": np.ones(tuple(p.shape), np.float32) for n, p in start.model.named_parameters()}
+    if name == "gem":
+        rows = np.arange(min(50, len(train_set)))
+        return {"memory_images": train_set.images[rows], "memory_labels": train_set.labels[rows],
+                "memory_tasks": np.zeros(len(rows), np.int64)}
+    return {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per method")
@@ -50,8 +66,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--images", type=int, default=500, help="training-set size")
     parser.add_argument("--architecture", default="clip-continual-tiny")
-    parser.add_argument("--methods", default="ft,lwf,vr_lwf,vr_lwf_zscl",
-                        help="comma-separated; add 'reference' for the straightforward VR-LwF")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated (default: every registered method); add 'reference' "
+                             "for the straightforward VR-LwF")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (0: torch's default); 1 keeps timings stable on a shared CPU")
@@ -70,6 +87,11 @@ def main() -> None:
         class_names=tuple(f"class {i}" for i in range(args.classes)),
     )
     prompts = [f"this is a photo of {name} ." for name in train_set.class_names]
+    reference_set = ImageSet(
+        images=rng.integers(0, 256, (args.images, size, size, 3), dtype=np.uint8),
+        labels=np.zeros(args.images, np.int64), class_names=("pair",),
+        captions=np.array([[f"a picture of thing number {i}"] for i in range(args.images)]),
+    )
     vocabularies = {
         mode: build_vocabulary(VocabularyConfig(mode=mode), start.context_length)
         for mode in ("paper", "fixed")
@@ -80,6 +102,7 @@ def main() -> None:
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     setups: dict[str, list[float]] = {name: [] for name in names}
+    trainable: dict[str, int] = {}
     for _ in range(args.rounds):
         for name in names:
             method = ReferenceVRLwF() if name == "reference" else None
@@ -87,10 +110,13 @@ def main() -> None:
             config = TrainingConfig(method=method_name, steps=args.warmup + args.steps, epochs=None,
                                     batch_size=args.batch_size, lr=1e-5, device=args.device,
                                     progress=False, log_every=10**9)
-            vocabulary = vocabularies["fixed" if method_name == "vr_lwf_zscl" else "paper"]
+            mode = method_class(method_name).default_vocabulary_mode
+            vocabulary = vocabularies["fixed" if mode == "fixed" else "paper"]
             stamps = [(time.perf_counter(), time.process_time())]
             _, summary = fine_tune(
                 start, train_set, prompts, config=config, vocabulary=vocabulary, method=method,
+                extras={"reference_set": reference_set, "pretrained_model": start},
+                previous_state=later_task_state(method_name, start, train_set),
                 on_step=lambda step, values: stamps.append((time.perf_counter(), time.process_time())),
             )
             # Deltas between consecutive steps; the first also holds the per-task setup.
@@ -98,11 +124,13 @@ def main() -> None:
             wall[name] += deltas[:, 0].tolist()
             cpu[name] += deltas[:, 1].tolist()
             setups[name].append(summary["setup_time_s"])
+            trainable[name] = summary["trainable_parameters"]
 
     print(f"{args.architecture}, batch {args.batch_size}, {args.classes} classes, "
           f"{args.images} images, {args.steps} timed steps x {args.rounds} round(s), "
           f"torch threads {torch.get_num_threads()}")
-    print(f"  {'method':<18} {'wall ms':>9} {'ratio':>7} {'cpu ms':>9} {'ratio':>7}  per-task setup")
+    print(f"  {'method':<18} {'wall ms':>9} {'ratio':>7} {'cpu ms':>9} {'ratio':>7} {'trainable':>10}"
+          f"  per-task setup")
     wall_ft = statistics.median(wall["ft"]) if "ft" in wall else None
     cpu_ft = statistics.median(cpu["ft"]) if "ft" in cpu else None
     for name in names:
@@ -110,7 +138,7 @@ def main() -> None:
         wall_ratio = f"{wall_median / wall_ft:6.2f}x" if wall_ft else "      -"
         cpu_ratio = f"{cpu_median / cpu_ft:6.2f}x" if cpu_ft else "      -"
         print(f"  {name:<18} {wall_median * 1000:9.1f} {wall_ratio} {cpu_median * 1000:9.1f} {cpu_ratio}"
-              f"  {statistics.median(setups[name]) * 1000:.0f} ms")
+              f" {trainable[name]:>10,}  {statistics.median(setups[name]) * 1000:.0f} ms")
 
 if __name__ == "__main__":
     main()

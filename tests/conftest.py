@@ -38,3 +38,23 @@ def compared(tmp_path_factory):
     from project_helpers import compared_project
 
     return compared_project(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def random_image_set():
+    """``random_image_set(clip, count, classes)``: random images at the model's resolution,
+    labels cycling through the classes (each class present when count >= classes)."""
+    import numpy as np
+
+    from clip_continual.data.common import ImageSet
+
+    def make(clip, count: int, classes: int) -> ImageSet:
+        rng = np.random.default_rng(0)
+        size = clip.image_size
+        return ImageSet(
+            images=rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8),
+            labels=np.arange(count) % classes,
+            class_names=tuple(f"thing {i}" for i in range(classes)),
+        )
+
+    return make

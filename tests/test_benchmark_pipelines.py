@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from project_helpers import make_project, mlflow_runs, run_folders, run_pipeline, store_uri
-from realdata_fixtures import write_coco2014, write_flickr30k, write_image_folder, write_truncated_jpeg
+from realdata_fixtures import write_coco2014, write_eurosat, write_flickr30k, write_image_folder
 
 TASKS = tuple(f"task_{k}" for k in range(1, 9))
 
@@ -69,6 +69,9 @@ def test_coco_mst_runs_end_to_end_through_the_dataloader_and_resumes(tmp_path, w
     assert evaluation["i2t_r1"] == evaluation["retrieval/prepared_coco_retrieval/i2t_r1"]
     summary = json.loads((folder / "task_3_training.json").read_text())
     assert summary["num_images"] == 20 and summary["steps"] == 2  # 10 classes x 2 train crops
+    (run,) = mlflow_runs(store_uri(project))
+    assert run.info.status == "FINISHED" and run.data.metrics["data/coco_train/images"] == 160
+    assert "retrieval/prepared_flickr_retrieval/t2i_r1" in run.data.metrics
     if workers:
         return
 
@@ -82,6 +85,28 @@ def test_coco_mst_runs_end_to_end_through_the_dataloader_and_resumes(tmp_path, w
     run_pipeline(project, ["coco_mst"], only_missing_outputs=True)
     assert (models / "task_8.pt").is_file() and (models / "task_6.pt").stat().st_mtime_ns == kept
     assert {p: p.stat().st_mtime_ns for p in prepared.glob("*/shard-*.tar")} == shard_times
+
+
+def test_coco_ost_and_eurosat_mst_run_end_to_end_sharing_the_prepared_splits(tmp_path):
+    project, data = _coco_project(tmp_path, 0)
+    write_eurosat(tmp_path / "raw" / "eurosat", 4)
+    eurosat = {**data, "eurosat_root": str(tmp_path / "raw" / "eurosat"), "eurosat_test_per_class": 2}
+    local = project / "conf" / "local" / "parameters_more.yml"
+    local.write_text(yaml.safe_dump({"coco_ost": _benchmark_parameters(data, 0),
+                                     "eurosat_mst": _benchmark_parameters(eurosat, 0)}))
+    run_pipeline(project, ["coco_ost"])
+    prepared = project / "data" / "04_feature"
+    shared = {p: p.stat().st_mtime_ns for p in prepared.glob("*retrieval/shard-*.tar")}
+    run_pipeline(project, ["eurosat_mst"])
+
+    assert {p: p.stat().st_mtime_ns for p in prepared.glob("*retrieval/shard-*.tar")} == shared
+    eurosat_train = json.loads((prepared / "eurosat_train" / "manifest.json").read_text())
+    assert eurosat_train["count"] == sum(4 + k % 3 - 2 for k in range(10))
+    assert eurosat_train["class_names"][2] == "herbaceous vegetation"
+    table = pd.read_csv(project / "data" / "08_reporting" / "continual_metrics.csv")
+    assert table["task"].tolist() == ["pretrained", *(f"task_{k}" for k in range(1, 6))]
+    (coco_ost,) = run_folders(project, "07_model_output", benchmark="coco_ost")
+    assert json.loads((coco_ost / "task_1_training.json").read_text())["num_images"] == 160
 
 
 def test_coco_mst_checks_its_inputs_before_any_work(tmp_path):

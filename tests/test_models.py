@@ -157,3 +157,32 @@ def test_cached_hub_weights_are_found_without_network(tmp_path):
     (snapshot / "open_clip_model.safetensors").write_bytes(b"weights")
     found = _cached_hub_file("timm/tiny-clip/", str(tmp_path))
     assert found is not None and found.endswith("open_clip_model.safetensors")
+
+
+def test_an_openai_vit_b_32_file_loads_as_openai_built_it(tmp_path):
+    """OpenAI's ViT-B-32 layout (its state dict with input_resolution / context_length /
+    vocab_size, in fp16), random weights, given as `model.pretrained` the way users give the real
+    file: loaded with QuickGELU, in fp32, every weight as written."""
+    import open_clip
+
+    from clip_continual.models import ModelSpec, build_model
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        shapes = {k: v.shape for k, v in
+                  open_clip.model.CLIP(**open_clip.get_model_config("ViT-B-32")).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    state = {k: (torch.randn(shape, generator=generator) * 0.02).half() for k, shape in shapes.items()}
+    state |= {"input_resolution": torch.tensor(224), "context_length": torch.tensor(77),
+              "vocab_size": torch.tensor(49408)}
+    path = tmp_path / "ViT-B-32.pt"
+    torch.save(state, path)
+
+    clip = build_model(ModelSpec("ViT-B-32", str(path)))
+    loaded = clip.model.state_dict()
+    for key in ("visual.conv1.weight", "transformer.resblocks.11.mlp.c_proj.weight", "text_projection"):
+        assert loaded[key].dtype == torch.float32 and torch.equal(loaded[key], state[key].float())
+    assert type(clip.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    assert clip.image_size == 224 and clip.context_length == 77
+    with torch.no_grad():
+        features = clip.model.encode_image(clip.preprocess(np.zeros((1, 32, 32, 3), np.uint8)))
+    assert features.shape == (1, 512) and torch.isfinite(features).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -81,6 +82,15 @@ def test_step_metrics_have_one_point_per_step(finished, finished_run, client):
                 assert logged[step] == pytest.approx(value), (name, step)
     pretraining = client.get_metric_history(finished_run.info.run_id, "pretraining/zs_acc")
     assert [point.step for point in pretraining] == [0]
+
+
+def test_task_costs_are_logged_per_task(finished, finished_run, client):
+    folder = next((finished / "data" / "07_model_output" / "digits_mst").iterdir())
+    for name in ("trainable_parameters", "wall_time_s", "median_step_time_s"):
+        history = client.get_metric_history(finished_run.info.run_id, f"task/{name}")
+        assert sorted(point.step for point in history) == list(range(1, len(TASKS) + 1)), name
+        summary = json.loads((folder / "task_3_training.json").read_text())
+        assert {p.step: p.value for p in history}[3] == pytest.approx(summary[name])
 
 
 def test_training_losses_go_on_across_tasks(finished_run, client):

@@ -21,14 +21,8 @@ NUM_CLASSES = 4
 
 
 @pytest.fixture(scope="module")
-def train_set(micro):
-    rng = np.random.default_rng(0)
-    size = micro.image_size
-    return ImageSet(
-        images=rng.integers(0, 256, (12, size, size, 3), dtype=np.uint8),
-        labels=np.tile(np.arange(NUM_CLASSES), 3),
-        class_names=tuple(f"thing {i}" for i in range(NUM_CLASSES)),
-    )
+def train_set(micro, random_image_set):
+    return random_image_set(micro, 12, NUM_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +77,7 @@ def test_config_from_params_and_errors():
         ({"betas": [0.9, 1.5]}, "betas must be two numbers"),
         ({"grad_clip_norm": 0}, "grad_clip_norm must be positive or null"),
         ({"lr": "fast"}, "lr must be a number"),
-        ({"method": "ewc"}, "unknown method 'ewc'; known methods: ft, lwf, vr_lwf, vr_lwf_zscl"),
+        ({"method": "bogus"}, "unknown method 'bogus'; known methods: agem, ewc, ft"),
         ({"method": "ft", "method_options": {"alpha2": 1}}, "has no hyper-parameter"),
     ]
     for params, message in bad:

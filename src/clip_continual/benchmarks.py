@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clip_continual.data.karpathy import COCO_RETRIEVAL_FOLDS, FLICKR_RETRIEVAL_FOLDS
+
 
 @dataclass(frozen=True)
 class Task:
@@ -62,7 +64,8 @@ class Benchmark:
     """``params`` names the benchmark's own parameters block (``parameters_<name>.yml``), whose
     ``model``, ``continual_learning``, ``evaluation``, ``prompts`` and ``loader`` replace the global
     blocks; None (the embedded default) reads the global blocks. ``pretrained_model`` is the
-    catalog entry the first task starts from."""
+    catalog entry the first task starts from; ``reference_set`` the image-caption pairs that
+    replay methods (A-GEM, GEM, ZSCL) read, None where the benchmark has none."""
 
     name: str
     tasks: tuple[Task, ...]
@@ -71,6 +74,7 @@ class Benchmark:
     description: str
     params: str | None = None
     pretrained_model: str = "pretrained_model"
+    reference_set: str | None = "reference_set"  # image-caption pairs some methods replay
 
     def __post_init__(self) -> None:
         names = [task.name for task in self.tasks]
@@ -106,6 +110,13 @@ def consecutive_phases(num_classes: int, per_task: int) -> tuple[tuple[int, ...]
     return tuple(tuple(range(start, start + per_task)) for start in range(0, num_classes, per_task))
 
 
+def _paper_benchmark(name: str, train_set: str, phases: tuple[tuple[int, ...], ...],
+                     suite: EvaluationSuite, teacher: str, description: str) -> Benchmark:
+    """A benchmark on downloaded data: its own parameters block and pretrained CLIP."""
+    return Benchmark(name, class_tasks(train_set, phases), suite, teacher, description,
+                     params=name, pretrained_model=f"{name}.pretrained_model", reference_set=None)
+
+
 _SHAPES_SUITE = EvaluationSuite(
     updated_test="digits_test",
     updated_prompt_key="digits",
@@ -113,21 +124,21 @@ _SHAPES_SUITE = EvaluationSuite(
     retrieval=(RetrievalSet("shapes_retrieval"),),
 )
 
-# The paper's COCO protocols (PAPER.md): 80 classes in category-id order; zero-shot on the
-# held-out tiered-ImageNet classes; retrieval on COCO 5K (mean of five 1K folds) and Flickr30K 1K.
-_COCO_SUITE = EvaluationSuite(
-    updated_test="prepared_coco_test",
-    updated_prompt_key="coco",
-    zero_shot=(ZeroShotSet("prepared_zero_shot", "zero_shot"),),
-    retrieval=(RetrievalSet("prepared_coco_retrieval", folds=5), RetrievalSet("prepared_flickr_retrieval", folds=1)),
-)
+def _paper_suite(updated_test: str, prompt_key: str) -> EvaluationSuite:
+    """The paper's suite (PAPER.md): zero-shot on the held-out tiered-ImageNet classes, retrieval
+    on COCO 5K (mean of five 1K folds) and Flickr30K 1K."""
+    return EvaluationSuite(
+        updated_test=updated_test,
+        updated_prompt_key=prompt_key,
+        zero_shot=(ZeroShotSet("prepared_zero_shot", "zero_shot"),),
+        retrieval=(RetrievalSet("prepared_coco_retrieval", COCO_RETRIEVAL_FOLDS),
+                   RetrievalSet("prepared_flickr_retrieval", FLICKR_RETRIEVAL_FOLDS)),
+    )
 
-_EUROSAT_SUITE = EvaluationSuite(
-    updated_test="prepared_eurosat_test",
-    updated_prompt_key="eurosat",
-    zero_shot=(ZeroShotSet("prepared_zero_shot", "zero_shot"),),
-    retrieval=(RetrievalSet("prepared_coco_retrieval", folds=5), RetrievalSet("prepared_flickr_retrieval", folds=1)),
-)
+
+# COCO: 80 classes in category-id order.
+_COCO_SUITE = _paper_suite("prepared_coco_test", "coco")
+_EUROSAT_SUITE = _paper_suite("prepared_eurosat_test", "eurosat")
 
 BENCHMARKS = {
     "digits_mst": Benchmark(
@@ -144,32 +155,17 @@ BENCHMARKS = {
         default_teacher="pretrained",
         description="handwritten digits, all 10 classes at once (one-session training)",
     ),
-    "coco_ost": Benchmark(
-        name="coco_ost",
-        tasks=class_tasks("prepared_coco_train", (tuple(range(80)),)),
-        suite=_COCO_SUITE,
-        default_teacher="pretrained",
-        description="COCO 2014 object crops, all 80 classes at once (the paper's OST)",
-        params="coco_ost",
-        pretrained_model="coco_ost.pretrained_model",
+    "coco_ost": _paper_benchmark(
+        "coco_ost", "prepared_coco_train", (tuple(range(80)),), _COCO_SUITE, "pretrained",
+        "COCO 2014 object crops, all 80 classes at once (the paper's OST)",
     ),
-    "coco_mst": Benchmark(
-        name="coco_mst",
-        tasks=class_tasks("prepared_coco_train", consecutive_phases(80, 10)),
-        suite=_COCO_SUITE,
-        default_teacher="previous",
-        description="COCO 2014 object crops, 8 sessions of 10 classes in category order (the paper's MST)",
-        params="coco_mst",
-        pretrained_model="coco_mst.pretrained_model",
+    "coco_mst": _paper_benchmark(
+        "coco_mst", "prepared_coco_train", consecutive_phases(80, 10), _COCO_SUITE, "previous",
+        "COCO 2014 object crops, 8 sessions of 10 classes in category order (the paper's MST)",
     ),
-    "eurosat_mst": Benchmark(
-        name="eurosat_mst",
-        tasks=class_tasks("prepared_eurosat_train", consecutive_phases(10, 2)),
-        suite=_EUROSAT_SUITE,
-        default_teacher="previous",
-        description="EuroSAT RGB, 5 sessions of 2 classes (the paper's remote-sensing MST)",
-        params="eurosat_mst",
-        pretrained_model="eurosat_mst.pretrained_model",
+    "eurosat_mst": _paper_benchmark(
+        "eurosat_mst", "prepared_eurosat_train", consecutive_phases(10, 2), _EUROSAT_SUITE, "previous",
+        "EuroSAT RGB, 5 sessions of 2 classes (the paper's remote-sensing MST)",
     ),
 }
 DEFAULT_BENCHMARK = "digits_mst"

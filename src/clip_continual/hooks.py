@@ -17,6 +17,8 @@ from clip_continual.tracking import default_artifact_location, flatten_params, l
 logger = logging.getLogger(__name__)
 
 EVALUATION_SUFFIX = ".evaluation"
+TRAINING_SUMMARY_SUFFIX = ".training_summary"
+TASK_COSTS = ("trainable_parameters", "wall_time_s", "median_step_time_s")
 EVALUATION_METRICS = (
     "ut_acc", "zs_acc", "a_acc", "bwt",
     "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
@@ -124,7 +126,13 @@ class MlflowTrackingHook:
             return
         for name, value in outputs.items():
             if name.endswith(EVALUATION_SUFFIX) and isinstance(value, dict):
-                log_metrics({k: value[k] for k in EVALUATION_METRICS if k in value}, step=value["step"])
+                # Headline metrics, and each set of the suite alone (zs_acc/<set>, retrieval/<set>/...).
+                log_metrics({k: v for k, v in value.items() if k in EVALUATION_METRICS or "/" in k},
+                            step=value["step"])
+            elif name.endswith(TRAINING_SUMMARY_SUFFIX) and isinstance(value, dict):
+                # What a task costs, per method: step = task index, beside its metrics.
+                log_metrics({f"task/{k}": value[k] for k in TASK_COSTS if k in value},
+                            step=value["task_index"])
             elif name == "pretraining_metrics" and isinstance(value, dict):
                 log_metrics({f"pretraining/{k}": v for k, v in value.items()}, step=0)
 

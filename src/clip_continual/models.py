@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from clip_continual.adapters import (
+    TOWERS_OF_PARTS, AdapterError, adapter_parameters, adapter_recipe, add_adapters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -260,15 +265,52 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> ClipMode
             metadata=loaded.metadata,
         )
     try:
-        model = _create_open_clip_model(
-            spec.architecture, pretrained, device=device, cache_dir=spec.cache_dir
-        )
+        if pretrained and _is_openai_file(pretrained):
+            model = _load_openai_file(spec.architecture, pretrained, model_config).to(device)
+        else:
+            model = _create_open_clip_model(
+                spec.architecture, pretrained, device=device, cache_dir=spec.cache_dir
+            )
     except RuntimeError as error:
         raise PretrainedWeightsUnavailable(
             f"could not load the weights '{pretrained}' into {spec.architecture}: {error}. "
             f"Check that the file holds weights of this architecture."
         ) from error
     return _wrap(spec, model, model_config)
+
+
+# Entries of OpenAI's released files that open_clip's own state dicts lack.
+_OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _is_openai_file(path: str) -> bool:
+    """OpenAI's format: the TorchScript archive OpenAI publishes (e.g. ``ViT-B-32.pt``), or its
+    state dict, which carries ``input_resolution`` / ``context_length`` / ``vocab_size``."""
+    if not Path(path).is_file():
+        return False
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("constants.pkl") for name in archive.namelist()):
+                return True
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(state, dict) and all(key in state for key in _OPENAI_ONLY_KEYS)
+
+
+def _load_openai_file(architecture: str, path: str, model_config: dict[str, Any]) -> nn.Module:
+    """Build the model from an OpenAI file as OpenAI defined it (QuickGELU, fp32 on load),
+    through open_clip's own loader; refuses weights of another architecture."""
+    model = open_clip.load_openai_model(path, precision="fp32", device="cpu")
+    vision = model_config.get("vision_cfg", {})
+    width, patch = model.visual.conv1.weight.shape[0], model.visual.conv1.weight.shape[-1]
+    if (vision.get("width"), vision.get("patch_size")) not in ((width, patch), (None, None)):
+        raise RuntimeError(
+            f"the OpenAI file holds a vision tower of width {width} and patch {patch}, not "
+            f"{architecture}'s ({vision.get('width')}, {vision.get('patch_size')})"
+        )
+    return model
 
 
 @functools.lru_cache(maxsize=8)
@@ -305,11 +347,15 @@ def text_tower_parameters(model: nn.Module) -> list[nn.Parameter]:
 def set_trainable_parts(model: nn.Module, parts: str) -> list[nn.Parameter]:
     """Freeze all but ``parts`` (wm: whole model incl. logit scale, io: image, to: text).
 
-    Returns the trainable parameters, the only ones the optimizer should hold.
+    A model with adapters (``clip_continual.adapters``) trains only its adapters within
+    ``parts``; its backbone stays frozen. Returns the trainable parameters, the only ones the
+    optimizer should hold.
     """
     if parts not in TRAINABLE_PARTS:
         raise ValueError(f"unknown parts '{parts}': choose one of {', '.join(TRAINABLE_PARTS)}")
-    if parts == "wm":
+    if adapter_recipe(model) is not None:
+        chosen = adapter_parameters(model, TOWERS_OF_PARTS[parts])
+    elif parts == "wm":
         chosen = list(model.parameters())
     elif parts == "io":
         chosen = list(model.visual.parameters())
@@ -400,6 +446,7 @@ def checkpoint_payload(clip: ClipModel) -> dict[str, Any]:
         "pretrained": clip.spec.pretrained,
         "model_config": clip.model_config,
         "metadata": clip.metadata,
+        "adapters": adapter_recipe(clip.model),
         "state_dict": {k: v.detach().cpu() for k, v in clip.model.state_dict().items()},
     }
 
@@ -456,8 +503,10 @@ def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = 
         _register_config(architecture, payload["model_config"])
     model = _create_open_clip_model(architecture, None, device=device)
     try:
+        if payload.get("adapters"):
+            add_adapters(model, payload["adapters"])
         model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as error:
+    except (RuntimeError, AdapterError, KeyError) as error:
         raise CheckpointError(
             f"checkpoint state does not fit architecture '{architecture}': {error}"
         ) from error

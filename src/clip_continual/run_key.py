@@ -26,9 +26,19 @@ def _scientific(value: Any) -> Any:
     return value
 
 
+def _only_the_run_method(params: dict[str, Any]) -> dict[str, Any]:
+    """Drop the other methods' options (``continual_learning.methods``): they change nothing here."""
+    continual = params.get("continual_learning")
+    if not isinstance(continual, dict) or not isinstance(continual.get("methods"), dict):
+        return params
+    own = {k: v for k, v in continual["methods"].items() if k == params.get("method")}
+    return {**params, "continual_learning": {**continual, "methods": own}}
+
+
 def compute_run_key(params: dict[str, Any]) -> str:
     """``<method>-<hash of every parameter that affects the results>``."""
-    digest = hashlib.sha256(json.dumps(_scientific(params), sort_keys=True, default=str).encode())
+    scientific = _scientific(_only_the_run_method(params))
+    digest = hashlib.sha256(json.dumps(scientific, sort_keys=True, default=str).encode())
     return f"{params.get('method', 'run')}-{digest.hexdigest()[:10]}"
 
 

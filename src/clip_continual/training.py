@@ -423,6 +423,7 @@ def _start_task(
     start: ClipModel, source: TrainingSource, class_prompts: Sequence[str], current: list[int],
     seen: list[int], config: TrainingConfig, method: ContinualMethod,
     vocabulary: ReplayVocabulary | None, teacher: ClipModel | None, task_index: int,
+    extras: dict[str, Any], previous_state: dict[str, np.ndarray],
 ) -> _Task:
     """Devices, precision, the student copy, the teacher and the optimizer of one task."""
     device = resolve_device(config.device)
@@ -431,6 +432,7 @@ def _start_task(
     torch.manual_seed(config.seed + task_index)
     student = start.clone()
     student.model.to(device)
+    method.prepare_student(student.model, config.parts)
     trainable = set_trainable_parts(student.model, config.parts)
     student.model.train()
     teacher_clip = _prepare_teacher(method, start, teacher, config, device)
@@ -444,6 +446,13 @@ def _start_task(
         vocabulary=vocabulary,
         teacher=None if teacher_clip is None else Teacher(teacher_clip.model, autocast),
         autocast=autocast,
+        seed=config.seed + task_index,
+        # Methods that read the training images themselves (exemplars, Fisher) need them in memory.
+        train_set=source.image_set if isinstance(source, InMemoryImages) else None,
+        preprocess=functools.partial(student.preprocess, device=device),
+        tokenize=lambda texts: student.tokenize(list(texts)).to(device),
+        extras=extras,
+        previous_state=previous_state,
     )
     logger.info(
         "task %d: %s %s, %d steps (%d per epoch, batch %d), parts %s (%d trainable parameters), "
@@ -495,6 +504,7 @@ def _optimizer_step(task: _Task, method: ContinualMethod, batch: Batch, lr: floa
     """One update; returns the loss terms, their sum ``loss``, as plain numbers."""
     for group in task.optimizer.param_groups:
         group["lr"] = lr
+    model = task.student.model
     with task.context.autocast():
         terms = task.forward(batch)
     # Batch-mean terms weighted by this replica's share of the global batch: averaged over
@@ -504,14 +514,18 @@ def _optimizer_step(task: _Task, method: ContinualMethod, batch: Batch, lr: floa
     loss = torch.stack(list(terms.values())).sum()
     task.optimizer.zero_grad(set_to_none=True)
     task.scaler.scale(loss).backward()
+    task.scaler.unscale_(task.optimizer)  # a no-op without fp16 loss scaling
+    # The method's gradient hook sees unscaled gradients before any clipping (A-GEM projects
+    # before clipping, as the paper's agem.py does not clip).
+    method.before_optimizer_step(model, batch, task.context)
     if config.grad_clip_norm is not None:
-        task.scaler.unscale_(task.optimizer)
         torch.nn.utils.clip_grad_norm_(task.trainable, config.grad_clip_norm)
     task.scaler.step(task.optimizer)
     task.scaler.update()
-    if hasattr(task.student.model, "logit_scale"):
+    if hasattr(model, "logit_scale"):
         with torch.no_grad():
-            task.student.model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+            model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+    method.after_optimizer_step(model, batch.step + 1, task.context)
     # One device sync per step: all terms and the total come back together.
     numbers = torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float()
     numbers = task.replica.reduce(numbers).tolist()
@@ -567,6 +581,8 @@ def fine_tune(
     method: ContinualMethod | None = None,
     loader: LoaderConfig | None = None,
     replica: Replica | None = None,
+    extras: Mapping[str, Any] | None = None,
+    previous_state: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[ClipModel, dict[str, Any]]:
     """Fine-tune a copy of ``start`` on ``train_set`` and return it with a summary.
 
@@ -578,16 +594,23 @@ def fine_tune(
     (may be ``start`` itself); it is only read. ``on_step(step, values)`` is called after every
     optimizer step with the 1-based step of this task and the loss terms, their sum ``loss`` and
     the learning rate ``lr``. ``method`` overrides the method named by ``config`` with a ready
-    instance. ``replica`` is this process's place in a data-parallel run (see
-    ``clip_continual.distributed``); default: one process. ``start`` is never modified.
+    instance (read its ``export_state()`` afterwards). ``extras`` are the named inputs the method
+    declares in ``needs_inputs`` (e.g. ``reference_set``); ``previous_state`` the arrays it
+    exported after the previous task. ``replica`` is this process's place in a data-parallel run
+    (see ``clip_continual.distributed``); default: one process. ``start`` is never modified.
     """
     config = config or TrainingConfig()
     method = method or config.build_method()
     source = training_source(train_set, loader)
     current, seen = _checked_classes(source, class_prompts, current_classes, seen_classes)
     vocabulary = _checked_vocabulary(method, vocabulary, start)
+    extras = dict(extras or {})
+    missing = [name for name in method.needs_inputs if extras.get(name) is None]
+    if missing:
+        raise ValueError(f"method '{method.name}' needs the input(s) {missing}; pass them in `extras`")
+    wall_started = time.perf_counter()
     task = _start_task(start, source, class_prompts, current, seen, config, method, vocabulary,
-                       teacher, task_index)
+                       teacher, task_index, extras, dict(previous_state or {}))
     task.replica = replica or Replica()
     task.forward = task.replica.forward(task, method)
     setup_started = time.perf_counter()
@@ -601,12 +624,12 @@ def fine_tune(
                                                task_index, on_step)
         finally:
             method.after_task(task.context, task.student.model)
-    return _finish(task, method, config, history, step_times, task_index)
+    return _finish(task, method, config, history, step_times, task_index, wall_started)
 
 
 def _finish(task: _Task, method: ContinualMethod, config: TrainingConfig,
             history: dict[str, list[float]], step_times: list[float], task_index: int,
-            ) -> tuple[ClipModel, dict[str, Any]]:
+            wall_started: float) -> tuple[ClipModel, dict[str, Any]]:
     """Hand back a plain model (eval mode, every parameter trainable again, as CLIP loads) and
     the task's summary."""
     student, plan = task.student, task.plan
@@ -626,6 +649,7 @@ def _finish(task: _Task, method: ContinualMethod, config: TrainingConfig,
         "median_step_time_s": statistics.median(step_times),
         "train_time_s": float(sum(step_times)),
         "setup_time_s": task.setup_time,
+        "wall_time_s": time.perf_counter() - wall_started,
         "final_losses": {name: values[-1] for name, values in history.items()},
         "mean_losses": {name: float(np.mean(values)) for name, values in history.items()},
         "final_lr": learning_rate_at(plan.total_steps - 1, config.lr, config.schedule,

@@ -155,9 +155,10 @@ def draw(attributes: ShapeAttributes, rng: np.random.Generator, image_size: int 
     return images
 
 
-def make_corpus(count: int, seed: int, image_size: int = 32) -> ImageSet:
-    """Image-caption pairs for contrastive pretraining (one caption per image, template at random)."""
-    rng = np.random.default_rng([seed, 0])
+def make_corpus(count: int, seed: int, image_size: int = 32, stream: int = 0) -> ImageSet:
+    """Image-caption pairs for contrastive pretraining (one caption per image, template at random).
+    ``stream`` picks an independent random stream (0: the pretraining corpus)."""
+    rng = np.random.default_rng([seed, stream])
     attributes = random_attributes(rng, count)
     templates = rng.integers(0, len(CORPUS_TEMPLATES), count)
     captions = np.array(
@@ -169,6 +170,16 @@ def make_corpus(count: int, seed: int, image_size: int = 32) -> ImageSet:
         class_names=concept_names(),
         captions=captions,
     )
+
+
+REFERENCE_STREAM = 3  # apart from the corpus (0), zero-shot (1) and retrieval (2) streams
+
+
+def make_reference_set(count: int, seed: int, image_size: int = 32) -> ImageSet:
+    """Held-back image-caption pairs drawn like the pretraining corpus but never trained on: the
+    replay / reference set of methods that rehearse the pretraining distribution (A-GEM, GEM,
+    ZSCL's reference images and texts)."""
+    return make_corpus(count, seed, image_size, stream=REFERENCE_STREAM)
 
 
 def make_zero_shot_set(per_class: int, seed: int, image_size: int = 32) -> ImageSet:

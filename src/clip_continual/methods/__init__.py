@@ -10,16 +10,36 @@ from clip_continual.methods.base import (
     Batch, ContinualMethod, MethodConfigError, TaskContext, Teacher, distillation_kl,
     soft_target_cross_entropy,
 )
+from clip_continual.methods.agem import AveragedGEM
+from clip_continual.methods.ewc import ElasticWeightConsolidation
 from clip_continual.methods.ft import FineTuning
+from clip_continual.methods.gem import GradientEpisodicMemory
+from clip_continual.methods.geodl import GeodesicDistillation
+from clip_continual.methods.icarl import ICaRL
+from clip_continual.methods.imm import MeanIMM
 from clip_continual.methods.lwf import LearningWithoutForgetting
+from clip_continual.methods.moe_adapters import MoEAdapters
+from clip_continual.methods.rkr import RectifiedKnowledgeRetention
 from clip_continual.methods.vr_lwf import VocabularyReplayLwF, reference_vr_lwf_terms
 from clip_continual.methods.vr_lwf_zscl import ZsclVocabularyReplay
+from clip_continual.methods.wise_ft import WiseFineTuning
+from clip_continual.methods.zscl import ZeroShotContinualLearning
 
 METHODS: dict[str, type[ContinualMethod]] = {
     FineTuning.name: FineTuning,
     LearningWithoutForgetting.name: LearningWithoutForgetting,
     VocabularyReplayLwF.name: VocabularyReplayLwF,
     ZsclVocabularyReplay.name: ZsclVocabularyReplay,
+    GeodesicDistillation.name: GeodesicDistillation,
+    MeanIMM.name: MeanIMM,
+    WiseFineTuning.name: WiseFineTuning,
+    ElasticWeightConsolidation.name: ElasticWeightConsolidation,
+    AveragedGEM.name: AveragedGEM,
+    GradientEpisodicMemory.name: GradientEpisodicMemory,
+    ICaRL.name: ICaRL,
+    RectifiedKnowledgeRetention.name: RectifiedKnowledgeRetention,
+    MoEAdapters.name: MoEAdapters,
+    ZeroShotContinualLearning.name: ZeroShotContinualLearning,
 }
 
 
@@ -52,8 +72,10 @@ def get_method(name: str, **hyper: Any) -> ContinualMethod:
 
 
 __all__ = [
-    "METHODS", "Batch", "ContinualMethod", "FineTuning", "LearningWithoutForgetting",
-    "MethodConfigError", "TaskContext", "Teacher", "VocabularyReplayLwF", "ZsclVocabularyReplay",
+    "METHODS", "AveragedGEM", "Batch", "ContinualMethod", "ElasticWeightConsolidation", "FineTuning",
+    "GeodesicDistillation", "GradientEpisodicMemory", "ICaRL", "LearningWithoutForgetting", "MeanIMM",
+    "MethodConfigError", "MoEAdapters", "RectifiedKnowledgeRetention", "TaskContext", "Teacher",
+    "VocabularyReplayLwF", "WiseFineTuning", "ZeroShotContinualLearning", "ZsclVocabularyReplay",
     "distillation_kl", "get_method", "method_class", "reference_vr_lwf_terms",
     "soft_target_cross_entropy",
 ]

@@ -14,12 +14,14 @@ import contextlib
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, ContextManager, Iterable
+from typing import Any, Callable, ClassVar, ContextManager, Iterable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip_continual.data.common import ImageSet
 from clip_continual.models import encode_images, encode_text
 from clip_continual.replay import ReplayVocabulary
 
@@ -120,6 +122,14 @@ class TaskContext:
     ``class_tokens`` holds the prompts of every class of the updated task (row = global label);
     ``current_classes`` are the classes learnt now, ``seen_classes`` all classes learnt so far
     (current included), both sorted global ids on the training device.
+
+    What some methods need beyond the batch: ``train_set`` (this task's training images, e.g.
+    for a Fisher estimate or exemplar selection after the task), ``preprocess`` (uint8 images
+    -> model input on the device) and ``tokenize`` (texts -> token ids on the device) of the
+    student; ``extras`` holds the named inputs a method declares in ``needs_inputs`` (e.g.
+    ``reference_set``); ``previous_state`` is the arrays the method exported after the previous
+    task (empty for the first task); ``seed`` is the task's seed, so that whatever a method
+    draws (replay batches) is a pure function of ``(seed, step)``.
     """
 
     task_index: int
@@ -130,6 +140,12 @@ class TaskContext:
     vocabulary: ReplayVocabulary | None = None
     teacher: Teacher | None = None
     autocast: Callable[[], ContextManager] = contextlib.nullcontext
+    seed: int = 0
+    train_set: ImageSet | None = None
+    preprocess: Callable[[np.ndarray], torch.Tensor] | None = None
+    tokenize: Callable[[list[str]], torch.Tensor] | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+    previous_state: Mapping[str, np.ndarray] = field(default_factory=dict)
     label_to_current: torch.Tensor = field(init=False)
     current_in_seen: torch.Tensor = field(init=False)
 
@@ -212,6 +228,13 @@ class ContinualMethod(ABC):
       default_vocabulary_mode   the vocabulary mode the method was published with
       uses_teacher_images       teacher image features are read (the loop may precompute them)
       distills_clean_images     distillation runs on un-augmented images (ZSCL)
+      needs_inputs              names of ``TaskContext.extras`` the method reads (e.g.
+                                ``reference_set``); the loop refuses to start without them
+
+    Hooks around the optimizer step, in the loop's order: ``loss_terms`` -> backward ->
+    (gradients unscaled) ``before_optimizer_step`` (e.g. gradient projection) -> clipping ->
+    optimizer step -> ``after_optimizer_step`` (e.g. a weight ensemble). ``export_state``
+    hands arrays on to the next task (``TaskContext.previous_state``), stored between tasks.
     """
 
     name: ClassVar[str] = ""
@@ -220,6 +243,7 @@ class ContinualMethod(ABC):
     default_vocabulary_mode: ClassVar[str | None] = None
     uses_teacher_images: ClassVar[bool] = False
     distills_clean_images: ClassVar[bool] = False
+    needs_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         if not 0.0 <= float(label_smoothing) < 1.0:
@@ -242,12 +266,28 @@ class ContinualMethod(ABC):
     def hyper_parameters(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.hyper_parameter_names() if hasattr(self, name)}
 
+    def prepare_student(self, student: nn.Module, parts: str) -> None:
+        """Change the student's architecture before its parameters are chosen for training
+        (e.g. add adapters, ``clip_continual.adapters``); ``parts`` is the loop's setting."""
+
     def before_task(self, task: TaskContext) -> None:
         """Prepare per-task state (called once, after the teacher is ready)."""
 
     def after_task(self, task: TaskContext, student: nn.Module) -> None:
         """Release per-task state; may also post-process the trained ``student`` in place
         (e.g. a weight interpolation). Called once the steps are over, also after a failure."""
+
+    def before_optimizer_step(self, student: nn.Module, batch: Batch, task: TaskContext) -> None:
+        """Called after backward with true (unscaled) gradients, before clipping and the step:
+        the place to modify ``p.grad`` (A-GEM / GEM projection)."""
+
+    def after_optimizer_step(self, student: nn.Module, step: int, task: TaskContext) -> None:
+        """Called after the optimizer step (and the logit-scale clamp); ``step`` is 1-based."""
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        """Arrays to hand on to the next task (stored without pickle between tasks); called
+        after ``after_task``. Default: nothing."""
+        return {}
 
     @abstractmethod
     def loss_terms(self, student: nn.Module, batch: Batch, task: TaskContext) -> dict[str, torch.Tensor]:

@@ -38,9 +38,11 @@ def training_config(method: str, params: dict[str, Any], seed: int, default_teac
     if teacher_choice not in TEACHERS:
         raise TrainingConfigError(f"unknown teacher '{teacher_choice}': choose one of {', '.join(TEACHERS)}")
     training = {k: v for k, v in (params.get("training") or {}).items() if k != "distributed"}
+    options = (params.get("methods") or {}).get(method) or {}
     return TrainingConfig.from_params({
         **training, "method": method, "alpha": alpha, "seed": seed,
         "teacher": default_teacher if teacher_choice == "auto" else teacher_choice,
+        "method_options": options,
     })
 
 
@@ -64,13 +66,18 @@ def fine_tune_task(
     tracking: dict[str, Any],
     seed: int,
     loader: dict[str, Any] | None = None,
+    reference_set: ImageSet | None = None,
     pretrained_model: ClipModel | None = None,
+    previous_method_state: dict[str, np.ndarray] | None = None,
     *,
     task_index: int,
     benchmark: Benchmark,
-) -> tuple[ClipModel, dict[str, Any]]:
+) -> tuple[ClipModel, dict[str, Any], dict[str, np.ndarray]]:
+    """Train task ``task_index``; also returns what the method hands to the next task.
+    Parameters come before the optional datasets: Kedro's parameter check maps inputs by position."""
     config = training_config(method, params, seed, benchmark.default_teacher)
     distributed = DistributedConfig.from_params((params.get("training") or {}).get("distributed"))
+    continual_method = config.build_method()
     teacher = start_model if config.teacher == "previous" or pretrained_model is None else pretrained_model
     task = benchmark.tasks[task_index - 1]
     seen = sorted({c for phase in benchmark.phases[:task_index] for c in phase})
@@ -93,9 +100,14 @@ def fine_tune_task(
         teacher=teacher,
         task_index=task_index,
         on_step=log_losses,
+        method=continual_method,
+        # Task 1 starts from the pretrained model, which the pipeline hands in only as start_model.
+        extras={"reference_set": reference_set,
+                "pretrained_model": start_model if pretrained_model is None else pretrained_model},
+        previous_state=previous_method_state,
     )
     model.metadata.update({"method": method, "task_index": task_index, "classes": list(task.classes)})
-    return model, summary
+    return model, summary, continual_method.export_state()
 
 
 def _templates(prompts: dict[str, Any], key: str) -> list[str]:

@@ -49,7 +49,9 @@ def _evaluate_node(benchmark: Benchmark, step: int, task: str, model: str,
     )
 
 
-def _task_pipeline(benchmark: Benchmark, index: int, start: str, previous_evaluation: str) -> Pipeline:
+def _task_pipeline(benchmark: Benchmark, index: int, start: str, previous: str) -> Pipeline:
+    """Task ``index`` from the model ``start``; ``previous`` names the step before it."""
+    previous_evaluation = f"{benchmark.name}.{previous}.evaluation"
     task = benchmark.tasks[index - 1]
     fine_tune_inputs = {
         "start_model": start,
@@ -61,15 +63,19 @@ def _task_pipeline(benchmark: Benchmark, index: int, start: str, previous_evalua
         "tracking": "params:tracking",
         "seed": benchmark.params_block("seed"),
     }
-    # In the order of the node's signature: Kedro's parameter check maps inputs by position.
+    # Parameters first, in the order of the node's signature: Kedro's parameter check maps
+    # inputs by position.
     if benchmark.params:
         fine_tune_inputs["loader"] = benchmark.params_block("loader")
-    if index > 1:  # `teacher: pretrained` needs it after task_1
+    if benchmark.reference_set:
+        fine_tune_inputs["reference_set"] = benchmark.reference_set
+    if index > 1:  # `teacher: pretrained` needs it after task_1; the method's state is handed on
         fine_tune_inputs["pretrained_model"] = benchmark.pretrained_model
+        fine_tune_inputs["previous_method_state"] = f"{benchmark.name}.{previous}.method_state"
     fine_tune = Node(
         bind(nodes.fine_tune_task, task_index=index, benchmark=benchmark),
         inputs=fine_tune_inputs,
-        outputs=["model", "training_summary"],
+        outputs=["model", "training_summary", "method_state"],
         name="fine_tune",
         tags=["training"],
     )
@@ -89,6 +95,6 @@ def create_pipeline(benchmark: Benchmark | None = None, **kwargs) -> Pipeline:
     previous = "pretrained"
     for index, task in enumerate(benchmark.task_names, start=1):
         start_model = (f"{benchmark.name}.{previous}.model" if index > 1 else benchmark.pretrained_model)
-        chain.append(_task_pipeline(benchmark, index, start_model, f"{benchmark.name}.{previous}.evaluation"))
+        chain.append(_task_pipeline(benchmark, index, start_model, previous))
         previous = task
     return Pipeline(chain, tags=["continual_learning", benchmark.name])

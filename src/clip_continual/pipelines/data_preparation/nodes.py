@@ -6,7 +6,9 @@ from typing import Any
 
 from clip_continual.data.common import ImageSet
 from clip_continual.data.digits import make_digits
-from clip_continual.data.shapes import make_corpus, make_retrieval_set, make_zero_shot_set
+from clip_continual.data.shapes import (
+    make_corpus, make_reference_set, make_retrieval_set, make_zero_shot_set,
+)
 
 
 def generate_shapes_corpus(params: dict[str, Any], seed: int) -> ImageSet:
@@ -19,6 +21,10 @@ def generate_shapes_zero_shot_set(params: dict[str, Any], seed: int) -> ImageSet
 
 def generate_shapes_retrieval_set(params: dict[str, Any], seed: int) -> ImageSet:
     return make_retrieval_set(params["shapes"]["retrieval_size"], seed, params["image_size"])
+
+
+def generate_shapes_reference_set(params: dict[str, Any], seed: int) -> ImageSet:
+    return make_reference_set(params["shapes"]["reference_size"], seed, params["image_size"])
 
 
 def prepare_digits(params: dict[str, Any], seed: int) -> tuple[ImageSet, ImageSet]:

@@ -12,6 +12,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                  name="generate_shapes_zero_shot_set"),
             Node(nodes.generate_shapes_retrieval_set, inputs, "shapes_retrieval",
                  name="generate_shapes_retrieval_set"),
+            Node(nodes.generate_shapes_reference_set, inputs, "reference_set",
+                 name="generate_shapes_reference_set"),
             Node(nodes.prepare_digits, inputs, ["digits_train", "digits_test"], name="prepare_digits"),
         ],
         tags="data_preparation",

@@ -1,0 +1,105 @@
+"""EWC (Kirkpatrick et al., PNAS 2017), the classic Fisher-weighted penalty.
+
+Neither CL-CLIP nor ZSCL ships EWC, so this follows the paper: after each task the diagonal
+empirical Fisher ``F = E_x[(d log p(y | x) / d theta)^2]`` is estimated from per-image gradients
+of the task's cross-entropy (over the task's class prompts, the true label ``y``) on
+``fisher_samples`` training images; the next tasks add
+
+    L_EWC = penalty / 2 * sum_i F_i (theta_i - theta*_i)^2
+
+with ``theta*`` the weights the task starts from (the previous task's model). Fishers of
+successive tasks are summed (``fisher_decay`` 1; below 1 gives online EWC's decayed sum). The
+summed Fisher is handed on between tasks as the method state (arrays ``fisher:<parameter>``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from clip_continual.methods.base import (
+    Batch, MethodConfigError, TaskContext, class_cross_entropy, image_features, text_features_together,
+)
+from clip_continual.methods.ft import FineTuning
+from clip_continual.methods.memory import draw_indices, replay_rng
+
+PREFIX = "fisher:"
+
+
+def ewc_penalty(parameters: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
+                fisher: dict[str, torch.Tensor], penalty: float) -> torch.Tensor:
+    """``penalty / 2 * sum_i F_i (theta_i - theta*_i)^2`` over the parameters that have a Fisher."""
+    total = sum(((parameters[name].float() - anchor[name]) ** 2 * weight).sum()
+                for name, weight in fisher.items())
+    return 0.5 * penalty * total
+
+
+class ElasticWeightConsolidation(FineTuning):
+    """``L = CE + penalty / 2 * sum_i F_i (theta_i - theta*_i)^2`` (no penalty in task 1)."""
+
+    name = "ewc"
+
+    def __init__(self, penalty: float = 1000.0, fisher_samples: int = 200, fisher_decay: float = 1.0,
+                 label_smoothing: float = 0.0) -> None:
+        super().__init__(label_smoothing=label_smoothing)
+        if not float(penalty) >= 0:
+            raise MethodConfigError(f"penalty must be >= 0, got {penalty}")
+        if int(fisher_samples) < 1:
+            raise MethodConfigError(f"fisher_samples must be a positive integer, got {fisher_samples}")
+        if not 0.0 <= float(fisher_decay) <= 1.0:
+            raise MethodConfigError(f"fisher_decay must lie in [0, 1], got {fisher_decay}")
+        self.penalty = float(penalty)
+        self.fisher_samples = int(fisher_samples)
+        self.fisher_decay = float(fisher_decay)
+        self.fisher: dict[str, torch.Tensor] = {}
+        self._anchor: dict[str, torch.Tensor] | None = None
+
+    def before_task(self, task: TaskContext) -> None:
+        self.fisher = {name[len(PREFIX):]: torch.as_tensor(value, device=task.device)
+                       for name, value in task.previous_state.items() if name.startswith(PREFIX)}
+        self._anchor = None
+
+    def loss_terms(self, student: nn.Module, batch: Batch, task: TaskContext) -> dict[str, torch.Tensor]:
+        terms = super().loss_terms(student, batch, task)
+        if not self.fisher:
+            return terms
+        parameters = dict(student.named_parameters())
+        unknown = sorted(set(self.fisher) - set(parameters))
+        if unknown:
+            raise ValueError(f"the stored Fisher names parameters this model lacks: {unknown[:5]}")
+        if self._anchor is None:  # the first step sees the weights the task starts from
+            self._anchor = {name: parameters[name].detach().float().clone() for name in self.fisher}
+        terms["ewc"] = ewc_penalty(parameters, self._anchor, self.fisher, self.penalty)
+        return terms
+
+    def after_task(self, task: TaskContext, student: nn.Module) -> None:
+        self._anchor = None
+        if task.train_set is None:
+            return
+        new = self.estimate_fisher(student, task)
+        self.fisher = {name: self.fisher_decay * self.fisher[name] + value if name in self.fisher else value
+                       for name, value in new.items()}
+
+    def estimate_fisher(self, student: nn.Module, task: TaskContext) -> dict[str, torch.Tensor]:
+        """Mean over sampled training images of the squared per-image log-likelihood gradient."""
+        parameters = {n: p for n, p in student.named_parameters() if p.requires_grad}
+        fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in parameters.items()}
+        rows = draw_indices(len(task.train_set), self.fisher_samples, replay_rng(task.seed, 0, stream=2))
+        tokens = task.class_tokens[task.current_classes]
+        with torch.enable_grad():
+            for row in rows:
+                pixels = task.preprocess(task.train_set.images[row : row + 1])
+                label = torch.as_tensor(task.train_set.labels[row : row + 1], device=task.device).long()
+                with task.autocast():
+                    (text,) = text_features_together(student, tokens)
+                    logits = student.logit_scale.exp() * image_features(student, pixels) @ text.t()
+                    loss = class_cross_entropy(logits, label, task)
+                grads = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
+                for (name, _), grad in zip(parameters.items(), grads):
+                    if grad is not None:
+                        fisher[name] += grad.float() ** 2
+        return {name: value / len(rows) for name, value in fisher.items()}
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        return {PREFIX + name: value.detach().cpu().numpy() for name, value in self.fisher.items()}
