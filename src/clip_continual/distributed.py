@@ -297,7 +297,7 @@ def _result_model(start: ClipModel, result: dict[str, Any]) -> ClipModel:
 
 
 def _check_method(method, settings: DistributedConfig) -> None:
-    # The test's deliberately failing subclass of ft counts as ft.
+    # A subclass of a checked method counts as that method.
     if not any(klass.__dict__.get("name") in DATA_PARALLEL_METHODS for klass in type(method).__mro__):
         raise DistributedConfigError(
             f"method '{method.name}' is not yet supported with training.distributed.backend "
