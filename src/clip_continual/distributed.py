@@ -196,8 +196,9 @@ def _torch_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
 
 # --- the node's side -----------------------------------------------------------------------
 
-def _payload(start: ClipModel, train_set, class_prompts, **kwargs) -> dict[str, Any]:
-    return {"start": start, "train_set": train_set, "class_prompts": list(class_prompts), **kwargs}
+# fine_tune's keyword arguments that travel to the workers (on_step stays with the node).
+_FINE_TUNE_ARGUMENTS = ("current_classes", "seen_classes", "config", "vocabulary", "teacher", "task_index",
+                        "method", "loader", "extras", "previous_state")
 
 
 def _failures_message(error: ChildFailedError, workers: int) -> str:
@@ -320,14 +321,12 @@ def fine_tune_distributed(
     settings = settings if isinstance(settings, DistributedConfig) else DistributedConfig.from_params(settings)
     if not settings.active:
         return fine_tune(start, train_set, class_prompts, on_step=on_step, **kwargs)
-    payload = _payload(start, train_set, class_prompts, current_classes=kwargs.pop("current_classes", None),
-                       seen_classes=kwargs.pop("seen_classes", None), config=kwargs.pop("config", None),
-                       vocabulary=kwargs.pop("vocabulary", None), teacher=kwargs.pop("teacher", None),
-                       task_index=kwargs.pop("task_index", 0), method=kwargs.pop("method", None),
-                       loader=kwargs.pop("loader", None), extras=kwargs.pop("extras", None),
-                       previous_state=kwargs.pop("previous_state", None))
-    if kwargs:
-        raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+    unknown = sorted(set(kwargs) - set(_FINE_TUNE_ARGUMENTS))
+    if unknown:
+        raise TypeError(f"unexpected arguments {unknown}")
+    payload = {"start": start, "train_set": train_set, "class_prompts": list(class_prompts),
+               **{name: kwargs.get(name) for name in _FINE_TUNE_ARGUMENTS}}
+    payload["task_index"] = payload["task_index"] or 0
     payload["config"] = payload["config"] or TrainingConfig()
     _check_method(payload["method"] or payload["config"].build_method(), settings)
     if settings.backend == "torch":
