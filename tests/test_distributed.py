@@ -121,3 +121,11 @@ def test_two_ray_workers_match_one_process(local_ray, micro, task, one_process, 
     result = run_distributed(settings, micro, task)
     assert_same_run(result, one_process)
     assert result[1]["backend"] == "ray"
+
+
+def test_methods_not_checked_for_data_parallelism_are_refused_before_any_work(micro, task):
+    from clip_continual.methods import get_method
+
+    with pytest.raises(DistributedConfigError, match="method 'ewc' is not yet supported.*use backend 'none'"):
+        fine_tune_distributed({"backend": "torch", "workers": 2}, micro, teacher=micro,
+                              method=get_method("ewc"), **task)
