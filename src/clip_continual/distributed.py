@@ -298,8 +298,7 @@ def _result_model(start: ClipModel, result: dict[str, Any]) -> ClipModel:
 
 
 def _check_method(method, settings: DistributedConfig) -> None:
-    # A subclass of a checked method counts as that method.
-    if not any(klass.__dict__.get("name") in DATA_PARALLEL_METHODS for klass in type(method).__mro__):
+    if method.name not in DATA_PARALLEL_METHODS:
         raise DistributedConfigError(
             f"method '{method.name}' is not yet supported with training.distributed.backend "
             f"'{settings.backend}' (data-parallel runs are checked for {', '.join(DATA_PARALLEL_METHODS)}); "
