@@ -78,9 +78,9 @@ class DistributedConfig:
     backend: str = "none"
     workers: int = 1
     address: str | None = None
-    use_gpu: bool | str = "auto"
+    use_gpu: bool | str | None = "auto"
     storage_path: str | None = None
-    ray_init: Mapping[str, Any] = field(default_factory=dict)
+    ray_init: Mapping[str, Any] | None = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -89,6 +89,8 @@ class DistributedConfig:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise DistributedConfigError(
                 f"training.distributed.workers must be a positive integer, got {self.workers!r}")
+        if self.use_gpu is None:
+            object.__setattr__(self, "use_gpu", "auto")
         if self.use_gpu not in (True, False, "auto"):
             raise DistributedConfigError(
                 f"training.distributed.use_gpu must be true, false or auto, got {self.use_gpu!r}")
@@ -271,7 +273,7 @@ def _ray_use_gpu(settings: DistributedConfig) -> bool:
 def _launch_ray(payload: dict[str, Any], settings: DistributedConfig) -> dict[str, Any]:
     ray, train, TorchTrainer = _ray_modules()
     if not ray.is_initialized():
-        ray.init(address=settings.address, **dict(settings.ray_init))
+        ray.init(address=settings.address, **dict(settings.ray_init or {}))
     with tempfile.TemporaryDirectory() as scratch:
         trainer = TorchTrainer(
             _ray_worker, train_loop_config=payload,
