@@ -14,7 +14,7 @@ from clip_continual.distributed import (
 )
 from clip_continual.methods.ft import FineTuning
 from clip_continual.replay import VocabularyConfig, build_vocabulary
-from clip_continual.training import TrainingConfig, fine_tune
+from clip_continual.training import TrainingConfig, augment_crop_flip, augment_zscl, fine_tune
 
 NUM_CLASSES = 4
 
@@ -106,6 +106,16 @@ def test_settings_and_shards():
     assert [(p.start, p.stop) for p in parts] == [(0, 4), (4, 7), (7, 10)]
     with pytest.raises(DistributedConfigError, match="cannot be split over 3 workers"):
         DataParallelReplica(0, 3).part(2)
+
+
+@pytest.mark.parametrize("augment", [augment_crop_flip, augment_zscl])
+def test_each_replica_augments_its_part_as_the_global_batch_does(micro, augment):
+    images = np.random.default_rng(1).integers(0, 256, (5, 40, 48, 3), dtype=np.uint8)
+    draw = lambda part=None: augment(images[part or slice(None)], micro, torch.Generator().manual_seed(3),
+                                     torch.device("cpu"), part, None if part is None else len(images))
+    parts = torch.cat([draw(slice(0, 3)), draw(slice(3, 5))])
+    torch.testing.assert_close(parts, draw(), atol=0, rtol=0)
+    assert not torch.equal(parts[0], parts[1])
 
 
 @pytest.fixture(scope="module")
