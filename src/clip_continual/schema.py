@@ -22,7 +22,8 @@ import math
 from typing import Any, Callable, Mapping
 
 # Blocks whose keys are chosen by the user, not by the project; only their values are checked.
-OPEN_BLOCKS = frozenset({"prompts", "continual_learning.training.method_options"})
+OPEN_BLOCKS = frozenset({"prompts", "continual_learning.training.method_options",
+                         "continual_learning.training.distributed.ray_init"})
 # The same blocks inside a named benchmark's own parameters (e.g. ``mtil_order1.prompts``).
 OPEN_BLOCK_SUFFIXES = tuple(f".{block}" for block in OPEN_BLOCKS)
 

@@ -255,16 +255,20 @@ class BatchOrder:
 
 
 def augment_crop_flip(
-    images: np.ndarray, clip: ClipModel, generator: torch.Generator, device: torch.device
+    images: np.ndarray, clip: ClipModel, generator: torch.Generator, device: torch.device,
+    part: slice | None = None, global_count: int | None = None,
 ) -> torch.Tensor:
     """The paper's train transform at the model's resolution S: resize to S * 256/224, random
-    S x S crop, random horizontal flip (per image, from ``generator``)."""
+    S x S crop, random horizontal flip (per image, from ``generator``). When ``images`` are
+    ``part`` of a global batch of ``global_count`` images, the draws are the global batch's, so
+    every image gets the crop it gets in a one-process run."""
     size = clip.image_size
     resized = max(size, round(size * CROP_RESIZE_RATIO))
     big = preprocess_images(images, resized, clip.image_mean, clip.image_std, device)
-    count = len(images)
-    offsets = torch.randint(0, resized - size + 1, (count, 2), generator=generator).tolist()
-    flips = (torch.rand(count, generator=generator) < 0.5).tolist()
+    count = len(images) if global_count is None else global_count
+    part = part or slice(0, count)
+    offsets = torch.randint(0, resized - size + 1, (count, 2), generator=generator)[part].tolist()
+    flips = (torch.rand(count, generator=generator) < 0.5)[part].tolist()
     crops = []
     for image, (top, left), flip in zip(big, offsets, flips):
         crop = image[:, top : top + size, left : left + size]
@@ -280,14 +284,19 @@ def _diverged(values: dict[str, float], step: int, task_index: int, precision: s
 
 
 def augment_zscl(
-    images: np.ndarray, clip: ClipModel, generator: torch.Generator, device: torch.device
+    images: np.ndarray, clip: ClipModel, generator: torch.Generator, device: torch.device,
+    part: slice | None = None, global_count: int | None = None,
 ) -> torch.Tensor:
     """ZSCL's train transform (mtil/clip/clip.py ``_transform(n_px, is_train=True)``):
-    RandomResizedCrop(S, scale=(0.9, 1.0), bicubic), per image, drawn from ``generator``."""
+    RandomResizedCrop(S, scale=(0.9, 1.0), bicubic), per image, drawn from ``generator``.
+    Each image's box comes from its position in the global batch (``part`` of ``global_count``
+    images), so a data-parallel replica crops every image as a one-process run does."""
     size = clip.image_size
-    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    base = int(torch.randint(0, 2**62, (1,), generator=generator))
+    positions = range(len(images) if global_count is None else global_count)[part or slice(None)]
     crops = []
-    for image in images:
+    for image, position in zip(images, positions):
+        rng = np.random.default_rng((base, position))
         top, left, height, width = random_resized_box(image.shape[0], image.shape[1], rng)
         crops.append(image[top:top + height, left:left + width])
     return torch.cat([preprocess_images(crop[None], size, clip.image_mean, clip.image_std, device)
@@ -321,6 +330,36 @@ def build_optimizer(parameters: list[torch.nn.Parameter], config: TrainingConfig
     kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
     return kind(parameters, lr=config.lr, betas=config.betas, eps=config.eps,
                 weight_decay=config.weight_decay)
+
+
+# --- data parallelism: the extension point clip_continual.distributed fills -------------
+
+class Replica:
+    """The training loop's view of data parallelism; this base is one process training alone.
+
+    A data-parallel replica (``clip_continual.distributed``) trains ``part`` of every global
+    batch, computes the loss terms through ``forward`` (a ``DistributedDataParallel`` wrapper
+    that averages gradients across replicas in backward) and ``reduce``s logged numbers to the
+    global batch's.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def part(self, global_size: int) -> slice:
+        return slice(0, global_size)
+
+    def forward(self, task: _Task, method: ContinualMethod) -> Callable[[Batch], dict[str, torch.Tensor]]:
+        return lambda batch: method.loss_terms(task.student.model, batch, task.context)
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+
+def global_batch_size(plan: TrainingPlan, step: int) -> int:
+    """The size of step ``step``'s global batch (the last batch of an epoch may be short)."""
+    position = step % plan.steps_per_epoch
+    return min(plan.batch_size, plan.num_images - position * plan.batch_size)
 
 
 # --- the loop -----------------------------------------------------------------------------
@@ -382,6 +421,8 @@ class _Task:
     device: torch.device
     precision: str
     setup_time: float = 0.0
+    replica: Replica = field(default_factory=Replica)
+    forward: Callable[[Batch], dict[str, torch.Tensor]] | None = None
 
 
 def _checked_classes(
@@ -494,7 +535,9 @@ def _batches(task: _Task, source: TrainingSource, config: TrainingConfig, method
              task_seed: int) -> Iterator[TrainBatch]:
     """The task's batches in the order of ``BatchOrder``: a pure function of (seed, step)."""
     order = BatchOrder(task.plan, task_seed)
-    indices = [order.indices(step) for step in range(task.plan.total_steps)]
+    global_indices = [order.indices(step) for step in range(task.plan.total_steps)]
+    parts = [task.replica.part(len(batch)) for batch in global_indices]
+    indices = [batch[part] for batch, part in zip(global_indices, parts)]  # this replica's share
     augments = config.augment != "none"
     need_clean = augments and method.distills_clean_images
     if isinstance(source, InMemoryImages):
@@ -502,7 +545,8 @@ def _batches(task: _Task, source: TrainingSource, config: TrainingConfig, method
 
         def augment(step: int, images: np.ndarray) -> torch.Tensor:
             generator = torch.Generator().manual_seed(derive_seed(task_seed, _STREAM_AUGMENT, step))
-            return transform(images, task.student, generator, task.device)
+            return transform(images, task.student, generator, task.device, parts[step],
+                             len(global_indices[step]))
 
         return source.train_batches(task.student, indices, task.device, augment if augments else None,
                                     need_clean)
@@ -517,7 +561,11 @@ def _optimizer_step(task: _Task, method: ContinualMethod, batch: Batch, lr: floa
         group["lr"] = lr
     model = task.student.model
     with task.context.autocast():
-        terms = method.loss_terms(model, batch, task.context)
+        terms = task.forward(batch)
+    # Batch-mean terms weighted by this replica's share of the global batch: averaged over
+    # replicas (DDP), the gradient is the global batch's. 1 in a one-process run.
+    share = len(batch.indices) * task.replica.world_size / global_batch_size(task.plan, batch.step)
+    terms = {name: term * share for name, term in terms.items()}
     loss = torch.stack(list(terms.values())).sum()
     task.optimizer.zero_grad(set_to_none=True)
     task.scaler.scale(loss).backward()
@@ -534,7 +582,8 @@ def _optimizer_step(task: _Task, method: ContinualMethod, batch: Batch, lr: floa
             model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
     method.after_optimizer_step(model, batch.step + 1, task.context)
     # One device sync per step: all terms and the total come back together.
-    numbers = torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float().tolist()
+    numbers = torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float()
+    numbers = task.replica.reduce(numbers).tolist()
     return dict(zip(["loss", *terms], numbers))
 
 
@@ -583,6 +632,7 @@ def fine_tune(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     method: ContinualMethod | None = None,
     loader: LoaderConfig | None = None,
+    replica: Replica | None = None,
     extras: Mapping[str, Any] | None = None,
     previous_state: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[ClipModel, dict[str, Any]]:
@@ -598,7 +648,8 @@ def fine_tune(
     the learning rate ``lr``. ``method`` overrides the method named by ``config`` with a ready
     instance (read its ``export_state()`` afterwards). ``extras`` are the named inputs the method
     declares in ``needs_inputs`` (e.g. ``reference_set``); ``previous_state`` the arrays it
-    exported after the previous task. ``start`` is never modified.
+    exported after the previous task. ``replica`` is this process's place in a data-parallel run
+    (see ``clip_continual.distributed``); default: one process. ``start`` is never modified.
     """
     config = config or TrainingConfig()
     method = method or config.build_method()
@@ -612,6 +663,8 @@ def fine_tune(
     wall_started = time.perf_counter()
     task = _start_task(start, source, class_prompts, current, seen, config, method, vocabulary,
                        teacher, task_index, extras, dict(previous_state or {}))
+    task.replica = replica or Replica()
+    task.forward = task.replica.forward(task, method)
     setup_started = time.perf_counter()
     with evaluation_mode(task.context.teacher.model if task.context.teacher is not None else None):
         _precompute_teacher(task, source, config, method)

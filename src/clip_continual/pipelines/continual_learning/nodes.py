@@ -13,13 +13,14 @@ from clip_continual.data.index import ImageIndex
 from clip_continual.data.loading import LoaderConfig, training_source
 from clip_continual.data import zscl_text
 from clip_continual.data.mtil import few_shot_positions
+from clip_continual.distributed import DistributedConfig, fine_tune_distributed
 from clip_continual.evaluation import evaluate_step, fill_template
 from clip_continual.sequence_evaluation import evaluate_class_incremental_step, evaluate_datasets_step
 from clip_continual.methods import METHODS, method_takes_alpha
 from clip_continual.models import ClipModel
 from clip_continual.replay import ReplayVocabulary
 from clip_continual.tracking import CONTINUAL_GROUP, TASK_COSTS, TASK_GROUP, log_metrics, metric_history
-from clip_continual.training import TrainingConfig, TrainingConfigError, fine_tune, plan_training
+from clip_continual.training import TrainingConfig, TrainingConfigError, plan_training
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,10 @@ def training_config(method: str, params: dict[str, Any], seed: int, default_teac
         alpha = None  # one alpha for the sweep; ft has no distillation weight to set
     if teacher_choice not in TEACHERS:
         raise TrainingConfigError(f"unknown teacher '{teacher_choice}': choose one of {', '.join(TEACHERS)}")
+    training = {k: v for k, v in (params.get("training") or {}).items() if k != "distributed"}
     options = (params.get("methods") or {}).get(method) or {}
     return TrainingConfig.from_params({
-        **(params.get("training") or {}), "method": method, "alpha": alpha, "seed": seed,
+        **training, "method": method, "alpha": alpha, "seed": seed,
         "teacher": default_teacher if teacher_choice == "auto" else teacher_choice,
         "method_options": options,
     })
@@ -79,7 +81,9 @@ def fine_tune_task(
     """Train task ``task_index``; also returns what the method hands to the next task.
     Parameters come before the optional datasets: Kedro's parameter check maps inputs by position."""
     task = benchmark.tasks[task_index - 1]
-    config = training_config(method, task_params(params, task.name), seed, benchmark.default_teacher)
+    params = task_params(params, task.name)
+    config = training_config(method, params, seed, benchmark.default_teacher)
+    distributed = DistributedConfig.from_params((params.get("training") or {}).get("distributed"))
     continual_method = config.build_method()
     teacher = start_model if config.teacher == "previous" or pretrained_model is None else pretrained_model
     classes = task.classes or tuple(range(len(train_set.class_names)))  # empty: the whole dataset
@@ -91,7 +95,8 @@ def fine_tune_task(
         if step % log_every == 0:
             log_metrics({f"train/{name}": value for name, value in losses.items()}, step=offset + step)
 
-    model, summary = fine_tune(
+    model, summary = fine_tune_distributed(
+        distributed,
         start_model,
         training_source(few_shot_train_set(train_set.restrict_to_classes(classes), params),
                         LoaderConfig.from_params(loader)),

@@ -1,0 +1,342 @@
+"""Data-parallel fine-tuning of one task on several processes, through torch's elastic launcher
+(``backend: torch``, N local workers) or Ray Train (``backend: ray``, a Ray cluster).
+
+Kedro runs a pipeline in one process, so the training node itself starts the workers (wrapping
+``kedro run`` in ``torchrun`` would run every node on every rank). Every worker runs the one
+training loop (``training.fine_tune``) with a ``DataParallelReplica``:
+
+- the start model, the teacher, the replayed vocabulary and the method's per-task state arrive
+  identically on every rank and are seeded identically (``fine_tune`` seeds from the config);
+- the batch order is a pure function of (seed, epoch, step), so every rank computes the same
+  global batch and keeps its contiguous part (``part``): the DataLoader path reads only those
+  indices (the sharded equivalent of a ``DistributedSampler``); augmentation is drawn per
+  global batch (in memory) or per (seed, step, example) (lazy sets), so it does not depend on N;
+- one global batch size and learning rate: ``workers`` only splits the batch;
+- the model is wrapped in ``DistributedDataParallel`` around the method's loss, which averages
+  gradients in backward; gradient clipping then acts on that global gradient.
+
+Which loss terms need care: every term of ``ft``, ``lwf``, ``vr_lwf`` and ``vr_lwf_zscl`` (the
+methods allowed here, ``DATA_PARALLEL_METHODS``) is a mean over the rows of the batch (cross-entropy, KL with ``batchmean``, soft-target CE), so each
+rank's term on its part, weighted by its share of the global batch (``fine_tune`` does this),
+averages to the global batch's term exactly, also when a batch does not split evenly. A term
+that normalises over the whole batch (a contrastive loss with in-batch negatives, batch
+statistics, MoE routing balance) would NOT: it would have to gather features across ranks
+first. Methods with optimizer hooks (A-GEM/GEM gradient projection, ZSCL weight averaging),
+exported state (EWC, iCaRL) or architecture changes (adapters) are refused until each is checked
+against its one-process run. The teacher's image
+table is computed on every rank (the same work N times, once per task).
+
+Rank 0 alone hands back the model, the summary and the per-step losses; the node writes the
+checkpoint (through the catalog) and the MLflow metrics from them. A worker that fails ends the
+node with that worker's error, and nothing is written.
+
+Plain Python and PyTorch; no Kedro import. Ray is optional (``pip install -e ".[ray]"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+
+from clip_continual.methods.base import Batch
+from clip_continual.models import ClipModel, resolve_device
+from clip_continual.training import Replica, TrainingConfig, fine_tune
+
+BACKENDS = ("none", "torch", "ray")
+# Methods whose data-parallel run is checked against the one-process run (the module docstring).
+DATA_PARALLEL_METHODS = ("ft", "lwf", "vr_lwf", "vr_lwf_zscl")
+RESULT_FILE = "result.pt"
+
+
+class DistributedConfigError(ValueError):
+    """A ``training.distributed`` setting is unknown or invalid."""
+
+
+class WorkerFailedError(RuntimeError):
+    """A training worker failed; the message carries the worker's own error."""
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """``continual_learning.training.distributed``: ``backend`` none | torch | ray; ``workers``
+    processes (torch: on this machine, one per GPU on GPUs; ray: Ray Train workers anywhere in
+    the cluster). ``address``: the Ray cluster (``auto``, ``ray://host:10001``; null starts a
+    local instance); ``use_gpu``: Ray workers each take a GPU ("auto": when this machine has
+    one); ``storage_path``: where Ray Train keeps the result, shared by all machines of a
+    multi-machine cluster (null: a temporary folder here); ``ray_init``: extra ``ray.init``
+    arguments (e.g. ``num_cpus``)."""
+
+    backend: str = "none"
+    workers: int = 1
+    address: str | None = None
+    use_gpu: bool | str | None = "auto"
+    storage_path: str | None = None
+    ray_init: Mapping[str, Any] | None = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise DistributedConfigError(
+                f"training.distributed.backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise DistributedConfigError(
+                f"training.distributed.workers must be a positive integer, got {self.workers!r}")
+        if self.use_gpu is None:
+            object.__setattr__(self, "use_gpu", "auto")
+        if self.use_gpu not in (True, False, "auto"):
+            raise DistributedConfigError(
+                f"training.distributed.use_gpu must be true, false or auto, got {self.use_gpu!r}")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> DistributedConfig:
+        params = dict(params or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise DistributedConfigError(
+                f"unknown training.distributed setting(s) {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**params)
+
+    @property
+    def active(self) -> bool:
+        return self.backend != "none"
+
+
+# --- one rank ------------------------------------------------------------------------------
+
+class _LossOfBatch(nn.Module):
+    """The method's loss as a module, so that ``DistributedDataParallel`` sees the forward
+    whose backward it must synchronise (the methods call the encoders, not ``forward``)."""
+
+    def __init__(self, model: nn.Module, loss_terms: Callable[[nn.Module, Batch], dict]):
+        super().__init__()
+        self.model = model
+        self._loss_terms = loss_terms
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self._loss_terms(self.model, batch)
+
+
+class DataParallelReplica(Replica):
+    """Rank ``rank`` of ``world_size`` in an initialised default process group."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+
+    def part(self, global_size: int) -> slice:
+        if global_size < self.world_size:
+            raise DistributedConfigError(
+                f"a global batch of {global_size} images cannot be split over {self.world_size} "
+                f"workers; use fewer workers or a larger batch (the last batch of an epoch is "
+                f"the remainder of the training set)")
+        # Contiguous, as even as possible (the first ranks take one more when it does not divide).
+        base, extra = divmod(global_size, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+    def forward(self, task, method) -> Callable[[Batch], dict[str, torch.Tensor]]:
+        context = task.context
+        module = _LossOfBatch(task.student.model, lambda model, batch: method.loss_terms(model, batch, context))
+        device = task.device
+        device_ids = None
+        if device.type == "cuda":  # 'cuda' is the current device, which the worker set to its own
+            device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+        wrapped = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+        return wrapped
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values / self.world_size
+
+
+def _train_rank(payload: dict[str, Any], rank: int, world_size: int) -> dict[str, Any] | None:
+    """Train this rank's part; rank 0 returns plain data (state dict, summary, per-step losses)."""
+    steps: list[tuple[int, dict[str, float]]] = []
+    config = payload["config"]
+    if rank != 0:
+        config = dataclasses.replace(config, progress=False)
+    model, summary = fine_tune(
+        payload["start"], payload["train_set"], payload["class_prompts"],
+        current_classes=payload["current_classes"], seen_classes=payload["seen_classes"],
+        config=config, vocabulary=payload["vocabulary"], teacher=payload["teacher"],
+        task_index=payload["task_index"], on_step=lambda step, values: steps.append((step, values)),
+        method=payload["method"], loader=payload["loader"], extras=payload["extras"],
+        previous_state=payload["previous_state"], replica=DataParallelReplica(rank, world_size),
+    )
+    if rank != 0:
+        return None
+    state = {name: tensor.detach().cpu() for name, tensor in model.model.state_dict().items()}
+    return {"state": state, "summary": summary, "metadata": model.metadata, "steps": steps}
+
+
+def _device_backend(config) -> str:
+    return "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
+
+
+@record
+def _torch_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """Entry point of one process started by the elastic launcher (env:// rendezvous)."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if resolve_device(payload["config"].device).type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(_device_backend(payload["config"]))
+    # On failure the group is left open: ``record`` writes this worker's error before the process
+    # exits and its peers lose the connection, so the first error is the real one.
+    result = _train_rank(payload, rank, world_size)
+    dist.destroy_process_group()
+    return result
+
+
+# --- the node's side -----------------------------------------------------------------------
+
+# fine_tune's keyword arguments that travel to the workers (on_step stays with the node).
+_FINE_TUNE_ARGUMENTS = ("current_classes", "seen_classes", "config", "vocabulary", "teacher", "task_index",
+                        "method", "loader", "extras", "previous_state")
+
+
+def _failures_message(error: ChildFailedError, workers: int) -> str:
+    """Every failed worker's own error, the first to fail first (the others often only report
+    that a peer went away)."""
+    failures = sorted(error.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    lines = []
+    for rank, failure in failures:
+        message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
+        lines.append(f"worker {rank} of {workers}: {message or f'exit code {failure.exitcode}'}")
+    return "training failed; nothing was written. " + "; ".join(lines)
+
+
+def _launch_torch(payload: dict[str, Any], settings: DistributedConfig) -> dict[str, Any]:
+    if resolve_device(payload["config"].device).type == "cuda" and settings.workers > torch.cuda.device_count():
+        raise DistributedConfigError(
+            f"training.distributed.workers is {settings.workers} but this machine has "
+            f"{torch.cuda.device_count()} GPU(s); one worker per GPU (or backend 'ray' for more machines)")
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    launch = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=settings.workers, run_id=f"clip-continual-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+        start_method="spawn",
+    )
+    try:
+        results = elastic_launch(launch, _torch_worker)(payload)
+    except ChildFailedError as error:
+        raise WorkerFailedError(_failures_message(error, settings.workers)) from None
+    return results[0]
+
+
+# --- Ray Train ----------------------------------------------------------------------------
+
+def _ray_modules():
+    try:
+        import ray
+        from ray import train
+        from ray.train.torch import TorchTrainer
+    except ImportError as error:
+        raise DistributedConfigError(
+            f"training.distributed.backend 'ray' needs Ray Train, which is not installed ({error}); "
+            f"install it with: pip install -e \".[ray]\"  (or choose backend 'torch' or 'none')"
+        ) from None
+    return ray, train, TorchTrainer
+
+
+def _ray_worker(payload: dict[str, Any]) -> None:
+    """One Ray Train worker: Ray has set up the process group; rank 0 reports the result as a
+    checkpoint (a folder with one ``torch.save`` file of plain data)."""
+    ray, train, _ = _ray_modules()
+    import ray.train.torch
+
+    if resolve_device(payload["config"].device).type == "cuda":
+        torch.cuda.set_device(ray.train.torch.get_device())
+    context = train.get_context()
+    result = _train_rank(payload, context.get_world_rank(), context.get_world_size())
+    if result is None:
+        train.report({})
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(result, os.path.join(folder, RESULT_FILE))
+        train.report({"steps": len(result["steps"])}, checkpoint=train.Checkpoint.from_directory(folder))
+
+
+def _ray_use_gpu(settings: DistributedConfig) -> bool:
+    return torch.cuda.is_available() if settings.use_gpu == "auto" else bool(settings.use_gpu)
+
+
+def _launch_ray(payload: dict[str, Any], settings: DistributedConfig) -> dict[str, Any]:
+    ray, train, TorchTrainer = _ray_modules()
+    if not ray.is_initialized():
+        ray.init(address=settings.address, **dict(settings.ray_init or {}))
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = TorchTrainer(
+            _ray_worker, train_loop_config=payload,
+            scaling_config=train.ScalingConfig(num_workers=settings.workers, use_gpu=_ray_use_gpu(settings)),
+            run_config=train.RunConfig(name=f"clip-continual-{uuid.uuid4().hex[:8]}",
+                                       storage_path=settings.storage_path or scratch),
+        )
+        try:
+            outcome = trainer.fit()
+        except Exception as error:  # Ray wraps the worker's exception; keep its message
+            raise WorkerFailedError(f"a Ray training worker failed: {error}") from None
+        if outcome.error is not None:
+            raise WorkerFailedError(f"a Ray training worker failed: {outcome.error}")
+        with outcome.checkpoint.as_directory() as folder:
+            return torch.load(os.path.join(folder, RESULT_FILE), weights_only=True)
+
+
+def _result_model(start: ClipModel, result: dict[str, Any]) -> ClipModel:
+    model = start.clone()
+    model.model.load_state_dict(result["state"])
+    model.model.eval()
+    model.metadata = result["metadata"]
+    return model
+
+
+def _check_method(method, settings: DistributedConfig) -> None:
+    if method.name not in DATA_PARALLEL_METHODS:
+        raise DistributedConfigError(
+            f"method '{method.name}' is not yet supported with training.distributed.backend "
+            f"'{settings.backend}' (data-parallel runs are checked for {', '.join(DATA_PARALLEL_METHODS)}); "
+            f"use backend 'none'")
+
+
+def fine_tune_distributed(
+    settings: DistributedConfig | Mapping[str, Any] | None,
+    start: ClipModel,
+    train_set,
+    class_prompts,
+    *,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    **kwargs: Any,
+) -> tuple[ClipModel, dict[str, Any]]:
+    """``training.fine_tune`` on the engine ``settings`` name (``backend: none`` calls it
+    directly). Takes ``fine_tune``'s arguments; ``on_step`` is called here, after training, with
+    rank 0's numbers of every step (global-batch values)."""
+    settings = settings if isinstance(settings, DistributedConfig) else DistributedConfig.from_params(settings)
+    if not settings.active:
+        return fine_tune(start, train_set, class_prompts, on_step=on_step, **kwargs)
+    unknown = sorted(set(kwargs) - set(_FINE_TUNE_ARGUMENTS))
+    if unknown:
+        raise TypeError(f"unexpected arguments {unknown}")
+    payload = {"start": start, "train_set": train_set, "class_prompts": list(class_prompts),
+               **{name: kwargs.get(name) for name in _FINE_TUNE_ARGUMENTS}}
+    payload["task_index"] = payload["task_index"] or 0
+    payload["config"] = payload["config"] or TrainingConfig()
+    _check_method(payload["method"] or payload["config"].build_method(), settings)
+    if settings.backend == "torch":
+        result = _launch_torch(payload, settings)
+    else:
+        result = _launch_ray(payload, settings)
+    for step, values in result["steps"]:
+        if on_step is not None:
+            on_step(step, values)
+    summary = {**result["summary"], "backend": settings.backend, "workers": settings.workers}
+    return _result_model(start, result), summary
