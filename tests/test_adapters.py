@@ -3,7 +3,6 @@ backbone, checkpoints that load back adapted."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,7 +11,6 @@ from torch.nn.utils import parametrize
 from clip_continual.adapters import (
     AdapterError, MixtureOfAdapters, Rectifier, adapter_recipe, add_adapters, mixtures,
 )
-from clip_continual.data.common import ImageSet
 from clip_continual.models import load_checkpoint, save_checkpoint, set_trainable_parts
 from clip_continual.training import TrainingConfig, fine_tune
 

@@ -17,10 +17,10 @@ from clip_continual.methods.ewc import ewc_penalty
 from clip_continual.methods.geodl import gfk_distance, newton_schulz_inverse_sqrt
 from clip_continual.methods.gradients import agem_project, flat_gradient, gem_project
 from clip_continual.methods.icarl import cut_to_budget
-from clip_continual.methods.imm import merge_with_anchor
 from clip_continual.methods.memory import Exemplars, herding_order
 from clip_continual.methods.base import soft_target_cross_entropy
 from clip_continual.training import TrainingConfig, fine_tune
+from clip_continual.weights import interpolate_into
 
 PHASES = ([0, 1], [2, 3])
 
@@ -121,13 +121,13 @@ def test_agem_and_gem_keep_a_growing_memory_of_finished_tasks(micro, train_set, 
 
 # --- weight interpolation ---------------------------------------------------------------
 
-def test_merge_with_anchor_by_hand():
+def test_interpolate_into_takes_untrained_parameters_from_the_anchor_by_hand():
     student, anchor = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     with torch.no_grad():
         student.weight.copy_(torch.tensor([[1.0, 2.0]])), student.bias.fill_(4.0)
         anchor.weight.copy_(torch.tensor([[3.0, -2.0]])), anchor.bias.fill_(0.0)
     student.bias.requires_grad_(False)  # not trained: IMM takes the teacher's value
-    merge_with_anchor(student, anchor, 0.75, trained_only=True)
+    interpolate_into(student, anchor, 0.75, untrained_from_anchor=True)
     assert student.weight.tolist() == [[1.5, 1.0]] and student.bias.tolist() == [0.0]
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_continual.data.common import ImageSet
 from clip_continual.data.loading import ZsclTrainTransform, random_resized_box
 from clip_continual.methods import reference_vr_lwf_terms
 from clip_continual.models import set_trainable_parts

@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlparse
 
 logger = logging.getLogger(__name__)

@@ -51,8 +51,18 @@ def interpolate_state_dicts(
     return merged
 
 
-def interpolate_into(model: torch.nn.Module, anchor: torch.nn.Module, weight: float) -> None:
-    """Set ``model``'s weights to ``weight * model + (1 - weight) * anchor`` in place."""
-    merged = interpolate_state_dicts(model.state_dict(), anchor.state_dict(), weight)
+def interpolate_into(model: torch.nn.Module, anchor: torch.nn.Module, weight: float,
+                     untrained_from_anchor: bool = False) -> None:
+    """Set ``model``'s weights to ``weight * model + (1 - weight) * anchor`` in place (the anchor
+    may live on another device). With ``untrained_from_anchor`` the parameters that do not require
+    a gradient take the anchor's values instead (CL-CLIP's ``model_fusion`` for ``parts`` io/to)."""
+    own = model.state_dict()
+    anchor_state = {key: value.to(own[key].device) if key in own else value
+                    for key, value in anchor.state_dict().items()}
+    merged = interpolate_state_dicts(own, anchor_state, weight)
+    if untrained_from_anchor:
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                merged[name] = anchor_state[name].clone()
     with torch.no_grad():
         model.load_state_dict(merged)

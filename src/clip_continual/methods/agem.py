@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clip_continual.methods.base import Batch, ContinualMethod, MethodConfigError, TaskContext
+from clip_continual.methods.base import Batch, MethodConfigError, TaskContext
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.gradients import (
     agem_project, flat_gradient, gradient_vector, set_flat_gradient, trainable_parameters,

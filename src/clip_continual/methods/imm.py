@@ -14,12 +14,11 @@ exactly what CL-CLIP reports after its last epoch. ``a`` = 0.6 (the paper's 0.6-
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from clip_continual.methods.base import MethodConfigError, TaskContext
 from clip_continual.methods.ft import FineTuning
-from clip_continual.weights import interpolate_state_dicts
+from clip_continual.weights import interpolate_into
 
 
 def require_weight(weight: float) -> float:
@@ -27,19 +26,6 @@ def require_weight(weight: float) -> float:
     if not 0.0 <= weight <= 1.0:
         raise MethodConfigError(f"weight must lie in [0, 1], got {weight}")
     return weight
-
-
-def merge_with_anchor(student: nn.Module, anchor: nn.Module, weight: float, trained_only: bool) -> None:
-    """``student <- weight * student + (1 - weight) * anchor`` in place; with ``trained_only``
-    the student's frozen parameters are replaced by the anchor's."""
-    anchor_state = {k: v.to(student.state_dict()[k].device) for k, v in anchor.state_dict().items()}
-    merged = interpolate_state_dicts(student.state_dict(), anchor_state, weight)
-    if trained_only:
-        for name, parameter in student.named_parameters():
-            if not parameter.requires_grad:
-                merged[name] = anchor_state[name].clone()
-    with torch.no_grad():
-        student.load_state_dict(merged)
 
 
 class MeanIMM(FineTuning):
@@ -53,4 +39,4 @@ class MeanIMM(FineTuning):
         self.weight = require_weight(weight)
 
     def after_task(self, task: TaskContext, student: nn.Module) -> None:
-        merge_with_anchor(student, task.teacher.model, self.weight, trained_only=True)
+        interpolate_into(student, task.teacher.model, self.weight, untrained_from_anchor=True)

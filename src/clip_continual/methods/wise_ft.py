@@ -14,7 +14,8 @@ from torch import nn
 
 from clip_continual.methods.base import TaskContext
 from clip_continual.methods.ft import FineTuning
-from clip_continual.methods.imm import merge_with_anchor, require_weight
+from clip_continual.methods.imm import require_weight
+from clip_continual.weights import interpolate_into
 
 
 class WiseFineTuning(FineTuning):
@@ -28,4 +29,4 @@ class WiseFineTuning(FineTuning):
         self.weight = require_weight(weight)
 
     def after_task(self, task: TaskContext, student: nn.Module) -> None:
-        merge_with_anchor(student, task.teacher.model, self.weight, trained_only=False)
+        interpolate_into(student, task.teacher.model, self.weight)
