@@ -316,3 +316,47 @@ def write_eurosat(root: Path, counts: dict[str, int] | int = 13, *, size: int = 
             (root / folder / name).write_bytes(data)
         files[folder] = sorted(names)
     return EuroSatFixture(root, dict(counts), files)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference sets: LAION pairs as img2dataset writes them, Conceptual Captions
+# --------------------------------------------------------------------------------------------
+
+
+def reference_caption(n: int) -> str:
+    return f"a photo number {n} of something"
+
+
+def write_img2dataset_pairs(root: Path, count: int, *, shard_size: int = 4) -> list[str]:
+    """img2dataset's ``files`` output (CL-CLIP's LAION subset): ``{shard:05d}/{key}.jpg`` beside
+    ``{key}.json`` with its key and caption, plus a ``{shard:05d}_stats.json`` per shard.
+    Returns the captions in key order."""
+    root = Path(root)
+    for n in range(count):
+        shard, key = root / f"{n // shard_size:05d}", f"{n:09d}"
+        write_jpeg(shard / f"{key}.jpg", 12, 10, colour=class_colour(n))
+        (shard / f"{key}.json").write_text(json.dumps({"key": key, "caption": reference_caption(n), "status": "success"}))
+        (root / f"{n // shard_size:05d}_stats.json").write_text(json.dumps({"count": shard_size}))
+    return [reference_caption(n) for n in range(count)]
+
+
+def write_conceptual_captions_tsv(path: Path, count: int) -> list[str]:
+    """A Conceptual Captions TSV as Google serves it: ``caption<TAB>url`` per line, no header."""
+    captions = [reference_caption(n) for n in range(count)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{c}\thttps://example.org/{n}.jpg\n" for n, c in enumerate(captions)))
+    return captions
+
+
+def write_gather_cc(root: Path, count: int) -> Path:
+    """What ZSCL's ``mtil/gather_cc.py`` leaves: ``cc_data/val/{uid % 1000}/{uid}.jpg`` and
+    ``Validation_GCC-1.1.0-Validation_output.csv`` (``title<TAB>filepath`` after a header)."""
+    root = Path(root)
+    rows = []
+    for uid in range(count):
+        relative = f"cc_data/val/{uid % 1000}/{uid}.jpg"
+        write_jpeg(root / relative, 12, 10, colour=class_colour(uid))
+        rows.append(f"{reference_caption(uid)}\t{relative}\n")
+    path = root / "Validation_GCC-1.1.0-Validation_output.csv"
+    path.write_text("title\tfilepath\n" + "".join(rows))
+    return path

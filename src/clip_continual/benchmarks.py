@@ -73,7 +73,9 @@ class Benchmark:
     ``model``, ``continual_learning``, ``evaluation``, ``prompts`` and ``loader`` replace the global
     blocks; None (the embedded default) reads the global blocks. ``pretrained_model`` is the
     catalog entry the first task starts from; ``reference_set`` the image-caption pairs that
-    replay methods (A-GEM, GEM, ZSCL) read, None where the benchmark has none."""
+    replay methods (A-GEM, GEM, ZSCL) read: the embedded default's held-back shapes-world pairs,
+    or ``<name>.reference_set``, built from the files ``<name>.reference`` names
+    (``clip_continual.data.reference``); None where a benchmark has none."""
 
     name: str
     tasks: tuple[Task, ...]
@@ -136,7 +138,8 @@ def _paper_benchmark(name: str, train_set: str, phases: tuple[tuple[int, ...], .
                      suite: EvaluationSuite, teacher: str, description: str) -> Benchmark:
     """A benchmark on downloaded data: its own parameters block and pretrained CLIP."""
     return Benchmark(name, class_tasks(train_set, phases), suite, teacher, description,
-                     params=name, pretrained_model=f"{name}.pretrained_model", reference_set=None)
+                     params=name, pretrained_model=f"{name}.pretrained_model",
+                     reference_set=f"{name}.reference_set")
 
 
 _SHAPES_SUITE = EvaluationSuite(
@@ -204,7 +207,8 @@ def _mtil(order: str) -> Benchmark:
         name=name, tasks=tasks, suite=EvaluationSuite(), default_teacher="previous",
         description=f"MTIL {order.replace('order', 'order ')}: 11 datasets in sequence, each test set "
                     f"after every task (ZSCL)",
-        params=name, pretrained_model=f"{name}.pretrained_model", evaluation="datasets", reference_set=None,
+        params=name, pretrained_model=f"{name}.pretrained_model", evaluation="datasets",
+        reference_set=f"{name}.reference_set",
     )
 
 
@@ -217,7 +221,7 @@ def _cifar100(steps: int) -> Benchmark:
         default_teacher="previous",
         description=f"class-incremental CIFAR-100, {steps} steps of {100 // steps} classes (ZSCL's order)",
         params=name, pretrained_model=f"{name}.pretrained_model", evaluation="class_incremental",
-        reference_set=None,
+        reference_set=f"{name}.reference_set",
     )
 
 

@@ -18,6 +18,8 @@ sees unscaled gradients and comes before the loop's clipping (CL-CLIP does not c
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import nn
@@ -31,6 +33,8 @@ from clip_continual.methods.memory import (
     Exemplars, contrastive_loss, draw_indices, random_exemplars, replay_rng,
 )
 
+logger = logging.getLogger(__name__)
+
 REFERENCE_GROUP = -1  # the ``tasks`` value of reference-set pairs
 
 
@@ -39,6 +43,7 @@ class AveragedGEM(FineTuning):
 
     name = "agem"
     needs_inputs = ("reference_set",)
+    replays_pairs = True  # the reference set must hold image-caption pairs (CL-CLIP: a LAION subset)
 
     def __init__(self, per_task_memory: int = 250, reference_batch_size: int | None = None,
                  label_smoothing: float = 0.0) -> None:
@@ -56,11 +61,14 @@ class AveragedGEM(FineTuning):
         reference = task.extras["reference_set"]
         if reference.captions is None:
             raise ValueError("the reference set needs captions (image-text pairs) for A-GEM / GEM replay")
-        self.memory = Exemplars.from_state(task.previous_state, task.train_set.images.shape[1:])
-        if reference.images.shape[1:] != task.train_set.images.shape[1:]:
+        # Streamed training data (the named benchmarks): the reference set comes decoded at the
+        # model's resolution, and the memory keeps that shape.
+        shape = reference.images.shape[1:] if task.train_set is None else task.train_set.images.shape[1:]
+        self.memory = Exemplars.from_state(task.previous_state, shape)
+        if reference.images.shape[1:] != shape:
             raise ValueError(
-                f"reference images are {reference.images.shape[1:]}, training images "
-                f"{task.train_set.images.shape[1:]}; prepare both at one image size"
+                f"reference images are {reference.images.shape[1:]}, training images {shape}; "
+                "prepare both at one image size"
             )
         tokens = torch.cat([task.tokenize(list(reference.captions[:, 0])),
                             task.class_tokens[torch.as_tensor(self.memory.labels, device=task.device)]])
@@ -70,7 +78,12 @@ class AveragedGEM(FineTuning):
 
     def after_task(self, task: TaskContext, student: nn.Module) -> None:
         self._pairs = None
-        if self.memory is None or task.train_set is None:
+        if self.memory is None:
+            return
+        if task.train_set is None:
+            if self.per_task_memory:
+                logger.warning("%s: the training images are streamed, so no per-task memory is kept; "
+                               "only the reference set is replayed", self.name)
             return
         rng = replay_rng(task.seed, 0, stream=1)
         added = random_exemplars(task.train_set, task.current_classes.tolist(), self.per_task_memory,

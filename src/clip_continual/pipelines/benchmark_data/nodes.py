@@ -7,15 +7,17 @@ import logging
 from typing import Any, Callable
 
 from clip_continual.data.coco import coco_crops
-from clip_continual.data.common import DataFormatError
+from clip_continual.data.common import DataFormatError, ImageSet
 from clip_continual.data.eurosat import eurosat_splits
 from clip_continual.data.image_folder import image_folder_index
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.karpathy import coco_retrieval, flickr30k_retrieval
 from clip_continual.data.loading import LoaderConfig
+from clip_continual.data.reference import ReferenceSettings, ReferenceSource, decode_reference, reference_source
 from clip_continual.data.shards import ShardRequest, ShardSettings
 from clip_continual.data.tiered_imagenet import tiered_imagenet_test_index
 from clip_continual.data.torchvision_sets import SPECS, load_split
+from clip_continual.methods import method_class
 from clip_continual.models import ClipModel, ModelSpec, build_model, resolve_pretrained
 from clip_continual.pipelines.continual_learning.nodes import training_config
 
@@ -76,12 +78,27 @@ RAW_SPLITS.update({f"mtil_{key}_{split}": _torchvision_split(key, split)
 RAW_SPLITS.update({f"cifar100_cil_{split}": _cifar100_cil(split) for split in ("train", "test")})
 
 
+def check_reference(reference: dict[str, Any], method: str, owner: str) -> ReferenceSource:
+    """The files of the reference set when the method replays or distils on one (agem, gem,
+    zscl), else nothing to read: ft or vr_lwf runs never ask for it."""
+    cls = method_class(method)
+    if "reference_set" not in cls.needs_inputs:
+        return ReferenceSource()
+    settings = ReferenceSettings.from_params(reference, owner)
+    source = reference_source(settings, method, paired=getattr(cls, "replays_pairs", False))
+    logger.info("reference set: %d images, %d unpaired captions (%s)", len(source.index),
+                len(source.captions), source.index.root)
+    return source
+
+
 def check_inputs(
     data: dict[str, Any], continual: dict[str, Any], loader: dict[str, Any], model: dict[str, Any],
-    preparation: dict[str, Any], method: str, seed: int, *, splits: tuple[str, ...], default_teacher: str,
-) -> tuple[ImageIndex, ...]:
+    preparation: dict[str, Any], reference: dict[str, Any], method: str, seed: int, *,
+    splits: tuple[str, ...], default_teacher: str, owner: str,
+) -> tuple[ImageIndex | ReferenceSource, ...]:
     """Every setting and raw-data layout of the benchmark, checked before anything spends
-    minutes; returns the raw splits (indices: file lists, boxes, labels), in ``splits`` order.
+    minutes; returns the raw splits (indices: file lists, boxes, labels), in ``splits`` order,
+    then the reference set's source (``owner``: its parameters' name, for messages).
     A bad input raises one error naming the file or setting and how to fix it."""
     training_config(method, continual, seed, default_teacher)
     LoaderConfig.from_params(loader)
@@ -94,7 +111,13 @@ def check_inputs(
             raise DataFormatError(f"the raw split '{split}' has no examples; check the folder behind it")
         logger.info("raw split %s: %d examples, %d classes (%s)", split, len(index), len(index.class_names), index.root)
         indexes.append(index)
-    return tuple(indexes)
+    return (*indexes, check_reference(reference, method, owner))
+
+
+def prepare_reference_set(source: ReferenceSource, model: ClipModel) -> ImageSet:
+    """The reference set decoded once at the pretrained model's resolution (empty when the
+    method needs none)."""
+    return decode_reference(source, model.image_size)
 
 
 def prepare_split(index: ImageIndex, preparation: dict[str, Any]) -> ShardRequest:

@@ -1,5 +1,6 @@
 """A named benchmark's data and starting model: check every input, read the raw splits, write
-each prepared split once (``prepared_<split>``, WebDataset shards), load the pretrained CLIP."""
+each prepared split once (``prepared_<split>``, WebDataset shards), load the pretrained CLIP and
+decode the reference set at its resolution (``<benchmark>.reference_set``, for agem/gem/zscl)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ def create_pipeline(benchmark: Benchmark, **kwargs) -> Pipeline:
     splits = raw_splits(benchmark)
     block = benchmark.params_block
     check = Node(
-        bind(nodes.check_inputs, splits=splits, default_teacher=benchmark.default_teacher),
+        bind(nodes.check_inputs, splits=splits, default_teacher=benchmark.default_teacher,
+             owner=f"{benchmark.params}.reference"),
         inputs=[block("data"), block("continual_learning"), block("loader"), block("model"),
-                block("preparation"), "params:method", block("seed")],
-        outputs=[f"{benchmark.name}.raw_{split}" for split in splits],
+                block("preparation"), block("reference"), "params:method", block("seed")],
+        outputs=[*(f"{benchmark.name}.raw_{split}" for split in splits), f"{benchmark.name}.raw_reference"],
         name=f"check_{benchmark.name}_inputs",
     )
     prepare = [
@@ -35,4 +37,6 @@ def create_pipeline(benchmark: Benchmark, **kwargs) -> Pipeline:
     ]
     model = Node(nodes.load_pretrained_model, inputs=[block("model"), block("seed")],
                  outputs=benchmark.pretrained_model, name=f"load_{benchmark.name}_model")
-    return Pipeline([check, *prepare, model], tags=["data_preparation", benchmark.name])
+    reference = Node(nodes.prepare_reference_set, inputs=[f"{benchmark.name}.raw_reference", benchmark.pretrained_model],
+                     outputs=benchmark.reference_set, name=f"prepare_{benchmark.name}_reference_set")
+    return Pipeline([check, *prepare, model, reference], tags=["data_preparation", benchmark.name])

@@ -1,0 +1,220 @@
+"""Reference sets of the named benchmarks: the image-caption data that A-GEM and GEM replay and
+ZSCL distils on, read from the files a user gives by path in ``<benchmark>.reference``.
+
+What the published code uses:
+
+- A-GEM / GEM (CL-CLIP ``main.py --replay_data``, ``data.py`` ``Replayed``): image-caption
+  *pairs*, a LAION subset as img2dataset writes it: ``<key>.jpg`` beside ``<key>.json`` holding
+  ``{"key": ..., "caption": ...}``, in any sub-folder.
+- ZSCL on MTIL (``mtil/scripts/ZSCL.sh --ref-dataset ImageNet --ref-sentences
+  conceptual_captions``; ``mtil/src/models/finetune.py``): *images* from ImageNet's train
+  folder (``ImageFolder``, ``mtil/src/datasets/imagenet.py``) and, apart from them, every
+  *caption* of Conceptual Captions (``mtil/src/datasets/cc.py``: the ``title`` column of
+  ``Validation_GCC-1.1.0-Validation_output.csv``, which ``mtil/gather_cc.py`` writes from the
+  ``caption<TAB>url`` lines of ``Validation_GCC-1.1.0-Validation.tsv``).
+- ZSCL on class-incremental CIFAR-100 (``cil/continual_clip/models.py``, ``ref_dataset:
+  conceptual_captions``): Conceptual Captions' own images and captions, i.e. *pairs* read from
+  gather_cc's output (``title<TAB>filepath``, paths relative to the file's folder as
+  ``CsvDataset`` joins them).
+
+A reference set is sampled once (``size`` images, ``seed``) and decoded at the model's
+resolution with the test transform (ZSCL reads its reference images with ``test_preprocess``), so
+the methods hold it in memory as an ``ImageSet`` whatever the size of the source.
+
+Plain Python; no Kedro import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from clip_continual.data.common import ImageSet
+from clip_continual.data.image_folder import image_folder_index
+from clip_continual.data.images import BadImageError, open_image
+from clip_continual.data.index import ImageIndex
+from clip_continual.data.raw_files import EmptyDataError, MissingInputError, RawFormatError, require_file
+
+logger = logging.getLogger(__name__)
+
+GATHER_CC_HEADER = ("title", "filepath")  # ZSCL mtil/gather_cc.py: out.write("title\tfilepath\n")
+PAIRS_CLASS = "image-caption pair"
+
+_PAIRS_FIX = ("a folder of img2dataset pairs (<key>.jpg beside <key>.json with its \"caption\"; CL-CLIP "
+              "replays a LAION subset) or Conceptual Captions as mtil/gather_cc.py leaves it "
+              "(*_output.csv: title<TAB>filepath)")
+_IMAGES_FIX = "an image folder with one folder per class, e.g. ImageNet's train folder (ZSCL)"
+_CAPTIONS_FIX = ("a Conceptual Captions file: Validation_GCC-1.1.0-Validation.tsv or Train_GCC-training.tsv "
+                 "(caption<TAB>url per line) or gather_cc's *_output.csv (ZSCL: the validation captions)")
+
+
+class ReferenceConfigError(MissingInputError):
+    """The chosen method needs a reference set and ``<benchmark>.reference`` does not give one."""
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """``<benchmark>.reference``: ``pairs`` (image-caption pairs), or ``images`` (an image
+    folder) with ``captions`` (a caption file); ``size`` images sampled with ``seed``;
+    ``captions_size`` captions kept of an unpaired caption file (None: all, as ZSCL)."""
+
+    owner: str
+    pairs: str | None = None
+    images: str | None = None
+    captions: str | None = None
+    size: int = 10000
+    captions_size: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None, owner: str) -> ReferenceSettings:
+        settings = cls(owner=owner, **dict(params or {}))
+        for key in ("size", "captions_size"):
+            value = getattr(settings, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ReferenceConfigError(f"{owner}.{key} must be a positive integer, got {value!r}")
+        return settings
+
+
+@dataclass(frozen=True)
+class ReferenceSource:
+    """What a reference set is drawn from: ``index`` (pairs carry their captions) and, for an
+    unpaired source, ``captions`` to spread over the images. ``index`` None: no reference
+    wanted (the method replays none)."""
+
+    index: ImageIndex | None = None
+    captions: tuple[str, ...] = ()
+
+
+def read_caption_file(path: str | Path, what: str) -> list[str]:
+    """The captions of a Conceptual Captions TSV (``caption<TAB>url``, no header) or of
+    gather_cc's output (``title<TAB>filepath`` after a header): the first column of each line."""
+    path = require_file(path, what, f"Put {_CAPTIONS_FIX} there.")
+    with path.open(encoding="utf-8") as handle:
+        rows = [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+    if rows and tuple(rows[0][:2]) == GATHER_CC_HEADER:
+        rows = rows[1:]
+    captions = [row[0].strip() for row in rows if row[0].strip()]
+    if not captions:
+        raise EmptyDataError(f"{what}: '{path}' holds no caption. Put {_CAPTIONS_FIX} there.")
+    return captions
+
+
+def gather_cc_pairs(path: Path, what: str) -> ImageIndex:
+    """Conceptual Captions images with their captions, from gather_cc's output CSV."""
+    with path.open(encoding="utf-8") as handle:
+        rows = [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+    if not rows or tuple(rows[0][:2]) != GATHER_CC_HEADER or any(len(row) < 2 for row in rows[1:]):
+        raise RawFormatError(f"{what}: '{path}' is not gather_cc's title<TAB>filepath table. Give {_PAIRS_FIX}.")
+    rows = rows[1:]
+    return ImageIndex(root=str(path.parent), paths=tuple(row[1] for row in rows),
+                      labels=np.zeros(len(rows), np.int64), class_names=(PAIRS_CLASS,),
+                      captions=tuple((row[0],) for row in rows), name="reference")
+
+
+def img2dataset_pairs(folder: Path, what: str) -> ImageIndex:
+    """Every ``<key>.json`` with a caption under ``folder`` whose ``<key>.jpg`` lies beside it,
+    in sorted path order."""
+    paths, captions = [], []
+    for meta in sorted(folder.rglob("*.json")):
+        try:
+            caption = json.loads(meta.read_text(encoding="utf-8")).get("caption")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue  # img2dataset's *_stats.json and the like
+        image = meta.with_suffix(".jpg")
+        if isinstance(caption, str) and caption.strip() and image.is_file():
+            paths.append(str(image.relative_to(folder)))
+            captions.append((caption.strip(),))
+    if not paths:
+        raise EmptyDataError(f"{what}: no <key>.jpg with a caption in <key>.json under '{folder}'. Give {_PAIRS_FIX}.")
+    return ImageIndex(root=str(folder), paths=tuple(paths), labels=np.zeros(len(paths), np.int64),
+                      class_names=(PAIRS_CLASS,), captions=tuple(captions), name="reference")
+
+
+def read_pairs(path: str | Path, what: str) -> ImageIndex:
+    path = Path(path)
+    if path.is_dir():
+        return img2dataset_pairs(path, what)
+    if not path.is_file():
+        raise MissingInputError(f"{what}: nothing at '{path}'. Put there {_PAIRS_FIX}.")
+    return gather_cc_pairs(path, what)
+
+
+def _missing(need: str, keys: str, fix: str) -> ReferenceConfigError:
+    return ReferenceConfigError(f"{need}: set {keys} to {fix}. (Or choose a method without one, e.g. ft or vr_lwf.)")
+
+
+def reference_source(settings: ReferenceSettings, method: str, paired: bool) -> ReferenceSource:
+    """The files behind the reference set, checked and indexed (no pixel decoded yet); a
+    ``paired`` method (A-GEM, GEM) needs ``pairs``. Raises one error naming the parameter."""
+    owner = settings.owner
+    if settings.pairs is not None:
+        index = read_pairs(settings.pairs, f"{owner}.pairs")
+        return ReferenceSource(_sample(index, settings.size, settings.seed))
+    if paired:
+        raise _missing(f"method '{method}' replays image-caption pairs and {owner}.pairs is null",
+                       f"{owner}.pairs", _PAIRS_FIX)
+    if settings.images is None or settings.captions is None:
+        raise _missing(f"method '{method}' needs a reference set and {owner} gives none",
+                       f"{owner}.pairs, or {owner}.images and {owner}.captions",
+                       f"{_PAIRS_FIX}; or {_IMAGES_FIX}, and {_CAPTIONS_FIX}")
+    index = image_folder_index(settings.images, name="reference")
+    captions = read_caption_file(settings.captions, f"{owner}.captions")
+    if settings.captions_size is not None and settings.captions_size < len(captions):
+        rng = np.random.default_rng([settings.seed, 1])
+        captions = [captions[i] for i in np.sort(rng.choice(len(captions), settings.captions_size, replace=False))]
+    return ReferenceSource(_sample(index, settings.size, settings.seed), tuple(captions))
+
+
+def _sample(index: ImageIndex, size: int, seed: int) -> ImageIndex:
+    """``size`` examples drawn once with ``seed`` (all when there are fewer), in index order."""
+    if len(index) <= size:
+        return index
+    return index.subset(np.sort(np.random.default_rng([seed, 0]).choice(len(index), size, replace=False)))
+
+
+def _decoded(image, size: int) -> np.ndarray:
+    """The test transform at ``size``: shorter side to ``size`` (bicubic), centre crop."""
+    from torchvision import transforms as T
+
+    resize = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
+    return np.asarray(resize(image), dtype=np.uint8)
+
+
+def spread_captions(captions: tuple[str, ...], count: int) -> np.ndarray:
+    """Unpaired captions as an (count, K) array, caption j in row j mod count ('' pads): all of
+    them reach ZSCL (which reads every caption), none is repeated."""
+    width = max(1, -(-len(captions) // max(count, 1)))
+    padded = list(captions) + [""] * (width * count - len(captions))
+    return np.asarray(padded, dtype=str).reshape(width, count).T
+
+
+def decode_reference(source: ReferenceSource, image_size: int) -> ImageSet:
+    """The reference set in memory at the model's resolution; unreadable images are skipped
+    (logged). An empty set when no reference is wanted."""
+    index = source.index
+    empty = np.zeros((0, image_size, image_size, 3), np.uint8)
+    if index is None:
+        return ImageSet(empty, np.zeros(0, np.int64), (PAIRS_CLASS,), np.zeros((0, 1), dtype=str))
+    images, kept = [], []
+    for i in tqdm(range(len(index)), desc="reference set", unit="image"):
+        try:
+            images.append(_decoded(open_image(index, i), image_size))
+            kept.append(i)
+        except BadImageError as error:
+            logger.warning("reference set: %s", error)
+    if not kept:
+        raise EmptyDataError(f"reference set: none of the {len(index)} images under '{index.root}' could be read")
+    logger.info("reference set: %d images at %d px (%d unreadable skipped)", len(kept), image_size,
+                len(index) - len(kept))
+    if source.captions:
+        captions = spread_captions(source.captions, len(kept))
+    else:
+        captions = np.asarray([index.captions[i][0] for i in kept], dtype=str).reshape(-1, 1)
+    return ImageSet(np.stack(images) if images else empty, index.labels[kept], index.class_names, captions)

@@ -1,0 +1,63 @@
+"""Reference sets of the named benchmarks, read from the files users download (LAION pairs as
+img2dataset writes them, ImageNet-style image folders, Conceptual Captions TSV and gather_cc
+output), and the one error a missing path gives. The run of agem through a benchmark pipeline is
+folded into tests/test_benchmark_pipelines.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clip_continual.data.raw_files import MissingInputError
+from clip_continual.data.reference import (
+    ReferenceConfigError, ReferenceSettings, decode_reference, reference_source,
+)
+from clip_continual.pipelines.benchmark_data.nodes import check_reference
+from realdata_fixtures import (
+    reference_caption, write_conceptual_captions_tsv, write_gather_cc, write_image_folder, write_img2dataset_pairs,
+)
+
+
+def test_img2dataset_pairs_are_sampled_once_and_decoded_at_the_model_resolution(tmp_path):
+    captions = write_img2dataset_pairs(tmp_path / "laion", 10)
+    settings = ReferenceSettings.from_params({"pairs": str(tmp_path / "laion"), "size": 6, "seed": 3}, "coco_mst.reference")
+    source = reference_source(settings, "agem", paired=True)
+    again = reference_source(settings, "agem", paired=True)
+    assert len(source.index) == 6 and source.index.paths == again.index.paths  # a pure function of the seed
+
+    reference = decode_reference(source, image_size=16)
+    assert reference.images.shape == (6, 16, 16, 3) and reference.captions.shape == (6, 1)
+    numbers = [int(p.split("/")[-1].split(".")[0]) for p in source.index.paths]
+    assert list(reference.captions[:, 0]) == [captions[n] for n in numbers]  # each image keeps its caption
+
+
+def test_zscl_reads_image_folder_images_and_every_conceptual_caption(tmp_path):
+    write_image_folder(tmp_path / "imagenet" / "train", {"n01": 3, "n02": 2})
+    captions = write_conceptual_captions_tsv(tmp_path / "cc" / "Validation_GCC-1.1.0-Validation.tsv", 7)
+    params = {"pairs": None, "images": str(tmp_path / "imagenet" / "train"),
+              "captions": str(tmp_path / "cc" / "Validation_GCC-1.1.0-Validation.tsv"), "size": 4}
+    reference = decode_reference(check_reference(params, "zscl", "mtil_order1.reference"), image_size=8)
+    assert reference.images.shape == (4, 8, 8, 3)
+    assert reference.class_names == ("n01", "n02")
+    kept = [c for c in reference.captions.reshape(-1) if c]
+    assert sorted(kept) == sorted(captions)  # all 7 captions, none twice, spread over 4 images
+
+
+def test_gather_cc_output_gives_conceptual_captions_pairs(tmp_path):
+    csv = write_gather_cc(tmp_path, 3)
+    reference = decode_reference(check_reference({"pairs": str(csv)}, "gem", "cifar100_10steps.reference"), 8)
+    assert list(reference.captions[:, 0]) == [reference_caption(n) for n in range(3)]
+    assert reference.images[0, 4, 4].tolist() != reference.images[1, 4, 4].tolist()  # the files' own pixels
+
+
+def test_a_missing_reference_names_the_parameter_only_when_the_method_needs_one(tmp_path):
+    params = {"pairs": str(tmp_path / "laion_subset"), "images": None, "captions": None}
+    with pytest.raises(MissingInputError, match=r"coco_mst\.reference\.pairs: nothing at .*laion_subset.*img2dataset"):
+        check_reference(params, "zscl", "coco_mst.reference")
+    with pytest.raises(ReferenceConfigError, match=r"'agem' replays image-caption pairs and mtil_order1\.reference\.pairs is null"):
+        check_reference({"pairs": None, "images": "x", "captions": "y"}, "agem", "mtil_order1.reference")
+    for method in ("ft", "vr_lwf"):
+        assert check_reference(params, method, "coco_mst.reference").index is None
+    empty = decode_reference(check_reference(params, "ft", "coco_mst.reference"), 16)
+    assert empty.images.shape == (0, 16, 16, 3)
+    np.testing.assert_array_equal(empty.labels, np.zeros(0))
