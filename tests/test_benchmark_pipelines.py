@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from project_helpers import make_project, mlflow_runs, run_folders, run_pipeline, store_uri
-from realdata_fixtures import write_coco2014, write_eurosat, write_flickr30k, write_image_folder
+from realdata_fixtures import (
+    write_coco2014, write_eurosat, write_flickr30k, write_image_folder, write_img2dataset_pairs,
+)
 
 TASKS = tuple(f"task_{k}" for k in range(1, 9))
 
@@ -88,13 +91,16 @@ def test_coco_mst_runs_end_to_end_through_the_dataloader_and_resumes(tmp_path, w
 
 
 def test_coco_ost_and_eurosat_mst_run_end_to_end_sharing_the_prepared_splits(tmp_path):
+    """coco_ost runs agem on a LAION-style reference set (img2dataset pairs); eurosat_mst runs the
+    default method, which needs no reference set, so its absent default path goes unread."""
     project, data = _coco_project(tmp_path, 0)
     write_eurosat(tmp_path / "raw" / "eurosat", 4)
+    write_img2dataset_pairs(tmp_path / "raw" / "laion", 5)
     eurosat = {**data, "eurosat_root": str(tmp_path / "raw" / "eurosat"), "eurosat_test_per_class": 2}
+    coco_ost = {**_benchmark_parameters(data, 0), "reference": {"pairs": str(tmp_path / "raw" / "laion"), "size": 4}}
     local = project / "conf" / "local" / "parameters_more.yml"
-    local.write_text(yaml.safe_dump({"coco_ost": _benchmark_parameters(data, 0),
-                                     "eurosat_mst": _benchmark_parameters(eurosat, 0)}))
-    run_pipeline(project, ["coco_ost"])
+    local.write_text(yaml.safe_dump({"coco_ost": coco_ost, "eurosat_mst": _benchmark_parameters(eurosat, 0)}))
+    run_pipeline(project, ["coco_ost"], params={"method": "agem"})
     prepared = project / "data" / "04_feature"
     shared = {p: p.stat().st_mtime_ns for p in prepared.glob("*retrieval/shard-*.tar")}
     run_pipeline(project, ["eurosat_mst"])
@@ -106,7 +112,11 @@ def test_coco_ost_and_eurosat_mst_run_end_to_end_sharing_the_prepared_splits(tmp
     table = pd.read_csv(project / "data" / "08_reporting" / "continual_metrics.csv")
     assert table["task"].tolist() == ["pretrained", *(f"task_{k}" for k in range(1, 6))]
     (coco_ost,) = run_folders(project, "07_model_output", benchmark="coco_ost")
-    assert json.loads((coco_ost / "task_1_training.json").read_text())["num_images"] == 160
+    summary = json.loads((coco_ost / "task_1_training.json").read_text())
+    assert summary["num_images"] == 160 and summary["method"] == "agem"
+    # Streamed training images: agem replays the reference set alone, no per-task memory.
+    with np.load(coco_ost / "task_1_method_state.npz") as state:
+        assert state["memory_images"].shape == (0, 16, 16, 3)
 
 
 def test_coco_mst_checks_its_inputs_before_any_work(tmp_path):
