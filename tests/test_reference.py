@@ -20,7 +20,8 @@ from realdata_fixtures import (
 
 def test_img2dataset_pairs_are_sampled_once_and_decoded_at_the_model_resolution(tmp_path):
     captions = write_img2dataset_pairs(tmp_path / "laion", 10)
-    settings = ReferenceSettings.from_params({"pairs": str(tmp_path / "laion"), "size": 6, "seed": 3}, "coco_mst.reference")
+    params = {"pairs": str(tmp_path / "laion"), "size": 6, "seed": 3}
+    settings = ReferenceSettings.from_params(params, "coco_mst.reference")
     source = reference_source(settings, "agem", paired=True)
     again = reference_source(settings, "agem", paired=True)
     assert len(source.index) == 6 and source.index.paths == again.index.paths  # a pure function of the seed
@@ -41,6 +42,8 @@ def test_zscl_reads_image_folder_images_and_every_conceptual_caption(tmp_path):
     assert reference.class_names == ("n01", "n02")
     kept = [c for c in reference.captions.reshape(-1) if c]
     assert sorted(kept) == sorted(captions)  # all 7 captions, none twice, spread over 4 images
+    fewer = check_reference({**params, "captions_size": 5}, "zscl", "mtil_order1.reference").captions
+    assert len(set(fewer)) == 5 and set(fewer) <= set(captions)
 
 
 def test_gather_cc_output_gives_conceptual_captions_pairs(tmp_path):
@@ -54,8 +57,11 @@ def test_a_missing_reference_names_the_parameter_only_when_the_method_needs_one(
     params = {"pairs": str(tmp_path / "laion_subset"), "images": None, "captions": None}
     with pytest.raises(MissingInputError, match=r"coco_mst\.reference\.pairs: nothing at .*laion_subset.*img2dataset"):
         check_reference(params, "zscl", "coco_mst.reference")
-    with pytest.raises(ReferenceConfigError, match=r"'agem' replays image-caption pairs and mtil_order1\.reference\.pairs is null"):
+    paired = r"'agem' replays image-caption pairs and mtil_order1\.reference\.pairs is null: set mtil_order1\.reference\.pairs to"
+    with pytest.raises(ReferenceConfigError, match=paired):
         check_reference({"pairs": None, "images": "x", "captions": "y"}, "agem", "mtil_order1.reference")
+    with pytest.raises(ReferenceConfigError, match=r"set mtil_order1\.reference\.pairs, or mtil_order1\.reference\.images and"):
+        check_reference({"pairs": None, "images": None, "captions": None}, "zscl", "mtil_order1.reference")
     for method in ("ft", "vr_lwf"):
         assert check_reference(params, method, "coco_mst.reference").index is None
     empty = decode_reference(check_reference(params, "ft", "coco_mst.reference"), 16)

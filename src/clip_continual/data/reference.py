@@ -118,32 +118,45 @@ def gather_cc_pairs(path: Path, what: str) -> ImageIndex:
                       captions=tuple((row[0],) for row in rows), name="reference")
 
 
-def img2dataset_pairs(folder: Path, what: str) -> ImageIndex:
-    """Every ``<key>.json`` with a caption under ``folder`` whose ``<key>.jpg`` lies beside it,
-    in sorted path order."""
-    paths, captions = [], []
-    for meta in sorted(folder.rglob("*.json")):
-        try:
-            caption = json.loads(meta.read_text(encoding="utf-8")).get("caption")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            continue  # img2dataset's *_stats.json and the like
-        image = meta.with_suffix(".jpg")
-        if isinstance(caption, str) and caption.strip() and image.is_file():
-            paths.append(str(image.relative_to(folder)))
-            captions.append((caption.strip(),))
-    if not paths:
+def _pair_caption(meta: Path) -> str | None:
+    """The caption of an img2dataset ``<key>.json`` whose ``<key>.jpg`` lies beside it."""
+    try:
+        caption = json.loads(meta.read_text(encoding="utf-8")).get("caption")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # img2dataset's *_stats.json and the like
+    if isinstance(caption, str) and caption.strip() and meta.with_suffix(".jpg").is_file():
+        return caption.strip()
+    return None
+
+
+def img2dataset_pairs(folder: Path, what: str, size: int, seed: int) -> ImageIndex:
+    """``size`` pairs drawn with ``seed`` from the ``<key>.json`` files under ``folder`` that
+    have a caption and a ``<key>.jpg`` beside them (only as many JSON files are read as the
+    draw needs), in path order."""
+    metas = sorted(folder.rglob("*.json"))
+    chosen: list[tuple[Path, str]] = []
+    for i in np.random.default_rng([seed, 0]).permutation(len(metas)):
+        caption = _pair_caption(metas[i])
+        if caption is not None:
+            chosen.append((metas[i], caption))
+            if len(chosen) == size:
+                break
+    if not chosen:
         raise EmptyDataError(f"{what}: no <key>.jpg with a caption in <key>.json under '{folder}'. Give {_PAIRS_FIX}.")
-    return ImageIndex(root=str(folder), paths=tuple(paths), labels=np.zeros(len(paths), np.int64),
-                      class_names=(PAIRS_CLASS,), captions=tuple(captions), name="reference")
+    chosen.sort()
+    return ImageIndex(root=str(folder), paths=tuple(str(m.with_suffix(".jpg").relative_to(folder)) for m, _ in chosen),
+                      labels=np.zeros(len(chosen), np.int64), class_names=(PAIRS_CLASS,),
+                      captions=tuple((c,) for _, c in chosen), name="reference")
 
 
-def read_pairs(path: str | Path, what: str) -> ImageIndex:
+def read_pairs(path: str | Path, what: str, size: int, seed: int) -> ImageIndex:
+    """``size`` pairs drawn with ``seed`` from an img2dataset folder or gather_cc's output."""
     path = Path(path)
     if path.is_dir():
-        return img2dataset_pairs(path, what)
+        return img2dataset_pairs(path, what, size, seed)
     if not path.is_file():
         raise MissingInputError(f"{what}: nothing at '{path}'. Put there {_PAIRS_FIX}.")
-    return gather_cc_pairs(path, what)
+    return _sample(gather_cc_pairs(path, what), size, seed)
 
 
 def _missing(need: str, keys: str, fix: str) -> ReferenceConfigError:
@@ -155,8 +168,7 @@ def reference_source(settings: ReferenceSettings, method: str, paired: bool) -> 
     ``paired`` method (A-GEM, GEM) needs ``pairs``. Raises one error naming the parameter."""
     owner = settings.owner
     if settings.pairs is not None:
-        index = read_pairs(settings.pairs, f"{owner}.pairs")
-        return ReferenceSource(_sample(index, settings.size, settings.seed))
+        return ReferenceSource(read_pairs(settings.pairs, f"{owner}.pairs", settings.size, settings.seed))
     if paired:
         raise _missing(f"method '{method}' replays image-caption pairs and {owner}.pairs is null",
                        f"{owner}.pairs", _PAIRS_FIX)
@@ -179,12 +191,11 @@ def _sample(index: ImageIndex, size: int, seed: int) -> ImageIndex:
     return index.subset(np.sort(np.random.default_rng([seed, 0]).choice(len(index), size, replace=False)))
 
 
-def _decoded(image, size: int) -> np.ndarray:
-    """The test transform at ``size``: shorter side to ``size`` (bicubic), centre crop."""
+def _test_resize(size: int):
+    """The test transform's geometry at ``size``: shorter side to ``size`` (bicubic), centre crop."""
     from torchvision import transforms as T
 
-    resize = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
-    return np.asarray(resize(image), dtype=np.uint8)
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
 
 
 def spread_captions(captions: tuple[str, ...], count: int) -> np.ndarray:
@@ -202,10 +213,10 @@ def decode_reference(source: ReferenceSource, image_size: int) -> ImageSet:
     empty = np.zeros((0, image_size, image_size, 3), np.uint8)
     if index is None:
         return ImageSet(empty, np.zeros(0, np.int64), (PAIRS_CLASS,), np.zeros((0, 1), dtype=str))
-    images, kept = [], []
+    images, kept, resize = [], [], _test_resize(image_size)
     for i in tqdm(range(len(index)), desc="reference set", unit="image"):
         try:
-            images.append(_decoded(open_image(index, i), image_size))
+            images.append(np.asarray(resize(open_image(index, i)), dtype=np.uint8))
             kept.append(i)
         except BadImageError as error:
             logger.warning("reference set: %s", error)
