@@ -16,6 +16,7 @@ import mtil_fixtures as fx
 from clip_continual.data import class_incremental as cil
 from clip_continual.data.mtil import ORDER_I
 from project_helpers import make_project, mlflow_runs, run_folders, run_pipeline, store_uri
+from realdata_fixtures import write_gather_cc
 
 TINY_TRAINING = {"steps": 1, "epochs": None, "batch_size": 4, "warmup_steps": 0, "precision": "fp32",
                  "progress": False}
@@ -99,9 +100,11 @@ def test_mtil_order1_runs_end_to_end_offline(tmp_path, monkeypatch):
 
 
 def test_cifar100_10steps_runs_end_to_end_in_zscl_class_order(tmp_path, monkeypatch):
+    """ZSCL itself, on Conceptual Captions pairs where gather_cc.py leaves them (the default path)."""
     fx.accept_unofficial_checksums(monkeypatch)
     project = _project(tmp_path, "cifar100_10steps")
-    run_pipeline(project, ["cifar100_10steps"], params={"method": "ft"})
+    write_gather_cc(project / "data" / "01_raw" / "conceptual_captions", 6)
+    run_pipeline(project, ["cifar100_10steps"], params={"method": "zscl"})
     (models,) = run_folders(project, "06_models", benchmark="cifar100_10steps")
     from clip_continual.io import CheckpointDataset
 
@@ -114,6 +117,8 @@ def test_cifar100_10steps_runs_end_to_end_in_zscl_class_order(tmp_path, monkeypa
     accuracies = [step["cil_acc"] for step in steps[1:]]
     assert summary["avg"] == pytest.approx(np.mean(accuracies)) and summary["last"] == pytest.approx(accuracies[-1])
     assert summary["transfer"] is None and steps[-1]["acc_columns"][0] == "phase_1"
+    losses = json.loads((outputs / "task_10_training.json").read_text())["final_losses"]
+    assert {"zscl_image", "zscl_text", "l2"} <= set(losses) and losses["zscl_image"] > 0
 
 
 @pytest.mark.parametrize("name, first_task, tasks", [
