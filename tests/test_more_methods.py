@@ -275,18 +275,24 @@ def test_icarl_memory_stays_within_budget_and_resumes_exactly(micro, source, ref
     assert all(torch.equal(first_weights[k], second_weights[k]) for k in first_weights)
 
 
-def test_icarl_and_ewc_read_images_from_files_as_from_memory(micro, train_set, train_files, reference_set):
+METHODS_READING_IMAGES = {"icarl": {"per_class": 3}, "ewc": {"fisher_samples": 5},
+                          "moe_adapters": {"experts": 4, "bottleneck": 8, "ddas": True, "ddas_steps": 5}}
+
+
+def test_methods_read_training_images_from_files_as_from_memory(micro, train_set, train_files, reference_set):
     """The same images in memory and as files: the same exemplars (pixels at the model's
-    resolution) and the same Fisher, within float tolerance."""
+    resolution), Fisher and DDAS autoencoder, within float tolerance."""
     runs = {}
-    for name, options in (("icarl", {"per_class": 3}), ("ewc", {"fisher_samples": 5})):
+    for name, options in METHODS_READING_IMAGES.items():
         for images in (train_set, train_files):
             method = get_method(name, **options)
             trained, _ = train(method, micro, images, reference_set, steps=1)
             runs[name, images is train_files] = method.export_state(), weights(trained)
-    for name in ("icarl", "ewc"):
+    for name in METHODS_READING_IMAGES:
         (memory_state, memory_weights), (file_state, file_weights) = runs[name, False], runs[name, True]
-        assert memory_state.keys() == file_state.keys() and memory_state
+        assert memory_state.keys() == file_state.keys() and (memory_state or name == "moe_adapters")
+        assert memory_weights.keys() == file_weights.keys()
+        assert name != "moe_adapters" or any("task_selector" in key for key in file_weights)
         for key in memory_state:
             assert np.allclose(memory_state[key], file_state[key], rtol=1e-4, atol=1e-10), key
         assert all(torch.allclose(memory_weights[k], file_weights[k], atol=1e-6) for k in memory_weights)

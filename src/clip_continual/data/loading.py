@@ -259,7 +259,11 @@ class StreamedImages:
     def _loader(self, dataset: Dataset, batch_sampler: list, device: torch.device) -> DataLoader:
         # Starting workers costs more than they save on a set of one batch.
         loader = self.loader if len(batch_sampler) > 1 else replace(self.loader, num_workers=0)
-        return DataLoader(dataset, batch_sampler=batch_sampler, **loader.loader_kwargs(device))
+        # A DataLoader draws its workers' base seed from a generator; torch's global one is also
+        # the one a method's own randomness uses (MoE's noisy routing), which reading files must
+        # leave as reading memory does. The transforms take their randomness from (seed, step).
+        return DataLoader(dataset, batch_sampler=batch_sampler, generator=torch.Generator().manual_seed(0),
+                          **loader.loader_kwargs(device))
 
     def train_batches(self, clip, batch_indices: Sequence[np.ndarray], device: torch.device,
                       augment: bool | str, need_clean: bool, seed: int = 0) -> Iterator[TrainBatch]:
