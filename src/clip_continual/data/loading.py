@@ -340,7 +340,8 @@ class TaskImages:
     def __len__(self) -> int:
         return len(self.source)
 
-    def arrays(self, rows: np.ndarray, batch_size: int = 256, desc: str = "") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def arrays(self, rows: np.ndarray, batch_size: int = 256,
+               desc: str = "") -> Iterator[tuple[np.ndarray, np.ndarray]]:
         rows = np.asarray(rows, dtype=np.int64)
         return iter(tqdm(self.source.image_arrays(self.clip, rows, batch_size), desc=desc, leave=False,
                          total=math.ceil(len(rows) / batch_size), disable=not self.progress))
