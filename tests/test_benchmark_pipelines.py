@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -88,16 +89,18 @@ def test_coco_mst_runs_end_to_end_through_the_dataloader_and_resumes(tmp_path, w
 
 
 def test_coco_ost_and_eurosat_mst_run_end_to_end_sharing_the_prepared_splits(tmp_path):
+    """Also the methods that read training images themselves, on images read from the shards:
+    icarl's exemplars (coco_ost) and ewc's Fisher (eurosat_mst)."""
     project, data = _coco_project(tmp_path, 0)
     write_eurosat(tmp_path / "raw" / "eurosat", 4)
     eurosat = {**data, "eurosat_root": str(tmp_path / "raw" / "eurosat"), "eurosat_test_per_class": 2}
     local = project / "conf" / "local" / "parameters_more.yml"
     local.write_text(yaml.safe_dump({"coco_ost": _benchmark_parameters(data, 0),
                                      "eurosat_mst": _benchmark_parameters(eurosat, 0)}))
-    run_pipeline(project, ["coco_ost"])
+    run_pipeline(project, ["coco_ost"], params={"method": "icarl"})
     prepared = project / "data" / "04_feature"
     shared = {p: p.stat().st_mtime_ns for p in prepared.glob("*retrieval/shard-*.tar")}
-    run_pipeline(project, ["eurosat_mst"])
+    run_pipeline(project, ["eurosat_mst"], params={"method": "ewc"})
 
     assert {p: p.stat().st_mtime_ns for p in prepared.glob("*retrieval/shard-*.tar")} == shared
     eurosat_train = json.loads((prepared / "eurosat_train" / "manifest.json").read_text())
@@ -106,7 +109,15 @@ def test_coco_ost_and_eurosat_mst_run_end_to_end_sharing_the_prepared_splits(tmp
     table = pd.read_csv(project / "data" / "08_reporting" / "continual_metrics.csv")
     assert table["task"].tolist() == ["pretrained", *(f"task_{k}" for k in range(1, 6))]
     (coco_ost,) = run_folders(project, "07_model_output", benchmark="coco_ost")
-    assert json.loads((coco_ost / "task_1_training.json").read_text())["num_images"] == 160
+    summary = json.loads((coco_ost / "task_1_training.json").read_text())
+    assert summary["num_images"] == 160 and summary["final_losses"]["icarl_image"] > 0
+    with np.load(coco_ost / "task_1_method_state.npz") as memory:  # 2 crops per class, 20 allowed
+        assert memory["memory_images"].shape == (160, 16, 16, 3)  # the micro model's resolution
+        assert np.bincount(memory["memory_labels"]).tolist() == [2] * 80
+    (eurosat_mst,) = run_folders(project, "07_model_output", benchmark="eurosat_mst")
+    assert json.loads((eurosat_mst / "task_2_training.json").read_text())["final_losses"]["ewc"] > 0
+    with np.load(eurosat_mst / "task_1_method_state.npz") as fisher:
+        assert "fisher:visual.proj" in fisher.files and fisher["fisher:visual.proj"].max() > 0
 
 
 def test_coco_mst_checks_its_inputs_before_any_work(tmp_path):
