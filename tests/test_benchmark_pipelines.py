@@ -13,9 +13,7 @@ import pytest
 import yaml
 
 from project_helpers import make_project, mlflow_runs, run_folders, run_pipeline, store_uri
-from realdata_fixtures import (
-    write_coco2014, write_eurosat, write_flickr30k, write_image_folder, write_img2dataset_pairs,
-)
+from realdata_fixtures import write_coco2014, write_eurosat, write_flickr30k, write_image_folder
 
 TASKS = tuple(f"task_{k}" for k in range(1, 9))
 
@@ -91,19 +89,18 @@ def test_coco_mst_runs_end_to_end_through_the_dataloader_and_resumes(tmp_path, w
 
 
 def test_coco_ost_and_eurosat_mst_run_end_to_end_sharing_the_prepared_splits(tmp_path):
-    """coco_ost runs agem on a LAION-style reference set (img2dataset pairs); eurosat_mst runs the
-    default method, which needs no reference set, so its absent default path goes unread."""
+    """Also the methods that read training images themselves, on images read from the shards:
+    icarl's exemplars (coco_ost) and ewc's Fisher (eurosat_mst)."""
     project, data = _coco_project(tmp_path, 0)
     write_eurosat(tmp_path / "raw" / "eurosat", 4)
-    write_img2dataset_pairs(tmp_path / "raw" / "laion", 5)
     eurosat = {**data, "eurosat_root": str(tmp_path / "raw" / "eurosat"), "eurosat_test_per_class": 2}
-    coco_ost = {**_benchmark_parameters(data, 0), "reference": {"pairs": str(tmp_path / "raw" / "laion"), "size": 4}}
     local = project / "conf" / "local" / "parameters_more.yml"
-    local.write_text(yaml.safe_dump({"coco_ost": coco_ost, "eurosat_mst": _benchmark_parameters(eurosat, 0)}))
-    run_pipeline(project, ["coco_ost"], params={"method": "agem"})
+    local.write_text(yaml.safe_dump({"coco_ost": _benchmark_parameters(data, 0),
+                                     "eurosat_mst": _benchmark_parameters(eurosat, 0)}))
+    run_pipeline(project, ["coco_ost"], params={"method": "icarl"})
     prepared = project / "data" / "04_feature"
     shared = {p: p.stat().st_mtime_ns for p in prepared.glob("*retrieval/shard-*.tar")}
-    run_pipeline(project, ["eurosat_mst"])
+    run_pipeline(project, ["eurosat_mst"], params={"method": "ewc"})
 
     assert {p: p.stat().st_mtime_ns for p in prepared.glob("*retrieval/shard-*.tar")} == shared
     eurosat_train = json.loads((prepared / "eurosat_train" / "manifest.json").read_text())
@@ -113,10 +110,14 @@ def test_coco_ost_and_eurosat_mst_run_end_to_end_sharing_the_prepared_splits(tmp
     assert table["task"].tolist() == ["pretrained", *(f"task_{k}" for k in range(1, 6))]
     (coco_ost,) = run_folders(project, "07_model_output", benchmark="coco_ost")
     summary = json.loads((coco_ost / "task_1_training.json").read_text())
-    assert summary["num_images"] == 160 and summary["method"] == "agem"
-    # Streamed training images: agem replays the reference set alone, no per-task memory.
-    with np.load(coco_ost / "task_1_method_state.npz") as state:
-        assert state["memory_images"].shape == (0, 16, 16, 3)
+    assert summary["num_images"] == 160 and summary["final_losses"]["icarl_image"] > 0
+    with np.load(coco_ost / "task_1_method_state.npz") as memory:  # 2 crops per class, 20 allowed
+        assert memory["memory_images"].shape == (160, 16, 16, 3)  # the micro model's resolution
+        assert np.bincount(memory["memory_labels"]).tolist() == [2] * 80
+    (eurosat_mst,) = run_folders(project, "07_model_output", benchmark="eurosat_mst")
+    assert json.loads((eurosat_mst / "task_2_training.json").read_text())["final_losses"]["ewc"] > 0
+    with np.load(eurosat_mst / "task_1_method_state.npz") as fisher:
+        assert "fisher:visual.proj" in fisher.files and fisher["fisher:visual.proj"].max() > 0
 
 
 def test_coco_mst_checks_its_inputs_before_any_work(tmp_path):

@@ -10,7 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from PIL import Image
+
 from clip_continual.data.common import ImageSet
+from clip_continual.data.index import ImageIndex
 from clip_continual.io import NpzDataset
 from clip_continual.methods import get_method
 from clip_continual.methods.ewc import ewc_penalty
@@ -31,6 +34,16 @@ def train_set(micro):
     size = micro.image_size
     return ImageSet(rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8), np.tile(np.arange(4), 4),
                     tuple(f"thing {i}" for i in range(4)))
+
+
+@pytest.fixture(scope="module")
+def train_files(train_set, tmp_path_factory):
+    """``train_set`` as users have it on disk: one lossless PNG per image, read lazily."""
+    root = tmp_path_factory.mktemp("train_files")
+    for i, image in enumerate(train_set.images):
+        Image.fromarray(image).save(root / f"{i:02d}.png")
+    return ImageIndex(str(root), tuple(f"{i:02d}.png" for i in range(len(train_set))), train_set.labels,
+                      train_set.class_names)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +252,9 @@ def test_icarl_loss_by_hand(micro, train_set, reference_set):
     assert float(recorded["terms"]["icarl_text"]) == pytest.approx(5 * by_hand(z.t(), z_old.t()), rel=1e-4)
 
 
-def test_icarl_memory_stays_within_budget_and_resumes_exactly(micro, train_set, reference_set, tmp_path):
+@pytest.mark.parametrize("source", ["train_set", "train_files"])
+def test_icarl_memory_stays_within_budget_and_resumes_exactly(micro, source, reference_set, tmp_path, request):
+    train_set = request.getfixturevalue(source)  # in memory, or files read through the DataLoader
     first = get_method("icarl", per_class=3, budget=5)
     model, _ = train(first, micro, train_set, reference_set)
     state = first.export_state()
@@ -258,6 +273,33 @@ def test_icarl_memory_stays_within_budget_and_resumes_exactly(micro, train_set, 
     assert len(first_state["memory_labels"]) <= 5 and set(first_state["memory_labels"].tolist()) == {0, 1, 2, 3}
     assert all(np.array_equal(first_state[k], second_state[k]) for k in first_state)
     assert all(torch.equal(first_weights[k], second_weights[k]) for k in first_weights)
+
+
+METHODS_READING_IMAGES = {"icarl": {"per_class": 3}, "ewc": {"fisher_samples": 5}, "agem": {"per_task_memory": 3},
+                          "moe_adapters": {"experts": 4, "bottleneck": 8, "ddas": True, "ddas_steps": 5}}
+
+
+def test_methods_read_training_images_from_files_as_from_memory(micro, train_set, train_files, reference_set):
+    """The same images in memory and as files: the same exemplars (pixels at the model's
+    resolution; agem's per-task memory too), Fisher and DDAS autoencoder, within float tolerance."""
+    runs = {}
+    for name, options in METHODS_READING_IMAGES.items():
+        for images in (train_set, train_files):
+            method = get_method(name, **options)
+            trained, _ = train(method, micro, images, reference_set, steps=1)
+            runs[name, images is train_files] = method.export_state(), weights(trained)
+    for name in METHODS_READING_IMAGES:
+        (memory_state, memory_weights), (file_state, file_weights) = runs[name, False], runs[name, True]
+        assert memory_state.keys() == file_state.keys() and (memory_state or name == "moe_adapters")
+        assert memory_weights.keys() == file_weights.keys()
+        assert name != "moe_adapters" or any("task_selector" in key for key in file_weights)
+        for key in memory_state:
+            assert np.allclose(memory_state[key], file_state[key], rtol=1e-4, atol=1e-10), key
+        assert all(torch.allclose(memory_weights[k], file_weights[k], atol=1e-6) for k in memory_weights)
+    icarl_memory, icarl_files = runs["icarl", False][0], runs["icarl", True][0]
+    assert np.array_equal(icarl_memory["memory_images"], icarl_files["memory_images"])
+    assert icarl_files["memory_images"].shape == (6, micro.image_size, micro.image_size, 3)
+    assert runs["agem", True][0]["memory_images"].shape == (3, micro.image_size, micro.image_size, 3)
 
 
 def test_icarl_with_a_budget_below_one_exemplar_per_class_replays_nothing(micro, train_set, reference_set):

@@ -91,10 +91,13 @@ def test_compare_reports_mean_and_std_over_seeds(swept):
     ft = per_run[per_run["method"] == "ft"]
     assert sorted(ft["seed"]) == [0, 1]
     assert table.loc["ft", "seeds"] == 2
-    for metric in ("ut_acc", "zs_acc", "mean_learning_acc", "i2t_r1"):
+    for metric in ("ut_acc", "zs_acc", "mean_learning_acc", "i2t_r1", "wall_time_per_task_s"):
         assert table.loc["ft", metric] == pytest.approx(ft[metric].mean())
         assert table.loc["ft", f"{metric}_std"] == pytest.approx(ft[metric].std(ddof=1))
     assert table.loc["lwf (alpha=1.0)", "seeds"] == 2
+    # What a task costs sits beside the metrics: the whole micro model trains, every task takes time.
+    assert (per_run["trainable_parameters"] > 0).all() and (per_run["wall_time_per_task_s"] > 0).all()
+    assert table.loc["ft", "trainable_parameters"] == table.loc["lwf (alpha=1.0)", "trainable_parameters"]
     assert (reporting / "method_comparison.png").read_bytes().startswith(b"\x89PNG")
 
 

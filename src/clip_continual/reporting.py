@@ -24,7 +24,9 @@ METRIC_COLUMNS = ("step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_
                   *RETRIEVAL_KEYS)
 SEQUENCE_COLUMNS = ("transfer", "avg", "last", "cil_acc")  # MTIL / class-incremental runs only
 FINAL_KEYS = ("ut_acc", "zs_acc", "a_acc", "bwt", "seen_acc", *RETRIEVAL_KEYS, "ut_top1")
-COMPARISON_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc", "seen_acc", "i2t_r1", "t2i_r1")
+# Final metrics, then what a task cost (from the run's task/ metrics; see tracking.task_costs).
+COMPARISON_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc", "seen_acc", "i2t_r1", "t2i_r1",
+                      "trainable_parameters", "wall_time_per_task_s")
 
 
 def _sorted_results(step_results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

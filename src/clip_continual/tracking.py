@@ -314,6 +314,17 @@ def _variant(run: Any) -> str | None:
     return f"{method} (alpha={alpha})" if weighted else method
 
 
+def task_costs(client: Any, run_id: str) -> dict[str, float | None]:
+    """What a run's tasks cost: the most parameters any task trained (MoE-Adapters freezes experts
+    as it goes, so its count falls) and the mean wall time of a task's training."""
+    def history(name: str) -> list[float]:
+        return [m.value for m in client.get_metric_history(run_id, metric_name(name, TASK_GROUP))]
+
+    parameters, seconds = history("trainable_parameters"), history("wall_time_s")
+    return {"trainable_parameters": max(parameters) if parameters else None,
+            "wall_time_per_task_s": sum(seconds) / len(seconds) if seconds else None}
+
+
 def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) -> list[dict[str, Any]]:
     """The newest complete FINISHED run per method variant and seed (of ``benchmark``, if given),
     with its final metrics and seed. Each alpha of a method that has one is its own variant, e.g.
@@ -346,6 +357,7 @@ def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) 
             "seed": int(seed) if seed.lstrip("-").isdigit() else seed,
             "run_id": run.info.run_id,
             **{name: run.data.metrics.get(metric_name(name)) for name in FINAL_METRICS},
+            **task_costs(client, run.info.run_id),
         }
     if not latest:
         raise NoRunsToCompare(

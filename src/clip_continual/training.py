@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from clip_continual.data.common import ImageSet
 from clip_continual.data.loading import (
-    InMemoryImages, LazyImages, LoaderConfig, TrainBatch, TrainingSource, random_resized_box, training_source,
+    InMemoryImages, LazyImages, LoaderConfig, TaskImages, TrainBatch, TrainingSource, random_resized_box,
+    training_source,
 )
 from clip_continual.methods import ContinualMethod, MethodConfigError, get_method
 from clip_continual.methods.base import Batch, TaskContext, Teacher, evaluation_mode
@@ -499,8 +500,8 @@ def _start_task(
         teacher=None if teacher_clip is None else Teacher(teacher_clip.model, autocast),
         autocast=autocast,
         seed=config.seed + task_index,
-        # Methods that read the training images themselves (exemplars, Fisher) need them in memory.
         train_set=source.image_set if isinstance(source, InMemoryImages) else None,
+        train_images=TaskImages(source, student, config.progress),
         preprocess=functools.partial(student.preprocess, device=device),
         tokenize=lambda texts: student.tokenize(list(texts)).to(device),
         extras=extras,

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
+from tqdm.auto import tqdm
 
 from clip_continual.data.common import ImageSet
 from clip_continual.data.images import open_image
@@ -142,13 +143,24 @@ class ZsclTrainTransform:
 TRAIN_TRANSFORMS = {"crop_flip": TrainTransform, "zscl": ZsclTrainTransform}
 
 
+def model_resolution(image_size: int) -> Callable[[Image.Image], Image.Image]:
+    """The test transform's geometry: shorter side resized to S (bicubic), centre S x S crop."""
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size)])
+
+
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    return T.Compose([
-        T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    return T.Compose([model_resolution(image_size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+class ModelResolutionArray:
+    """An image as the uint8 (S, S, 3) array of the test transform before normalisation: what
+    ``ClipModel.preprocess`` turns into exactly the test transform's pixels."""
+
+    def __init__(self, image_size: int):
+        self.geometry = model_resolution(image_size)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        return np.array(self.geometry(image), dtype=np.uint8)
 
 
 class LazyImages(Protocol):
@@ -221,6 +233,15 @@ class InMemoryImages:
             indices = np.arange(begin, min(begin + batch_size, len(self)))
             yield indices, clip.preprocess(self.image_set.images[indices], device)
 
+    def image_arrays(self, clip, rows: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(rows, images)`` in the order asked: the set's own uint8 arrays."""
+        for begin in range(0, len(rows), batch_size):
+            chunk = rows[begin:begin + batch_size]
+            yield chunk, self.image_set.images[chunk]
+
+    def array_shape(self, clip) -> tuple[int, ...]:
+        return tuple(self.image_set.images.shape[1:])
+
 
 class StreamedImages:
     """A lazy image set read through DataLoader workers with the model's transforms."""
@@ -238,7 +259,11 @@ class StreamedImages:
     def _loader(self, dataset: Dataset, batch_sampler: list, device: torch.device) -> DataLoader:
         # Starting workers costs more than they save on a set of one batch.
         loader = self.loader if len(batch_sampler) > 1 else replace(self.loader, num_workers=0)
-        return DataLoader(dataset, batch_sampler=batch_sampler, **loader.loader_kwargs(device))
+        # A DataLoader draws its workers' base seed from a generator; torch's global one is also
+        # the one a method's own randomness uses (MoE's noisy routing), which reading files must
+        # leave as reading memory does. The transforms take their randomness from (seed, step).
+        return DataLoader(dataset, batch_sampler=batch_sampler, generator=torch.Generator().manual_seed(0),
+                          **loader.loader_kwargs(device))
 
     def train_batches(self, clip, batch_indices: Sequence[np.ndarray], device: torch.device,
                       augment: bool | str, need_clean: bool, seed: int = 0) -> Iterator[TrainBatch]:
@@ -265,6 +290,19 @@ class StreamedImages:
         for indices, pixels in self._loader(dataset, batches, device):
             yield indices.numpy(), pixels.to(device, non_blocking=True)
 
+    def image_arrays(self, clip, rows: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(rows, images)`` in the order asked, decoded by the workers at the model's
+        resolution (``ModelResolutionArray``)."""
+        dataset = _TransformedImages(self.images, ModelResolutionArray(clip.image_size))
+        batches = [rows[b:b + batch_size].tolist() for b in range(0, len(rows), batch_size)]
+        if not batches:
+            return
+        for indices, images in self._loader(dataset, batches, torch.device("cpu")):
+            yield indices.numpy(), images.numpy()
+
+    def array_shape(self, clip) -> tuple[int, ...]:
+        return (clip.image_size, clip.image_size, 3)
+
     def caption_array(self) -> np.ndarray | None:
         """Captions as an (N, K) array of strings, '' where an image has fewer than K."""
         if self.captions is None:
@@ -274,6 +312,44 @@ class StreamedImages:
 
 
 TrainingSource = InMemoryImages | StreamedImages
+
+
+@dataclass(frozen=True)
+class TaskImages:
+    """One task's training images as a method reads them besides the loop's batches (exemplar
+    selection, a Fisher estimate), in memory or from files alike.
+
+    ``arrays(rows)`` yields ``(rows, uint8 images)`` in the order asked: an in-memory set's own
+    arrays; a lazy set's images decoded by the DataLoader workers at the model's resolution
+    (``ModelResolutionArray``), of shape ``image_shape``. ``clip.preprocess`` of them is the
+    model's input (for a lazy set: the test transform's pixels); kept, they are replayable.
+    """
+
+    source: TrainingSource
+    clip: Any
+    progress: bool = False
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.source.labels
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return self.source.array_shape(self.clip)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def arrays(self, rows: np.ndarray, batch_size: int = 256,
+               desc: str = "") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rows = np.asarray(rows, dtype=np.int64)
+        return iter(tqdm(self.source.image_arrays(self.clip, rows, batch_size), desc=desc, leave=False,
+                         total=math.ceil(len(rows) / batch_size), disable=not self.progress))
+
+    def gather(self, rows: np.ndarray, batch_size: int = 256, desc: str = "") -> np.ndarray:
+        """The images of ``rows``, in that order, as one uint8 array."""
+        chunks = [images for _, images in self.arrays(rows, batch_size, desc)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, *self.image_shape), np.uint8)
 
 
 def training_source(data: ImageSet | LazyImages, loader: LoaderConfig | None = None) -> TrainingSource:

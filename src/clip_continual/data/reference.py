@@ -39,6 +39,7 @@ from clip_continual.data.common import ImageSet
 from clip_continual.data.image_folder import image_folder_index
 from clip_continual.data.images import BadImageError, open_image
 from clip_continual.data.index import ImageIndex
+from clip_continual.data.loading import ModelResolutionArray
 from clip_continual.data.raw_files import EmptyDataError, MissingInputError, RawFormatError, require_file
 
 logger = logging.getLogger(__name__)
@@ -191,13 +192,6 @@ def _sample(index: ImageIndex, size: int, seed: int) -> ImageIndex:
     return index.subset(np.sort(np.random.default_rng([seed, 0]).choice(len(index), size, replace=False)))
 
 
-def _test_resize(size: int):
-    """The test transform's geometry at ``size``: shorter side to ``size`` (bicubic), centre crop."""
-    from torchvision import transforms as T
-
-    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
-
-
 def spread_captions(captions: tuple[str, ...], count: int) -> np.ndarray:
     """Unpaired captions as an (count, K) array, caption j in row j mod count ('' pads): all of
     them reach ZSCL (which reads every caption), none is repeated."""
@@ -213,10 +207,10 @@ def decode_reference(source: ReferenceSource, image_size: int) -> ImageSet:
     empty = np.zeros((0, image_size, image_size, 3), np.uint8)
     if index is None:
         return ImageSet(empty, np.zeros(0, np.int64), (PAIRS_CLASS,), np.zeros((0, 1), dtype=str))
-    images, kept, resize = [], [], _test_resize(image_size)
+    images, kept, decode = [], [], ModelResolutionArray(image_size)
     for i in tqdm(range(len(index)), desc="reference set", unit="image"):
         try:
-            images.append(np.asarray(resize(open_image(index, i)), dtype=np.uint8))
+            images.append(decode(open_image(index, i)))
             kept.append(i)
         except BadImageError as error:
             logger.warning("reference set: %s", error)

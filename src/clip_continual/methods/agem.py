@@ -8,7 +8,9 @@ replayed batch of image-text pairs, ``g <- g - (g . g_ref / g_ref . g_ref) g_ref
 embedded default: held-back shapes-world pairs, catalog ``reference_set``) plus, after every
 finished task, ``per_task_memory`` random training images of that task paired with their class
 prompts (CL-CLIP's ``Replayed_MST`` keeps 250 per phase); the memory is handed on between tasks
-as the method state. The replayed batch has the training batch's size (CL-CLIP's replay loader
+as the method state. On the named benchmarks the reference set is ``<benchmark>.reference_set``
+(``clip_continual.data.reference``) and training images read from files are kept as pixels at
+the model's resolution, where the reference set is decoded too. The replayed batch has the training batch's size (CL-CLIP's replay loader
 shares ``--batch``).
 
 Differences from that code, on purpose: it reads the replay images from the *training* batch
@@ -17,8 +19,6 @@ sees unscaled gradients and comes before the loop's clipping (CL-CLIP does not c
 """
 
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 import torch
@@ -32,8 +32,6 @@ from clip_continual.methods.gradients import (
 from clip_continual.methods.memory import (
     Exemplars, contrastive_loss, draw_indices, random_exemplars, replay_rng,
 )
-
-logger = logging.getLogger(__name__)
 
 REFERENCE_GROUP = -1  # the ``tasks`` value of reference-set pairs
 
@@ -61,9 +59,9 @@ class AveragedGEM(FineTuning):
         reference = task.extras["reference_set"]
         if reference.captions is None:
             raise ValueError("the reference set needs captions (image-text pairs) for A-GEM / GEM replay")
-        # Streamed training data (the named benchmarks): the reference set comes decoded at the
-        # model's resolution, and the memory keeps that shape.
-        shape = reference.images.shape[1:] if task.train_set is None else task.train_set.images.shape[1:]
+        # Training images read from files (the named benchmarks) come at the model's resolution,
+        # as the reference set is decoded there; in-memory sets at their own size.
+        shape = tuple(reference.images.shape[1:] if task.train_images is None else task.train_images.image_shape)
         self.memory = Exemplars.from_state(task.previous_state, shape)
         if reference.images.shape[1:] != shape:
             raise ValueError(
@@ -78,15 +76,10 @@ class AveragedGEM(FineTuning):
 
     def after_task(self, task: TaskContext, student: nn.Module) -> None:
         self._pairs = None
-        if self.memory is None:
-            return
-        if task.train_set is None:
-            if self.per_task_memory:
-                logger.warning("%s: the training images are streamed, so no per-task memory is kept; "
-                               "only the reference set is replayed", self.name)
+        if self.memory is None or task.train_images is None:
             return
         rng = replay_rng(task.seed, 0, stream=1)
-        added = random_exemplars(task.train_set, task.current_classes.tolist(), self.per_task_memory,
+        added = random_exemplars(task.train_images, task.current_classes.tolist(), self.per_task_memory,
                                  task.task_index, rng)
         self.memory = self.memory.plus(added)
 

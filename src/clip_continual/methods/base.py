@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_continual.data.common import ImageSet
+from clip_continual.data.loading import TaskImages
 from clip_continual.models import encode_images, encode_text
 from clip_continual.replay import ReplayVocabulary
 
@@ -123,8 +124,10 @@ class TaskContext:
     ``current_classes`` are the classes learnt now, ``seen_classes`` all classes learnt so far
     (current included), both sorted global ids on the training device.
 
-    What some methods need beyond the batch: ``train_set`` (this task's training images, e.g.
-    for a Fisher estimate or exemplar selection after the task), ``preprocess`` (uint8 images
+    What some methods need beyond the batch: ``train_images`` (this task's training images,
+    in memory or read from files, e.g. for a Fisher estimate or exemplar selection; see
+    ``TaskImages``), ``train_set`` (the same as an in-memory ``ImageSet``, None when the images
+    are read from files), ``preprocess`` (uint8 images
     -> model input on the device) and ``tokenize`` (texts -> token ids on the device) of the
     student; ``extras`` holds the named inputs a method declares in ``needs_inputs`` (e.g.
     ``reference_set``); ``previous_state`` is the arrays the method exported after the previous
@@ -142,6 +145,7 @@ class TaskContext:
     autocast: Callable[[], ContextManager] = contextlib.nullcontext
     seed: int = 0
     train_set: ImageSet | None = None
+    train_images: TaskImages | None = None
     preprocess: Callable[[np.ndarray], torch.Tensor] | None = None
     tokenize: Callable[[list[str]], torch.Tensor] | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)

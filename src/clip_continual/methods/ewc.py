@@ -10,6 +10,10 @@ of the task's cross-entropy (over the task's class prompts, the true label ``y``
 with ``theta*`` the weights the task starts from (the previous task's model). Fishers of
 successive tasks are summed (``fisher_decay`` 1; below 1 gives online EWC's decayed sum). The
 summed Fisher is handed on between tasks as the method state (arrays ``fisher:<parameter>``).
+
+The sampled images are drawn by row (seeded by the task) and read in batches whether they are in
+memory or in files (``TaskImages``: files through the DataLoader at the model's resolution,
+the test transform), so both give the same Fisher for the same images.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.memory import draw_indices, replay_rng
 
 PREFIX = "fisher:"
+FISHER_BATCH = 64  # sampled images read (and preprocessed) together; gradients stay per image
 
 
 def ewc_penalty(parameters: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
@@ -75,7 +80,7 @@ class ElasticWeightConsolidation(FineTuning):
 
     def after_task(self, task: TaskContext, student: nn.Module) -> None:
         self._anchor = None
-        if task.train_set is None:
+        if task.train_images is None:
             return
         new = self.estimate_fisher(student, task)
         self.fisher = {name: self.fisher_decay * self.fisher[name] + value if name in self.fisher else value
@@ -85,21 +90,29 @@ class ElasticWeightConsolidation(FineTuning):
         """Mean over sampled training images of the squared per-image log-likelihood gradient."""
         parameters = {n: p for n, p in student.named_parameters() if p.requires_grad}
         fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in parameters.items()}
-        rows = draw_indices(len(task.train_set), self.fisher_samples, replay_rng(task.seed, 0, stream=2))
+        images = task.train_images
+        rows = draw_indices(len(images), self.fisher_samples, replay_rng(task.seed, 0, stream=2))
         tokens = task.class_tokens[task.current_classes]
         with torch.enable_grad():
-            for row in rows:
-                pixels = task.preprocess(task.train_set.images[row : row + 1])
-                label = torch.as_tensor(task.train_set.labels[row : row + 1], device=task.device).long()
-                with task.autocast():
-                    (text,) = text_features_together(student, tokens)
-                    logits = student.logit_scale.exp() * image_features(student, pixels) @ text.t()
-                    loss = class_cross_entropy(logits, label, task)
-                grads = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
-                for (name, _), grad in zip(parameters.items(), grads):
-                    if grad is not None:
-                        fisher[name] += grad.float() ** 2
+            for chunk, arrays in images.arrays(rows, FISHER_BATCH, "ewc fisher"):
+                labels = torch.as_tensor(images.labels[chunk], device=task.device).long()
+                batch_pixels = task.preprocess(arrays)
+                for i in range(len(chunk)):
+                    grads = self._log_likelihood_gradient(student, parameters, batch_pixels[i : i + 1],
+                                                          labels[i : i + 1], tokens, task)
+                    for name, grad in zip(parameters, grads):
+                        if grad is not None:
+                            fisher[name] += grad.float() ** 2
         return {name: value / len(rows) for name, value in fisher.items()}
+
+    @staticmethod
+    def _log_likelihood_gradient(student: nn.Module, parameters: dict[str, torch.Tensor], pixels: torch.Tensor,
+                                 label: torch.Tensor, tokens: torch.Tensor, task: TaskContext):
+        with task.autocast():
+            (text,) = text_features_together(student, tokens)
+            logits = student.logit_scale.exp() * image_features(student, pixels) @ text.t()
+            loss = class_cross_entropy(logits, label, task)
+        return torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
 
     def export_state(self) -> dict[str, np.ndarray]:
         return {PREFIX + name: value.detach().cpu().numpy() for name, value in self.fisher.items()}

@@ -19,9 +19,22 @@ task's images are replayed too. Unlike ZSCL (one budget per task) the memory is 
 as iCaRL's: at most ``per_class`` images of each seen class, and never more than ``budget``
 images in all (each class then keeps ``budget // classes``, the first ones herding chose). The
 memory is the method state, a catalog artifact, so a resumed run replays the same images.
+
+Training images read from files (the real-data benchmarks) are handled alike: herding reads the
+new classes' images once through the DataLoader (test transform, batches of ``FEATURE_BATCH``),
+then only the chosen ones are read again. The memory keeps their pixels as decoded at the
+model's resolution S (uint8, S x S x 3: the test transform before normalisation, so replaying
+them feeds the model exactly the test transform's input), not references to files: later tasks
+read other datasets (MTIL) whose files the node does not get, and pixels make the stored state
+self-contained, so a resume is exact whatever happens to the files. ZSCL does the same, keeping
+the preprocessed 224 px tensors of up to 5,000 images (``DynamicDataset.ref_database``). Its
+size is ``len(memory) * 3 S^2`` bytes (2,000 exemplars at 224 px: 300 MB), logged per task; set
+``budget`` to bound it.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -32,6 +45,8 @@ from clip_continual.methods.base import (
 )
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.memory import Exemplars, draw_indices, herding_order, replay_rng
+
+logger = logging.getLogger(__name__)
 
 SELECTIONS = ("herding", "random")
 FEATURE_BATCH = 256
@@ -72,28 +87,36 @@ class ICaRL(FineTuning):
         self._teacher_text: torch.Tensor | None = None
 
     def before_task(self, task: TaskContext) -> None:
-        earlier = Exemplars.from_state(task.previous_state, task.train_set.images.shape[1:])
+        images = task.train_images
+        earlier = Exemplars.from_state(task.previous_state, images.image_shape)
         self.memory = cut_to_budget(earlier.plus(self.select(task)), self.per_class, self.budget)
+        logger.info("icarl memory: %d exemplars of %d classes (%.1f MB)", len(self.memory),
+                    len(np.unique(self.memory.labels)), self.memory.images.nbytes / 2**20)
         self._teacher_text = task.teacher.text_features(task.class_tokens[task.current_classes])
 
     def select(self, task: TaskContext) -> Exemplars:
         """``per_class`` exemplars of each current class, in herding (or random) order."""
-        selected = Exemplars.empty(task.train_set.images.shape[1:])
+        images = task.train_images
+        classes = task.current_classes.tolist()
+        pool = np.flatnonzero(np.isin(images.labels, classes))
+        features = self.teacher_features(task, pool) if self.selection == "herding" else None
         rng = replay_rng(task.seed, 0, stream=3)
-        for label in task.current_classes.tolist():
-            rows = np.flatnonzero(task.train_set.labels == label)
-            if self.selection == "herding":
-                order = herding_order(self.teacher_features(task, rows), self.per_class)
+        chosen = []
+        for label in classes:
+            positions = np.flatnonzero(images.labels[pool] == label)
+            if features is not None:
+                order = herding_order(features[positions], self.per_class)
             else:
-                order = rng.permutation(len(rows))[: self.per_class]
-            chosen = rows[order]
-            selected = selected.plus(Exemplars(task.train_set.images[chosen], np.full(len(chosen), label),
-                                               np.full(len(chosen), task.task_index)))
-        return selected
+                order = rng.permutation(len(positions))[: self.per_class]
+            chosen.append(pool[positions[order]])
+        rows = np.concatenate(chosen)
+        return Exemplars(images.gather(rows, FEATURE_BATCH, "icarl exemplars"), images.labels[rows].astype(np.int64),
+                         np.full(len(rows), task.task_index, np.int64))
 
     def teacher_features(self, task: TaskContext, rows: np.ndarray) -> np.ndarray:
-        chunks = [task.teacher.image_features(task.preprocess(task.train_set.images[rows[i : i + FEATURE_BATCH]]))
-                  for i in range(0, len(rows), FEATURE_BATCH)]
+        """The teacher's image features of ``rows``, in that order (one pass over the images)."""
+        chunks = [task.teacher.image_features(task.preprocess(pixels))
+                  for _, pixels in task.train_images.arrays(rows, FEATURE_BATCH, "icarl herding features")]
         return torch.cat(chunks).cpu().numpy()
 
     def after_task(self, task: TaskContext, student: nn.Module) -> None:

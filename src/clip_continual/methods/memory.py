@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_continual.data.common import ImageSet
+from clip_continual.data.loading import TaskImages
 from clip_continual.methods.base import image_features, text_features_together
 
 _STREAM_REPLAY = 11  # apart from the loop's batch, augmentation and vocabulary streams
@@ -71,13 +71,13 @@ def draw_indices(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(count, size=min(size, count), replace=False))
 
 
-def random_exemplars(images: ImageSet, classes: list[int], per_task: int, task_index: int,
+def random_exemplars(images: TaskImages, classes: list[int], per_task: int, task_index: int,
                      rng: np.random.Generator) -> Exemplars:
     """``per_task`` random training images of the given classes (CL-CLIP's Replayed_MST keeps
-    250 random pairs of each finished phase)."""
+    250 random pairs of each finished phase), in memory or read from files alike."""
     pool = np.flatnonzero(np.isin(images.labels, classes))
     chosen = pool[draw_indices(len(pool), per_task, rng)]
-    return Exemplars(images.images[chosen], images.labels[chosen].astype(np.int64),
+    return Exemplars(images.gather(chosen, desc="replay memory"), images.labels[chosen].astype(np.int64),
                      np.full(len(chosen), task_index, np.int64))
 
 

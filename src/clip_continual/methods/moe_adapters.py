@@ -14,6 +14,7 @@ to the training loss, so neither do we.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -79,13 +80,13 @@ class MoEAdapters(FineTuning):
 
     def _fit_task_selector(self, task: TaskContext, student: nn.Module) -> None:
         """One more autoencoder, for this task's images; its threshold from their errors."""
-        if task.train_set is None or task.preprocess is None:
+        images = task.train_images
+        if images is None or task.preprocess is None:
             raise ValueError("moe_adapters with ddas needs the task's training images in TaskContext")
-        images = task.train_set.images
         with torch.no_grad(), evaluation_mode(student):
             features = torch.cat([
-                frozen_image_features(student.visual, task.preprocess(images[begin:begin + 256]))
-                for begin in range(0, len(images), 256)
+                frozen_image_features(student.visual, task.preprocess(pixels))
+                for _, pixels in images.arrays(np.arange(len(images)), 256, "ddas features")
             ]).float()
         selector = student.visual.task_selector
         autoencoder = selector.add_task()
