@@ -128,8 +128,14 @@ def test_agem_and_gem_keep_a_growing_memory_of_finished_tasks(micro, train_set, 
         assert state["memory_labels"].tolist() and set(state["memory_labels"].tolist()) <= {0, 1}
         assert len(state["memory_labels"]) == 3 and set(state["memory_tasks"].tolist()) == {1}
         second = get_method(name, per_task_memory=3)
-        train(second, model, train_set, reference_set, task=2, state=state)
-        assert second.export_state()["memory_tasks"].tolist() == [1, 1, 1, 2, 2, 2]
+        renamed = ImageSet(train_set.images, train_set.labels, tuple(f"other {i}" for i in range(4)))
+        train(second, model, renamed, reference_set, task=2, state=state)  # another dataset's names (MTIL)
+        after = second.export_state()
+        assert after["memory_tasks"].tolist() == [1, 1, 1, 2, 2, 2]
+        # Each image keeps the prompt of the task that stored it: task 1's names, then task 2's.
+        prompts = [f"a photo of {'thing' if t == 1 else 'other'} {label}"
+                   for t, label in zip(after["memory_tasks"], after["memory_labels"])]
+        assert np.array_equal(after["memory_tokens"], micro.tokenize(prompts).numpy())
 
 
 # --- weight interpolation ---------------------------------------------------------------

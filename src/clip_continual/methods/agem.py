@@ -7,8 +7,9 @@ replayed batch of image-text pairs, ``g <- g - (g . g_ref / g_ref . g_ref) g_ref
 ``g . g_ref < 0``. The replayed pairs are the reference set (the paper: a LAION subset; the
 embedded default: held-back shapes-world pairs, catalog ``reference_set``) plus, after every
 finished task, ``per_task_memory`` random training images of that task paired with their class
-prompts (CL-CLIP's ``Replayed_MST`` keeps 250 per phase); the memory is handed on between tasks
-as the method state. On the named benchmarks the reference set is ``<benchmark>.reference_set``
+prompts (CL-CLIP's ``Replayed_MST`` keeps 250 per phase); the memory, prompts tokenized (a
+label names another class on another MTIL dataset), is handed on between tasks as the method
+state. On the named benchmarks the reference set is ``<benchmark>.reference_set``
 (``clip_continual.data.reference``) and training images read from files are kept as pixels at
 the model's resolution, where the reference set is decoded too. The replayed batch has the training batch's size (CL-CLIP's replay loader
 shares ``--batch``).
@@ -53,6 +54,7 @@ class AveragedGEM(FineTuning):
         self.per_task_memory = int(per_task_memory)
         self.reference_batch_size = None if reference_batch_size is None else int(reference_batch_size)
         self.memory: Exemplars | None = None
+        self.memory_tokens: np.ndarray | None = None  # each memory image's class prompt, tokenized
         self._pairs: tuple[np.ndarray, torch.Tensor, np.ndarray] | None = None
 
     def before_task(self, task: TaskContext) -> None:
@@ -68,8 +70,9 @@ class AveragedGEM(FineTuning):
                 f"reference images are {reference.images.shape[1:]}, training images {shape}; "
                 "prepare both at one image size"
             )
+        self.memory_tokens = self._stored_tokens(task)
         tokens = torch.cat([task.tokenize(list(reference.captions[:, 0])),
-                            task.class_tokens[torch.as_tensor(self.memory.labels, device=task.device)]])
+                            torch.as_tensor(self.memory_tokens, device=task.device)])
         images = np.concatenate([reference.images, self.memory.images])
         groups = np.concatenate([np.full(len(reference), REFERENCE_GROUP), self.memory.tasks])
         self._pairs = (images, tokens, groups)
@@ -82,9 +85,21 @@ class AveragedGEM(FineTuning):
         added = random_exemplars(task.train_images, task.current_classes.tolist(), self.per_task_memory,
                                  task.task_index, rng)
         self.memory = self.memory.plus(added)
+        added_tokens = task.class_tokens[torch.as_tensor(added.labels, device=task.device)].cpu().numpy()
+        self.memory_tokens = np.concatenate([self.memory_tokens, added_tokens.astype(np.int64)])
+
+    def _stored_tokens(self, task: TaskContext) -> np.ndarray:
+        """The memory's prompts as the tasks that added it tokenized them: a label means another
+        class on another dataset (MTIL), so the prompt travels with the image."""
+        stored = task.previous_state.get("memory_tokens")
+        if stored is not None:
+            return np.asarray(stored, np.int64)
+        return task.class_tokens[torch.as_tensor(self.memory.labels, device=task.device)].cpu().numpy().astype(np.int64)
 
     def export_state(self) -> dict[str, np.ndarray]:
-        return {} if self.memory is None else self.memory.to_state()
+        if self.memory is None:
+            return {}
+        return {**self.memory.to_state(), "memory_tokens": self.memory_tokens}
 
     def replay_gradient(self, student: nn.Module, parameters: list[nn.Parameter], rows: np.ndarray,
                         task: TaskContext) -> torch.Tensor:
