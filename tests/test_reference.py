@@ -62,6 +62,9 @@ def test_a_missing_reference_names_the_parameter_only_when_the_method_needs_one(
         check_reference({"pairs": None, "images": "x", "captions": "y"}, "agem", "mtil_order1.reference")
     with pytest.raises(ReferenceConfigError, match=r"set mtil_order1\.reference\.pairs, or mtil_order1\.reference\.images and"):
         check_reference({"pairs": None, "images": None, "captions": None}, "zscl", "mtil_order1.reference")
+    unpaired = {"pairs": None, "images": str(tmp_path / "imagenet" / "train"), "captions": "x.tsv"}
+    with pytest.raises(MissingInputError, match=r"mtil_order1\.reference\.images: expected a folder .* ImageNet's train"):
+        check_reference(unpaired, "zscl", "mtil_order1.reference")
     for method in ("ft", "vr_lwf"):
         assert check_reference(params, method, "coco_mst.reference").index is None
     empty = decode_reference(check_reference(params, "ft", "coco_mst.reference"), 16)

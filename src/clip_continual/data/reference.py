@@ -35,12 +35,14 @@ from typing import Any, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from clip_continual.data.common import ImageSet
+from clip_continual.data.common import DataFormatError, ImageSet
 from clip_continual.data.image_folder import image_folder_index
-from clip_continual.data.images import BadImageError, open_image
+from clip_continual.data.images import BadImageError, check_images_present, open_image
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.loading import ModelResolutionArray
-from clip_continual.data.raw_files import EmptyDataError, MissingInputError, RawFormatError, require_file
+from clip_continual.data.raw_files import (
+    EmptyDataError, MissingInputError, RawFormatError, require_file, require_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +57,8 @@ _CAPTIONS_FIX = ("a Conceptual Captions file: Validation_GCC-1.1.0-Validation.ts
                  "(caption<TAB>url per line) or gather_cc's *_output.csv (ZSCL: the validation captions)")
 
 
-class ReferenceConfigError(MissingInputError):
-    """The chosen method needs a reference set and ``<benchmark>.reference`` does not give one."""
+class ReferenceConfigError(DataFormatError):
+    """``<benchmark>.reference`` does not give what the chosen method needs, or a bad size."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,9 @@ def reference_source(settings: ReferenceSettings, method: str, paired: bool) -> 
     ``paired`` method (A-GEM, GEM) needs ``pairs``. Raises one error naming the parameter."""
     owner = settings.owner
     if settings.pairs is not None:
-        return ReferenceSource(read_pairs(settings.pairs, f"{owner}.pairs", settings.size, settings.seed))
+        index = read_pairs(settings.pairs, f"{owner}.pairs", settings.size, settings.seed)
+        check_images_present(index, f"{owner}.pairs", f"Keep the images where the file names them ({_PAIRS_FIX}).")
+        return ReferenceSource(index)
     if paired:
         raise _missing(f"method '{method}' replays image-caption pairs and {owner}.pairs is null",
                        f"{owner}.pairs", _PAIRS_FIX)
@@ -177,6 +181,7 @@ def reference_source(settings: ReferenceSettings, method: str, paired: bool) -> 
         raise _missing(f"method '{method}' needs a reference set and {owner} gives none",
                        f"{owner}.pairs, or {owner}.images and {owner}.captions",
                        f"{_PAIRS_FIX}; or {_IMAGES_FIX}, and {_CAPTIONS_FIX}")
+    require_folder(settings.images, f"{owner}.images", f"Put {_IMAGES_FIX} there.")
     index = image_folder_index(settings.images, name="reference")
     captions = read_caption_file(settings.captions, f"{owner}.captions")
     if settings.captions_size is not None and settings.captions_size < len(captions):
