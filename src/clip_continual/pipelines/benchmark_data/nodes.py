@@ -104,6 +104,7 @@ def check_inputs(
     LoaderConfig.from_params(loader)
     ShardSettings(**preparation)
     resolve_pretrained(_spec(model))
+    reference_files = check_reference(reference, method, owner)
     indexes = []
     for split in splits:
         index = RAW_SPLITS[split](data)
@@ -111,7 +112,7 @@ def check_inputs(
             raise DataFormatError(f"the raw split '{split}' has no examples; check the folder behind it")
         logger.info("raw split %s: %d examples, %d classes (%s)", split, len(index), len(index.class_names), index.root)
         indexes.append(index)
-    return (*indexes, check_reference(reference, method, owner))
+    return (*indexes, reference_files)
 
 
 def prepare_reference_set(source: ReferenceSource, model: ClipModel) -> ImageSet:
