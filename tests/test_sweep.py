@@ -61,7 +61,8 @@ def swept(finished, tmp_path_factory):
         pretrained_seeds.append(config.seed)
         return real_pretrain(start, corpus, config, *args, **kwargs)
 
-    runs = sweep.planned_runs([sweep.Variant("ft"), sweep.Variant("lwf")], [0, 1])
+    runs = sweep.planned_runs([sweep.Variant("ft"), sweep.Variant.parse("lwf:continual_learning.training.lr=0.001")],
+                              [0, 1])
     with pytest.MonkeyPatch.context() as patch, _running_in(project):
         patch.setattr(pretraining_nodes, "pretrain", counting_pretrain)
         sweep.run_sweep(project, runs)
@@ -75,6 +76,9 @@ def test_each_method_and_seed_is_one_finished_run(swept):
     assert sorted((run.data.params["method"], run.data.params["seed"]) for run in runs) == [
         ("ft", "0"), ("ft", "1"), ("lwf", "0"), ("lwf", "1")]
     assert all(run.info.status == "FINISHED" for run in runs)
+    # The variant's own setting names it, so compare keeps it apart from plain lwf.
+    assert {run.data.tags["variant"] for run in runs} == {"ft", "lwf (alpha=1.0, lr=0.001)"}
+    assert "digits_mst/lwf/alpha=1.0/lr=0.001/seed=1" in {run.info.run_name for run in runs}
 
 
 def test_pretraining_runs_once_per_new_seed(swept):
@@ -94,10 +98,10 @@ def test_compare_reports_mean_and_std_over_seeds(swept):
     for metric in ("ut_acc", "zs_acc", "mean_learning_acc", "i2t_r1", "wall_time_per_task_s"):
         assert table.loc["ft", metric] == pytest.approx(ft[metric].mean())
         assert table.loc["ft", f"{metric}_std"] == pytest.approx(ft[metric].std(ddof=1))
-    assert table.loc["lwf (alpha=1.0)", "seeds"] == 2
+    assert table.loc["lwf (alpha=1.0, lr=0.001)", "seeds"] == 2
     # What a task costs sits beside the metrics: the whole micro model trains, every task takes time.
     assert (per_run["trainable_parameters"] > 0).all() and (per_run["wall_time_per_task_s"] > 0).all()
-    assert table.loc["ft", "trainable_parameters"] == table.loc["lwf (alpha=1.0)", "trainable_parameters"]
+    assert table.loc["ft", "trainable_parameters"] == table.loc["lwf (alpha=1.0, lr=0.001)", "trainable_parameters"]
     assert (reporting / "method_comparison.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -109,3 +113,20 @@ def test_sweep_runs_only_the_pipeline_asked_for(swept, tmp_path):
     # the continual sequence ran; the pretraining pipeline (whose metrics it would log) did not
     assert "continual/zs_acc" in run.data.metrics
     assert not any(name.startswith("pretraining/") for name in run.data.metrics)
+
+
+def test_a_variant_is_the_method_and_the_training_settings_its_command_changed():
+    from clip_continual.tracking import variant_label, variant_overrides
+
+    defaults = {"seed": 0, "continual_learning": {
+        "alpha": 1.0, "training": {"lr": 1e-4, "steps": 50, "progress": True},
+        "methods": {"moe_adapters": {"top_k": 2}, "icarl": {"per_class": 20}}},
+        "coco_ost": {"continual_learning": {"training": {"lr": 1e-6}}}}
+    command = {"seed": 3, "continual_learning.training.lr": 1e-3,                  # dotted, as --params
+               "continual_learning": {"training": {"steps": 50, "progress": False},  # unchanged; display only
+                                      "methods": {"moe_adapters": {"top_k": 4}, "icarl": {"per_class": 5}}},
+               "coco_ost": {"continual_learning": {"training": {"lr": 1e-5}}}}
+    overrides = variant_overrides(command, defaults, "moe_adapters")
+    assert overrides == {"lr": 1e-3, "coco_ost.lr": 1e-5, "top_k": 4}
+    assert variant_label("moe_adapters", None, {"lr": 0.001, "top_k": 4}) == "moe_adapters (lr=0.001, top_k=4)"
+    assert variant_label("vr_lwf", 1.0, {}) == "vr_lwf (alpha=1.0)" and variant_label("ft", None, {}) == "ft"

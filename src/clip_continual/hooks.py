@@ -124,6 +124,7 @@ class MlflowTrackingHook(MlflowHook):
     def __init__(self) -> None:
         super().__init__()
         self._params: dict[str, Any] = {}
+        self._overrides: dict[str, Any] = {}
         self._enabled = True
         self._signals: Any = None
 
@@ -133,6 +134,10 @@ class MlflowTrackingHook(MlflowHook):
         self._enabled = bool((self._params.get("tracking") or {}).get("enabled", True))
         if not self._enabled:
             return
+        # A variant is what the command changed (--params, a sweep's variant); conf/local is
+        # every run's setting.
+        self._overrides = tracking.variant_overrides(getattr(context.config_loader, "runtime_params", None) or {},
+                                                     _base_parameters(context), self._params.get("method"))
         tracking.probe_store(_configured_store(context))
         tracking.end_run_left_open("KILLED")  # one this process left open (interrupted in-process)
         super().after_context_created(context)
@@ -140,14 +145,17 @@ class MlflowTrackingHook(MlflowHook):
         tracking.mark_experiment_kind(uri, experiment)
         tracking.close_abandoned_runs(uri, experiment)
 
+    def _alpha(self) -> Any:
+        method = self._params.get("method")
+        alpha = (self._params.get("continual_learning") or {}).get("alpha")
+        return effective_alpha(method, alpha) if method in METHODS else alpha
+
     def _run_name(self, run_params: dict[str, Any], pipeline) -> str:
         seed = self._params.get("seed")
         if not any("training" in node.tags for node in pipeline.nodes):
             return run_name("+".join(run_params.get("pipeline_names") or ["__default__"]), seed=seed)
-        method = self._params.get("method")
-        alpha = (self._params.get("continual_learning") or {}).get("alpha")
-        alpha = effective_alpha(method, alpha) if method in METHODS else alpha
-        return run_name(_benchmark_of(run_params.get("pipeline_names")), method, alpha, seed)
+        return run_name(_benchmark_of(run_params.get("pipeline_names")), self._params.get("method"),
+                        self._alpha(), seed, self._overrides)
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -166,6 +174,8 @@ class MlflowTrackingHook(MlflowHook):
         mlflow.set_tags({
             "benchmark": _benchmark_of(run_params.get("pipeline_names")),
             "method": self._params.get("method", "unknown"),
+            tracking.VARIANT_TAG: tracking.variant_label(self._params.get("method", "unknown"), self._alpha(),
+                                                         self._overrides),
             "run_key": current_run_key(),
             **tracking.run_identity_tags(),
         })

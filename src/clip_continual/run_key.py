@@ -131,11 +131,13 @@ def project_parameters(start: Path | None = None) -> dict[str, Any]:
         return {}
 
 
-def run_name(what: str, method: str | None = None, alpha: Any = None, seed: Any = None) -> str:
+def run_name(what: str, method: str | None = None, alpha: Any = None, seed: Any = None,
+             settings: dict[str, Any] | None = None) -> str:
     """What a run ran, as MLflow names it and the plots title it, e.g.
     ``digits_mst/vr_lwf/alpha=1.0/seed=0``; ``what`` is the benchmark, or the pipelines of a
     run without a continual sequence (``data_preparation+pretraining/seed=0``). A method
     without a distillation weight (``ft``) gets no ``alpha``."""
     parts = [what, method, None if alpha is None else f"alpha={alpha}",
+             *(f"{key}={value}" for key, value in sorted((settings or {}).items())),
              None if seed is None else f"seed={seed}"]
     return "/".join(str(part) for part in parts if part is not None)

@@ -58,6 +58,7 @@ def log_metrics(metrics: dict[str, float], step: int) -> None:
 FINAL_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc", "seen_acc",
                  "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 PROBE_TIMEOUT_S = 5.0
+VARIANT_TAG = "variant"  # what compare groups seeds by: the method and the settings it changed
 HOST_TAG, PID_TAG, HEARTBEAT_TAG = "clip_continual.host", "clip_continual.pid", "clip_continual.heartbeat"
 TRACKING_OFF_HINT = ("point MLFLOW_TRACKING_URI (or server.mlflow_tracking_uri in conf/<env>/mlflow.yml) "
                      "at a reachable store, or run without tracking: --params tracking.enabled=false")
@@ -305,13 +306,68 @@ def why_not_a_result(client: Any, run: Any) -> str | None:
     return f"incomplete sequence: no metrics for step(s) {missing}" if missing else None
 
 
+# Settings that change how a run is shown or where it runs, not what it computes.
+_NOT_A_VARIANT = frozenset({"alpha", "progress", "log_every", "device", "distributed"})
+
+
+def _leaves(tree: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {path: tree}
+    # ``--params a.b=1`` may arrive as {"a.b": 1}: a dotted key is a path too.
+    return {leaf: value for key, child in tree.items()
+            for leaf, value in _leaves(child, (*path, *str(key).split("."))).items()}
+
+
+def _variant_setting(path: tuple[str, ...], method: str | None) -> str | None:
+    """``continual_learning.training.lr`` -> ``lr``; ``coco_ost.continual_learning.training.lr``
+    -> ``coco_ost.lr``; ``continual_learning.methods.icarl.per_class`` -> ``per_class`` (for
+    icarl only); None for what is not a training setting."""
+    if "continual_learning" in path:
+        owner = path[:path.index("continual_learning")]  # a named benchmark's own block
+        rest = path[len(owner) + 1:]
+    elif path[:1] == ("vocabulary_replay",):
+        owner, rest = (), path
+    else:
+        return None
+    if rest[:1] == ("training",):
+        rest = rest[1:]
+    elif rest[:1] == ("methods",):
+        rest = rest[2:] if rest[1:2] == (method,) else ()
+    if not rest or _NOT_A_VARIANT & set(rest):
+        return None
+    return ".".join((*owner, *rest))
+
+
+def variant_overrides(params: dict[str, Any], defaults: dict[str, Any], method: str | None) -> dict[str, Any]:
+    """The training settings of ``params`` (a run's ``--params``) that differ from conf/base, by
+    short name (``lr``, ``steps``, ``per_class``): what makes ``moe_adapters`` at lr 1e-3 a
+    variant of its own in ``compare``. Looks at every ``continual_learning`` block (the
+    benchmarks' own included), the method's own options only, and the replayed vocabulary; the
+    seed, data paths and the like are not variants."""
+    base, overrides = _leaves(defaults), {}
+    for path, value in _leaves(params).items():
+        name = _variant_setting(path, method)
+        if name and base.get(path, object()) != value:
+            overrides[name] = value
+    return overrides
+
+
+def variant_label(method: str | None, alpha: Any, overrides: dict[str, Any]) -> str | None:
+    """``vr_lwf (alpha=1.0)``, ``moe_adapters (lr=0.001)``, ``ft``: one row per label in compare."""
+    settings = ([] if alpha in (None, "None", "null", "") else [f"alpha={alpha}"]) + [
+        f"{key}={value}" for key, value in sorted(overrides.items())]
+    return f"{method} ({', '.join(settings)})" if settings and method else method
+
+
 def _variant(run: Any) -> str | None:
     from clip_continual.methods import METHODS, method_takes_alpha
 
-    method = run.data.tags.get("method")
+    if VARIANT_TAG in run.data.tags:
+        return run.data.tags[VARIANT_TAG]
+    method = run.data.tags.get("method")  # runs logged before the variant tag
     alpha = run.data.params.get("continual_learning.alpha", "None")
-    weighted = alpha not in ("None", "null", "") and method in METHODS and method_takes_alpha(method)
-    return f"{method} (alpha={alpha})" if weighted else method
+    weighted = method in METHODS and method_takes_alpha(method)
+    return variant_label(method, alpha if weighted else None, {})
 
 
 def task_costs(client: Any, run_id: str) -> dict[str, float | None]:
