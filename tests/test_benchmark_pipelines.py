@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from project_helpers import make_project, mlflow_runs, run_folders, run_pipeline, store_uri
-from realdata_fixtures import write_coco2014, write_eurosat, write_flickr30k, write_image_folder
+from realdata_fixtures import (
+    write_coco2014, write_eurosat, write_flickr30k, write_image_folder, write_img2dataset_pairs,
+)
 
 TASKS = tuple(f"task_{k}" for k in range(1, 9))
 
@@ -49,10 +51,17 @@ def _coco_project(tmp_path: Path, workers: int) -> tuple[Path, dict]:
     return project, data
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_coco_mst_runs_end_to_end_through_the_dataloader_and_resumes(tmp_path, workers):
-    project, _ = _coco_project(tmp_path, workers)
-    run_pipeline(project, ["coco_mst"])
+@pytest.mark.parametrize("workers, method", [(0, "vr_lwf"), (2, "agem")])
+def test_coco_mst_runs_end_to_end_through_the_dataloader_and_resumes(tmp_path, workers, method):
+    """With DataLoader workers, agem: CL-CLIP's replay of LAION pairs (img2dataset's layout)
+    plus a memory of each finished phase's training crops, read through the loader."""
+    project, data = _coco_project(tmp_path, workers)
+    if method == "agem":
+        write_img2dataset_pairs(tmp_path / "raw" / "laion", 12)
+        local = project / "conf" / "local" / "parameters_coco_mst.yml"
+        local.write_text(yaml.safe_dump({"coco_mst": {**_benchmark_parameters(data, workers), "reference": {
+            "pairs": str(tmp_path / "raw" / "laion"), "size": 8}}}))
+    run_pipeline(project, ["coco_mst"], params={"method": method})
 
     prepared = project / "data" / "04_feature"
     manifests = {p.name: json.loads((p / "manifest.json").read_text()) for p in prepared.iterdir()}
@@ -73,7 +82,10 @@ def test_coco_mst_runs_end_to_end_through_the_dataloader_and_resumes(tmp_path, w
     (run,) = mlflow_runs(store_uri(project))
     assert run.info.status == "FINISHED" and run.data.metrics["data/coco_train/images"] == 160
     assert "continual/retrieval/prepared_flickr_retrieval/t2i_r1" in run.data.metrics
-    if workers:
+    if method == "agem":
+        with np.load(folder / "task_3_method_state.npz") as memory:  # each finished phase's crops
+            assert len(memory["memory_tokens"]) == len(memory["memory_labels"]) > 0
+            assert len(np.unique(memory["memory_tasks"])) == 3 and memory["memory_labels"].max() < 30
         return
 
     # An interrupted sequence: the last two tasks lost; the prepared shards stay as they are.
