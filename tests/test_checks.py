@@ -70,6 +70,26 @@ def test_non_finite_wrongly_typed_and_out_of_range_values_are_refused(defaults, 
     assert expected in str(error.value)
 
 
+def test_a_named_benchmark_takes_any_method_option_for_itself(defaults):
+    from clip_continual.pipelines.continual_learning.nodes import with_method_defaults
+
+    params = copy.deepcopy(defaults)
+    params["method"] = "icarl"
+    params["coco_ost"]["continual_learning"]["methods"] = {"ewc": {"penalty": 10.0}}
+    check_parameters(params, defaults)
+    assert defaults["mtil_order1"]["continual_learning"]["methods"]["icarl"]["budget"] == 10000  # ZSCL's
+    merged = with_method_defaults(params["mtil_order1"]["continual_learning"], defaults["continual_learning"]["methods"])
+    assert merged["methods"]["icarl"] == {**defaults["continual_learning"]["methods"]["icarl"], "budget": 10000}
+    assert merged["methods"]["ewc"] == defaults["continual_learning"]["methods"]["ewc"]
+    for dotted, value, expected in [
+        ("mtil_order1.continual_learning.methods.icarl.budgte", 3, "did you mean 'mtil_order1.continual_learning.methods.icarl.budget'"),
+        ("mtil_order1.continual_learning.methods.icarl.budget", -3, "mtil_order1.continual_learning: budget must be"),
+    ]:
+        with pytest.raises(ParameterError) as error:
+            check_parameters(_changed(params, dotted, value), defaults)
+        assert expected in str(error.value)
+
+
 def test_user_keyed_blocks_take_new_keys(defaults):
     params = _changed(defaults, "prompts.cars", "a photo of a {}")
     params["continual_learning"]["training"]["method_options"] = {"label_smoothing": 0.1}

@@ -126,10 +126,18 @@ def _check_method(params: Mapping[str, Any]) -> None:
 
 
 def _check_continual_learning(params: Mapping[str, Any]) -> None:
-    from clip_continual.pipelines.continual_learning.nodes import training_config
+    from clip_continual.pipelines.continual_learning.nodes import training_config, with_method_defaults
 
-    training_config(params.get("method"), dict(params.get("continual_learning") or {}),
-                    params.get("seed", 0), default_teacher="previous")
+    top = dict(params.get("continual_learning") or {})
+    training_config(params.get("method"), top, params.get("seed", 0), default_teacher="previous")
+    for name, block in params.items():  # the named benchmarks' own settings and method options
+        own = block.get("continual_learning") if isinstance(block, Mapping) else None
+        if name != "continual_learning" and isinstance(own, Mapping):
+            try:
+                training_config(params.get("method"), with_method_defaults(dict(own), top.get("methods")),
+                                params.get("seed", 0), default_teacher="previous")
+            except ValueError as error:
+                raise ValueError(f"{name}.continual_learning: {error}") from error
 
 
 def _check_pretraining(params: Mapping[str, Any]) -> None:
@@ -179,10 +187,24 @@ BLOCK_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
 }
 
 
+def with_inherited_method_options(defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Every named benchmark's ``continual_learning`` knows the methods' options of the top level
+    (``continual_learning.methods``): a benchmark may set any of them for itself."""
+    methods = (defaults.get("continual_learning") or {}).get("methods")
+    if not isinstance(methods, Mapping):
+        return dict(defaults)
+    inherited = dict(defaults)
+    for name, block in defaults.items():
+        own = block.get("continual_learning") if isinstance(block, Mapping) else None
+        if name != "continual_learning" and isinstance(own, Mapping):
+            inherited[name] = {**block, "continual_learning": {**own, "methods": methods}}
+    return inherited
+
+
 def check_parameters(params: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
     """Raise one ``ParameterError`` listing every unknown key, wrong type, non-finite or
     out-of-range value of ``params`` (the run's parameters) against ``defaults`` (conf/base)."""
-    problems = schema_problems(params, defaults)
+    problems = schema_problems(params, with_inherited_method_options(defaults))
     if not problems:  # range rules assume the types are right
         for block, check in BLOCK_CHECKS.items():
             try:

@@ -4,6 +4,7 @@ prepare each split once as shards, and load the CLIP the benchmark starts from."
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Callable
 
 from clip_continual.data.coco import coco_crops
@@ -18,7 +19,7 @@ from clip_continual.data.shards import ShardRequest, ShardSettings
 from clip_continual.data.tiered_imagenet import tiered_imagenet_test_index
 from clip_continual.data.torchvision_sets import SPECS, load_split
 from clip_continual.methods import method_class
-from clip_continual.models import ClipModel, ModelSpec, build_model, resolve_pretrained
+from clip_continual.models import ClipModel, ModelError, ModelSpec, build_model, resolve_pretrained
 from clip_continual.pipelines.continual_learning.nodes import training_config
 
 logger = logging.getLogger(__name__)
@@ -94,17 +95,20 @@ def check_reference(reference: dict[str, Any], method: str, owner: str) -> Refer
 def check_inputs(
     data: dict[str, Any], continual: dict[str, Any], loader: dict[str, Any], model: dict[str, Any],
     preparation: dict[str, Any], reference: dict[str, Any], method: str, seed: int, *,
-    splits: tuple[str, ...], default_teacher: str, owner: str,
+    splits: tuple[str, ...], default_teacher: str, benchmark: str,
 ) -> tuple[ImageIndex | ReferenceSource, ...]:
     """Every setting and raw-data layout of the benchmark, checked before anything spends
     minutes; returns the raw splits (indices: file lists, boxes, labels), in ``splits`` order,
-    then the reference set's source (``owner``: its parameters' name, for messages).
+    then the reference set's source (``benchmark``: the parameters' block, for messages).
     A bad input raises one error naming the file or setting and how to fix it."""
     training_config(method, continual, seed, default_teacher)
     LoaderConfig.from_params(loader)
     ShardSettings(**preparation)
-    resolve_pretrained(_spec(model))
-    reference_files = check_reference(reference, method, owner)
+    try:
+        resolve_pretrained(_spec(model))
+    except ModelError as error:  # its fix names `model.pretrained`: here it is the benchmark's own
+        raise type(error)(re.sub(r"\bmodel\.(pretrained|architecture)", rf"{benchmark}.model.\1", str(error))) from None
+    reference_files = check_reference(reference, method, f"{benchmark}.reference")
     indexes = []
     for split in splits:
         index = RAW_SPLITS[split](data)

@@ -24,7 +24,7 @@ def create_pipeline(benchmark: Benchmark, **kwargs) -> Pipeline:
     block = benchmark.params_block
     check = Node(
         bind(nodes.check_inputs, splits=splits, default_teacher=benchmark.default_teacher,
-             owner=f"{benchmark.params}.reference"),
+             benchmark=benchmark.params),
         inputs=[block("data"), block("continual_learning"), block("loader"), block("model"),
                 block("preparation"), block("reference"), "params:method", block("seed")],
         outputs=[*(f"{benchmark.name}.raw_{split}" for split in splits), f"{benchmark.name}.raw_reference"],

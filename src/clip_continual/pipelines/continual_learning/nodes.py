@@ -71,6 +71,7 @@ def fine_tune_task(
     tracking: dict[str, Any],
     seed: int,
     loader: dict[str, Any] | None = None,
+    method_defaults: dict[str, Any] | None = None,
     reference_set: ImageSet | None = None,
     pretrained_model: ClipModel | None = None,
     previous_method_state: dict[str, np.ndarray] | None = None,
@@ -81,7 +82,7 @@ def fine_tune_task(
     """Train task ``task_index``; also returns what the method hands to the next task.
     Parameters come before the optional datasets: Kedro's parameter check maps inputs by position."""
     task = benchmark.tasks[task_index - 1]
-    params = task_params(params, task.name)
+    params = task_params(with_method_defaults(params, method_defaults), task.name)
     config = training_config(method, params, seed, benchmark.default_teacher)
     distributed = DistributedConfig.from_params((params.get("training") or {}).get("distributed"))
     continual_method = config.build_method()
@@ -127,6 +128,17 @@ def templates_for(prompts: dict[str, Any], key: str) -> list[str]:
     if value is None:
         raise KeyError(f"no prompt template '{key}' in the benchmark's prompts parameters")
     return [value] if isinstance(value, str) else list(value)
+
+
+def with_method_defaults(params: dict[str, Any], method_defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """A named benchmark's ``continual_learning`` with every method's options of the top-level
+    ``continual_learning.methods``, its own ``methods`` (e.g. ZSCL's iCaRL memory on MTIL) over them."""
+    if not method_defaults:
+        return params
+    own = params.get("methods") or {}
+    names = set(method_defaults) | set(own)
+    return {**params, "methods": {name: {**(method_defaults.get(name) or {}), **(own.get(name) or {})}
+                                  for name in names}}
 
 
 def task_params(params: dict[str, Any], task: str) -> dict[str, Any]:

@@ -105,6 +105,7 @@ def _task_pipeline(benchmark: Benchmark, index: int, start: str, previous: str) 
     # inputs by position.
     if benchmark.params:
         fine_tune_inputs["loader"] = benchmark.params_block("loader")
+        fine_tune_inputs["method_defaults"] = "params:continual_learning.methods"
     if benchmark.reference_set:
         fine_tune_inputs["reference_set"] = benchmark.reference_set
     if index > 1:  # `teacher: pretrained` needs it after task_1; the method's state is handed on
