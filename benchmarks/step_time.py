@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--images", type=int, default=500, help="training-set size")
-    parser.add_argument("--architecture", default="clip-continual-tiny")
+    parser.add_argument("--architecture", default="clip-continual-tiny-p8")  # the embedded default
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated (default: every registered method); add 'reference' "
                              "for the straightforward VR-LwF")
