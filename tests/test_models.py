@@ -12,6 +12,7 @@ from clip_continual.models import (
     build_model,
     encode_text,
     load_checkpoint,
+    resolve_pretrained,
     save_checkpoint,
     set_trainable_parts,
     text_tower_parameters,
@@ -65,8 +66,12 @@ def test_real_network_probe_answers_quickly():
 def test_unknown_tag_and_missing_file_are_clear_errors(tmp_path):
     with pytest.raises(PretrainedWeightsUnavailable, match="neither a local file nor a pretrained tag"):
         build_model(ModelSpec("clip-continual-micro", pretrained="laion9000"))
-    with pytest.raises(PretrainedWeightsUnavailable, match="does not exist"):
+    with pytest.raises(PretrainedWeightsUnavailable, match="does not exist. Point `model.pretrained`"):
         build_model(ModelSpec("clip-continual-micro", pretrained=str(tmp_path / "weights.pt")))
+    # A named benchmark's own model block is the setting to fix.
+    with pytest.raises(PretrainedWeightsUnavailable, match="Point `coco_ost.model.pretrained`"):
+        resolve_pretrained(ModelSpec("clip-continual-micro", pretrained=str(tmp_path / "weights.pt")),
+                           setting="coco_ost.model")
 
 
 def test_local_state_dict_file_is_loaded(tmp_path, micro):

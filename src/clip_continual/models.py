@@ -212,11 +212,12 @@ def _cached_hub_file(hf_hub: str, cache_dir: str | None) -> str | None:
     return None
 
 
-def resolve_pretrained(spec: ModelSpec) -> str | None:
+def resolve_pretrained(spec: ModelSpec, setting: str = "model") -> str | None:
     """Turn ``spec.pretrained`` into what open_clip should load: None, a local file or a tag.
 
     A tag whose weights are not cached is only passed on when the download host answers;
-    otherwise this fails at once with advice instead of minutes of hub retries.
+    otherwise this fails at once with advice instead of minutes of hub retries. ``setting`` is
+    the parameters block the spec comes from (``coco_ost.model``), named in the advice.
     """
     source = spec.pretrained
     if source in (None, "", "none", "None"):
@@ -226,7 +227,7 @@ def resolve_pretrained(spec: ModelSpec) -> str | None:
         return str(path)
     if path.suffix in WEIGHT_FILE_SUFFIXES or os.sep in source:
         raise PretrainedWeightsUnavailable(
-            f"pretrained weights file '{source}' does not exist. Point `model.pretrained` at an existing "
+            f"pretrained weights file '{source}' does not exist. Point `{setting}.pretrained` at an existing "
             f"weights file, an open_clip tag, or null for random initialisation."
         )
     cfg = open_clip.get_pretrained_cfg(spec.architecture, source)
@@ -246,8 +247,8 @@ def resolve_pretrained(spec: ModelSpec) -> str | None:
         raise PretrainedWeightsUnavailable(
             f"cannot download the '{source}' weights of {spec.architecture}: {host} is not "
             f"reachable (offline?). Download the weights file on a machine with internet access "
-            f"and set `model.pretrained` to its local path (e.g. --params "
-            f"\"model.pretrained=/path/to/{spec.architecture}-{source}.bin\")."
+            f"and set `{setting}.pretrained` to its local path (e.g. --params "
+            f"\"{setting}.pretrained=/path/to/{spec.architecture}-{source}.bin\")."
         )
     return source
 

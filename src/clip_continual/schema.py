@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 # Blocks whose keys are chosen by the user, not by the project; only their values are checked.
 OPEN_BLOCKS = frozenset({"prompts", "continual_learning.training.method_options",
@@ -125,19 +125,25 @@ def _check_method(params: Mapping[str, Any]) -> None:
     method_class(params.get("method"))
 
 
+def benchmark_continual_blocks(params: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(name, its ``continual_learning``) of every named benchmark's parameters block."""
+    for name, block in params.items():
+        own = block.get("continual_learning") if isinstance(block, Mapping) else None
+        if name != "continual_learning" and isinstance(own, Mapping):
+            yield name, own
+
+
 def _check_continual_learning(params: Mapping[str, Any]) -> None:
     from clip_continual.pipelines.continual_learning.nodes import training_config, with_method_defaults
 
     top = dict(params.get("continual_learning") or {})
     training_config(params.get("method"), top, params.get("seed", 0), default_teacher="previous")
-    for name, block in params.items():  # the named benchmarks' own settings and method options
-        own = block.get("continual_learning") if isinstance(block, Mapping) else None
-        if name != "continual_learning" and isinstance(own, Mapping):
-            try:
-                training_config(params.get("method"), with_method_defaults(dict(own), top.get("methods")),
-                                params.get("seed", 0), default_teacher="previous")
-            except ValueError as error:
-                raise ValueError(f"{name}.continual_learning: {error}") from error
+    for name, own in benchmark_continual_blocks(params):  # their own settings and method options
+        try:
+            training_config(params.get("method"), with_method_defaults(dict(own), top.get("methods")),
+                            params.get("seed", 0), default_teacher="previous")
+        except ValueError as error:
+            raise ValueError(f"{name}.continual_learning: {error}") from error
 
 
 def _check_pretraining(params: Mapping[str, Any]) -> None:
@@ -194,10 +200,8 @@ def with_inherited_method_options(defaults: Mapping[str, Any]) -> dict[str, Any]
     if not isinstance(methods, Mapping):
         return dict(defaults)
     inherited = dict(defaults)
-    for name, block in defaults.items():
-        own = block.get("continual_learning") if isinstance(block, Mapping) else None
-        if name != "continual_learning" and isinstance(own, Mapping):
-            inherited[name] = {**block, "continual_learning": {**own, "methods": methods}}
+    for name, own in benchmark_continual_blocks(defaults):
+        inherited[name] = {**defaults[name], "continual_learning": {**own, "methods": methods}}
     return inherited
 
 

@@ -4,7 +4,6 @@ prepare each split once as shards, and load the CLIP the benchmark starts from."
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Callable
 
 from clip_continual.data.coco import coco_crops
@@ -19,7 +18,7 @@ from clip_continual.data.shards import ShardRequest, ShardSettings
 from clip_continual.data.tiered_imagenet import tiered_imagenet_test_index
 from clip_continual.data.torchvision_sets import SPECS, load_split
 from clip_continual.methods import method_class
-from clip_continual.models import ClipModel, ModelError, ModelSpec, build_model, resolve_pretrained
+from clip_continual.models import ClipModel, ModelSpec, build_model, resolve_pretrained
 from clip_continual.pipelines.continual_learning.nodes import training_config
 
 logger = logging.getLogger(__name__)
@@ -104,10 +103,7 @@ def check_inputs(
     training_config(method, continual, seed, default_teacher)
     LoaderConfig.from_params(loader)
     ShardSettings(**preparation)
-    try:
-        resolve_pretrained(_spec(model))
-    except ModelError as error:  # its fix names `model.pretrained`: here it is the benchmark's own
-        raise type(error)(re.sub(r"\bmodel\.(pretrained|architecture)", rf"{benchmark}.model.\1", str(error))) from None
+    resolve_pretrained(_spec(model), setting=f"{benchmark}.model")
     reference_files = check_reference(reference, method, f"{benchmark}.reference")
     indexes = []
     for split in splits:
