@@ -63,6 +63,7 @@ def test_a_typo_at_any_level_is_refused_with_a_suggestion(defaults, dotted, sugg
     ("vocabulary_replay.mode", "bogus", "unknown vocabulary mode 'bogus'"),
     ("continual_learning", 3, "'continual_learning' must be a block of settings"),
     ("pretraining.enabled", "no", "'pretraining.enabled' must be true or false"),
+    ("pretraining.sparse_token_embedding", "yes", "'pretraining.sparse_token_embedding' must be true or false"),
 ])
 def test_non_finite_wrongly_typed_and_out_of_range_values_are_refused(defaults, dotted, value, expected):
     with pytest.raises(ParameterError, match="invalid parameters") as error:

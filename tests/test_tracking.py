@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from clip_continual.run_key import compute_run_key
 from clip_continual.tracking import (
-    DEFAULT_STORE_FILE, NoRunsToCompare, default_artifact_location, log_metrics, metric_history,
+    DEFAULT_STORE_FILE, BatchedMetrics, NoRunsToCompare, default_artifact_location, log_metrics, metric_history,
     parameters_to_log, tracking_uri,
 )
 from project_helpers import (
@@ -240,6 +240,27 @@ def test_log_metrics_without_an_active_run_is_a_no_op():
 
     assert mlflow.active_run() is None
     log_metrics({"ut_acc": 0.5}, step=1)  # no error, nothing to log to
+    with BatchedMetrics() as batch:
+        batch.log({"train/loss": 0.5}, step=1)
+    assert batch.pending == []
+
+
+def test_batched_metrics_write_every_point_in_batches_and_on_error():
+    import mlflow
+
+    with mlflow.start_run() as run:  # in the test's own store (conftest)
+        with BatchedMetrics(flush_every_s=3600) as batch:
+            for step in range(1200):  # more than one log_batch call holds
+                batch.log({"train/loss": 1.0 / (step + 1), "train/nan": math.nan}, step=step)
+            assert len(batch.pending) == 200  # 1000 went in one batch; the rest waits
+        with pytest.raises(RuntimeError), BatchedMetrics(flush_every_s=3600) as failing:
+            failing.log({"train/ce": 2.0}, step=7)
+            raise RuntimeError("the task failed")
+    client = MlflowClient()
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(point.step for point in history) == list(range(1200))
+    assert [(p.step, p.value) for p in client.get_metric_history(run.info.run_id, "train/ce")] == [(7, 2.0)]
+    assert client.get_metric_history(run.info.run_id, "train/nan") == []
 
 
 BASE_PARAMS = {

@@ -40,19 +40,68 @@ def default_artifact_location(uri: str) -> str | None:
     return None
 
 
+def _finite_numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {
+        name: float(value)
+        for name, value in metrics.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
+
+
 def log_metrics(metrics: dict[str, float], step: int) -> None:
     """Log finite numeric metrics to the active MLflow run, if there is one."""
     import mlflow
 
     if mlflow.active_run() is None:
         return
-    clean = {
-        name: float(value)
-        for name, value in metrics.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    }
+    clean = _finite_numbers(metrics)
     if clean:
         mlflow.log_metrics(clean, step=int(step))
+
+
+class BatchedMetrics:
+    """Per-iteration metrics for the active MLflow run, written a batch at a time.
+
+    One store write per step cost about 25 ms on a local SQLite store, a tenth of a tiny
+    model's step; a batch every ``flush_every_s`` seconds (and on leaving the ``with`` block,
+    error or not) keeps the run's curves live and complete. A no-op without an active run."""
+
+    MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+    def __init__(self, flush_every_s: float = 10.0) -> None:
+        import mlflow
+
+        run = mlflow.active_run()
+        self.run_id = run.info.run_id if run is not None else None
+        self.flush_every_s = flush_every_s
+        self.pending: list[Any] = []
+        self.last_flush = time.monotonic()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        self.pending += [Metric(name, value, timestamp, int(step))
+                         for name, value in _finite_numbers(metrics).items()]
+        if len(self.pending) >= self.MAX_BATCH or time.monotonic() - self.last_flush >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            from mlflow.tracking import MlflowClient
+
+            for start in range(0, len(self.pending), self.MAX_BATCH):
+                MlflowClient().log_batch(self.run_id, metrics=self.pending[start:start + self.MAX_BATCH])
+            self.pending = []
+        self.last_flush = time.monotonic()
+
+    def __enter__(self) -> BatchedMetrics:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.flush()
 
 
 FINAL_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc", "seen_acc",

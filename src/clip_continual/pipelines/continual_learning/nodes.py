@@ -19,7 +19,7 @@ from clip_continual.sequence_evaluation import evaluate_class_incremental_step, 
 from clip_continual.methods import METHODS, method_takes_alpha
 from clip_continual.models import ClipModel
 from clip_continual.replay import ReplayVocabulary
-from clip_continual.tracking import CONTINUAL_GROUP, TASK_COSTS, TASK_GROUP, log_metrics, metric_history
+from clip_continual.tracking import CONTINUAL_GROUP, TASK_COSTS, TASK_GROUP, BatchedMetrics, metric_history
 from clip_continual.training import TrainingConfig, TrainingConfigError, plan_training
 
 logger = logging.getLogger(__name__)
@@ -94,27 +94,28 @@ def fine_tune_task(
 
     def log_losses(step: int, losses: dict[str, float]) -> None:
         if step % log_every == 0:
-            log_metrics({f"train/{name}": value for name, value in losses.items()}, step=offset + step)
+            batch.log({f"train/{name}": value for name, value in losses.items()}, step=offset + step)
 
-    model, summary = fine_tune_distributed(
-        distributed,
-        start_model,
-        training_source(few_shot_train_set(train_set.restrict_to_classes(classes), params),
-                        LoaderConfig.from_params(loader)),
-        class_prompts(train_set, templates_for(prompts, task.prompt_key or benchmark.suite.updated_prompt_key)[0]),
-        current_classes=list(classes),
-        seen_classes=seen,
-        config=config,
-        vocabulary=vocabulary,
-        teacher=teacher,
-        task_index=task_index,
-        on_step=log_losses,
-        method=continual_method,
-        # Task 1 starts from the pretrained model, which the pipeline hands in only as start_model.
-        extras={"reference_set": reference_set,
-                "pretrained_model": start_model if pretrained_model is None else pretrained_model},
-        previous_state=previous_method_state,
-    )
+    with BatchedMetrics() as batch:
+        model, summary = fine_tune_distributed(
+            distributed,
+            start_model,
+            training_source(few_shot_train_set(train_set.restrict_to_classes(classes), params),
+                            LoaderConfig.from_params(loader)),
+            class_prompts(train_set, templates_for(prompts, task.prompt_key or benchmark.suite.updated_prompt_key)[0]),
+            current_classes=list(classes),
+            seen_classes=seen,
+            config=config,
+            vocabulary=vocabulary,
+            teacher=teacher,
+            task_index=task_index,
+            on_step=log_losses,
+            method=continual_method,
+            # Task 1 starts from the pretrained model, which the pipeline hands in only as start_model.
+            extras={"reference_set": reference_set,
+                    "pretrained_model": start_model if pretrained_model is None else pretrained_model},
+            previous_state=previous_method_state,
+        )
     model.metadata.update({"method": method, "task_index": task_index, "classes": list(classes)})
     return model, summary, continual_method.export_state()
 
