@@ -141,6 +141,17 @@ def test_comparison_over_seeds_gives_mean_sample_std_and_count():
     figure = reporting.comparison_figure(reporting.comparison_table(runs))
     bars = [c for c in figure.axes[0].containers if c.has_xerr or c.has_yerr]
     assert len(bars) == 1  # only ft has several seeds
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert legend == ["ft", "vr_lwf"]  # every method named once, beside the axes
+
+
+def test_comparison_figure_tells_many_methods_apart():
+    methods = [f"method_{i}" for i in range(17)]
+    table = pd.DataFrame({"method": methods, "ut_acc": np.linspace(0.1, 0.5, 17), "zs_acc": 0.9})
+    figure = reporting.comparison_figure(table)
+    points = [container.lines[0] for container in figure.axes[0].containers]
+    assert len(points) == 17
+    assert len({(point.get_color(), point.get_marker()) for point in points}) == 17
 
 
 def test_figures_are_written_as_png(tmp_path):

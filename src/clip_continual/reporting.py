@@ -230,11 +230,17 @@ def _std_column(table: pd.DataFrame, metric: str) -> np.ndarray:
     return table[column].to_numpy(dtype=float)
 
 
+MARKERS = "osD^vP*Xph<>"
+
+
 def comparison_figure(table: pd.DataFrame, run: str | None = None) -> Figure:
-    """ZS-Acc against UT-Acc (fractions) per method, each point labelled, with error bars of one
-    standard deviation over seeds where there are several; dashed lines of equal A-Acc.
-    ``run`` says what was compared (benchmark, seed)."""
-    figure = _new_figure(6.0, 5.0)
+    """ZS-Acc against UT-Acc (fractions) per method, each its own colour and marker, named in a
+    legend beside the axes (labels on the points collide once a dozen methods are close), with
+    error bars of one standard deviation over seeds where there are several; dashed lines of
+    equal A-Acc. ``run`` says what was compared (benchmark, seed)."""
+    from matplotlib import colormaps
+
+    figure = _new_figure(8.5, 5.0)
     axes = figure.add_subplot()
     ut = table["ut_acc"].to_numpy(dtype=float)
     zs = table["zs_acc"].to_numpy(dtype=float)
@@ -242,14 +248,15 @@ def comparison_figure(table: pd.DataFrame, run: str | None = None) -> Figure:
     for a_acc in np.arange(0.1, 1.0, 0.1):
         axes.plot([0, 1], [2 * a_acc, 2 * a_acc - 1], color="lightgrey", linestyle="--", linewidth=0.7, zorder=0)
     ut_std, zs_std = (_std_column(table, column) for column in ("ut_acc", "zs_acc"))
+    colours = colormaps["tab10"]  # with 12 markers: 60 distinct (colour, marker) pairs
     for index, (name, x, y, dx, dy) in enumerate(zip(table["method"], ut, zs, ut_std, zs_std)):
         if np.isfinite(x) and np.isfinite(y):
             # Error bars: one standard deviation over the seeds (none for a single seed).
             axes.errorbar(x, y, xerr=dx if np.isfinite(dx) else None, yerr=dy if np.isfinite(dy) else None,
-                          fmt="o", markersize=6, capsize=3)
-            # Alternate label sides so methods with close results stay readable.
-            axes.annotate(str(name), (x, y), textcoords="offset points", fontsize=9,
-                          xytext=(6, 5) if index % 2 == 0 else (6, -12))
+                          fmt=MARKERS[index % len(MARKERS)], color=colours(index % colours.N),
+                          markersize=6, capsize=3, label=str(name))
+    if axes.containers:
+        axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, title="method")
     axes.set_xlim(0, 1)
     axes.set_ylim(0, 1)
     axes.set_xlabel("UT-Acc (0-1)")
