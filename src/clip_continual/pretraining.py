@@ -88,24 +88,22 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     ]
 
 
-def _sparse_embedding(model: torch.nn.Module) -> torch.nn.Embedding | None:
+def _sparse_token_embedding(model: torch.nn.Module, config: PretrainingConfig) -> torch.nn.Embedding | None:
+    """The text tower's token embedding, switched to sparse gradients, when the recipe asks for it
+    and the tower has one."""
     embedding = getattr(model, "token_embedding", None)
-    return embedding if isinstance(embedding, torch.nn.Embedding) else None
+    if not config.sparse_token_embedding or not isinstance(embedding, torch.nn.Embedding):
+        return None
+    embedding.sparse = True
+    return embedding
 
 
-def _dense_token_embedding(model: torch.nn.Module) -> None:
-    if (embedding := _sparse_embedding(model)) is not None:
-        embedding.sparse = False  # what continual training and checkpoints expect
-
-
-def _optimizers(model: torch.nn.Module, config: PretrainingConfig,
+def _optimizers(model: torch.nn.Module, embedding: torch.nn.Embedding | None, config: PretrainingConfig,
                 device: torch.device) -> list[torch.optim.Optimizer]:
-    """AdamW (fused: several times faster on CPU) and, with ``sparse_token_embedding``, SparseAdam
-    for the token-embedding rows each batch uses."""
-    embedding = _sparse_embedding(model) if config.sparse_token_embedding else None
+    """AdamW (fused: several times faster on CPU) and, for a sparse ``embedding``, SparseAdam
+    for the rows each batch uses."""
     groups = _param_groups(model, config.weight_decay)
     if embedding is not None:
-        embedding.sparse = True
         for group in groups:
             group["params"] = [p for p in group["params"] if p is not embedding.weight]
     optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
@@ -171,7 +169,8 @@ def pretrain(
     # Captions repeat a lot (templates x attributes): tokenizing each distinct one once is far faster.
     distinct, inverse = np.unique(corpus.captions[:, 0], return_inverse=True)
     tokens = clip.tokenize([str(c) for c in distinct])[torch.from_numpy(inverse.reshape(-1))]
-    optimizers = _optimizers(clip.model, config, device)
+    sparse_embedding = _sparse_token_embedding(clip.model, config)
+    optimizers = _optimizers(clip.model, sparse_embedding, config, device)
     losses: list[float] = []
     started, started_cpu = time.perf_counter(), time.process_time()
     bar = tqdm(total=config.steps, desc="pretraining", disable=not config.progress, mininterval=1.0)
@@ -184,7 +183,8 @@ def pretrain(
         if on_step is not None:
             on_step(step, {"pretraining/loss": losses[-1], "pretraining/lr": lr})
     bar.close()
-    _dense_token_embedding(clip.model)
+    if sparse_embedding is not None:
+        sparse_embedding.sparse = False  # what continual training and checkpoints expect
     clip.model = clip.model.eval().cpu()
     clip.metadata = {**clip.metadata, "pretraining_fingerprint": config.fingerprint()}
     summary = {

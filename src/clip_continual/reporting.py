@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -238,8 +239,6 @@ def comparison_figure(table: pd.DataFrame, run: str | None = None) -> Figure:
     legend beside the axes (labels on the points collide once a dozen methods are close), with
     error bars of one standard deviation over seeds where there are several; dashed lines of
     equal A-Acc. ``run`` says what was compared (benchmark, seed)."""
-    from matplotlib import colormaps
-
     figure = _new_figure(8.5, 5.0)
     axes = figure.add_subplot()
     ut = table["ut_acc"].to_numpy(dtype=float)

@@ -95,12 +95,22 @@ class ReferenceSource:
     captions: tuple[str, ...] = ()
 
 
+def _tsv_rows(path: Path) -> list[list[str]]:
+    with path.open(encoding="utf-8") as handle:
+        return [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+
+
+def _pairs_index(root: str | Path, paths: list[str], captions: list[str]) -> ImageIndex:
+    """Image-caption pairs as one pseudo-class index, each image with its own caption."""
+    return ImageIndex(root=str(root), paths=tuple(paths), labels=np.zeros(len(paths), np.int64),
+                      class_names=(PAIRS_CLASS,), captions=tuple((c,) for c in captions), name="reference")
+
+
 def read_caption_file(path: str | Path, what: str) -> list[str]:
     """The captions of a Conceptual Captions TSV (``caption<TAB>url``, no header) or of
     gather_cc's output (``title<TAB>filepath`` after a header): the first column of each line."""
     path = require_file(path, what, f"Put {_CAPTIONS_FIX} there.")
-    with path.open(encoding="utf-8") as handle:
-        rows = [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+    rows = _tsv_rows(path)
     if rows and tuple(rows[0][:2]) == GATHER_CC_HEADER:
         rows = rows[1:]
     captions = [row[0].strip() for row in rows if row[0].strip()]
@@ -111,14 +121,11 @@ def read_caption_file(path: str | Path, what: str) -> list[str]:
 
 def gather_cc_pairs(path: Path, what: str) -> ImageIndex:
     """Conceptual Captions images with their captions, from gather_cc's output CSV."""
-    with path.open(encoding="utf-8") as handle:
-        rows = [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+    rows = _tsv_rows(path)
     if not rows or tuple(rows[0][:2]) != GATHER_CC_HEADER or any(len(row) < 2 for row in rows[1:]):
         raise RawFormatError(f"{what}: '{path}' is not gather_cc's title<TAB>filepath table. Give {_PAIRS_FIX}.")
     rows = rows[1:]
-    return ImageIndex(root=str(path.parent), paths=tuple(row[1] for row in rows),
-                      labels=np.zeros(len(rows), np.int64), class_names=(PAIRS_CLASS,),
-                      captions=tuple((row[0],) for row in rows), name="reference")
+    return _pairs_index(path.parent, [row[1] for row in rows], [row[0] for row in rows])
 
 
 def _pair_caption(meta: Path) -> str | None:
@@ -147,9 +154,8 @@ def img2dataset_pairs(folder: Path, what: str, size: int, seed: int) -> ImageInd
     if not chosen:
         raise EmptyDataError(f"{what}: no <key>.jpg with a caption in <key>.json under '{folder}'. Give {_PAIRS_FIX}.")
     chosen.sort()
-    return ImageIndex(root=str(folder), paths=tuple(str(m.with_suffix(".jpg").relative_to(folder)) for m, _ in chosen),
-                      labels=np.zeros(len(chosen), np.int64), class_names=(PAIRS_CLASS,),
-                      captions=tuple((c,) for _, c in chosen), name="reference")
+    return _pairs_index(folder, [str(m.with_suffix(".jpg").relative_to(folder)) for m, _ in chosen],
+                        [c for _, c in chosen])
 
 
 def read_pairs(path: str | Path, what: str, size: int, seed: int) -> ImageIndex:
@@ -227,4 +233,4 @@ def decode_reference(source: ReferenceSource, image_size: int) -> ImageSet:
         captions = spread_captions(source.captions, len(kept))
     else:
         captions = np.asarray([index.captions[i][0] for i in kept], dtype=str).reshape(-1, 1)
-    return ImageSet(np.stack(images) if images else empty, index.labels[kept], index.class_names, captions)
+    return ImageSet(np.stack(images), index.labels[kept], index.class_names, captions)

@@ -11,8 +11,8 @@ prompts (CL-CLIP's ``Replayed_MST`` keeps 250 per phase); the memory, prompts to
 label names another class on another MTIL dataset), is handed on between tasks as the method
 state. On the named benchmarks the reference set is ``<benchmark>.reference_set``
 (``clip_continual.data.reference``) and training images read from files are kept as pixels at
-the model's resolution, where the reference set is decoded too. The replayed batch has the training batch's size (CL-CLIP's replay loader
-shares ``--batch``).
+the model's resolution, where the reference set is decoded too. The replayed batch has the
+training batch's size (CL-CLIP's replay loader shares ``--batch``).
 
 Differences from that code, on purpose: it reads the replay images from the *training* batch
 (``RI = data['image']``, an evident slip), here they are the replayed ones; the projection
@@ -35,6 +35,11 @@ from clip_continual.methods.memory import (
 )
 
 REFERENCE_GROUP = -1  # the ``tasks`` value of reference-set pairs
+
+
+def _prompt_tokens(task: TaskContext, labels: np.ndarray) -> np.ndarray:
+    """The tokenized class prompts of ``labels`` in this task's class names."""
+    return task.class_tokens[torch.as_tensor(labels, device=task.device)].cpu().numpy().astype(np.int64)
 
 
 class AveragedGEM(FineTuning):
@@ -85,8 +90,7 @@ class AveragedGEM(FineTuning):
         added = random_exemplars(task.train_images, task.current_classes.tolist(), self.per_task_memory,
                                  task.task_index, rng)
         self.memory = self.memory.plus(added)
-        added_tokens = task.class_tokens[torch.as_tensor(added.labels, device=task.device)].cpu().numpy()
-        self.memory_tokens = np.concatenate([self.memory_tokens, added_tokens.astype(np.int64)])
+        self.memory_tokens = np.concatenate([self.memory_tokens, _prompt_tokens(task, added.labels)])
 
     def _stored_tokens(self, task: TaskContext) -> np.ndarray:
         """The memory's prompts as the tasks that added it tokenized them: a label means another
@@ -94,7 +98,7 @@ class AveragedGEM(FineTuning):
         stored = task.previous_state.get("memory_tokens")
         if stored is not None:
             return np.asarray(stored, np.int64)
-        return task.class_tokens[torch.as_tensor(self.memory.labels, device=task.device)].cpu().numpy().astype(np.int64)
+        return _prompt_tokens(task, self.memory.labels)
 
     def export_state(self) -> dict[str, np.ndarray]:
         if self.memory is None:

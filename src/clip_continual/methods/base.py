@@ -248,6 +248,7 @@ class ContinualMethod(ABC):
     uses_teacher_images: ClassVar[bool] = False
     distills_clean_images: ClassVar[bool] = False
     needs_inputs: ClassVar[tuple[str, ...]] = ()
+    replays_pairs: ClassVar[bool] = False  # its reference set must hold image-caption pairs
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         if not 0.0 <= float(label_smoothing) < 1.0:

@@ -85,7 +85,7 @@ def check_reference(reference: dict[str, Any], method: str, owner: str) -> Refer
     if "reference_set" not in cls.needs_inputs:
         return ReferenceSource()
     settings = ReferenceSettings.from_params(reference, owner)
-    source = reference_source(settings, method, paired=getattr(cls, "replays_pairs", False))
+    source = reference_source(settings, method, paired=cls.replays_pairs)
     logger.info("reference set: %d images, %d unpaired captions (%s)", len(source.index),
                 len(source.captions), source.index.root)
     return source
