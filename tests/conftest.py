@@ -6,8 +6,9 @@ import torch
 # Tests must never reach the project's own MLflow store, nor the network.
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-# Tiny models run fastest single-threaded (and CI machines are small and shared).
-torch.set_num_threads(1)
+# Tiny models run fastest single-threaded (and CI machines are small and shared). OMP_NUM_THREADS
+# changes it, e.g. to check that no tolerance depends on the order of a float sum.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +23,26 @@ def micro():
 
     torch.manual_seed(0)
     return build_model(ModelSpec("clip-continual-micro"))
+
+
+@pytest.fixture(scope="module")
+def micro64(micro):
+    """``micro`` in float64, for comparisons that are exact in principle (two computations of
+    the same sums in another order): they agree to ~1e-16 relative on any CPU, where float32
+    leaves ~1e-7, which Adam and deep sums can amplify past any fixed tolerance."""
+    model = micro.clone()
+    model.model.double()
+    return model
+
+
+@pytest.fixture()
+def float64():
+    """New tensors and modules in float64 for the test: a formula checked against its
+    hand-written form then agrees to ~1e-16 relative on any CPU, checked at 1e-12."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,20 @@
-"""Data-parallel training: 2 workers end with the 1-process run's weights; failures surface."""
+"""Data-parallel training: 2 or 3 workers compute the 1-process run's gradients and end with its
+weights; failures surface.
+
+The equivalence runs are in float64, so that a tolerance can be both strict and the same on
+every CPU. Workers sum their gradients in another order than one process; in float32 that
+rounding noise (~1e-7 relative) is amplified by Adam on parameters whose true gradient is
+(near) zero (it divides by sqrt(v) + eps), and any tolerance is then tuned to one machine. In
+float64 the same noise is ~1e-15 relative. The first step's gradients are compared before the
+optimiser can amplify anything, so a gradient that is summed instead of averaged is caught
+even where Adam's scale invariance would hide it in the weights. ``test_breakages_are_caught``
+puts each kind of data-parallel bug in on purpose and checks that the comparison fails.
+"""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -13,19 +27,91 @@ from clip_continual.distributed import (
     fine_tune_distributed,
 )
 from clip_continual.methods.ft import FineTuning
+from clip_continual.methods.vr_lwf import VocabularyReplayLwF
 from clip_continual.replay import VocabularyConfig, build_vocabulary
 from clip_continual.training import TrainingConfig, augment_crop_flip, augment_zscl, fine_tune
 
 NUM_CLASSES = 4
+STEPS = 3
+# The first step starts from the same weights on the same images in every layout: its gradients
+# and losses differ only by float64 summation order, measured at ~5e-15 of the step's largest
+# gradient element (float32: ~1e-7). Exact in principle, so checked at 1e-12.
+FIRST_STEP_TOLERANCE = 1e-12
+# From then on the weights differ: Adam moves a weight by lr * g / (|g| + eps), so where a true
+# gradient is ~0 a difference d moves it by up to lr * d / eps (1e5 * d here), and the micro
+# model's LayerNorms over small embeddings amplify weight differences again in the next
+# gradients. Measured over 3 steps with 2 and 3 workers: later gradients within 7e-9 of the
+# step's largest element, losses within 5e-10 of the loss, weights within 2.1e-10. The bounds
+# keep a 100x margin over those and stay far below float32's (weights differ by 5.7e-5 there).
+LATER_STEP_TOLERANCE = 1e-6
+WEIGHT_TOLERANCE = 1e-7
 
 
-@pytest.fixture(scope="module")
-def task(micro):
-    """An MST-like second task (classes 2, 3 learnt now, 0..3 seen) of vr_lwf: CE, the LwF
-    term over seen classes and the vocabulary term all non-zero. 6 images, batch 4: global
-    batches of 4 and 2, so the last batch of an epoch is short; crop/flip augmentation on."""
+def _break_averaging() -> None:
+    """Gradients summed over the workers instead of averaged."""
+    original = DataParallelReplica.forward
+
+    def summed(self, task, method):
+        wrapped = original(self, task, method)
+        wrapped.register_comm_hook(None, lambda state, bucket: dist.all_reduce(
+            bucket.buffer(), async_op=True).get_future().then(lambda future: future.value()[0]))
+        return wrapped
+
+    DataParallelReplica.forward = summed
+
+
+def _see_a_sample_twice() -> None:
+    """Worker 1's part of each global batch starts one image early (one image in both parts)."""
+    original = DataParallelReplica.part
+    DataParallelReplica.part = lambda self, size: (
+        slice(original(self, size).start - (self.rank == 1), original(self, size).stop))
+
+
+def _drop_a_workers_batch() -> None:
+    """Worker 1's images contribute nothing to the gradient (its losses are zeroed)."""
+    original = DataParallelReplica.forward
+
+    def dropping(self, task, method):
+        wrapped = original(self, task, method)
+        if self.rank != 1:
+            return wrapped
+        return lambda batch: {name: term * 0 for name, term in wrapped(batch).items()}
+
+    DataParallelReplica.forward = dropping
+
+
+BREAKAGES = {"gradients summed": _break_averaging, "a sample seen twice": _see_a_sample_twice,
+             "a worker's batch dropped": _drop_a_workers_batch}
+
+
+class RecordingVRLwF(VocabularyReplayLwF):
+    """vr_lwf that saves every step's gradients (the averaged ones, on rank 0) to ``folder``
+    before clipping and the optimiser step. Unpickled in a worker, it first puts ``breakage``
+    into that worker's data-parallel code."""
+
+    def __init__(self, folder: str | os.PathLike, breakage: str | None = None, **options) -> None:
+        super().__init__(**options)
+        self.folder = str(folder)
+        self.breakage = breakage
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.breakage is not None:
+            BREAKAGES[self.breakage]()
+
+    def before_optimizer_step(self, student, batch, task) -> None:
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        gradients = {name: p.grad.detach().clone() for name, p in student.named_parameters() if p.grad is not None}
+        torch.save(gradients, os.path.join(self.folder, f"step{batch.step}.pt"))
+
+
+def make_task(micro64, batch_size: int) -> dict:
+    """An MST-like second task (classes 2, 3 learnt now, 0..3 seen) of vr_lwf: CE, the LwF term
+    over seen classes and the vocabulary term all non-zero. 6 images; at batch 4 the global
+    batches are 4 and 2 (the last batch of an epoch is short); crop/flip augmentation on."""
     rng = np.random.default_rng(0)
-    size = micro.image_size
+    size = micro64.image_size
     images = ImageSet(
         images=rng.integers(0, 256, (12, size, size, 3), dtype=np.uint8),
         labels=np.tile(np.arange(NUM_CLASSES), 3),
@@ -35,49 +121,90 @@ def task(micro):
         train_set=images.restrict_to_classes([2, 3]),
         class_prompts=[f"a photo of {name} ." for name in images.class_names],
         current_classes=[2, 3], seen_classes=[0, 1, 2, 3], task_index=2,
-        vocabulary=build_vocabulary(VocabularyConfig(mode="paper", size=5), micro.context_length),
-        config=TrainingConfig(method="vr_lwf", alpha=1.0, steps=3, epochs=None, batch_size=4, lr=1e-3,
-                              device="cpu", progress=False, augment="crop_flip", grad_clip_norm=0.5,
-                              # The attention key bias has a true gradient of 0 (softmax ignores a
-                              # shift); Adam divides its rounding noise by sqrt(v) + eps, and at
-                              # eps 1e-8 that noise moves it by ~3e-4 differently per run layout.
-                              eps=1e-6),
+        vocabulary=build_vocabulary(VocabularyConfig(mode="paper", size=5), micro64.context_length),
+        config=TrainingConfig(method="vr_lwf", alpha=1.0, steps=STEPS, epochs=None, batch_size=batch_size,
+                              lr=1e-3, device="cpu", progress=False, augment="crop_flip",
+                              grad_clip_norm=0.5),
     )
 
 
-@pytest.fixture(scope="module")
-def one_process(micro, task):
+def train(micro64, task, folder, settings=None, breakage=None):
+    """One run (one process when ``settings`` is None); its model, summary, logged steps and
+    the folder of its recorded gradients."""
+    folder.mkdir()
     steps = []
-    model, summary = fine_tune(micro, teacher=micro, on_step=lambda s, v: steps.append((s, v)), **task)
-    return model, summary, steps
+    method = RecordingVRLwF(folder, breakage, alpha=1.0)
+    model, summary = fine_tune_distributed(settings, micro64, teacher=micro64, method=method,
+                                           on_step=lambda s, v: steps.append((s, v)), **task)
+    return model, summary, steps, folder
 
 
-def assert_same_run(result, reference):
-    (model, summary), (ref_model, ref_summary, ref_steps) = result[:2], reference
+@pytest.fixture(scope="module")
+def task(micro64):
+    return make_task(micro64, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def one_process(micro64, task, tmp_path_factory):
+    return train(micro64, task, tmp_path_factory.mktemp("one") / "gradients")
+
+
+def step_tolerance(step: int) -> float:
+    return FIRST_STEP_TOLERANCE if step == 0 else LATER_STEP_TOLERANCE
+
+
+def assert_same_gradients(folder, reference_folder) -> None:
+    """Every step's gradients equal, relative to the step's largest gradient element."""
+    for step in range(STEPS):
+        gradients = torch.load(os.path.join(folder, f"step{step}.pt"), weights_only=True)
+        reference = torch.load(os.path.join(reference_folder, f"step{step}.pt"), weights_only=True)
+        assert sorted(gradients) == sorted(reference)
+        scale = max(float(g.abs().max()) for g in reference.values())
+        for name, gradient in gradients.items():
+            assert gradient.dtype == torch.float64
+            torch.testing.assert_close(gradient, reference[name], rtol=0, atol=step_tolerance(step) * scale,
+                                       msg=lambda m, step=step, name=name: f"step {step}, gradient of {name}: {m}")
+
+
+def assert_same_losses(steps, reference_steps) -> None:
+    """Every logged loss term equal, relative to the step's loss (at the first step the
+    distillation terms are 0 up to rounding: the student is the teacher)."""
+    for (step, values), (ref_step, ref_values) in zip(steps, reference_steps, strict=True):
+        assert step == ref_step
+        tolerance = step_tolerance(step - 1) * abs(ref_values["loss"])
+        for name in ("loss", "ce", "lwf", "vr"):
+            assert values[name] == pytest.approx(ref_values[name], rel=0, abs=tolerance), (step, name)
+    assert reference_steps[-1][1]["lwf"] > 0 and reference_steps[-1][1]["vr"] > 0
+
+
+def assert_same_run(result, reference, workers: int) -> None:
+    model, summary, steps, folder = result
+    ref_model, ref_summary, ref_steps, ref_folder = reference
+    assert_same_gradients(folder, ref_folder)
+    assert_same_losses(steps, ref_steps)
     ref_state = ref_model.model.state_dict()
     for name, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, ref_state[name], atol=1e-5, rtol=0, msg=name)
-    assert summary["workers"] == 2 and summary["steps"] == ref_summary["steps"]
-    for (step, values), (ref_step, ref_values) in zip(result[2], ref_steps, strict=True):
-        assert step == ref_step
-        for name in ("loss", "ce", "lwf", "vr"):
-            assert values[name] == pytest.approx(ref_values[name], abs=1e-5), (step, name)
-    assert ref_steps[-1][1]["lwf"] > 0 and ref_steps[-1][1]["vr"] > 0
+        torch.testing.assert_close(value, ref_state[name], rtol=0, atol=WEIGHT_TOLERANCE, msg=name)
+    assert summary["workers"] == workers and summary["steps"] == ref_summary["steps"] == STEPS
 
 
-def run_distributed(settings, micro, task):
-    steps = []
-    model, summary = fine_tune_distributed(settings, micro, teacher=micro,
-                                           on_step=lambda s, v: steps.append((s, v)), **task)
-    return model, summary, steps
-
-
-def test_two_gloo_workers_match_one_process(micro, task, one_process):
-    before = {k: v.clone() for k, v in micro.model.state_dict().items()}
-    result = run_distributed({"backend": "torch", "workers": 2}, micro, task)
-    assert_same_run(result, one_process)
+@pytest.mark.parametrize("workers, batch_size", [(2, 4), (3, 3)])
+def test_gloo_workers_match_one_process(micro64, one_process, workers, batch_size, tmp_path):
+    """2 workers at batch 4 (parts 2+2, then 1+1 for the short batch); 3 at batch 3 (1+1+1)."""
+    task = make_task(micro64, batch_size)
+    reference = one_process if batch_size == 4 else train(micro64, task, tmp_path / "one")
+    before = {k: v.clone() for k, v in micro64.model.state_dict().items()}
+    result = train(micro64, task, tmp_path / "gradients", {"backend": "torch", "workers": workers})
+    assert_same_run(result, reference, workers)
     assert result[1]["backend"] == "torch"
-    assert all(torch.equal(v, before[k]) for k, v in micro.model.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in micro64.model.state_dict().items())
+
+
+@pytest.mark.parametrize("breakage", sorted(BREAKAGES))
+def test_breakages_are_caught(micro64, task, one_process, breakage, tmp_path):
+    result = train(micro64, task, tmp_path / "gradients", {"backend": "torch", "workers": 2}, breakage)
+    with pytest.raises(AssertionError, match="gradient of"):
+        assert_same_run(result, one_process, workers=2)
 
 
 class CrashOnRankOne(FineTuning):
@@ -126,10 +253,18 @@ def local_ray():
     ray.shutdown()
 
 
-def test_two_ray_workers_match_one_process(local_ray, micro, task, one_process, tmp_path):
-    settings = {"backend": "ray", "workers": 2, "use_gpu": False, "storage_path": str(tmp_path)}
-    result = run_distributed(settings, micro, task)
-    assert_same_run(result, one_process)
+def test_two_ray_workers_match_one_process(local_ray, micro64, task, one_process, tmp_path):
+    # Ray's workers do not have the tests folder on their path: the recording method travels
+    # by value (cloudpickle), as a method defined in a user's own script would.
+    from ray import cloudpickle
+
+    settings = {"backend": "ray", "workers": 2, "use_gpu": False, "storage_path": str(tmp_path / "ray")}
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        result = train(micro64, task, tmp_path / "gradients", settings)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert_same_run(result, one_process, workers=2)
     assert result[1]["backend"] == "ray"
 
 

@@ -83,6 +83,7 @@ def test_zscl_terms_by_hand(models, reference):
         zero_shot_images = F.normalize(zero_shot.model.encode_image(ref_pixels), dim=-1)
     scale = 30.0
     logits, targets = scale * student_images @ texts.t(), scale * zero_shot_images @ texts.t()
+    # float32 features through a softmax over the reference batch: ~1e-6 relative; 1e-4 bounds it.
     assert terms["zscl_image"].item() == pytest.approx(0.7 * hand_soft_cross_entropy(logits, targets), rel=1e-4)
     assert terms["zscl_text"].item() == pytest.approx(0.3 * hand_soft_cross_entropy(logits.t(), targets.t()), rel=1e-4)
     assert terms["l2"].item() == 0.0  # the anchor is the model the task started from
@@ -91,6 +92,7 @@ def test_zscl_terms_by_hand(models, reference):
     with torch.no_grad():
         student.model.text_projection[:2, :3].add_(0.1)  # six entries move by 0.1
     terms = method.loss_terms(student.model, batch, task)
+    # (w + 0.1 - w)^2 in float32 loses the low bits of w + 0.1: ~1e-6 relative.
     assert terms["l2"].item() == pytest.approx(2.0 * 6 * 0.01, rel=1e-4)
     method.after_task(task, student.model)
 
@@ -128,7 +130,8 @@ def test_zscl_hands_on_the_ensemble_of_its_steps(models, reference):
         if step in (1, 3, 5):
             snapshots.append(model.text_projection.detach().clone())
     method.after_task(task, model)
-    assert torch.allclose(model.text_projection, torch.stack(snapshots).mean(0), atol=1e-6)
+    # A running mean against a one-shot mean of four float32 snapshots (|w| <= ~16): a few ulps.
+    assert torch.allclose(model.text_projection, torch.stack(snapshots).mean(0), atol=1e-5)
 
 
 def test_zscl_needs_captions_and_valid_settings(models, reference):

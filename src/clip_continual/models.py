@@ -480,7 +480,17 @@ def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = True) 
 
 
 def encode_images(model: nn.Module, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    # Pixels arrive in float32; a float64 tower (exact equivalence checks) takes them as float64.
+    weights_dtype = next(model.visual.parameters()).dtype
+    if weights_dtype == torch.float64:
+        pixels = pixels.to(weights_dtype)
     return model.encode_image(pixels, normalize=normalize)
+
+
+def full_precision(values: torch.Tensor) -> torch.Tensor:
+    """At least float32: half-precision results (autocast) are raised to float32 for the losses;
+    float32 and float64 stay as they are."""
+    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
 
 
 # --- checkpoints --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ titled with the run it shows (``run_key.run_name``: benchmark/method/alpha/seed)
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -162,17 +163,34 @@ def _titled(axes: Any, what: str, run: str | None) -> None:
     axes.set_title(f"{run}\n{what}" if run else what, fontsize=10)
 
 
+# A column of the accuracy matrix is 1.2 inches: about 20 characters at 8 points. Long class
+# lists (COCO's 80 classes) are cut to a few lines, so the axes keep their room.
+COLUMN_INCHES = 1.2
+CLASS_LABEL_CHARACTERS = 20
+CLASS_LABEL_LINES = 4
+
+
 def _task_label(column: str, classes: Sequence[str] | None) -> str:
-    return f"{column}\n({', '.join(classes)})" if classes else column
+    if not classes:
+        return column
+    lines = textwrap.wrap(f"({', '.join(classes)})", width=CLASS_LABEL_CHARACTERS)
+    if len(lines) > CLASS_LABEL_LINES:
+        lines = lines[: CLASS_LABEL_LINES - 1] + [f"... {len(classes)} classes)"]
+    return "\n".join([column, *lines])
 
 
 def accuracy_matrix_figure(matrix: pd.DataFrame, run: str | None = None,
                            task_classes: Sequence[Sequence[str]] | None = None) -> Figure:
     """Heatmap of the accuracy matrix (fractions), each cell annotated. ``run`` titles it;
-    ``task_classes[i]`` names the classes of task i + 1 under its column."""
+    ``task_classes[i]`` names the classes of task i + 1 under its column (the first few when
+    there are many)."""
     values = matrix.to_numpy(dtype=float)
     n_rows, n_cols = values.shape
-    figure = _new_figure(2.4 + 1.0 * n_cols, 2.0 + 0.5 * n_rows)
+    classes = list(task_classes or [None] * n_cols)
+    labels = [_task_label(str(c), k) for c, k in zip(matrix.columns, classes)]
+    label_lines = max((label.count("\n") + 1 for label in labels), default=1)
+    width = 3.6 + COLUMN_INCHES * n_cols
+    figure = _new_figure(width, 2.6 + 0.5 * n_rows + 0.15 * label_lines)
     axes = figure.add_subplot()
     image = axes.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     for row in range(n_rows):
@@ -182,15 +200,14 @@ def accuracy_matrix_figure(matrix: pd.DataFrame, run: str | None = None,
                 # Dark text on the bright (high) end of viridis, light text elsewhere.
                 axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
                           color="black" if value > 0.6 else "white")
-    classes = list(task_classes or [None] * n_cols)
-    axes.set_xticks(range(n_cols), [_task_label(str(c), k) for c, k in zip(matrix.columns, classes)],
-                    fontsize=8)
+    axes.set_xticks(range(n_cols), labels, fontsize=8)
     axes.set_yticks(range(n_rows), [str(i) for i in matrix.index])
     all_classes = sum(len(k) for k in classes if k)
-    axes.set_xlabel(
-        "accuracy on the task's classes (mean per class); each test image is classified among "
-        + (f"all {all_classes} class prompts" if all_classes else "all class prompts")
-        + " of the updated task", fontsize=8)
+    xlabel = ("accuracy on the task's classes (mean per class); each test image is classified among "
+              + (f"all {all_classes} class prompts" if all_classes else "all class prompts")
+              + " of the updated task")
+    # About 14 characters per inch at 8 points; the colour bar takes an inch.
+    axes.set_xlabel("\n".join(textwrap.wrap(xlabel, width=int(14 * (width - 1.5)))), fontsize=8)
     axes.set_ylabel(f"model {matrix.index.name or 'after'}")
     _titled(axes, "UT accuracy matrix (0-1)", run)
     figure.colorbar(image, ax=axes, label="accuracy (0-1)")

@@ -32,7 +32,7 @@ from clip_continual.data.loading import (
 from clip_continual.methods import ContinualMethod, MethodConfigError, get_method
 from clip_continual.methods.base import Batch, TaskContext, Teacher, evaluation_mode
 from clip_continual.models import (
-    TRAINABLE_PARTS, ClipModel, preprocess_images, resolve_device, set_trainable_parts,
+    TRAINABLE_PARTS, ClipModel, full_precision, preprocess_images, resolve_device, set_trainable_parts,
 )
 from clip_continual.replay import ReplayVocabulary, derive_seed
 
@@ -586,7 +586,7 @@ def _optimizer_step(task: _Task, method: ContinualMethod, batch: Batch, lr: floa
             model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
     method.after_optimizer_step(model, batch.step + 1, task.context)
     # One device sync per step: all terms and the total come back together.
-    numbers = torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float()
+    numbers = full_precision(torch.stack([loss.detach()] + [t.detach() for t in terms.values()]))
     numbers = task.replica.reduce(numbers).tolist()
     return dict(zip(["loss", *terms], numbers))
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from clip_continual.data.common import ImageSet
 from clip_continual.data.loading import TaskImages
-from clip_continual.models import encode_images, encode_text
+from clip_continual.models import encode_images, encode_text, full_precision
 from clip_continual.replay import ReplayVocabulary
 
 
@@ -75,18 +75,18 @@ class Teacher:
         self.model = model
         self.autocast = autocast
         with torch.inference_mode():
-            scale = model.logit_scale.detach().float().exp()
+            scale = full_precision(model.logit_scale.detach()).exp()
         self.scale = scale.clone()
         self.image_table: torch.Tensor | None = None
 
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self.autocast():
-            features = encode_text(self.model, tokens).float()
+            features = full_precision(encode_text(self.model, tokens))
         return features.clone()
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self.autocast():
-            features = encode_images(self.model, pixels).float()
+            features = full_precision(encode_images(self.model, pixels))
         return features.clone()
 
     def precompute_image_features(
@@ -99,9 +99,9 @@ class Teacher:
         with torch.inference_mode():
             for indices, pixels in batches:
                 with self.autocast():
-                    features = encode_images(self.model, pixels).float()
+                    features = full_precision(encode_images(self.model, pixels))
                 if table is None:
-                    table = torch.empty(num_images, features.shape[1], device=features.device)
+                    table = torch.empty(num_images, features.shape[1], dtype=features.dtype, device=features.device)
                 table[indices] = features
                 filled += len(indices)
         if table is None or filled < num_images:
@@ -200,14 +200,14 @@ class Batch:
 # --- shared feature helpers -----------------------------------------------------------------
 
 def image_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """L2-normalised image features in float32 (losses are computed in full precision)."""
-    return encode_images(model, pixels).float()
+    """L2-normalised image features in at least float32 (losses are computed in full precision)."""
+    return full_precision(encode_images(model, pixels))
 
 
 def text_features_together(model: nn.Module, *token_sets: torch.Tensor) -> list[torch.Tensor]:
     """Encode several token sets in ONE text forward (concatenate, then split): one launch of
     the text tower instead of several, with identical per-row results."""
-    features = encode_text(model, torch.cat(token_sets)).float()
+    features = full_precision(encode_text(model, torch.cat(token_sets)))
     return list(features.split([len(tokens) for tokens in token_sets]))
 
 
