@@ -30,7 +30,8 @@ from clip_continual import evaluation
 from clip_continual.data.loading import LoaderConfig
 from clip_continual.data.shards import PreparedSplit, prepare_split
 from clip_continual.data.source import SubsetSource
-from clip_continual.models import ModelSpec, build_model
+from clip_continual.model.clip import ModelSpec
+from clip_continual.model.sources import build_model
 
 
 @dataclass

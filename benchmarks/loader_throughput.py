@@ -29,7 +29,8 @@ from clip_continual.data.common import ImageSet
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.loading import LoaderConfig, StreamedImages, as_lazy
 from clip_continual.data.shards import PreparedSplit, ShardSettings, prepare_split
-from clip_continual.models import ModelSpec, build_model
+from clip_continual.model.clip import ModelSpec
+from clip_continual.model.sources import build_model
 from clip_continual.training import TrainingConfig, fine_tune
 
 

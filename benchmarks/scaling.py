@@ -20,7 +20,8 @@ import torch
 
 from clip_continual.data.common import ImageSet
 from clip_continual.distributed import fine_tune_distributed
-from clip_continual.models import ModelSpec, build_model
+from clip_continual.model.clip import ModelSpec
+from clip_continual.model.sources import build_model
 from clip_continual.replay import VocabularyConfig, build_vocabulary
 from clip_continual.training import TrainingConfig
 

@@ -26,7 +26,8 @@ import torch
 
 from clip_continual.data.common import ImageSet
 from clip_continual.methods import METHODS, VocabularyReplayLwF, method_class, reference_vr_lwf_terms
-from clip_continual.models import ModelSpec, build_model
+from clip_continual.model.clip import ModelSpec
+from clip_continual.model.sources import build_model
 from clip_continual.replay import VocabularyConfig, build_vocabulary
 from clip_continual.training import TrainingConfig, fine_tune
 

@@ -98,9 +98,10 @@ def test_user_keyed_blocks_take_new_keys(defaults):
 
 
 def test_the_model_source_is_checked_up_front(tmp_path):
-    from clip_continual.models import (
-        CheckpointError, ModelSpec, PretrainedWeightsUnavailable, UnknownArchitectureError, build_model,
-        check_model_source, save_checkpoint,
+    from clip_continual.model.checkpoints import CheckpointError, save_checkpoint
+    from clip_continual.model.clip import ModelSpec
+    from clip_continual.model.sources import (
+        PretrainedWeightsUnavailable, UnknownArchitectureError, build_model, check_model_source,
     )
 
     with pytest.raises(UnknownArchitectureError, match="unknown CLIP architecture 'ViT-Q-99'"):

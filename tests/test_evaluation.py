@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from clip_continual import evaluation as ev
 from clip_continual.data.common import ImageSet
-from clip_continual.models import ModelSpec, build_model
+from clip_continual.model.clip import ModelSpec
+from clip_continual.model.sources import build_model
 
 # Hand-built accuracy matrix, T = 3 (row 0 = starting model, row t = after task t).
 R = np.array([

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from clip_continual.models import encode_text
+from clip_continual.model.clip import encode_text
 from clip_continual.replay import (
     EOT_ID, MAX_RANDOM_ID, SOT_ID, ReplayVocabulary, VocabularyConfig, build_vocabulary,
     pseudo_word_rows, tokenizer_words,

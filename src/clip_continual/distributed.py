@@ -48,7 +48,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from clip_continual.methods.base import Batch
-from clip_continual.models import ClipModel, resolve_device
+from clip_continual.model.clip import ClipModel, resolve_device
 from clip_continual.training import Replica, TrainingConfig, fine_tune
 
 BACKENDS = ("none", "torch", "ray")

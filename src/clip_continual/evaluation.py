@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from clip_continual.data.common import ImageSet
 from clip_continual.data.loading import LoaderConfig, StreamedImages, as_lazy
-from clip_continual.models import ClipModel, encode_images, encode_text, resolve_device
+from clip_continual.model.clip import ClipModel, encode_images, encode_text, resolve_device
 
 DEFAULT_BATCH_SIZE = 256
 RECALL_KS = (1, 5, 10)

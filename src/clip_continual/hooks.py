@@ -21,7 +21,8 @@ from clip_continual import tracking
 from clip_continual.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
 from clip_continual.files import check_writable
 from clip_continual.methods import METHODS, effective_alpha
-from clip_continual.models import ModelSpec, check_model_source
+from clip_continual.model.clip import ModelSpec
+from clip_continual.model.sources import check_model_source
 from clip_continual.run_key import (
     compute_run_key, compute_source_key, current_run_key, run_name, set_current_run_key,
     set_current_source_key,

@@ -31,7 +31,7 @@ from clip_continual.evaluation import (
     bwt_at, evaluating, image_features, predict, top1_accuracy, ut_acc, zero_shot_accuracy,
     zero_shot_classifier,
 )
-from clip_continual.models import ClipModel
+from clip_continual.model.clip import ClipModel
 
 
 def _mean_or_none(values: Sequence[float]) -> float | None:

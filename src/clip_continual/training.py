@@ -31,7 +31,7 @@ from clip_continual.data.loading import (
 )
 from clip_continual.methods import ContinualMethod, MethodConfigError, get_method
 from clip_continual.methods.base import Batch, TaskContext, Teacher, evaluation_mode
-from clip_continual.models import (
+from clip_continual.model.clip import (
     TRAINABLE_PARTS, ClipModel, preprocess_images, resolve_device, set_trainable_parts,
 )
 from clip_continual.replay import ReplayVocabulary, derive_seed

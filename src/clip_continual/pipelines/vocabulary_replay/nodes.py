@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from clip_continual.methods import method_class
-from clip_continual.models import ClipModel
+from clip_continual.model.clip import ClipModel
 from clip_continual.replay import ReplayVocabulary, VocabularyConfig, build_vocabulary
 
 
