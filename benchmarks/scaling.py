@@ -22,7 +22,7 @@ from clip_continual.data.common import ImageSet
 from clip_continual.distributed import fine_tune_distributed
 from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import build_model
-from clip_continual.replay import VocabularyConfig, build_vocabulary
+from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
 from clip_continual.training import TrainingConfig
 
 

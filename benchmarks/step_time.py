@@ -28,7 +28,7 @@ from clip_continual.data.common import ImageSet
 from clip_continual.methods import METHODS, VocabularyReplayLwF, method_class, reference_vr_lwf_terms
 from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import build_model
-from clip_continual.replay import VocabularyConfig, build_vocabulary
+from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
 from clip_continual.training import TrainingConfig, fine_tune
 
 

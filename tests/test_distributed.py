@@ -13,7 +13,7 @@ from clip_continual.distributed import (
     fine_tune_distributed,
 )
 from clip_continual.methods.ft import FineTuning
-from clip_continual.replay import VocabularyConfig, build_vocabulary
+from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
 from clip_continual.training import TrainingConfig, augment_crop_flip, augment_zscl, fine_tune
 
 NUM_CLASSES = 4

@@ -13,7 +13,7 @@ from clip_continual.methods import (
     reference_vr_lwf_terms, soft_target_cross_entropy,
 )
 from clip_continual.methods.base import class_cross_entropy
-from clip_continual.replay import VocabularyConfig, build_vocabulary
+from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
 
 NUM_CLASSES = 5
 BATCH = 4

@@ -12,7 +12,7 @@ from PIL import Image
 from clip_continual.data.loading import ZsclTrainTransform, random_resized_box
 from clip_continual.methods import reference_vr_lwf_terms
 from clip_continual.model.clip import set_trainable_parts
-from clip_continual.replay import VocabularyConfig, build_vocabulary
+from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
 from clip_continual.training import (
     BatchOrder, TrainingConfig, TrainingConfigError, augment_crop_flip, augment_zscl, build_optimizer,
     fine_tune, learning_rate_at, plan_training, resolve_precision,

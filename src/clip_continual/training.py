@@ -34,7 +34,7 @@ from clip_continual.methods.base import Batch, TaskContext, Teacher, evaluation_
 from clip_continual.model.clip import (
     TRAINABLE_PARTS, ClipModel, preprocess_images, resolve_device, set_trainable_parts,
 )
-from clip_continual.replay import ReplayVocabulary, derive_seed
+from clip_continual.methods.vocabulary import ReplayVocabulary, derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -455,7 +455,7 @@ def _checked_vocabulary(method: ContinualMethod, vocabulary: ReplayVocabulary | 
     if vocabulary is None:
         raise ValueError(
             f"method '{method.name}' needs a replayed vocabulary; build one with "
-            f"replay.build_vocabulary(VocabularyConfig(mode='{method.default_vocabulary_mode}'), "
+            f"methods.vocabulary.build_vocabulary(VocabularyConfig(mode='{method.default_vocabulary_mode}'), "
             f"model.context_length)"
         )
     if vocabulary.context_length != start.context_length:

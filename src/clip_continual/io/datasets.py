@@ -20,7 +20,7 @@ from clip_continual.data.common import ImageSet
 from clip_continual.files import atomic_write
 from clip_continual.model.checkpoints import load_checkpoint, save_checkpoint
 from clip_continual.model.clip import ClipModel, ModelError
-from clip_continual.replay import ReplayVocabulary
+from clip_continual.methods.vocabulary import ReplayVocabulary
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from clip_continual.evaluation import evaluate_step, fill_template
 from clip_continual.sequence_evaluation import evaluate_class_incremental_step, evaluate_datasets_step
 from clip_continual.methods import METHODS, method_takes_alpha
 from clip_continual.model.clip import ClipModel
-from clip_continual.replay import ReplayVocabulary
+from clip_continual.methods.vocabulary import ReplayVocabulary
 from clip_continual.tracking import CONTINUAL_GROUP, TASK_COSTS, TASK_GROUP, BatchedMetrics, metric_history
 from clip_continual.training import TrainingConfig, TrainingConfigError, plan_training
 

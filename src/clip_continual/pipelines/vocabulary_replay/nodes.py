@@ -6,7 +6,7 @@ from typing import Any
 
 from clip_continual.methods import method_class
 from clip_continual.model.clip import ClipModel
-from clip_continual.replay import ReplayVocabulary, VocabularyConfig, build_vocabulary
+from clip_continual.methods.vocabulary import ReplayVocabulary, VocabularyConfig, build_vocabulary
 
 
 def vocabulary_config(params: dict[str, Any], method: str, seed: int) -> VocabularyConfig:
