@@ -18,8 +18,9 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from clip_continual.evaluation import RETRIEVAL_KEYS, continual_metrics, learning_accuracies
-from clip_continual.sequence_evaluation import class_incremental_summary
+from clip_continual.evaluation.metrics import continual_metrics, learning_accuracies
+from clip_continual.evaluation.retrieval import RETRIEVAL_KEYS
+from clip_continual.evaluation.sequences import class_incremental_summary
 
 METRIC_COLUMNS = ("step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc", "seen_acc",
                   *RETRIEVAL_KEYS)

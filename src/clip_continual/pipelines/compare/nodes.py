@@ -8,7 +8,7 @@ import mlflow
 import pandas as pd
 from matplotlib.figure import Figure
 
-from clip_continual import reporting
+from clip_continual.evaluation import reporting
 from clip_continual.tracking import latest_finished_runs, probe_store
 
 

@@ -14,8 +14,9 @@ from clip_continual.data.loading import LoaderConfig, training_source
 from clip_continual.data import zscl_text
 from clip_continual.data.mtil import few_shot_positions
 from clip_continual.distributed import DistributedConfig, fine_tune_distributed
-from clip_continual.evaluation import evaluate_step, fill_template
-from clip_continual.sequence_evaluation import evaluate_class_incremental_step, evaluate_datasets_step
+from clip_continual.evaluation.step import evaluate_step
+from clip_continual.evaluation.zero_shot import fill_template
+from clip_continual.evaluation.sequences import evaluate_class_incremental_step, evaluate_datasets_step
 from clip_continual.methods import METHODS, method_takes_alpha
 from clip_continual.model.clip import ClipModel
 from clip_continual.methods.vocabulary import ReplayVocabulary

@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from clip_continual import reporting
+from clip_continual.evaluation import reporting
 from clip_continual.methods import METHODS, effective_alpha
 from clip_continual.run_key import run_name
 from clip_continual.tracking import CONTINUAL_GROUP, metric_history

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from clip_continual.data.common import ImageSet
-from clip_continual.evaluation import evaluate_retrieval, zero_shot_accuracy
+from clip_continual.evaluation.retrieval import evaluate_retrieval
+from clip_continual.evaluation.zero_shot import zero_shot_accuracy
 from clip_continual.model.clip import ClipModel, ModelSpec
 from clip_continual.model.sources import build_model, require_architecture
 from clip_continual.pretraining import PretrainingConfig, pretrain
