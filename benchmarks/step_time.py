@@ -29,7 +29,8 @@ from clip_continual.methods import METHODS, VocabularyReplayLwF, method_class, r
 from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import build_model
 from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
-from clip_continual.training import TrainingConfig, fine_tune
+from clip_continual.training.config import TrainingConfig
+from clip_continual.training.loop import fine_tune
 
 
 class ReferenceVRLwF(VocabularyReplayLwF):

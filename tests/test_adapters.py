@@ -13,7 +13,8 @@ from clip_continual.methods.rkr import Rectifier
 from clip_continual.model.adapters import AdapterError, adapter_recipe, add_adapters
 from clip_continual.model.checkpoints import load_checkpoint, save_checkpoint
 from clip_continual.model.clip import set_trainable_parts
-from clip_continual.training import TrainingConfig, fine_tune
+from clip_continual.training.config import TrainingConfig
+from clip_continual.training.loop import fine_tune
 
 NUM_CLASSES = 4
 

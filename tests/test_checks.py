@@ -166,8 +166,8 @@ def test_an_unwritable_output_is_refused_before_the_run(project):
 
 
 def test_divergence_advice_fits_the_precision():
-    from clip_continual.training import _diverged
+    from clip_continual.training.loop import divergence_message
 
-    on_cpu = _diverged({"loss": float("nan")}, step=3, task_index=1, precision="fp32")
+    on_cpu = divergence_message({"loss": float("nan")}, step=3, task_index=1, precision="fp32")
     assert "lower continual_learning.training.lr" in on_cpu and "precision" not in on_cpu
-    assert "precision=fp32" in _diverged({"loss": float("nan")}, step=3, task_index=1, precision="bf16")
+    assert "precision=fp32" in divergence_message({"loss": float("nan")}, step=3, task_index=1, precision="bf16")

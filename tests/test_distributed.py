@@ -8,13 +8,15 @@ import torch
 import torch.distributed as dist
 
 from clip_continual.data.common import ImageSet
-from clip_continual.distributed import (
+from clip_continual.training.distributed import (
     DataParallelReplica, DistributedConfig, DistributedConfigError, WorkerFailedError,
     fine_tune_distributed,
 )
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
-from clip_continual.training import TrainingConfig, augment_crop_flip, augment_zscl, fine_tune
+from clip_continual.training.augment import augment_crop_flip, augment_zscl
+from clip_continual.training.config import TrainingConfig
+from clip_continual.training.loop import fine_tune
 
 NUM_CLASSES = 4
 

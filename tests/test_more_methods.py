@@ -22,7 +22,8 @@ from clip_continual.methods.gradients import agem_project, flat_gradient, gem_pr
 from clip_continual.methods.icarl import cut_to_budget
 from clip_continual.methods.memory import Exemplars, herding_order
 from clip_continual.methods.base import soft_target_cross_entropy
-from clip_continual.training import TrainingConfig, fine_tune
+from clip_continual.training.config import TrainingConfig
+from clip_continual.training.loop import fine_tune
 from clip_continual.model.weights import interpolate_into
 
 PHASES = ([0, 1], [2, 3])

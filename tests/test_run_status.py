@@ -94,14 +94,14 @@ def test_ctrl_c_inside_a_node_marks_the_run_killed_and_compare_skips_it(finished
     from clip_continual.pipelines.continual_learning import nodes
 
     project = copy_project(finished, tmp_path / "project")
-    real_fine_tune = nodes.fine_tune_distributed
+    real_train_on = nodes.train_on
 
-    def interrupted_at_task_3(*args, task_index, **kwargs):
-        if task_index == 3:
+    def interrupted_at_task_3(settings, task, *args, **kwargs):
+        if task.task_index == 3:
             raise KeyboardInterrupt
-        return real_fine_tune(*args, task_index=task_index, **kwargs)
+        return real_train_on(settings, task, *args, **kwargs)
 
-    monkeypatch.setattr(nodes, "fine_tune_distributed", interrupted_at_task_3)
+    monkeypatch.setattr(nodes, "train_on", interrupted_at_task_3)
     monkeypatch.chdir(project)
     bootstrap_project(project)
     result = CliRunner().invoke(cli, ["run", "--pipelines", BENCHMARK])
