@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from clip_continual.schema import ParameterError, check_parameters
+from clip_continual.runtime.schema import ParameterError, check_parameters
 from project_helpers import REPO_ROOT, copy_project, file_state, mlflow_runs, run_pipeline, store_uri
 
 

@@ -1,4 +1,5 @@
-"""Continual-learning methods: name -> class. A new method is one module and one line here."""
+"""Continual-learning methods, one module each (its losses, memory, adapters), and their registry:
+name -> class. A new method is one module and one line in ``METHODS`` here."""
 
 from __future__ import annotations
 
