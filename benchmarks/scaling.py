@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from clip_continual.data.common import ImageSet
-from clip_continual.training.distributed import fine_tune_distributed
+from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
 from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import build_model
-from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
 from clip_continual.training.config import TrainingConfig
+from clip_continual.training.distributed import fine_tune_distributed
 
 
 def _arguments() -> argparse.Namespace:

@@ -9,10 +9,10 @@ import pytest
 from clip_continual.data.common import ImageSet
 from clip_continual.evaluation.features import text_features
 from clip_continual.evaluation.metrics import avg_accuracy, last_accuracy, transfer
-from clip_continual.evaluation.zero_shot import zero_shot_accuracy
 from clip_continual.evaluation.sequences import (
     class_incremental_summary, evaluate_class_incremental_step, evaluate_datasets_step, mtil_partial_metrics,
 )
+from clip_continual.evaluation.zero_shot import zero_shot_accuracy
 
 ROWS = [
     [0.5, 0.4, 0.3],  # the starting model

@@ -11,8 +11,8 @@ import yaml
 import pytest
 from mlflow.tracking import MlflowClient
 
-from clip_continual.runtime.run_key import compute_run_key
 from clip_continual.runtime.results import NoRunsToCompare
+from clip_continual.runtime.run_key import compute_run_key
 from clip_continual.runtime.tracking import (
     DEFAULT_STORE_FILE, BatchedMetrics, default_artifact_location, log_metrics, metric_history,
     parameters_to_log, tracking_uri,

@@ -23,8 +23,8 @@ from torch import nn
 
 from clip_continual.data.common import ImageSet
 from clip_continual.data.loading import TaskImages
-from clip_continual.model.clip import encode_images, encode_text
 from clip_continual.methods.vocabulary import ReplayVocabulary
+from clip_continual.model.clip import encode_images, encode_text
 
 
 class MethodConfigError(ValueError):

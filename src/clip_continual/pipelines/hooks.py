@@ -17,12 +17,12 @@ from kedro_mlflow.framework.hooks import MlflowHook
 from kedro_mlflow.io.catalog.switch_catalog_logging import switch_catalog_logging
 from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
 
-from clip_continual.runtime import tracking
-from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
 from clip_continual.files import check_writable
 from clip_continual.methods import METHODS, effective_alpha
 from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import check_model_source
+from clip_continual.runtime import tracking
+from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
 from clip_continual.runtime.run_key import (
     compute_run_key, compute_source_key, current_run_key, run_name, set_current_run_key,
     set_current_source_key,

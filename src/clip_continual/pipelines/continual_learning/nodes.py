@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from clip_continual.runtime.benchmarks import Benchmark
 from clip_continual.data import zscl_text
 from clip_continual.data.common import ImageSet
 from clip_continual.data.index import ImageIndex
@@ -19,6 +18,7 @@ from clip_continual.evaluation.zero_shot import fill_template
 from clip_continual.methods import METHODS, method_takes_alpha
 from clip_continual.methods.vocabulary import ReplayVocabulary
 from clip_continual.model.clip import ClipModel
+from clip_continual.runtime.benchmarks import Benchmark
 from clip_continual.runtime.tracking import (
     CONTINUAL_GROUP, TASK_COSTS, TASK_GROUP, BatchedMetrics, metric_history,
 )

@@ -12,8 +12,8 @@ from clip_continual.evaluation.retrieval import evaluate_retrieval
 from clip_continual.evaluation.zero_shot import zero_shot_accuracy
 from clip_continual.model.clip import ClipModel, ModelSpec
 from clip_continual.model.sources import build_model, require_architecture
-from clip_continual.training.pretraining import PretrainingConfig, pretrain
 from clip_continual.runtime.tracking import PRETRAINING_GROUP, metric_history
+from clip_continual.training.pretraining import PretrainingConfig, pretrain
 
 logger = logging.getLogger(__name__)
 
