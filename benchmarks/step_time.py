@@ -3,7 +3,7 @@
 Prints each method's median step time (wall clock and this process's CPU time), its ratio to
 ft's, its trainable parameters and its per-task setup. By default every registered method runs.
 
-Every method runs through the real loop (``training.fine_tune``); step times are taken between
+Every method runs through the real loop (``training.loop.fine_tune``); step times are taken between
 consecutive ``on_step`` calls after a warm-up. ``--reference`` adds the straightforward VR-LwF
 computation (no caching, full-context text, separate forwards) for comparison.
 

@@ -1,6 +1,6 @@
 """Project hooks: the keys of a run's artifacts, the checks before a run, and MLflow tracking
 (one run per `kedro run`, through kedro-mlflow). The tracking logic itself lives in plain
-functions of ``clip_continual.tracking``; the hooks only call them."""
+functions of ``clip_continual.runtime.tracking``; the hooks only call them."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _output_files(pipeline, catalog, project_path: Path) -> list[Path]:
 class SettingsCheckHook:
     """Checks everything a run can know is wrong before any node runs, so that it fails at once
     (not after data preparation and pretraining), opens no MLflow run and writes nothing: every
-    parameter against conf/base (see ``clip_continual.schema``), the start model's source when
+    parameter against conf/base (see ``clip_continual.runtime.schema``), the start model's source when
     the pipeline builds it, and that the pipeline's outputs can be written."""
 
     def __init__(self) -> None:
