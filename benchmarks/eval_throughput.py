@@ -30,7 +30,7 @@ from clip_continual.data.loading import LoaderConfig
 from clip_continual.data.shards import PreparedSplit, prepare_split
 from clip_continual.data.source import SubsetSource
 from clip_continual.evaluation.features import image_features
-from clip_continual.evaluation.zero_shot import zero_shot_accuracy, zero_shot_classifier
+from clip_continual.evaluation.zero_shot import zero_shot_classifier
 from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import build_model
 

@@ -27,6 +27,7 @@ import torch
 from clip_continual.data.common import ImageSet
 from clip_continual.methods import METHODS, method_class
 from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
+from clip_continual.methods.vr_lwf import VocabularyReplayLwF, reference_vr_lwf_terms
 from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import build_model
 from clip_continual.training.config import TrainingConfig
