@@ -1,2 +1,2 @@
-"""Training: the one loop every method runs through, its settings, schedule, augmentation and
-checkpoint-free hand-back, the data-parallel launcher, and the pretraining of the embedded CLIP."""
+"""Training: the one loop every method runs through (loop.py), its settings, schedule,
+augmentation and the task it builds once, the data-parallel launcher, and pretraining."""
