@@ -6,7 +6,7 @@ step does per test set, on ``--device``:
 
 - image features: the prepared split decoded by DataLoader workers (``--workers``) with the
   model's test transform, encoded in batches of ``--batch-size`` under inference mode (mixed
-  precision on CUDA), as ``evaluation.zero_shot_accuracy`` does;
+  precision on CUDA), as ``evaluation.zero_shot.zero_shot_accuracy`` does;
 - class-text features: ``--classes`` classes x ``--templates`` templates (Caltech101 in ZSCL:
   101 x 34), first with the tokenizer's cost (the first step) and then with the tokens cached
   (every later step).
@@ -26,11 +26,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip_continual import evaluation
 from clip_continual.data.loading import LoaderConfig
 from clip_continual.data.shards import PreparedSplit, prepare_split
 from clip_continual.data.source import SubsetSource
-from clip_continual.models import ModelSpec, build_model
+from clip_continual.evaluation.features import image_features
+from clip_continual.evaluation.zero_shot import zero_shot_classifier
+from clip_continual.model.clip import ModelSpec
+from clip_continual.model.sources import build_model
 
 
 @dataclass
@@ -64,11 +66,11 @@ def synchronise(device: torch.device) -> None:
 
 def image_rate(clip, test_set, batch_size: int, workers: int, device: torch.device, repeats: int) -> float:
     loader = LoaderConfig(num_workers=workers, persistent_workers=False)
-    evaluation.image_features(clip, test_set, batch_size, device, loader)  # warm-up (and cuDNN autotuning)
+    image_features(clip, test_set, batch_size, device, loader)  # warm-up (and cuDNN autotuning)
     synchronise(device)
     started = time.perf_counter()
     for _ in range(repeats):
-        evaluation.image_features(clip, test_set, batch_size, device, loader)
+        image_features(clip, test_set, batch_size, device, loader)
     synchronise(device)
     return repeats * len(test_set) / (time.perf_counter() - started)
 
@@ -81,7 +83,7 @@ def text_seconds(clip, classes: int, templates: int, batch_size: int, device: to
     for _ in range(2):
         synchronise(device)
         started = time.perf_counter()
-        evaluation.zero_shot_classifier(clip, names, patterns, batch_size, device)
+        zero_shot_classifier(clip, names, patterns, batch_size, device)
         synchronise(device)
         times.append(time.perf_counter() - started)
     return times[0], times[1]

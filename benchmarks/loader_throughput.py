@@ -29,8 +29,10 @@ from clip_continual.data.common import ImageSet
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.loading import LoaderConfig, StreamedImages, as_lazy
 from clip_continual.data.shards import PreparedSplit, ShardSettings, prepare_split
-from clip_continual.models import ModelSpec, build_model
-from clip_continual.training import TrainingConfig, fine_tune
+from clip_continual.model.clip import ModelSpec
+from clip_continual.model.sources import build_model
+from clip_continual.training.config import TrainingConfig
+from clip_continual.training.loop import fine_tune
 
 
 def write_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> ImageIndex:

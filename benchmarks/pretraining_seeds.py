@@ -22,7 +22,7 @@ from kedro.config import OmegaConfigLoader
 
 from clip_continual.pipelines.data_preparation import nodes as data_nodes
 from clip_continual.pipelines.pretraining import nodes as pretraining_nodes
-from clip_continual.sweep import merge_params, parse_params
+from clip_continual.runtime.sweep import merge_params, parse_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 

@@ -2,8 +2,8 @@
 
 Trains ``vr_lwf`` for a few steps on random images (no download: the model is randomly
 initialised) with the same global batch for every worker count, through the training node's
-own code path (``clip_continual.distributed``), and reports rank 0's median step time, images/s
-and the scaling efficiency ``(images/s with N) / (N * images/s with 1)``.
+own code path (``clip_continual.training.distributed``), and reports rank 0's median step time,
+images/s and the scaling efficiency ``(images/s with N) / (N * images/s with 1)``.
 
     python benchmarks/scaling.py --workers 1,2                      # CPU, micro model
     python benchmarks/scaling.py --model ViT-B-16 --batch-size 256 --workers 1,2,4,8 --device cuda
@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from clip_continual.data.common import ImageSet
-from clip_continual.distributed import fine_tune_distributed
-from clip_continual.models import ModelSpec, build_model
-from clip_continual.replay import VocabularyConfig, build_vocabulary
-from clip_continual.training import TrainingConfig
+from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
+from clip_continual.model.clip import ModelSpec
+from clip_continual.model.sources import build_model
+from clip_continual.training.config import TrainingConfig
+from clip_continual.training.distributed import fine_tune_distributed
 
 
 def _arguments() -> argparse.Namespace:

@@ -3,7 +3,7 @@
 Prints each method's median step time (wall clock and this process's CPU time), its ratio to
 ft's, its trainable parameters and its per-task setup. By default every registered method runs.
 
-Every method runs through the real loop (``training.fine_tune``); step times are taken between
+Every method runs through the real loop (``training.loop.fine_tune``); step times are taken between
 consecutive ``on_step`` calls after a warm-up. ``--reference`` adds the straightforward VR-LwF
 computation (no caching, full-context text, separate forwards) for comparison.
 
@@ -25,10 +25,13 @@ import numpy as np
 import torch
 
 from clip_continual.data.common import ImageSet
-from clip_continual.methods import METHODS, VocabularyReplayLwF, method_class, reference_vr_lwf_terms
-from clip_continual.models import ModelSpec, build_model
-from clip_continual.replay import VocabularyConfig, build_vocabulary
-from clip_continual.training import TrainingConfig, fine_tune
+from clip_continual.methods import METHODS, method_class
+from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
+from clip_continual.methods.vr_lwf import VocabularyReplayLwF, reference_vr_lwf_terms
+from clip_continual.model.clip import ModelSpec
+from clip_continual.model.sources import build_model
+from clip_continual.training.config import TrainingConfig
+from clip_continual.training.loop import fine_tune
 
 
 class ReferenceVRLwF(VocabularyReplayLwF):

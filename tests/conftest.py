@@ -19,7 +19,8 @@ def _isolated_mlflow(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def micro():
     """A fresh, randomly initialised micro CLIP per test module (tests must not modify it)."""
-    from clip_continual.models import ModelSpec, build_model
+    from clip_continual.model.clip import ModelSpec
+    from clip_continual.model.sources import build_model
 
     torch.manual_seed(0)
     return build_model(ModelSpec("clip-continual-micro"))

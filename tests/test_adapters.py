@@ -8,11 +8,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from clip_continual.adapters import (
-    AdapterError, MixtureOfAdapters, Rectifier, adapter_recipe, add_adapters, mixtures,
-)
-from clip_continual.models import load_checkpoint, save_checkpoint, set_trainable_parts
-from clip_continual.training import TrainingConfig, fine_tune
+from clip_continual.methods.moe_adapters import MixtureOfAdapters, mixtures
+from clip_continual.methods.rkr import Rectifier
+from clip_continual.model.adapters import AdapterError, adapter_recipe, add_adapters
+from clip_continual.model.checkpoints import load_checkpoint, save_checkpoint
+from clip_continual.model.clip import set_trainable_parts
+from clip_continual.training.config import TrainingConfig
+from clip_continual.training.loop import fine_tune
 
 NUM_CLASSES = 4
 
@@ -69,7 +71,7 @@ def test_rectified_linear_is_scale_times_frozen_plus_low_rank(float64):
     with torch.no_grad():
         rectifier.down.copy_(torch.randn(2, 5))
         rectifier.scale.copy_(torch.tensor([0.5, 2.0, -1.0]))
-    from clip_continual.adapters import _ScaledBias
+    from clip_continual.methods.rkr import _ScaledBias
 
     parametrize.register_parametrization(layer, "weight", rectifier)
     parametrize.register_parametrization(layer, "bias", _ScaledBias(rectifier))
@@ -205,7 +207,7 @@ def test_moe_settings_are_checked():
 # --- DDAS ------------------------------------------------------------------------------------
 
 def test_task_selector_picks_the_task_that_reconstructs_best():
-    from clip_continual.adapters import TaskSelector, fit_autoencoder
+    from clip_continual.methods.moe_adapters import TaskSelector, fit_autoencoder
 
     torch.manual_seed(0)
     pattern = torch.tensor([1.0, -1.0] * 8)

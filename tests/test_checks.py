@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from clip_continual.schema import ParameterError, check_parameters
+from clip_continual.runtime.schema import ParameterError, check_parameters
 from project_helpers import REPO_ROOT, copy_project, file_state, mlflow_runs, run_pipeline, store_uri
 
 
@@ -98,9 +98,10 @@ def test_user_keyed_blocks_take_new_keys(defaults):
 
 
 def test_the_model_source_is_checked_up_front(tmp_path):
-    from clip_continual.models import (
-        CheckpointError, ModelSpec, PretrainedWeightsUnavailable, UnknownArchitectureError, build_model,
-        check_model_source, save_checkpoint,
+    from clip_continual.model.checkpoints import CheckpointError, save_checkpoint
+    from clip_continual.model.clip import ModelSpec
+    from clip_continual.model.sources import (
+        PretrainedWeightsUnavailable, UnknownArchitectureError, build_model, check_model_source,
     )
 
     with pytest.raises(UnknownArchitectureError, match="unknown CLIP architecture 'ViT-Q-99'"):
@@ -165,8 +166,8 @@ def test_an_unwritable_output_is_refused_before_the_run(project):
 
 
 def test_divergence_advice_fits_the_precision():
-    from clip_continual.training import _diverged
+    from clip_continual.training.loop import divergence_message
 
-    on_cpu = _diverged({"loss": float("nan")}, step=3, task_index=1, precision="fp32")
+    on_cpu = divergence_message({"loss": float("nan")}, step=3, task_index=1, precision="fp32")
     assert "lower continual_learning.training.lr" in on_cpu and "precision" not in on_cpu
-    assert "precision=fp32" in _diverged({"loss": float("nan")}, step=3, task_index=1, precision="bf16")
+    assert "precision=fp32" in divergence_message({"loss": float("nan")}, step=3, task_index=1, precision="bf16")

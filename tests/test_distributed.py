@@ -22,14 +22,15 @@ import torch
 import torch.distributed as dist
 
 from clip_continual.data.common import ImageSet
-from clip_continual.distributed import (
+from clip_continual.training.distributed import (
     DataParallelReplica, DistributedConfig, DistributedConfigError, WorkerFailedError,
     fine_tune_distributed,
 )
 from clip_continual.methods.ft import FineTuning
+from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
 from clip_continual.methods.vr_lwf import VocabularyReplayLwF
-from clip_continual.replay import VocabularyConfig, build_vocabulary
-from clip_continual.training import TrainingConfig, augment_crop_flip, augment_zscl, fine_tune
+from clip_continual.training.augment import augment_crop_flip, augment_zscl
+from clip_continual.training.config import TrainingConfig
 
 NUM_CLASSES = 4
 STEPS = 3
@@ -49,15 +50,15 @@ WEIGHT_TOLERANCE = 1e-7
 
 def _break_averaging() -> None:
     """Gradients summed over the workers instead of averaged."""
-    original = DataParallelReplica.forward
+    original = DataParallelReplica.loss_terms
 
-    def summed(self, task, method):
-        wrapped = original(self, task, method)
+    def summed(self, model, method, context):
+        wrapped = original(self, model, method, context)
         wrapped.register_comm_hook(None, lambda state, bucket: dist.all_reduce(
             bucket.buffer(), async_op=True).get_future().then(lambda future: future.value()[0]))
         return wrapped
 
-    DataParallelReplica.forward = summed
+    DataParallelReplica.loss_terms = summed
 
 
 def _see_a_sample_twice() -> None:
@@ -69,15 +70,15 @@ def _see_a_sample_twice() -> None:
 
 def _drop_a_workers_batch() -> None:
     """Worker 1's images contribute nothing to the gradient (its losses are zeroed)."""
-    original = DataParallelReplica.forward
+    original = DataParallelReplica.loss_terms
 
-    def dropping(self, task, method):
-        wrapped = original(self, task, method)
+    def dropping(self, model, method, context):
+        wrapped = original(self, model, method, context)
         if self.rank != 1:
             return wrapped
         return lambda batch: {name: term * 0 for name, term in wrapped(batch).items()}
 
-    DataParallelReplica.forward = dropping
+    DataParallelReplica.loss_terms = dropping
 
 
 BREAKAGES = {"gradients summed": _break_averaging, "a sample seen twice": _see_a_sample_twice,

@@ -5,9 +5,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_continual import evaluation as ev
 from clip_continual.data.common import ImageSet
-from clip_continual.models import ModelSpec, build_model
+from clip_continual.evaluation.features import image_features
+from clip_continual.evaluation.metrics import (
+    average_accuracy, average_incremental_accuracy, avg_accuracy, backward_transfer, bwt_at, continual_metrics,
+    forgetting, forward_transfer, last_accuracy, learning_accuracies, transfer, ut_acc,
+)
+from clip_continual.evaluation.retrieval import RETRIEVAL_KEYS, caption_index, retrieval_metrics
+from clip_continual.evaluation.step import evaluate_step
+from clip_continual.evaluation.zero_shot import (
+    fill_template, per_class_accuracy, phase_accuracies, predict, predict_images, seen_class_accuracy,
+    seen_classes, top1_accuracy, zero_shot_classifier,
+)
+from clip_continual.model.clip import ModelSpec
+from clip_continual.model.sources import build_model
 
 # Hand-built accuracy matrix, T = 3 (row 0 = starting model, row t = after task t).
 R = np.array([
@@ -34,58 +45,58 @@ def _images(n, size=16, seed=0, constant=None):
 
 def test_average_and_last_accuracy():
     # mean(0.6, 0.7, 0.9) = 2.2 / 3
-    assert ev.average_accuracy(R) == pytest.approx(2.2 / 3)
-    assert ev.last_accuracy(R) == pytest.approx(2.2 / 3)
+    assert average_accuracy(R) == pytest.approx(2.2 / 3)
+    assert last_accuracy(R) == pytest.approx(2.2 / 3)
 
 
 def test_average_incremental_accuracy():
     # step 1: 0.9; step 2: (0.95 + 0.8) / 2 = 0.875; step 3: 2.2 / 3 -> mean of the three
-    assert ev.average_incremental_accuracy(R) == pytest.approx((0.9 + 0.875 + 2.2 / 3) / 3)
+    assert average_incremental_accuracy(R) == pytest.approx((0.9 + 0.875 + 2.2 / 3) / 3)
 
 
 def test_backward_transfer():
     # ((0.6 - 0.9) + (0.7 - 0.8)) / 2 = -0.2
-    assert ev.backward_transfer(R) == pytest.approx(-0.2)
+    assert backward_transfer(R) == pytest.approx(-0.2)
 
 
 def test_forgetting_uses_the_best_earlier_accuracy():
     # task 1: max(R1=0.9, R2=0.95) - 0.6 = 0.35; task 2: R2=0.8 - 0.7 = 0.1 -> 0.225 (not -BWT)
-    assert ev.forgetting(R) == pytest.approx(0.225)
+    assert forgetting(R) == pytest.approx(0.225)
 
 
 def test_forward_transfer():
     # ((R[1][2] - R[0][2]) + (R[2][3] - R[0][3])) / 2 = ((0.5 - 0.4) + (0.45 - 0.3)) / 2
-    assert ev.forward_transfer(R) == pytest.approx(0.125)
+    assert forward_transfer(R) == pytest.approx(0.125)
 
 
 def test_mtil_transfer_and_avg():
     # task 2: R[1][2] = 0.5; task 3: (0.35 + 0.45) / 2 = 0.4 -> 0.45
-    assert ev.transfer(R) == pytest.approx(0.45)
+    assert transfer(R) == pytest.approx(0.45)
     # rows 1..3 sum to 1.75 + 2.2 + 2.2 = 6.15 over 9 cells
-    assert ev.avg_accuracy(R) == pytest.approx(6.15 / 9)
+    assert avg_accuracy(R) == pytest.approx(6.15 / 9)
 
 
 def test_per_step_ut_acc_and_bwt():
-    assert ev.ut_acc(R, 0) == pytest.approx(0.4)          # starting model on all tasks
-    assert ev.ut_acc(R, 1) == pytest.approx(0.9)
-    assert ev.ut_acc(R, 2) == pytest.approx(0.875)
-    assert ev.ut_acc(R, 3) == pytest.approx(2.2 / 3)
-    assert ev.bwt_at(R, 0) == 0.0 and ev.bwt_at(R, 1) == 0.0
-    assert ev.bwt_at(R, 2) == pytest.approx(0.05)          # 0.95 - 0.9
-    assert ev.bwt_at(R, 3) == pytest.approx(-0.2)
-    assert ev.bwt_at(R[:3], 2) == pytest.approx(0.05)      # a run in progress: rows 0..2 only
+    assert ut_acc(R, 0) == pytest.approx(0.4)          # starting model on all tasks
+    assert ut_acc(R, 1) == pytest.approx(0.9)
+    assert ut_acc(R, 2) == pytest.approx(0.875)
+    assert ut_acc(R, 3) == pytest.approx(2.2 / 3)
+    assert bwt_at(R, 0) == 0.0 and bwt_at(R, 1) == 0.0
+    assert bwt_at(R, 2) == pytest.approx(0.05)          # 0.95 - 0.9
+    assert bwt_at(R, 3) == pytest.approx(-0.2)
+    assert bwt_at(R[:3], 2) == pytest.approx(0.05)      # a run in progress: rows 0..2 only
 
 
 def test_learning_accuracy_is_the_diagonal_and_ignores_later_forgetting():
-    assert ev.learning_accuracies(R) == pytest.approx([0.9, 0.8, 0.9])
+    assert learning_accuracies(R) == pytest.approx([0.9, 0.8, 0.9])
     forgotten = R.copy()
     forgotten[3, :2] = 0.0  # forgetting after learning does not change it
-    assert ev.learning_accuracies(forgotten) == pytest.approx([0.9, 0.8, 0.9])
-    assert ev.continual_metrics(R)["mean_learning_acc"] == pytest.approx(2.6 / 3)
+    assert learning_accuracies(forgotten) == pytest.approx([0.9, 0.8, 0.9])
+    assert continual_metrics(R)["mean_learning_acc"] == pytest.approx(2.6 / 3)
 
 
 def test_continual_metrics_collects_all():
-    metrics = ev.continual_metrics(R)
+    metrics = continual_metrics(R)
     assert set(metrics) == {"average_accuracy", "average_incremental_accuracy", "backward_transfer",
                             "forgetting", "forward_transfer", "transfer", "avg", "last",
                             "mean_learning_acc"}
@@ -94,24 +105,24 @@ def test_continual_metrics_collects_all():
 
 def test_single_task_metrics():
     single = np.array([[0.3], [0.8]])
-    assert ev.backward_transfer(single) == 0.0
-    assert ev.forgetting(single) == 0.0
-    assert ev.forward_transfer(single) == 0.0
-    assert np.isnan(ev.transfer(single))
-    assert ev.avg_accuracy(single) == pytest.approx(0.8)
+    assert backward_transfer(single) == 0.0
+    assert forgetting(single) == 0.0
+    assert forward_transfer(single) == 0.0
+    assert np.isnan(transfer(single))
+    assert avg_accuracy(single) == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize("bad", [np.zeros((3, 3)), np.zeros((4,)), np.zeros((1, 0)), [[0.1, np.nan], [0, 0], [0, 0]]])
 def test_matrix_shape_errors(bad):
     with pytest.raises(ValueError):
-        ev.average_accuracy(bad)
+        average_accuracy(bad)
 
 
 def test_partial_matrix_errors():
     with pytest.raises(ValueError, match="rows"):
-        ev.bwt_at(R[:2], 2)
+        bwt_at(R[:2], 2)
     with pytest.raises(ValueError, match="outside"):
-        ev.ut_acc(R, 4)
+        ut_acc(R, 4)
 
 
 # --- classification on constructed features ---------------------------------------------------
@@ -119,17 +130,17 @@ def test_partial_matrix_errors():
 def test_predict_and_accuracy_on_constructed_features():
     classes = torch.eye(3)
     images = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8], [0.1, 0.7, 0.3], [0.5, 0.5, 0.0]])
-    predictions = ev.predict(images, classes)
+    predictions = predict(images, classes)
     # the last image ties classes 0 and 1: the lowest index wins, deterministically
     np.testing.assert_array_equal(predictions, [0, 2, 1, 0])
-    assert ev.top1_accuracy(predictions, np.array([0, 2, 2, 1])) == pytest.approx(0.5)
+    assert top1_accuracy(predictions, np.array([0, 2, 2, 1])) == pytest.approx(0.5)
 
 
 def test_seen_classes_grow_with_the_step():
     phases = [[3, 1], [0, 2], [4]]
-    assert ev.seen_classes(phases, 0) == [0, 1, 2, 3, 4]   # before learning: every class
-    assert ev.seen_classes(phases, 1) == [1, 3]
-    assert ev.seen_classes(phases, 2) == [0, 1, 2, 3]
+    assert seen_classes(phases, 0) == [0, 1, 2, 3, 4]   # before learning: every class
+    assert seen_classes(phases, 1) == [1, 3]
+    assert seen_classes(phases, 2) == [0, 1, 2, 3]
 
 
 def test_seen_class_accuracy_classifies_among_the_seen_classes_only():
@@ -138,27 +149,27 @@ def test_seen_class_accuracy_classifies_among_the_seen_classes_only():
     # image 2 (class 0) is a 1 either way; image 3 (class 2) is not counted.
     images = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.4, 0.6], [0.2, 0.8, 0.0], [0.0, 0.0, 1.0]])
     labels = np.array([0, 1, 0, 2])
-    assert ev.seen_class_accuracy(images, labels, classes, [0, 1]) == pytest.approx(2 / 3)
-    assert ev.seen_class_accuracy(images, labels, classes, [0, 1, 2]) == pytest.approx(2 / 4)
+    assert seen_class_accuracy(images, labels, classes, [0, 1]) == pytest.approx(2 / 3)
+    assert seen_class_accuracy(images, labels, classes, [0, 1, 2]) == pytest.approx(2 / 4)
 
 
 def test_predict_shape_error():
     with pytest.raises(ValueError, match="class features"):
-        ev.predict(torch.zeros(2, 3), torch.zeros(4, 5))
+        predict(torch.zeros(2, 3), torch.zeros(4, 5))
 
 
 def test_per_class_and_phase_accuracies():
     labels = np.array([0, 0, 1, 1, 2, 3])
     predictions = np.array([0, 1, 1, 1, 0, 3])  # class 2 confused with class 0 of another phase
-    per_class = ev.per_class_accuracy(predictions, labels, 5)
+    per_class = per_class_accuracy(predictions, labels, 5)
     np.testing.assert_allclose(per_class[:4], [0.5, 1.0, 0.0, 1.0])
     assert np.isnan(per_class[4])  # no image of class 4
     # phase 1: (0.5 + 1) / 2; phase 2: (0 + 1) / 2; class 4 has no images and is skipped
-    assert ev.phase_accuracies(predictions, labels, [[0, 1], [2, 3, 4]]) == pytest.approx([0.75, 0.5])
+    assert phase_accuracies(predictions, labels, [[0, 1], [2, 3, 4]]) == pytest.approx([0.75, 0.5])
     with pytest.raises(ValueError, match="no test images"):
-        ev.phase_accuracies(predictions, labels, [[0, 1], [4]])
+        phase_accuracies(predictions, labels, [[0, 1], [4]])
     with pytest.raises(ValueError, match="equal length"):
-        ev.top1_accuracy(predictions, labels[:3])
+        top1_accuracy(predictions, labels[:3])
 
 
 # --- retrieval ---------------------------------------------------------------------------------
@@ -166,7 +177,7 @@ def test_per_class_and_phase_accuracies():
 def _retrieval_from_scores(scores, owner, **kwargs):
     """Identity image features make similarity[i, j] equal scores[i, j] exactly."""
     scores = np.asarray(scores, dtype=np.float32)
-    return ev.retrieval_metrics(np.eye(scores.shape[0], dtype=np.float32), scores.T, owner, **kwargs)
+    return retrieval_metrics(np.eye(scores.shape[0], dtype=np.float32), scores.T, owner, **kwargs)
 
 
 def test_retrieval_with_several_captions_per_image():
@@ -188,24 +199,24 @@ def test_retrieval_with_several_captions_per_image():
 
 def test_retrieval_default_keys_and_range():
     metrics = _retrieval_from_scores(np.random.default_rng(0).random((12, 24)), np.repeat(np.arange(12), 2))
-    assert set(metrics) == set(ev.RETRIEVAL_KEYS)
+    assert set(metrics) == set(RETRIEVAL_KEYS)
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
     assert metrics["i2t_r1"] <= metrics["i2t_r5"] <= metrics["i2t_r10"]
 
 
 def test_constant_scores_never_give_perfect_recall():
     ones = np.ones((20, 8), dtype=np.float32)
-    metrics = ev.retrieval_metrics(ones, ones, np.arange(20))
+    metrics = retrieval_metrics(ones, ones, np.arange(20))
     assert all(value == 0.0 for value in metrics.values())  # 19 tied competitors rank ahead
     # 4 images x 2 captions: an image has 6 tied foreign captions ahead, a caption 3 tied images
-    metrics = ev.retrieval_metrics(np.ones((4, 8)), np.ones((8, 8)), np.repeat(np.arange(4), 2))
+    metrics = retrieval_metrics(np.ones((4, 8)), np.ones((8, 8)), np.repeat(np.arange(4), 2))
     assert (metrics["i2t_r1"], metrics["i2t_r5"], metrics["i2t_r10"]) == (0.0, 0.0, 1.0)
     assert (metrics["t2i_r1"], metrics["t2i_r5"], metrics["t2i_r10"]) == (0.0, 1.0, 1.0)
 
 
 def test_nan_scores_count_as_misses():
     images = np.full((3, 4), np.nan, dtype=np.float32)
-    metrics = ev.retrieval_metrics(images, np.ones((3, 4)), np.arange(3), ks=(1, 2))
+    metrics = retrieval_metrics(images, np.ones((3, 4)), np.arange(3), ks=(1, 2))
     assert all(value == 0.0 for value in metrics.values())
 
 
@@ -237,17 +248,17 @@ def test_retrieval_fold_averaging():
 
 def test_retrieval_shape_errors():
     with pytest.raises(ValueError, match="one entry per text"):
-        ev.retrieval_metrics(np.eye(3), np.eye(3), [0, 1])
+        retrieval_metrics(np.eye(3), np.eye(3), [0, 1])
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
-        ev.retrieval_metrics(np.eye(3), np.eye(3), [0, 1, 3])
+        retrieval_metrics(np.eye(3), np.eye(3), [0, 1, 3])
     with pytest.raises(ValueError, match="text features"):
-        ev.retrieval_metrics(np.eye(3), np.ones((3, 4)), [0, 1, 2])
+        retrieval_metrics(np.eye(3), np.ones((3, 4)), [0, 1, 2])
     with pytest.raises(ValueError, match="folds"):
-        ev.retrieval_metrics(np.eye(3), np.eye(3), [0, 1, 2], folds=4)
+        retrieval_metrics(np.eye(3), np.eye(3), [0, 1, 2], folds=4)
 
 
 def test_caption_index_skips_missing_captions():
-    texts, owner = ev.caption_index(np.array([["a", "b"], ["c", ""]]))
+    texts, owner = caption_index(np.array([["a", "b"], ["c", ""]]))
     assert texts == ["a", "b", "c"]
     np.testing.assert_array_equal(owner, [0, 0, 1])
 
@@ -255,15 +266,15 @@ def test_caption_index_skips_missing_captions():
 # --- features from the micro model -------------------------------------------------------------
 
 def test_fill_template_placeholders():
-    assert ev.fill_template("a photo of a {}.", "cat") == "a photo of a cat."
-    assert ev.fill_template("this is a photo of {label} .", "cat") == "this is a photo of cat ."
+    assert fill_template("a photo of a {}.", "cat") == "a photo of a cat."
+    assert fill_template("this is a photo of {label} .", "cat") == "this is a photo of cat ."
     with pytest.raises(ValueError, match="no placeholder"):
-        ev.fill_template("a photo", "cat")
+        fill_template("a photo", "cat")
 
 
 def test_zero_shot_classifier_averages_normalised_template_features(clip):
     names, templates = ["circle", "red square", "blue triangle"], ["a photo of a {}.", "a drawing of a {name}"]
-    classifier = ev.zero_shot_classifier(clip, names, templates, batch_size=4)
+    classifier = zero_shot_classifier(clip, names, templates, batch_size=4)
     with torch.no_grad():
         tokens = clip.tokenize([t.format(n, name=n) for n in names for t in templates])
         expected = F.normalize(clip.model.encode_text(tokens, normalize=True).view(3, 2, -1).mean(1), dim=-1)
@@ -276,12 +287,12 @@ def test_zero_shot_classifier_averages_normalised_template_features(clip):
 
 def test_image_features_match_the_model_and_do_not_depend_on_batching(clip):
     images = _images(5, size=20)
-    features = ev.image_features(clip, images, batch_size=2)
+    features = image_features(clip, images, batch_size=2)
     with torch.no_grad():
         expected = clip.model.encode_image(clip.preprocess(images), normalize=True)
     # float32 by design: other batch sizes change matmul blocking, a few ulps of unit-norm vectors.
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ev.image_features(clip, images, batch_size=5), features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(image_features(clip, images, batch_size=5), features, atol=1e-5, rtol=1e-5)
     # the features are ordinary tensors: usable as fixed targets inside a training graph
     weight = torch.ones(features.shape[1], requires_grad=True)
     (features * weight).sum().backward()
@@ -291,10 +302,10 @@ def test_image_features_match_the_model_and_do_not_depend_on_batching(clip):
 def test_zero_shot_accuracy_with_known_answer(clip):
     # Each image's own feature as its class feature: self-similarity 1 beats every other image.
     images = _images(6, seed=1)
-    features = ev.image_features(clip, images)
-    predictions = ev.predict_images(clip, images, features, batch_size=4)
-    assert ev.top1_accuracy(predictions, np.arange(6)) == 1.0
-    assert ev.top1_accuracy(predictions, np.array([0, 1, 2, 3, 4, 0])) == pytest.approx(5 / 6)
+    features = image_features(clip, images)
+    predictions = predict_images(clip, images, features, batch_size=4)
+    assert top1_accuracy(predictions, np.arange(6)) == 1.0
+    assert top1_accuracy(predictions, np.array([0, 1, 2, 3, 4, 0])) == pytest.approx(5 / 6)
 
 
 # --- evaluate_step -----------------------------------------------------------------------------
@@ -316,19 +327,19 @@ def test_evaluate_step_smoke(clip):
     modes = [m.training for m in clip.model.modules()]
     before = {k: v.clone() for k, v in clip.model.state_dict().items()}
 
-    result = ev.evaluate_step(clip, 1, "task_1", updated, prompts, [[0, 1, 2], [3, 4, 5]],
+    result = evaluate_step(clip, 1, "task_1", updated, prompts, [[0, 1, 2], [3, 4, 5]],
                               {"zs": (zero_shot, ["a photo of a {}."])}, {"ret": (retrieval, 2)},
                               batch_size=3, device="cpu")
 
     expected_keys = {"step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc", "seen_acc",
-                     *ev.RETRIEVAL_KEYS, "ut_top1", "acc_row",
-                     "zs_acc/zs", *(f"retrieval/ret/{key}" for key in ev.RETRIEVAL_KEYS)}
+                     *RETRIEVAL_KEYS, "ut_top1", "acc_row",
+                     "zs_acc/zs", *(f"retrieval/ret/{key}" for key in RETRIEVAL_KEYS)}
     assert set(result) == expected_keys
     assert result["zs_acc"] == result["zs_acc/zs"] and result["i2t_r1"] == result["retrieval/ret/i2t_r1"]
     assert result["learning_acc"] == result["acc_row"][0]
     assert result["step"] == 1 and result["task"] == "task_1"
     assert len(result["acc_row"]) == 2
-    for key in ["ut_acc", "zs_acc", "a_acc", "ut_top1", "seen_acc", *ev.RETRIEVAL_KEYS, *result["acc_row"]]:
+    for key in ["ut_acc", "zs_acc", "a_acc", "ut_top1", "seen_acc", *RETRIEVAL_KEYS, *result["acc_row"]]:
         value = result[key] if isinstance(key, str) else key
         assert 0.0 <= value <= 1.0
     assert result["ut_acc"] == pytest.approx(result["acc_row"][0])
@@ -348,7 +359,7 @@ def test_evaluate_step_known_answer_and_bwt(clip):
     prompts = [f"a photo of {name} ." for name in updated.class_names]
     phases = [[0, 1, 2], [3, 4, 5]]
 
-    start = ev.evaluate_step(clip, 0, "zero_shot", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])})
+    start = evaluate_step(clip, 0, "zero_shot", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])})
     assert start["zs_acc"] == pytest.approx(1 / 4)   # one image per zero-shot class
     assert start["ut_top1"] == pytest.approx(1 / 6)
     assert start["ut_acc"] == pytest.approx(1 / 6)   # step 0: mean over phases of (1/3, 0)
@@ -356,30 +367,30 @@ def test_evaluate_step_known_answer_and_bwt(clip):
     assert start["i2t_r1"] is None
     assert start["learning_acc"] is None and start["seen_acc"] == pytest.approx(1 / 6)
     # after step 1 the three identical images of classes 0-2 get one class among 0-2: 1/3
-    first = ev.evaluate_step(clip, 1, "task_1", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])})
+    first = evaluate_step(clip, 1, "task_1", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])})
     assert first["learning_acc"] == pytest.approx(first["acc_row"][0])
     assert first["seen_acc"] == pytest.approx(1 / 3)
 
     earlier = [start["acc_row"], [0.9, 0.1]]
-    result = ev.evaluate_step(clip, 2, "task_2", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])},
+    result = evaluate_step(clip, 2, "task_2", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])},
                               previous_rows=earlier)
     assert result["acc_row"] == pytest.approx(start["acc_row"])
     assert result["bwt"] == pytest.approx(result["acc_row"][0] - 0.9)
     assert result["ut_acc"] == pytest.approx(1 / 6)  # mean over both phases after step 2
 
     with pytest.raises(ValueError, match="acc rows of steps 0..1"):
-        ev.evaluate_step(clip, 2, "task_2", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])})
+        evaluate_step(clip, 2, "task_2", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])})
     with pytest.raises(ValueError, match="one prompt per class"):
-        ev.evaluate_step(clip, 1, "task_1", updated, prompts[:5], phases, {"zs": (zero_shot, ["a {}."])})
+        evaluate_step(clip, 1, "task_1", updated, prompts[:5], phases, {"zs": (zero_shot, ["a {}."])})
     with pytest.raises(ValueError, match="outside"):
-        ev.evaluate_step(clip, 3, "task_3", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])})
+        evaluate_step(clip, 3, "task_3", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])})
 
 
 def test_evaluate_step_averages_several_zero_shot_sets_and_reports_each_retrieval_set(clip):
     updated, prompts, zero_shot, retrieval = _sets()
     other = ImageSet(_images(2, constant=50), np.arange(2), ("sun", "moon"))
     phases = [[0, 1, 2], [3, 4, 5]]
-    result = ev.evaluate_step(clip, 0, "pretrained", updated, prompts, phases,
+    result = evaluate_step(clip, 0, "pretrained", updated, prompts, phases,
                               {"a": (zero_shot, ["a {}."]), "b": (other, ["the {}"])},
                               {"first": (retrieval, 1), "second": (retrieval, 2)})
     assert result["zs_acc"] == pytest.approx((result["zs_acc/a"] + result["zs_acc/b"]) / 2)

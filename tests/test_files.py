@@ -16,7 +16,7 @@ from clip_continual.files import DiskFullError, OutputError, atomic_write, check
 
 @pytest.fixture
 def checkpoint(micro, tmp_path):
-    from clip_continual.models import save_checkpoint
+    from clip_continual.model.checkpoints import save_checkpoint
 
     path = tmp_path / "models" / "task_1.pt"
     save_checkpoint(micro, path)
@@ -24,7 +24,7 @@ def checkpoint(micro, tmp_path):
 
 
 def test_a_full_disk_names_the_file_and_the_size_and_keeps_the_old_file(micro, checkpoint, monkeypatch):
-    from clip_continual.models import save_checkpoint
+    from clip_continual.model.checkpoints import save_checkpoint
 
     before = checkpoint.read_bytes()
 
@@ -54,7 +54,7 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
 
 
 def test_a_stale_temporary_file_is_removed_by_the_next_save(micro, checkpoint):
-    from clip_continual.models import save_checkpoint
+    from clip_continual.model.checkpoints import save_checkpoint
 
     folder = checkpoint.parent
     killed = folder / ".task_2.pt.abc123_x.tmp"        # an older writer's name, no process id

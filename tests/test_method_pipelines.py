@@ -62,7 +62,7 @@ ADAPTED_OPTIONS = {"rkr": {}, "moe_adapters": {"experts": 4, "bottleneck": 8, "d
 
 @pytest.mark.parametrize("method", sorted(ADAPTED_OPTIONS))
 def test_adapters_and_zscl_run_one_task_through_the_pipeline(project, method):
-    from clip_continual.adapters import adapter_recipe
+    from clip_continual.model.adapters import adapter_recipe
     from clip_continual.io import CheckpointDataset
 
     run_pipeline(project, ["digits_ost"], params={

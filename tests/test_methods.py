@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_continual.methods import (
-    METHODS, Batch, MethodConfigError, TaskContext, Teacher, distillation_kl, get_method,
-    reference_vr_lwf_terms, soft_target_cross_entropy,
+from clip_continual.methods import METHODS, MethodConfigError, get_method
+from clip_continual.methods.base import (
+    Batch, TaskContext, Teacher, class_cross_entropy, distillation_kl, soft_target_cross_entropy,
 )
-from clip_continual.methods.base import class_cross_entropy
-from clip_continual.replay import VocabularyConfig, build_vocabulary
+from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
+from clip_continual.methods.vr_lwf import reference_vr_lwf_terms
 
 NUM_CLASSES = 5
 BATCH = 4

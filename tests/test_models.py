@@ -4,18 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from clip_continual.models import (
-    CheckpointError,
-    ModelSpec,
-    PretrainedWeightsUnavailable,
-    UnknownArchitectureError,
-    build_model,
-    encode_text,
-    load_checkpoint,
-    resolve_pretrained,
-    save_checkpoint,
-    set_trainable_parts,
-    text_tower_parameters,
+from clip_continual.model.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from clip_continual.model.clip import ModelSpec, encode_text, set_trainable_parts, text_tower_parameters
+from clip_continual.model.sources import (
+    PretrainedWeightsUnavailable, UnknownArchitectureError, build_model, resolve_pretrained,
 )
 
 
@@ -45,7 +37,7 @@ def test_unknown_architecture_is_a_clear_error():
 
 
 def test_offline_download_fails_fast_with_advice(monkeypatch):
-    import clip_continual.models as models
+    import clip_continual.model.sources as models
 
     monkeypatch.setattr(models, "_host_reachable", lambda host, port=443, timeout=3.0: False)
     monkeypatch.setattr(models, "_cached_hub_file", lambda hub, cache_dir: None)
@@ -57,7 +49,7 @@ def test_offline_download_fails_fast_with_advice(monkeypatch):
 
 def test_real_network_probe_answers_quickly():
     # No reachable host on this port: the probe must give up within its timeout.
-    from clip_continual.models import _host_reachable
+    from clip_continual.model.sources import _host_reachable
 
     started = time.perf_counter()
     assert _host_reachable("127.0.0.1", port=9, timeout=1.0) is False
@@ -153,7 +145,7 @@ def test_checkpoint_is_loadable_with_weights_only(tmp_path, micro):
 
 def test_cached_hub_weights_are_found_without_network(tmp_path):
     # The Hugging Face cache layout: models--<org>--<name>/{refs/main, snapshots/<rev>/<file>}.
-    from clip_continual.models import _cached_hub_file
+    from clip_continual.model.sources import _cached_hub_file
 
     repo = tmp_path / "models--timm--tiny-clip"
     (repo / "refs").mkdir(parents=True)
@@ -172,7 +164,8 @@ def test_an_openai_vit_b_32_file_loads_as_openai_built_it(tmp_path):
     file: loaded with QuickGELU, in fp32, every weight as written."""
     import open_clip
 
-    from clip_continual.models import ModelSpec, build_model
+    from clip_continual.model.clip import ModelSpec
+    from clip_continual.model.sources import build_model
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         shapes = {k: v.shape for k, v in

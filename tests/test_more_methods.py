@@ -16,14 +16,15 @@ from clip_continual.data.common import ImageSet
 from clip_continual.data.index import ImageIndex
 from clip_continual.io import NpzDataset
 from clip_continual.methods import get_method
+from clip_continual.methods.base import soft_target_cross_entropy
 from clip_continual.methods.ewc import ewc_penalty
 from clip_continual.methods.geodl import gfk_distance, newton_schulz_inverse_sqrt
 from clip_continual.methods.gradients import agem_project, flat_gradient, gem_project
 from clip_continual.methods.icarl import cut_to_budget
 from clip_continual.methods.memory import Exemplars, herding_order
-from clip_continual.methods.base import soft_target_cross_entropy
-from clip_continual.training import TrainingConfig, fine_tune
-from clip_continual.weights import interpolate_into
+from clip_continual.model.weights import interpolate_into
+from clip_continual.training.config import TrainingConfig
+from clip_continual.training.loop import fine_tune
 
 PHASES = ([0, 1], [2, 3])
 

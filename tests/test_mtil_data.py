@@ -18,7 +18,7 @@ from clip_continual.data import class_incremental as cil
 from clip_continual.data import mtil, zscl_text
 from clip_continual.data import torchvision_sets as tvs
 from clip_continual.data.common import DataFormatError
-from clip_continual.evaluation import fill_template
+from clip_continual.evaluation.zero_shot import fill_template
 
 RANDOM_SPLIT = ("caltech101", "eurosat", "sun397")
 

@@ -111,7 +111,7 @@ def test_catalog_resolves_run_artifacts_into_the_run_key_folder(finished):
 def test_run_key_paths_resolve_without_hooks_as_in_kedro_viz(finished, monkeypatch):
     """`kedro viz run` builds the catalog without running hooks: the keys come from the
     project's configured parameters, so its paths and previews are the run's real files."""
-    from clip_continual import run_key
+    from clip_continual.runtime import run_key
 
     monkeypatch.setattr(run_key, "_current", None)
     monkeypatch.setattr(run_key, "_current_source", None)
@@ -308,7 +308,7 @@ def test_a_benchmark_pipeline_runs_on_its_own(project):
 
 def test_a_benchmark_defined_in_code_is_a_pipeline_of_its_own(project, monkeypatch):
     """A two-session benchmark added to the registry runs as `kedro run --pipelines <name>`."""
-    from clip_continual.benchmarks import BENCHMARKS, Benchmark, class_tasks
+    from clip_continual.runtime.benchmarks import BENCHMARKS, Benchmark, class_tasks
 
     monkeypatch.setitem(BENCHMARKS, "digits_two", Benchmark(
         name="digits_two", tasks=class_tasks("digits_train", ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))),

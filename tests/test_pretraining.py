@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from clip_continual.data.shapes import make_corpus
-from clip_continual.pretraining import PretrainingConfig, pretrain
-from clip_continual.training import TrainingConfig, build_optimizer
+from clip_continual.training.config import TrainingConfig
+from clip_continual.training.pretraining import PretrainingConfig, pretrain
+from clip_continual.training.schedule import build_optimizer
 
 CONFIG = dict(steps=3, batch_size=8, warmup_steps=1, progress=False, device="cpu")
 

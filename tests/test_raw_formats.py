@@ -16,7 +16,8 @@ from clip_continual.data.index import ImageIndex
 from clip_continual.data.karpathy import COCO_RETRIEVAL_FOLDS, coco_retrieval, flickr30k_retrieval
 from clip_continual.data.raw_files import EmptyDataError, MissingInputError, RawFormatError
 from clip_continual.data.tiered_imagenet import tiered_imagenet_test_classes, tiered_imagenet_test_index
-from clip_continual.evaluation import caption_index, fill_template, retrieval_metrics
+from clip_continual.evaluation.retrieval import caption_index, retrieval_metrics
+from clip_continual.evaluation.zero_shot import fill_template
 from realdata_fixtures import (
     COCO_CATEGORIES, EUROSAT_FOLDERS, class_colour, write_coco2014, write_eurosat, write_flickr30k,
     write_image_folder, write_jpeg, write_not_an_image, write_truncated_jpeg,

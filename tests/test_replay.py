@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from clip_continual.models import encode_text
-from clip_continual.replay import (
-    EOT_ID, MAX_RANDOM_ID, SOT_ID, ReplayVocabulary, VocabularyConfig, build_vocabulary,
-    pseudo_word_rows, tokenizer_words,
+from clip_continual.methods.vocabulary import (
+    EOT_ID, MAX_RANDOM_ID, SOT_ID, ReplayVocabulary, VocabularyConfig, build_vocabulary, pseudo_word_rows,
+    tokenizer_words,
 )
+from clip_continual.model.clip import encode_text
 
 CONTEXT = 16  # the micro model's context length
 

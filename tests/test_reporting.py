@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from clip_continual import reporting
+from clip_continual.evaluation import reporting
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

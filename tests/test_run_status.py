@@ -11,8 +11,9 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from clip_continual import tracking
-from clip_continual.tracking import NoRunsToCompare, TrackingStoreError, latest_finished_runs, probe_store
+from clip_continual.runtime import tracking
+from clip_continual.runtime.results import NoRunsToCompare, latest_finished_runs
+from clip_continual.runtime.tracking import TrackingStoreError, probe_store
 from project_helpers import BENCHMARK, EXPERIMENT, copy_project, mlflow_runs, store_uri
 
 DEAD_PID = str(2**22 + 11)  # above Linux's largest process id: never running
@@ -70,7 +71,7 @@ def test_compare_takes_the_newest_complete_run_and_says_what_it_skipped(tmp_path
     incomplete = _run(client, experiment, "FINISHED", range(3))
     abandoned = _run(client, experiment, "RUNNING", range(2),
                      **{tracking.HOST_TAG: socket.gethostname(), tracking.PID_TAG: DEAD_PID})
-    with caplog.at_level(logging.WARNING, logger="clip_continual.tracking"):
+    with caplog.at_level(logging.WARNING, logger="clip_continual.runtime.results"):
         (row,) = latest_finished_runs(uri, EXPERIMENT, BENCHMARK)
     assert row["run_id"] == complete and row["zs_acc"] == pytest.approx(0.55)
     skipped = caplog.text
@@ -94,14 +95,14 @@ def test_ctrl_c_inside_a_node_marks_the_run_killed_and_compare_skips_it(finished
     from clip_continual.pipelines.continual_learning import nodes
 
     project = copy_project(finished, tmp_path / "project")
-    real_fine_tune = nodes.fine_tune_distributed
+    real_train_on = nodes.train_on
 
-    def interrupted_at_task_3(*args, task_index, **kwargs):
-        if task_index == 3:
+    def interrupted_at_task_3(settings, task, *args, **kwargs):
+        if task.task_index == 3:
             raise KeyboardInterrupt
-        return real_fine_tune(*args, task_index=task_index, **kwargs)
+        return real_train_on(settings, task, *args, **kwargs)
 
-    monkeypatch.setattr(nodes, "fine_tune_distributed", interrupted_at_task_3)
+    monkeypatch.setattr(nodes, "train_on", interrupted_at_task_3)
     monkeypatch.chdir(project)
     bootstrap_project(project)
     result = CliRunner().invoke(cli, ["run", "--pipelines", BENCHMARK])
@@ -110,7 +111,7 @@ def test_ctrl_c_inside_a_node_marks_the_run_killed_and_compare_skips_it(finished
 
     (run,) = mlflow_runs(store_uri(project))
     assert run.info.status == "KILLED"
-    with caplog.at_level(logging.WARNING, logger="clip_continual.tracking"), pytest.raises(NoRunsToCompare):
+    with caplog.at_level(logging.WARNING, logger="clip_continual.runtime.results"), pytest.raises(NoRunsToCompare):
         latest_finished_runs(store_uri(project), EXPERIMENT, BENCHMARK)
     assert f"skipped run {run.info.run_id}" in caplog.text
 

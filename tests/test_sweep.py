@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 
-from clip_continual import sweep
+from clip_continual.runtime import sweep
 from project_helpers import BENCHMARK, _running_in, copy_project, mlflow_runs, run_pipeline, store_uri
 
 # --- units ------------------------------------------------------------------------------------
@@ -44,6 +47,12 @@ def test_an_unknown_method_fails_before_any_run(capsys):
     with pytest.raises(SystemExit):
         sweep.main(["--methods", "ft", "no_such_method", "--seeds", "0"])
     assert "unknown methods ['no_such_method']" in capsys.readouterr().err
+
+
+def test_the_public_command_is_still_python_m_clip_continual_sweep():
+    done = subprocess.run([sys.executable, "-m", "clip_continual.sweep", "--methods", "no_such_method", "--seeds", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown methods ['no_such_method']" in done.stderr
 
 
 # --- a sweep through Kedro sessions -------------------------------------------------------------
@@ -116,7 +125,7 @@ def test_sweep_runs_only_the_pipeline_asked_for(swept, tmp_path):
 
 
 def test_a_variant_is_the_method_and_the_training_settings_its_command_changed():
-    from clip_continual.tracking import variant_label, variant_overrides
+    from clip_continual.runtime.tracking import variant_label, variant_overrides
 
     defaults = {"seed": 0, "continual_learning": {
         "alpha": 1.0, "training": {"lr": 1e-4, "steps": 50, "progress": True},

@@ -11,9 +11,10 @@ import yaml
 import pytest
 from mlflow.tracking import MlflowClient
 
-from clip_continual.run_key import compute_run_key
-from clip_continual.tracking import (
-    DEFAULT_STORE_FILE, BatchedMetrics, NoRunsToCompare, default_artifact_location, log_metrics, metric_history,
+from clip_continual.runtime.results import NoRunsToCompare
+from clip_continual.runtime.run_key import compute_run_key
+from clip_continual.runtime.tracking import (
+    DEFAULT_STORE_FILE, BatchedMetrics, default_artifact_location, log_metrics, metric_history,
     parameters_to_log, tracking_uri,
 )
 from project_helpers import (

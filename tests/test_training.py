@@ -10,12 +10,14 @@ import torch
 from PIL import Image
 
 from clip_continual.data.loading import ZsclTrainTransform, random_resized_box
-from clip_continual.methods import reference_vr_lwf_terms
-from clip_continual.models import set_trainable_parts
-from clip_continual.replay import VocabularyConfig, build_vocabulary
-from clip_continual.training import (
-    BatchOrder, TrainingConfig, TrainingConfigError, augment_crop_flip, augment_zscl, build_optimizer,
-    fine_tune, learning_rate_at, plan_training, resolve_precision,
+from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
+from clip_continual.methods.vr_lwf import reference_vr_lwf_terms
+from clip_continual.model.clip import set_trainable_parts
+from clip_continual.training.augment import augment_crop_flip, augment_zscl
+from clip_continual.training.config import TrainingConfig, TrainingConfigError
+from clip_continual.training.loop import fine_tune
+from clip_continual.training.schedule import (
+    BatchOrder, build_optimizer, learning_rate_at, plan_training, resolve_precision,
 )
 
 NUM_CLASSES = 4

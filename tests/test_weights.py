@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from clip_continual.weights import StateDictMismatchError, interpolate_into, interpolate_state_dicts
+from clip_continual.model.weights import StateDictMismatchError, interpolate_into, interpolate_state_dicts
 
 
 def test_interpolation_is_exact_per_tensor_and_leaves_inputs_alone():

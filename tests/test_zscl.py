@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from clip_continual.data.common import ImageSet
-from clip_continual.methods import Batch, TaskContext, get_method
+from clip_continual.methods import get_method
+from clip_continual.methods.base import Batch, TaskContext
 from clip_continual.methods.zscl import WeightEnsemble
 
 NUM_CLASSES = 3

@@ -14,7 +14,7 @@ import traceback
 import click
 from kedro.framework.cli.project import run as kedro_run
 
-from clip_continual import tracking
+from clip_continual.runtime import tracking
 
 TRACEBACK_ENV = "CLIP_CONTINUAL_TRACEBACK"
 

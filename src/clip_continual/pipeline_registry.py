@@ -2,11 +2,11 @@
 
 from kedro.pipeline import Pipeline
 
-from clip_continual.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, Benchmark
 from clip_continual.pipelines import (
     benchmark_data, compare, continual_learning, data_preparation, evaluation, pretraining,
     vocabulary_replay,
 )
+from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, Benchmark
 
 
 def _benchmark_pipeline(benchmark: Benchmark, vocabulary: Pipeline) -> Pipeline:

@@ -6,9 +6,9 @@ from pathlib import Path
 from kedro.config import OmegaConfigLoader
 from kedro.utils import find_kedro_project
 
-from clip_continual.hooks import MlflowTrackingHook, RunKeyHook, SettingsCheckHook
-from clip_continual.run_key import current_run_key, current_source_key
-from clip_continual.tracking import default_artifact_location, tracking_uri
+from clip_continual.pipelines.hooks import MlflowTrackingHook, RunKeyHook, SettingsCheckHook
+from clip_continual.runtime.run_key import current_run_key, current_source_key
+from clip_continual.runtime.tracking import default_artifact_location, tracking_uri
 
 # Our dotted dataset names are the namespaces' own (<benchmark>.<task>.model); Kedro warns when a
 # node outside the namespace (the report) refers to them by their full name.

@@ -41,7 +41,7 @@ class MtilTraining:
     betas: tuple[float, float] = (0.9, 0.999)  # finetune.py betas=(0.9, args.beta2), --beta2 0.999
     warmup_iterations: int = 100  # mtil/src/args.py --warmup_length 100; utils.cosine_lr
     schedule: str = "cosine"  # mtil/src/utils.py cosine_lr: linear warm-up, then cosine to 0
-    # (training.learning_rate_at with schedule "cosine" and warmup_steps computes it)
+    # (training.schedule.learning_rate_at with schedule "cosine" and warmup_steps computes it)
     batch_size: int = 64  # mtil/src/args.py --batch-size 64
     eval_batch_size: int = 128  # mtil/src/args.py --batch-size-eval 128
     # mtil/scripts/*.sh --iterations 1000. ZSCL's loop (finetune.py) runs

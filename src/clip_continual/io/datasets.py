@@ -18,8 +18,9 @@ from kedro.io import AbstractVersionedDataset, DatasetError, Version
 
 from clip_continual.data.common import ImageSet
 from clip_continual.files import atomic_write
-from clip_continual.models import ClipModel, ModelError, load_checkpoint, save_checkpoint
-from clip_continual.replay import ReplayVocabulary
+from clip_continual.methods.vocabulary import ReplayVocabulary
+from clip_continual.model.checkpoints import load_checkpoint, save_checkpoint
+from clip_continual.model.clip import ClipModel, ModelError
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from kedro.io import AbstractDataset, DatasetError
 
 from clip_continual.data.common import DataFormatError
 from clip_continual.data.shards import MANIFEST, PreparedSplit, ShardRequest, prepare_split, read_manifest
-from clip_continual.tracking import log_metrics
+from clip_continual.runtime.tracking import log_metrics
 
 
 class PreparedSplitDataset(AbstractDataset[ShardRequest, PreparedSplit]):

@@ -23,8 +23,8 @@ from torch import nn
 
 from clip_continual.data.common import ImageSet
 from clip_continual.data.loading import TaskImages
-from clip_continual.models import encode_images, encode_text, full_precision
-from clip_continual.replay import ReplayVocabulary
+from clip_continual.methods.vocabulary import ReplayVocabulary
+from clip_continual.model.clip import encode_images, encode_text, full_precision
 
 
 class MethodConfigError(ValueError):
@@ -273,7 +273,7 @@ class ContinualMethod(ABC):
 
     def prepare_student(self, student: nn.Module, parts: str) -> None:
         """Change the student's architecture before its parameters are chosen for training
-        (e.g. add adapters, ``clip_continual.adapters``); ``parts`` is the loop's setting."""
+        (e.g. add adapters, ``model.adapters``); ``parts`` is the loop's setting."""
 
     def before_task(self, task: TaskContext) -> None:
         """Prepare per-task state (called once, after the teacher is ready)."""

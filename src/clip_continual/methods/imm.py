@@ -18,7 +18,7 @@ from torch import nn
 
 from clip_continual.methods.base import MethodConfigError, TaskContext
 from clip_continual.methods.ft import FineTuning
-from clip_continual.weights import interpolate_into
+from clip_continual.model.weights import interpolate_into
 
 
 def require_weight(weight: float) -> float:

@@ -2,17 +2,83 @@
 
 Follows the code of our paper, CL-CLIP ``models/clip_rkr.py`` (``inject_trainable_rkr``,
 ``LoraInjectedLinear``) and ``main.py`` (which towers for which part; the backbone frozen), trained
-with the fine-tuning loss of ``methods/ft.py``. The rectifiers themselves live in
-``clip_continual.adapters`` (so checkpoints, freezing and evaluation treat them like any model).
+with the fine-tuning loss of ``methods/ft.py``. The rectifiers are an adapter kind ("rkr") of
+``model/adapters.py``, so checkpoints, freezing and evaluation treat them like any model.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import math
+from typing import Any
 
-from clip_continual.adapters import TOWERS_OF_PARTS, add_adapters
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
 from clip_continual.methods.base import MethodConfigError
 from clip_continual.methods.ft import FineTuning
+from clip_continual.model.adapters import (
+    TOWERS_OF_PARTS, AdapterError, add_adapters, register_adapter_kind, tower_transformers,
+)
+
+
+class Rectifier(nn.Module):
+    """The weight parametrization ``W -> diag(s) (W + U D)`` of one linear layer.
+
+    CL-CLIP (models/clip_rkr.py, LoraInjectedLinear) computes ``(W x + b + U D x) * s``: a
+    rank-r branch ``U D`` beside the frozen layer and a per-output-channel scale ``s`` of the
+    sum. As a parametrization the same numbers reach every caller of ``weight``, including
+    ``nn.MultiheadAttention``, which reads ``out_proj.weight`` rather than calling the layer.
+    Initialisation as CL-CLIP: D zeros (so the branch starts at zero), U as ``nn.Linear(r,
+    out)``'s default, s ones; CL-CLIP injects with dropout 0.
+    """
+
+    def __init__(self, out_features: int, in_features: int, rank: int) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(out_features, in_features):
+            raise AdapterError(
+                f"RKR rank {rank} must lie in [1, {min(out_features, in_features)}] for a "
+                f"{in_features} -> {out_features} layer"
+            )
+        self.down = nn.Parameter(torch.zeros(rank, in_features))
+        self.up = nn.Parameter(torch.empty(out_features, rank))
+        nn.init.kaiming_uniform_(self.up, a=math.sqrt(5))
+        self.scale = nn.Parameter(torch.ones(out_features))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.scale.unsqueeze(1) * (weight + self.up @ self.down)
+
+
+class _ScaledBias(nn.Module):
+    """The bias parametrization ``b -> s * b`` with the scale of the layer's ``Rectifier``
+    (held outside the module tree, so the scale is stored and trained once)."""
+
+    def __init__(self, rectifier: Rectifier) -> None:
+        super().__init__()
+        self.__dict__["rectifier"] = rectifier
+
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        return self.rectifier.scale * bias
+
+
+def add_rectifiers(model: nn.Module, recipe: dict[str, Any]) -> None:
+    # CL-CLIP adapts every nn.Linear inside the residual blocks (attention output, MLP in and
+    # out); the fused q/k/v projection of CLIP's attention is a raw parameter, left frozen there.
+    rank = int(recipe["rank"])
+    for transformer in tower_transformers(model, recipe["towers"]).values():
+        linears = [m for m in transformer.modules() if isinstance(m, nn.Linear)]
+        for layer in linears:
+            rectifier = Rectifier(layer.out_features, layer.in_features, rank).to(layer.weight)
+            parametrize.register_parametrization(layer, "weight", rectifier)
+            if layer.bias is not None:
+                parametrize.register_parametrization(layer, "bias", _ScaledBias(rectifier))
+
+
+def rectifier_parameters(transformer: nn.Module) -> list[nn.Parameter]:
+    return [p for module in transformer.modules() if isinstance(module, Rectifier) for p in module.parameters()]
+
+
+register_adapter_kind("rkr", add_rectifiers, rectifier_parameters)
 
 
 class RectifiedKnowledgeRetention(FineTuning):

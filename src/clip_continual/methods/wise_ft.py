@@ -15,7 +15,7 @@ from torch import nn
 from clip_continual.methods.base import TaskContext
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.imm import require_weight
-from clip_continual.weights import interpolate_into
+from clip_continual.model.weights import interpolate_into
 
 
 class WiseFineTuning(FineTuning):

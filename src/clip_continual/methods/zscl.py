@@ -21,8 +21,8 @@ from clip_continual.methods.base import (
     Batch, MethodConfigError, TaskContext, Teacher, image_features, soft_target_cross_entropy,
 )
 from clip_continual.methods.ft import FineTuning
-from clip_continual.replay import derive_seed
-from clip_continual.weights import interpolate_state_dicts
+from clip_continual.methods.vocabulary import derive_seed
+from clip_continual.model.weights import interpolate_state_dicts
 
 _STREAM_REFERENCE = 11  # keeps the reference batches apart from the loop's random streams
 

@@ -1,4 +1,5 @@
-"""Kedro pipelines: thin nodes over the plain-Python modules of the package."""
+"""Kedro pipelines: thin nodes over the science folders, one package per pipeline, and the project
+hooks (run keys, checks before a run, MLflow tracking through kedro-mlflow)."""
 
 from __future__ import annotations
 

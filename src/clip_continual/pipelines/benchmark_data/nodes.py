@@ -18,7 +18,8 @@ from clip_continual.data.shards import ShardRequest, ShardSettings
 from clip_continual.data.tiered_imagenet import tiered_imagenet_test_index
 from clip_continual.data.torchvision_sets import SPECS, load_split
 from clip_continual.methods import method_class
-from clip_continual.models import ClipModel, ModelSpec, build_model, resolve_pretrained
+from clip_continual.model.clip import ClipModel, ModelSpec
+from clip_continual.model.sources import build_model, resolve_pretrained
 from clip_continual.pipelines.continual_learning.nodes import training_config
 
 logger = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from kedro.pipeline import Node, Pipeline
 
-from clip_continual.benchmarks import Benchmark
 from clip_continual.pipelines import bind
 from clip_continual.pipelines.benchmark_data import nodes
+from clip_continual.runtime.benchmarks import Benchmark
 
 PREFIX = "prepared_"
 

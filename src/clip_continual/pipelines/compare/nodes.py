@@ -8,8 +8,9 @@ import mlflow
 import pandas as pd
 from matplotlib.figure import Figure
 
-from clip_continual import reporting
-from clip_continual.tracking import latest_finished_runs, probe_store
+from clip_continual.evaluation import reporting
+from clip_continual.runtime.results import latest_finished_runs
+from clip_continual.runtime.tracking import probe_store
 
 
 def compare_methods(params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Figure]:

@@ -7,20 +7,26 @@ from typing import Any
 
 import numpy as np
 
-from clip_continual.benchmarks import Benchmark
+from clip_continual.data import zscl_text
 from clip_continual.data.common import ImageSet
 from clip_continual.data.index import ImageIndex
-from clip_continual.data.loading import LoaderConfig, training_source
-from clip_continual.data import zscl_text
+from clip_continual.data.loading import LoaderConfig
 from clip_continual.data.mtil import few_shot_positions
-from clip_continual.distributed import DistributedConfig, fine_tune_distributed
-from clip_continual.evaluation import evaluate_step, fill_template
-from clip_continual.sequence_evaluation import evaluate_class_incremental_step, evaluate_datasets_step
+from clip_continual.evaluation.sequences import evaluate_class_incremental_step, evaluate_datasets_step
+from clip_continual.evaluation.step import evaluate_step
+from clip_continual.evaluation.zero_shot import fill_template
 from clip_continual.methods import METHODS, method_takes_alpha
-from clip_continual.models import ClipModel
-from clip_continual.replay import ReplayVocabulary
-from clip_continual.tracking import CONTINUAL_GROUP, TASK_COSTS, TASK_GROUP, BatchedMetrics, metric_history
-from clip_continual.training import TrainingConfig, TrainingConfigError, plan_training
+from clip_continual.methods.vocabulary import ReplayVocabulary
+from clip_continual.model.clip import ClipModel
+from clip_continual.runtime.benchmarks import Benchmark
+from clip_continual.runtime.tracking import (
+    CONTINUAL_GROUP, TASK_COSTS, TASK_GROUP, BatchedMetrics, metric_history,
+)
+from clip_continual.training.config import TrainingConfig, TrainingConfigError
+from clip_continual.training.distributed import DistributedConfig, train_on
+from clip_continual.training.loop import StepCallback
+from clip_continual.training.schedule import plan_training
+from clip_continual.training.task import training_task
 
 logger = logging.getLogger(__name__)
 
@@ -85,39 +91,41 @@ def fine_tune_task(
     params = task_params(with_method_defaults(params, method_defaults), task.name)
     config = training_config(method, params, seed, benchmark.default_teacher)
     distributed = DistributedConfig.from_params((params.get("training") or {}).get("distributed"))
-    continual_method = config.build_method()
-    teacher = start_model if config.teacher == "previous" or pretrained_model is None else pretrained_model
     classes = task.classes or tuple(range(len(train_set.class_names)))  # empty: the whole dataset
-    seen = sorted({c for phase in benchmark.phases[:task_index - 1] for c in phase} | set(classes))
-    log_every = max(1, int(tracking.get("log_every", 1)))
+    # Task 1 starts from the pretrained model, which the pipeline hands in only as start_model.
+    pretrained = start_model if pretrained_model is None else pretrained_model
+    training = training_task(
+        start_model,
+        few_shot_train_set(train_set.restrict_to_classes(classes), params),
+        class_prompts(train_set, templates_for(prompts, task.prompt_key or benchmark.suite.updated_prompt_key)[0]),
+        current_classes=list(classes),
+        seen_classes=sorted({c for phase in benchmark.phases[:task_index - 1] for c in phase} | set(classes)),
+        config=config,
+        vocabulary=vocabulary,
+        teacher=start_model if config.teacher == "previous" else pretrained,
+        task_index=task_index,
+        method=config.build_method(),
+        loader=LoaderConfig.from_params(loader),
+        extras={"reference_set": reference_set, "pretrained_model": pretrained},
+        previous_state=previous_method_state,
+    )
     offset = _steps_before(config, train_set.labels, benchmark, task_index)
+    with BatchedMetrics() as metrics:
+        model, summary = train_on(distributed, training, _loss_logger(metrics, tracking, offset))
+    model.metadata.update({"method": method, "task_index": task_index, "classes": list(classes)})
+    return model, summary, training.method.export_state()
+
+
+def _loss_logger(metrics: BatchedMetrics, tracking: dict[str, Any], offset: int) -> StepCallback:
+    """Every ``tracking.log_every``-th step's losses as MLflow metrics ``train/<term>``, at the
+    step counted across tasks (``offset`` steps before this one)."""
+    log_every = max(1, int(tracking.get("log_every", 1)))
 
     def log_losses(step: int, losses: dict[str, float]) -> None:
         if step % log_every == 0:
-            batch.log({f"train/{name}": value for name, value in losses.items()}, step=offset + step)
+            metrics.log({f"train/{name}": value for name, value in losses.items()}, step=offset + step)
 
-    with BatchedMetrics() as batch:
-        model, summary = fine_tune_distributed(
-            distributed,
-            start_model,
-            training_source(few_shot_train_set(train_set.restrict_to_classes(classes), params),
-                            LoaderConfig.from_params(loader)),
-            class_prompts(train_set, templates_for(prompts, task.prompt_key or benchmark.suite.updated_prompt_key)[0]),
-            current_classes=list(classes),
-            seen_classes=seen,
-            config=config,
-            vocabulary=vocabulary,
-            teacher=teacher,
-            task_index=task_index,
-            on_step=log_losses,
-            method=continual_method,
-            # Task 1 starts from the pretrained model, which the pipeline hands in only as start_model.
-            extras={"reference_set": reference_set,
-                    "pretrained_model": start_model if pretrained_model is None else pretrained_model},
-            previous_state=previous_method_state,
-        )
-    model.metadata.update({"method": method, "task_index": task_index, "classes": list(classes)})
-    return model, summary, continual_method.export_state()
+    return log_losses
 
 
 def templates_for(prompts: dict[str, Any], key: str) -> list[str]:

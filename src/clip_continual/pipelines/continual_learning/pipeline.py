@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from kedro.pipeline import Node, Pipeline
 
-from clip_continual.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, Benchmark
 from clip_continual.pipelines import bind
 from clip_continual.pipelines.continual_learning import nodes
+from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, Benchmark
 
 
 def _namespaced(template: Pipeline, namespace: str, shared: set[str]) -> Pipeline:

@@ -7,10 +7,10 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from clip_continual import reporting
+from clip_continual.evaluation import reporting
 from clip_continual.methods import METHODS, effective_alpha
-from clip_continual.run_key import run_name
-from clip_continual.tracking import CONTINUAL_GROUP, metric_history
+from clip_continual.runtime.run_key import run_name
+from clip_continual.runtime.tracking import CONTINUAL_GROUP, metric_history
 
 # Whole-run metrics of the summary, logged as ``continual/<name>`` at the last step.
 SUMMARY_METRICS = ("mean_learning_acc",)

@@ -1,8 +1,8 @@
 from kedro.pipeline import Node, Pipeline
 
-from clip_continual.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, Benchmark
 from clip_continual.pipelines import bind
 from clip_continual.pipelines.evaluation import nodes
+from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, Benchmark
 
 
 def _report_function(benchmark: Benchmark):

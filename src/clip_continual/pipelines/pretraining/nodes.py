@@ -8,10 +8,12 @@ from typing import Any
 import torch
 
 from clip_continual.data.common import ImageSet
-from clip_continual.evaluation import evaluate_retrieval, zero_shot_accuracy
-from clip_continual.models import ClipModel, ModelSpec, build_model, require_architecture
-from clip_continual.pretraining import PretrainingConfig, pretrain
-from clip_continual.tracking import PRETRAINING_GROUP, metric_history
+from clip_continual.evaluation.retrieval import evaluate_retrieval
+from clip_continual.evaluation.zero_shot import zero_shot_accuracy
+from clip_continual.model.clip import ClipModel, ModelSpec
+from clip_continual.model.sources import build_model, require_architecture
+from clip_continual.runtime.tracking import PRETRAINING_GROUP, metric_history
+from clip_continual.training.pretraining import PretrainingConfig, pretrain
 
 logger = logging.getLogger(__name__)
 

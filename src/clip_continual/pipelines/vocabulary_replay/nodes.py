@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from clip_continual.methods import method_class
-from clip_continual.models import ClipModel
-from clip_continual.replay import ReplayVocabulary, VocabularyConfig, build_vocabulary
+from clip_continual.methods.vocabulary import ReplayVocabulary, VocabularyConfig, build_vocabulary
+from clip_continual.model.clip import ClipModel
 
 
 def vocabulary_config(params: dict[str, Any], method: str, seed: int) -> VocabularyConfig:

@@ -1,4 +1,4 @@
-"""Tables, summaries and figures from the per-step results of ``evaluation.evaluate_step``.
+"""Tables, summaries and figures from the per-step results of ``step.evaluate_step``.
 
 Plain Python, pandas and matplotlib; no Kedro import. Figures are built on the Agg canvas
 directly (never through pyplot), so nothing is left in a global figure registry. Accuracies are
@@ -19,14 +19,15 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from clip_continual.evaluation import RETRIEVAL_KEYS, continual_metrics, learning_accuracies
-from clip_continual.sequence_evaluation import class_incremental_summary
+from clip_continual.evaluation.metrics import continual_metrics, learning_accuracies
+from clip_continual.evaluation.retrieval import RETRIEVAL_KEYS
+from clip_continual.evaluation.sequences import class_incremental_summary
 
 METRIC_COLUMNS = ("step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc", "seen_acc",
                   *RETRIEVAL_KEYS)
 SEQUENCE_COLUMNS = ("transfer", "avg", "last", "cil_acc")  # MTIL / class-incremental runs only
 FINAL_KEYS = ("ut_acc", "zs_acc", "a_acc", "bwt", "seen_acc", *RETRIEVAL_KEYS, "ut_top1")
-# Final metrics, then what a task cost (from the run's task/ metrics; see tracking.task_costs).
+# Final metrics, then what a task cost (from the run's task/ metrics; see runtime/results.py task_costs).
 COMPARISON_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc", "seen_acc", "i2t_r1", "t2i_r1",
                       "trainable_parameters", "wall_time_per_task_s")
 

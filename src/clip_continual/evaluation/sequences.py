@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from clip_continual.data.loading import LoaderConfig
-from clip_continual.evaluation import (
-    bwt_at, evaluating, image_features, predict, top1_accuracy, ut_acc, zero_shot_accuracy,
-    zero_shot_classifier,
+from clip_continual.evaluation.features import evaluating, image_features
+from clip_continual.evaluation.metrics import bwt_at, ut_acc
+from clip_continual.evaluation.zero_shot import (
+    predict, top1_accuracy, zero_shot_accuracy, zero_shot_classifier,
 )
-from clip_continual.models import ClipModel
+from clip_continual.model.clip import ClipModel
 
 
 def _mean_or_none(values: Sequence[float]) -> float | None:

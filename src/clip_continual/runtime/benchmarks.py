@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clip_continual.data.karpathy import COCO_RETRIEVAL_FOLDS, FLICKR_RETRIEVAL_FOLDS
 from clip_continual.data import class_incremental, mtil
+from clip_continual.data.karpathy import COCO_RETRIEVAL_FOLDS, FLICKR_RETRIEVAL_FOLDS
 
 EVALUATIONS = ("phases", "datasets", "class_incremental")
 

@@ -2,11 +2,12 @@
 (``backend: torch``, N local workers) or Ray Train (``backend: ray``, a Ray cluster).
 
 Kedro runs a pipeline in one process, so the training node itself starts the workers (wrapping
-``kedro run`` in ``torchrun`` would run every node on every rank). Every worker runs the one
-training loop (``training.fine_tune``) with a ``DataParallelReplica``:
+``kedro run`` in ``torchrun`` would run every node on every rank). The node builds the task once
+(``task.TrainingTask``); every worker receives it as it is and runs the one training loop
+(``loop.train``) with a ``DataParallelReplica``:
 
 - the start model, the teacher, the replayed vocabulary and the method's per-task state arrive
-  identically on every rank and are seeded identically (``fine_tune`` seeds from the config);
+  identically on every rank and are seeded identically (the loop seeds from the task);
 - the batch order is a pure function of (seed, epoch, step), so every rank computes the same
   global batch and keeps its contiguous part (``part``): the DataLoader path reads only those
   indices (the sharded equivalent of a ``DistributedSampler``); augmentation is drawn per
@@ -17,7 +18,7 @@ training loop (``training.fine_tune``) with a ``DataParallelReplica``:
 
 Which loss terms need care: every term of ``ft``, ``lwf``, ``vr_lwf`` and ``vr_lwf_zscl`` (the
 methods allowed here, ``DATA_PARALLEL_METHODS``) is a mean over the rows of the batch (cross-entropy, KL with ``batchmean``, soft-target CE), so each
-rank's term on its part, weighted by its share of the global batch (``fine_tune`` does this),
+rank's term on its part, weighted by its share of the global batch (the loop does this),
 averages to the global batch's term exactly, also when a batch does not split evenly. A term
 that normalises over the whole batch (a contrastive loss with in-batch negatives, batch
 statistics, MoE routing balance) would NOT: it would have to gather features across ranks
@@ -47,9 +48,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
-from clip_continual.methods.base import Batch
-from clip_continual.models import ClipModel, resolve_device
-from clip_continual.training import Replica, TrainingConfig, fine_tune
+from clip_continual.methods.base import Batch, ContinualMethod, TaskContext
+from clip_continual.model.clip import ClipModel, resolve_device
+from clip_continual.training.loop import StepCallback, train
+from clip_continual.training.replica import LossTerms, Replica
+from clip_continual.training.task import TrainingTask, training_task
 
 BACKENDS = ("none", "torch", "ray")
 # Methods whose data-parallel run is checked against the one-process run (the module docstring).
@@ -143,15 +146,13 @@ class DataParallelReplica(Replica):
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (self.rank < extra))
 
-    def forward(self, task, method) -> Callable[[Batch], dict[str, torch.Tensor]]:
-        context = task.context
-        module = _LossOfBatch(task.student.model, lambda model, batch: method.loss_terms(model, batch, context))
-        device = task.device
+    def loss_terms(self, model: nn.Module, method: ContinualMethod, context: TaskContext) -> LossTerms:
+        module = _LossOfBatch(model, lambda model, batch: method.loss_terms(model, batch, context))
         device_ids = None
-        if device.type == "cuda":  # 'cuda' is the current device, which the worker set to its own
+        if context.device.type == "cuda":  # 'cuda' is the current device, which the worker set to its own
+            device = context.device
             device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
-        wrapped = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-        return wrapped
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
     def reduce(self, values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
@@ -159,50 +160,38 @@ class DataParallelReplica(Replica):
         return values / self.world_size
 
 
-def _train_rank(payload: dict[str, Any], rank: int, world_size: int) -> dict[str, Any] | None:
+def _train_rank(task: TrainingTask, rank: int, world_size: int) -> dict[str, Any] | None:
     """Train this rank's part; rank 0 returns plain data (state dict, summary, per-step losses)."""
     steps: list[tuple[int, dict[str, float]]] = []
-    config = payload["config"]
     if rank != 0:
-        config = dataclasses.replace(config, progress=False)
-    model, summary = fine_tune(
-        payload["start"], payload["train_set"], payload["class_prompts"],
-        current_classes=payload["current_classes"], seen_classes=payload["seen_classes"],
-        config=config, vocabulary=payload["vocabulary"], teacher=payload["teacher"],
-        task_index=payload["task_index"], on_step=lambda step, values: steps.append((step, values)),
-        method=payload["method"], loader=payload["loader"], extras=payload["extras"],
-        previous_state=payload["previous_state"], replica=DataParallelReplica(rank, world_size),
-    )
+        task = dataclasses.replace(task, config=dataclasses.replace(task.config, progress=False))
+    model, summary = train(task, on_step=lambda step, values: steps.append((step, values)),
+                           replica=DataParallelReplica(rank, world_size))
     if rank != 0:
         return None
     state = {name: tensor.detach().cpu() for name, tensor in model.model.state_dict().items()}
     return {"state": state, "summary": summary, "metadata": model.metadata, "steps": steps}
 
 
-def _device_backend(config) -> str:
-    return "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
+def _on_cuda(task: TrainingTask) -> bool:
+    return resolve_device(task.config.device).type == "cuda"
 
 
 @record
-def _torch_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
+def _torch_worker(task: TrainingTask) -> dict[str, Any] | None:
     """Entry point of one process started by the elastic launcher (env:// rendezvous)."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if resolve_device(payload["config"].device).type == "cuda":
+    if _on_cuda(task):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(_device_backend(payload["config"]))
+    dist.init_process_group("nccl" if _on_cuda(task) else "gloo")
     # On failure the group is left open: ``record`` writes this worker's error before the process
     # exits and its peers lose the connection, so the first error is the real one.
-    result = _train_rank(payload, rank, world_size)
+    result = _train_rank(task, rank, world_size)
     dist.destroy_process_group()
     return result
 
 
 # --- the node's side -----------------------------------------------------------------------
-
-# fine_tune's keyword arguments that travel to the workers (on_step stays with the node).
-_FINE_TUNE_ARGUMENTS = ("current_classes", "seen_classes", "config", "vocabulary", "teacher", "task_index",
-                        "method", "loader", "extras", "previous_state")
-
 
 def _failures_message(error: ChildFailedError, workers: int) -> str:
     """Every failed worker's own error, the first to fail first (the others often only report
@@ -215,8 +204,8 @@ def _failures_message(error: ChildFailedError, workers: int) -> str:
     return "training failed; nothing was written. " + "; ".join(lines)
 
 
-def _launch_torch(payload: dict[str, Any], settings: DistributedConfig) -> dict[str, Any]:
-    if resolve_device(payload["config"].device).type == "cuda" and settings.workers > torch.cuda.device_count():
+def _launch_torch(task: TrainingTask, settings: DistributedConfig) -> dict[str, Any]:
+    if _on_cuda(task) and settings.workers > torch.cuda.device_count():
         raise DistributedConfigError(
             f"training.distributed.workers is {settings.workers} but this machine has "
             f"{torch.cuda.device_count()} GPU(s); one worker per GPU (or backend 'ray' for more machines)")
@@ -228,7 +217,7 @@ def _launch_torch(payload: dict[str, Any], settings: DistributedConfig) -> dict[
         start_method="spawn",
     )
     try:
-        results = elastic_launch(launch, _torch_worker)(payload)
+        results = elastic_launch(launch, _torch_worker)(task)
     except ChildFailedError as error:
         raise WorkerFailedError(_failures_message(error, settings.workers)) from None
     return results[0]
@@ -249,16 +238,17 @@ def _ray_modules():
     return ray, train, TorchTrainer
 
 
-def _ray_worker(payload: dict[str, Any]) -> None:
+def _ray_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: Ray has set up the process group; rank 0 reports the result as a
     checkpoint (a folder with one ``torch.save`` file of plain data)."""
     ray, train, _ = _ray_modules()
     import ray.train.torch
 
-    if resolve_device(payload["config"].device).type == "cuda":
+    task = loop_config["task"]
+    if _on_cuda(task):
         torch.cuda.set_device(ray.train.torch.get_device())
     context = train.get_context()
-    result = _train_rank(payload, context.get_world_rank(), context.get_world_size())
+    result = _train_rank(task, context.get_world_rank(), context.get_world_size())
     if result is None:
         train.report({})
         return
@@ -271,13 +261,13 @@ def _ray_use_gpu(settings: DistributedConfig) -> bool:
     return torch.cuda.is_available() if settings.use_gpu == "auto" else bool(settings.use_gpu)
 
 
-def _launch_ray(payload: dict[str, Any], settings: DistributedConfig) -> dict[str, Any]:
+def _launch_ray(task: TrainingTask, settings: DistributedConfig) -> dict[str, Any]:
     ray, train, TorchTrainer = _ray_modules()
     if not ray.is_initialized():
         ray.init(address=settings.address, **dict(settings.ray_init or {}))
     with tempfile.TemporaryDirectory() as scratch:
         trainer = TorchTrainer(
-            _ray_worker, train_loop_config=payload,
+            _ray_worker, train_loop_config={"task": task},
             scaling_config=train.ScalingConfig(num_workers=settings.workers, use_gpu=_ray_use_gpu(settings)),
             run_config=train.RunConfig(name=f"clip-continual-{uuid.uuid4().hex[:8]}",
                                        storage_path=settings.storage_path or scratch),
@@ -308,35 +298,32 @@ def _check_method(method, settings: DistributedConfig) -> None:
             f"use backend 'none'")
 
 
+def train_on(settings: DistributedConfig | Mapping[str, Any] | None, task: TrainingTask,
+             on_step: StepCallback | None = None) -> tuple[ClipModel, dict[str, Any]]:
+    """``loop.train`` of the built ``task`` on the engine ``settings`` name: in this process
+    (``backend: none``) or on ``workers`` data-parallel processes, each running the same loop on
+    its part of every batch. ``on_step`` is called here, after training, with rank 0's numbers of
+    every step (global-batch values)."""
+    settings = settings if isinstance(settings, DistributedConfig) else DistributedConfig.from_params(settings)
+    if not settings.active:
+        return train(task, on_step)
+    _check_method(task.method, settings)
+    result = _launch_torch(task, settings) if settings.backend == "torch" else _launch_ray(task, settings)
+    for step, values in result["steps"]:
+        if on_step is not None:
+            on_step(step, values)
+    summary = {**result["summary"], "backend": settings.backend, "workers": settings.workers}
+    return _result_model(task.start, result), summary
+
+
 def fine_tune_distributed(
     settings: DistributedConfig | Mapping[str, Any] | None,
     start: ClipModel,
     train_set,
     class_prompts,
     *,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: StepCallback | None = None,
     **kwargs: Any,
 ) -> tuple[ClipModel, dict[str, Any]]:
-    """``training.fine_tune`` on the engine ``settings`` name (``backend: none`` calls it
-    directly). Takes ``fine_tune``'s arguments; ``on_step`` is called here, after training, with
-    rank 0's numbers of every step (global-batch values)."""
-    settings = settings if isinstance(settings, DistributedConfig) else DistributedConfig.from_params(settings)
-    if not settings.active:
-        return fine_tune(start, train_set, class_prompts, on_step=on_step, **kwargs)
-    unknown = sorted(set(kwargs) - set(_FINE_TUNE_ARGUMENTS))
-    if unknown:
-        raise TypeError(f"unexpected arguments {unknown}")
-    payload = {"start": start, "train_set": train_set, "class_prompts": list(class_prompts),
-               **{name: kwargs.get(name) for name in _FINE_TUNE_ARGUMENTS}}
-    payload["task_index"] = payload["task_index"] or 0
-    payload["config"] = payload["config"] or TrainingConfig()
-    _check_method(payload["method"] or payload["config"].build_method(), settings)
-    if settings.backend == "torch":
-        result = _launch_torch(payload, settings)
-    else:
-        result = _launch_ray(payload, settings)
-    for step, values in result["steps"]:
-        if on_step is not None:
-            on_step(step, values)
-    summary = {**result["summary"], "backend": settings.backend, "workers": settings.workers}
-    return _result_model(start, result), summary
+    """``train_on`` from ``loop.fine_tune``'s arguments."""
+    return train_on(settings, training_task(start, train_set, class_prompts, **kwargs), on_step)

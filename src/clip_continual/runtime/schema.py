@@ -147,7 +147,7 @@ def _check_continual_learning(params: Mapping[str, Any]) -> None:
 
 
 def _check_pretraining(params: Mapping[str, Any]) -> None:
-    from clip_continual.pretraining import PretrainingConfig
+    from clip_continual.training.pretraining import PretrainingConfig
 
     block = {k: v for k, v in (params.get("pretraining") or {}).items() if k != "enabled"}
     PretrainingConfig.from_params({**block, "seed": params.get("seed", 0)})

@@ -1,6 +1,6 @@
 """Project hooks: the keys of a run's artifacts, the checks before a run, and MLflow tracking
 (one run per `kedro run`, through kedro-mlflow). The tracking logic itself lives in plain
-functions of ``clip_continual.tracking``; the hooks only call them."""
+functions of ``clip_continual.runtime.tracking``; the hooks only call them."""
 
 from __future__ import annotations
 
@@ -17,16 +17,17 @@ from kedro_mlflow.framework.hooks import MlflowHook
 from kedro_mlflow.io.catalog.switch_catalog_logging import switch_catalog_logging
 from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
 
-from clip_continual import tracking
-from clip_continual.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
 from clip_continual.files import check_writable
 from clip_continual.methods import METHODS, effective_alpha
-from clip_continual.models import ModelSpec, check_model_source
-from clip_continual.run_key import (
+from clip_continual.model.clip import ModelSpec
+from clip_continual.model.sources import check_model_source
+from clip_continual.runtime import tracking
+from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
+from clip_continual.runtime.run_key import (
     compute_run_key, compute_source_key, current_run_key, run_name, set_current_run_key,
     set_current_source_key,
 )
-from clip_continual.schema import check_parameters
+from clip_continual.runtime.schema import check_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _output_files(pipeline, catalog, project_path: Path) -> list[Path]:
 class SettingsCheckHook:
     """Checks everything a run can know is wrong before any node runs, so that it fails at once
     (not after data preparation and pretraining), opens no MLflow run and writes nothing: every
-    parameter against conf/base (see ``clip_continual.schema``), the start model's source when
+    parameter against conf/base (see ``clip_continual.runtime.schema``), the start model's source when
     the pipeline builds it, and that the pipeline's outputs can be written."""
 
     def __init__(self) -> None:

@@ -18,7 +18,7 @@ from open_clip import ClipLoss
 from tqdm.auto import tqdm
 
 from clip_continual.data.common import ImageSet
-from clip_continual.models import ClipModel, encode_text, resolve_device
+from clip_continual.model.clip import ClipModel, encode_text, resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """MLflow tracking: where the store is, how parameters are flattened, metric logging that is a
 no-op when no run is active (so the science runs the same with tracking off), and what keeps a
 run's record true: the store probed before the run, an interrupted run marked KILLED (never
-FINISHED), a run left RUNNING by a killed process recognised, and only complete sequences
-compared. Plain functions, no Kedro import: any hook can call them."""
+FINISHED), a run left RUNNING by a killed process recognised; which runs are results is
+``results.py``. Plain functions, no Kedro import: any hook can call them."""
 
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def heartbeat() -> None:
         mlflow.set_tag(HEARTBEAT_TAG, f"{time.time():.0f}")
 
 
-def _process_gone(tags: dict[str, str]) -> bool:
+def process_gone(tags: dict[str, str]) -> bool:
     if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
         return False  # another machine's run: only its heartbeat tells
     pid = int(tags[PID_TAG])
@@ -245,7 +245,7 @@ def close_abandoned_runs(uri: str, experiment_name: str) -> list[str]:
         return []
     closed = []
     for run in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'"):
-        if _process_gone(run.data.tags):
+        if process_gone(run.data.tags):
             client.set_terminated(run.info.run_id, status="KILLED")
             closed.append(run.info.run_id)
             logger.warning("MLflow run %s (%s) was left RUNNING by a process that is gone; marked KILLED.",
@@ -322,38 +322,7 @@ def mark_experiment_kind(uri: str, experiment_name: str) -> None:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
-# --- which runs are results ------------------------------------------------------------------
-
-class NoRunsToCompare(LookupError):
-    """The experiment has no finished runs to compare."""
-
-
-def _expected_steps(benchmark: str | None) -> set[int] | None:
-    from clip_continual.benchmarks import BENCHMARKS
-
-    if benchmark not in BENCHMARKS:
-        return None
-    return set(range(len(BENCHMARKS[benchmark].phases) + 1))
-
-
-def why_not_a_result(client: Any, run: Any) -> str | None:
-    """None when ``run`` FINISHED with every step's metrics (0 = the start model .. T), else why not."""
-    status = run.info.status
-    if status != "FINISHED":
-        if status == "RUNNING" and _process_gone(run.data.tags):
-            return "left RUNNING by a process that was killed"
-        if status == "RUNNING":
-            beat = run.data.tags.get(HEARTBEAT_TAG)
-            since = f", last sign of life {time.time() - float(beat):.0f} s ago" if beat else ""
-            return f"still RUNNING (or killed without a trace{since})"
-        return {"KILLED": "KILLED (interrupted)", "FAILED": "FAILED (stopped by an error)"}.get(status, status)
-    expected = _expected_steps(run.data.tags.get("benchmark"))
-    if expected is None:
-        return None if metric_name("zs_acc") in run.data.metrics else f"no {metric_name('zs_acc')} metric"
-    logged = {m.step for m in client.get_metric_history(run.info.run_id, metric_name("zs_acc"))}
-    missing = sorted(expected - logged)
-    return f"incomplete sequence: no metrics for step(s) {missing}" if missing else None
-
+# --- variants: a method with the settings a run changed ----------------------------------------
 
 # Settings that change how a run is shown or where it runs, not what it computes.
 _NOT_A_VARIANT = frozenset({"alpha", "progress", "log_every", "device", "distributed"})
@@ -406,68 +375,3 @@ def variant_label(method: str | None, alpha: Any, overrides: dict[str, Any]) -> 
     settings = ([] if alpha in (None, "None", "null", "") else [f"alpha={alpha}"]) + [
         f"{key}={value}" for key, value in sorted(overrides.items())]
     return f"{method} ({', '.join(settings)})" if settings and method else method
-
-
-def _variant(run: Any) -> str | None:
-    from clip_continual.methods import METHODS, method_takes_alpha
-
-    if VARIANT_TAG in run.data.tags:
-        return run.data.tags[VARIANT_TAG]
-    method = run.data.tags.get("method")  # runs logged before the variant tag
-    alpha = run.data.params.get("continual_learning.alpha", "None")
-    weighted = method in METHODS and method_takes_alpha(method)
-    return variant_label(method, alpha if weighted else None, {})
-
-
-def task_costs(client: Any, run_id: str) -> dict[str, float | None]:
-    """What a run's tasks cost: the most parameters any task trained (MoE-Adapters freezes experts
-    as it goes, so its count falls) and the mean wall time of a task's training."""
-    def history(name: str) -> list[float]:
-        return [m.value for m in client.get_metric_history(run_id, metric_name(name, TASK_GROUP))]
-
-    parameters, seconds = history("trainable_parameters"), history("wall_time_s")
-    return {"trainable_parameters": max(parameters) if parameters else None,
-            "wall_time_per_task_s": sum(seconds) / len(seconds) if seconds else None}
-
-
-def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) -> list[dict[str, Any]]:
-    """The newest complete FINISHED run per method variant and seed (of ``benchmark``, if given),
-    with its final metrics and seed. Each alpha of a method that has one is its own variant, e.g.
-    ``vr_lwf (alpha=1.0)``, so a sweep does not hide the default run. Newer runs that are not
-    results (interrupted, failed, still running, incomplete) are skipped, with a warning why."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        raise NoRunsToCompare(
-            f"no MLflow experiment '{experiment_name}' in {uri}: run `kedro run` (once per method) first"
-        )
-    query = f"tags.benchmark = '{benchmark}'" if benchmark else ""
-    runs = client.search_runs([experiment.experiment_id], filter_string=query,
-                              order_by=["attributes.start_time DESC"])
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
-    for run in runs:
-        variant = _variant(run)
-        seed = run.data.params.get("seed", "")
-        if variant is None or (variant, seed) in latest:
-            continue
-        reason = why_not_a_result(client, run)
-        if reason:
-            logger.warning("compare: skipped run %s (%s, seed %s, %s): %s", run.info.run_id, variant,
-                           seed, run.info.run_name, reason)
-            continue
-        latest[variant, seed] = {
-            "method": variant,
-            "seed": int(seed) if seed.lstrip("-").isdigit() else seed,
-            "run_id": run.info.run_id,
-            **{name: run.data.metrics.get(metric_name(name)) for name in FINAL_METRICS},
-            **task_costs(client, run.info.run_id),
-        }
-    if not latest:
-        raise NoRunsToCompare(
-            f"experiment '{experiment_name}' has no complete finished runs"
-            + (f" of benchmark '{benchmark}'" if benchmark else "")
-            + ": run e.g. `kedro run --params method=ft` and `kedro run --params method=vr_lwf` first"
-        )
-    return sorted(latest.values(), key=lambda row: (row["method"], str(row["seed"]).rjust(12)))

@@ -1,0 +1,169 @@
+"""Features for evaluation: a model in eval mode on the evaluation device, normalised image
+features (in-memory arrays or lazy sets read by DataLoader workers) and text features (token ids
+cached per architecture), and the similarity scores every classifier and retrieval ranks by.
+
+Plain Python and PyTorch; no Kedro import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clip_continual.data.common import ImageSet
+from clip_continual.data.loading import LoaderConfig, StreamedImages, as_lazy
+from clip_continual.model.clip import ClipModel, encode_images, encode_text, resolve_device
+
+DEFAULT_BATCH_SIZE = 256
+
+
+def _target_device(clip: ClipModel, device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return clip.device
+    target = resolve_device(str(device))
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    return target
+
+
+@contextlib.contextmanager
+def evaluating(clip: ClipModel, device: str | torch.device | None = None) -> Iterator[torch.device]:
+    """Eval mode on ``device`` (default: where the model is) for the block; restores both.
+
+    Each submodule's own train/eval flag is restored, so a partly frozen model comes back
+    exactly as it was. A model living elsewhere is moved for the block and moved back: a move
+    keeps the Parameter objects (an optimizer holding them stays valid) and is exact in fp32.
+    """
+    model = clip.model
+    modes = [(module, module.training) for module in model.modules()]
+    home = clip.device
+    target = _target_device(clip, device)
+    moved = target != home
+    try:
+        if moved:
+            # Outside inference mode even if the caller is in it: moved parameters must stay
+            # ordinary tensors that training can use again.
+            with torch.inference_mode(False):
+                model.to(target)
+        model.eval()
+        yield target
+    finally:
+        if moved:
+            with torch.inference_mode(False):
+                model.to(home)
+        for module, training in modes:
+            module.training = training
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA only; CPU (and other backends) run in fp32 for exact results."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+
+
+def _embed_dim(clip: ClipModel) -> int:
+    return int(clip.model_config["embed_dim"])
+
+
+EvalImages = Any  # uint8 (N, H, W, 3) array, ImageSet, or a lazy set (prepared split, ImageIndex)
+
+
+def _pixel_batches(clip: ClipModel, images: EvalImages, batch_size: int,
+                   loader: LoaderConfig | None) -> Iterator[torch.Tensor]:
+    """Preprocessed pixels batch by batch: in-memory arrays on the device as always, lazy sets
+    through DataLoader workers with the model's test transform."""
+    device = clip.device
+    if isinstance(images, ImageSet):
+        images = images.images
+    if not isinstance(images, np.ndarray):
+        for _, pixels in StreamedImages(as_lazy(images), loader).clean_batches(clip, batch_size, device):
+            yield pixels
+        return
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be a uint8 array of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+    for start in range(0, len(images), batch_size):
+        yield clip.preprocess(images[start:start + batch_size], device)
+
+
+def image_feature_batches(clip: ClipModel, images: EvalImages, batch_size: int,
+                           loader: LoaderConfig | None = None) -> Iterator[torch.Tensor]:
+    """Normalised fp32 features batch by batch; the caller holds eval mode and inference mode."""
+    _check_batch_size(batch_size)
+    for pixels in _pixel_batches(clip, images, batch_size, loader):
+        with _autocast(clip.device):
+            features = encode_images(clip.model, pixels, normalize=False)
+        # Normalise after the cast: half-precision norms would cost accuracy.
+        yield F.normalize(features.float(), dim=-1)
+
+
+def image_features(
+    clip: ClipModel, images: EvalImages, batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device | None = None, loader: LoaderConfig | None = None,
+) -> torch.Tensor:
+    """L2-normalised fp32 image features (N, D) of uint8 (N, H, W, 3) images (or a lazy set),
+    on the eval device."""
+    with evaluating(clip, device) as target, torch.inference_mode():
+        chunks = list(image_feature_batches(clip, images, batch_size, loader))
+        features = torch.cat(chunks) if chunks else torch.empty(0, _embed_dim(clip), device=target)
+    # A clone outside inference mode is an ordinary tensor, usable later in autograd graphs.
+    return features.clone()
+
+
+_TOKEN_CACHE: dict[tuple[Any, ...], torch.Tensor] = {}
+_TOKEN_CACHE_SIZE = 512  # chunks of prompts; a few MB of token ids
+
+
+def cached_tokens(clip: ClipModel, texts: Sequence[str]) -> torch.Tensor:
+    """Token ids of ``texts``, tokenized once per architecture: every evaluation step re-encodes
+    the same class prompts (MTIL: thousands, 12 times), and tokenizing them costs more than
+    encoding them with a small model. The oldest entry goes first when the cache is full."""
+    key = (clip.spec.architecture, clip.context_length, tuple(texts))
+    tokens = _TOKEN_CACHE.get(key)
+    if tokens is None:
+        if len(_TOKEN_CACHE) >= _TOKEN_CACHE_SIZE:
+            _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
+        tokens = _TOKEN_CACHE[key] = clip.tokenize(list(texts))
+    return tokens
+
+
+def text_features(
+    clip: ClipModel, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """L2-normalised fp32 text features (N, D), one per text, on the eval device."""
+    _check_batch_size(batch_size)
+    texts = [str(text) for text in texts]
+    with evaluating(clip, device) as target, torch.inference_mode():
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            tokens = cached_tokens(clip, texts[start:start + batch_size]).to(target)
+            with _autocast(target):
+                features = encode_text(clip.model, tokens, normalize=False)
+            chunks.append(F.normalize(features.float(), dim=-1))
+        features = torch.cat(chunks) if chunks else torch.empty(0, _embed_dim(clip), device=target)
+    return features.clone()
+
+
+# --- scores -------------------------------------------------------------------------------------
+
+def as_float_tensor(values: Any, device: torch.device | None = None) -> torch.Tensor:
+    tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+    tensor = tensor.float()
+    return tensor if device is None else tensor.to(device)
+
+
+def similarity_scores(image_feats: torch.Tensor, class_feats: torch.Tensor) -> torch.Tensor:
+    # NaN (a diverged model) must never win a comparison: it becomes the lowest score.
+    return torch.nan_to_num(image_feats @ class_feats.T, nan=-torch.inf)

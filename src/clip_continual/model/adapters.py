@@ -1,0 +1,111 @@
+"""The plumbing every parameter-efficient adapter shares: the recipe a model carries, the
+towers it adapts, and a registry of adapter kinds that builds them.
+
+An adapted model carries its recipe (a small dict of plain values) in the attribute
+``adapter_recipe``. A checkpoint stores the recipe next to the state dict, and loading applies
+the recipe to a fresh model before the weights (``checkpoints.model_from_checkpoint``), so an
+adapted model loads back adapted. ``clip.set_trainable_parts`` trains only the adapters of an
+adapted model: its backbone stays bit-for-bit frozen.
+
+The kinds themselves belong to their methods (``methods/rkr.py``, ``methods/moe_adapters.py``),
+which register them here with ``register_adapter_kind``. Every kind adapts the residual blocks
+of the towers named by ``towers`` (``visual``, ``text``), following the towers the reference
+code adapts for its ``part`` setting (wm: both).
+
+Plain PyTorch; no Kedro import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+RECIPE_ATTRIBUTE = "adapter_recipe"
+TOWERS_OF_PARTS = {"wm": ("visual", "text"), "io": ("visual",), "to": ("text",)}
+
+
+class AdapterError(ValueError):
+    """Adapters cannot be added or do not fit the model."""
+
+
+@dataclass(frozen=True)
+class AdapterKind:
+    """``add(model, recipe)`` adds the adapters in place; ``parameters(transformer)`` lists the
+    trainable adapter parameters within one tower's transformer, in module order."""
+
+    add: Callable[[nn.Module, dict[str, Any]], None]
+    parameters: Callable[[nn.Module], list[nn.Parameter]]
+
+
+ADAPTER_KINDS: dict[str, AdapterKind] = {}
+
+
+def register_adapter_kind(name: str, add: Callable[[nn.Module, dict[str, Any]], None],
+                          parameters: Callable[[nn.Module], list[nn.Parameter]]) -> None:
+    ADAPTER_KINDS[name] = AdapterKind(add, parameters)
+
+
+def adapter_kind(name: Any) -> AdapterKind:
+    if name not in ADAPTER_KINDS:
+        # A checkpoint may be loaded before any method module (which registers its kind) is.
+        importlib.import_module("clip_continual.methods")
+    if name not in ADAPTER_KINDS:
+        raise AdapterError(f"unknown adapter kind {name!r}; known: {', '.join(sorted(ADAPTER_KINDS))}")
+    return ADAPTER_KINDS[name]
+
+
+def adapter_recipe(model: nn.Module) -> dict[str, Any] | None:
+    """The recipe of the adapters ``model`` carries, or None for a plain CLIP."""
+    return getattr(model, RECIPE_ATTRIBUTE, None)
+
+
+def tower_transformers(model: nn.Module, towers: tuple[str, ...] | list[str]) -> dict[str, nn.Module]:
+    """The transformer of each named tower (``visual``: the image tower, ``text``)."""
+    found = {}
+    for tower in towers:
+        owner = model.visual if tower == "visual" else model if tower == "text" else None
+        if owner is None:
+            raise AdapterError(f"unknown tower '{tower}': use visual and/or text")
+        transformer = getattr(owner, "transformer", None)
+        if transformer is None or not hasattr(transformer, "resblocks"):
+            raise AdapterError(f"the {tower} tower of this model has no transformer blocks to adapt")
+        found[tower] = transformer
+    return found
+
+
+def add_adapters(model: nn.Module, recipe: dict[str, Any]) -> nn.Module:
+    """Add the adapters ``recipe`` describes to ``model`` in place (idempotent for an equal
+    recipe); a model that carries other adapters is refused."""
+    current = adapter_recipe(model)
+    if current is not None:
+        if _structure(current) != _structure(recipe):
+            raise AdapterError(
+                f"the model already carries {current['kind']} adapters on {current['towers']}; "
+                f"start from a plain CLIP to train {recipe['kind']} on {recipe['towers']}"
+            )
+        return model
+    adapter_kind(recipe.get("kind")).add(model, recipe)
+    setattr(model, RECIPE_ATTRIBUTE, {**recipe, "towers": list(recipe["towers"])})
+    return model
+
+
+def _structure(recipe: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a model's adapters to continue under a recipe (a MoE model gains
+    routers task by task)."""
+    return {key: list(value) if key == "towers" else value
+            for key, value in recipe.items() if key not in ("routers", "ddas_tasks")}
+
+
+def adapter_parameters(model: nn.Module, towers: tuple[str, ...] | list[str]) -> list[nn.Parameter]:
+    """The trainable adapter parameters within ``towers`` (frozen MoE experts excluded)."""
+    recipe = adapter_recipe(model)
+    if recipe is None:
+        return []
+    kind = adapter_kind(recipe["kind"])
+    chosen: list[nn.Parameter] = []
+    for transformer in tower_transformers(model, [t for t in towers if t in recipe["towers"]]).values():
+        chosen += kind.parameters(transformer)
+    return chosen
