@@ -11,6 +11,7 @@ features averaged over prompt templates (definitions of PAPER.md).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

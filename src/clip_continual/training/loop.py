@@ -17,19 +17,16 @@ import logging
 import math
 import statistics
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from clip_continual.data.common import ImageSet
-from clip_continual.data.loading import LazyImages, LoaderConfig, TrainBatch, TrainingSource
-from clip_continual.methods.base import ContinualMethod, evaluation_mode
-from clip_continual.methods.vocabulary import ReplayVocabulary
+from clip_continual.data.loading import TrainBatch
+from clip_continual.methods.base import evaluation_mode
 from clip_continual.model.clip import ClipModel, full_precision, resolve_device
-from clip_continual.training.config import TrainingConfig
 from clip_continual.training.replica import Replica
 from clip_continual.training.schedule import (
     autocast_for, build_optimizer, global_batch_size, resolve_precision, step_learning_rate,
@@ -99,27 +96,11 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
     return finish(task, student, trainable, record, device)
 
 
-def fine_tune(
-    start: ClipModel,
-    train_set: ImageSet | TrainingSource | LazyImages,
-    class_prompts: Sequence[str],
-    current_classes: Sequence[int] | None = None,
-    seen_classes: Sequence[int] | None = None,
-    config: TrainingConfig | None = None,
-    vocabulary: ReplayVocabulary | None = None,
-    teacher: ClipModel | None = None,
-    task_index: int = 0,
-    on_step: StepCallback | None = None,
-    method: ContinualMethod | None = None,
-    loader: LoaderConfig | None = None,
-    replica: Replica | None = None,
-    extras: Mapping[str, Any] | None = None,
-    previous_state: Mapping[str, np.ndarray] | None = None,
-) -> tuple[ClipModel, dict[str, Any]]:
-    """``train`` from plain arguments (``task.training_task`` says what each one is)."""
-    task = training_task(start, train_set, class_prompts, current_classes, seen_classes, config, vocabulary,
-                         teacher, task_index, method, loader, extras, previous_state)
-    return train(task, on_step, replica)
+def fine_tune(start: ClipModel, *args: Any, on_step: StepCallback | None = None,
+              replica: Replica | None = None, **kwargs: Any) -> tuple[ClipModel, dict[str, Any]]:
+    """``train`` from plain arguments: ``training_task``'s (which says what each one is), plus
+    ``on_step`` and ``replica`` by keyword."""
+    return train(training_task(start, *args, **kwargs), on_step, replica)
 
 
 def clamp_logit_scale(model: nn.Module) -> None:
