@@ -72,16 +72,17 @@ def test_non_finite_wrongly_typed_and_out_of_range_values_are_refused(defaults, 
 
 
 def test_a_named_benchmark_takes_any_method_option_for_itself(defaults):
-    from clip_continual.pipelines.continual_learning.nodes import with_method_defaults
+    from clip_continual.runtime.benchmarks import BENCHMARKS
+    from clip_continual.runtime.recipe import resolve_recipe
 
     params = copy.deepcopy(defaults)
     params["method"] = "icarl"
-    params["coco_ost"]["continual_learning"]["methods"] = {"ewc": {"penalty": 10.0}}
+    params["coco_ost"]["continual_learning"]["methods"] = {"ewc": {"penalty": 10.0, "training": {"lr": 1e-3}}}
     check_parameters(params, defaults)
-    assert defaults["mtil_order1"]["continual_learning"]["methods"]["icarl"]["budget"] == 10000  # ZSCL's
-    merged = with_method_defaults(params["mtil_order1"]["continual_learning"], defaults["continual_learning"]["methods"])
-    assert merged["methods"]["icarl"] == {**defaults["continual_learning"]["methods"]["icarl"], "budget": 10000}
-    assert merged["methods"]["ewc"] == defaults["continual_learning"]["methods"]["ewc"]
+    ewc = resolve_recipe(BENCHMARKS["coco_ost"], params, "ewc").tasks[0].settings
+    assert (ewc["method.penalty"], ewc["training.lr"]) == (10.0, 1e-3)
+    icarl = resolve_recipe(BENCHMARKS["mtil_order1"], params, "icarl").tasks[0].settings
+    assert icarl["method.budget"] == 10000  # ZSCL's, over the class's default
     for dotted, value, expected in [
         ("mtil_order1.continual_learning.methods.icarl.budgte", 3, "did you mean 'mtil_order1.continual_learning.methods.icarl.budget'"),
         ("mtil_order1.continual_learning.methods.icarl.budget", -3, "mtil_order1.continual_learning: budget must be"),

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import traceback
+from pathlib import Path
 
 import click
 from kedro.framework.cli.project import run as kedro_run
+from kedro.framework.cli.utils import _split_params
 
 from clip_continual.runtime import tracking
 
@@ -71,3 +73,55 @@ def _exit_code(error: BaseException) -> int:
     if isinstance(error, tracking.Terminated):
         return 143
     return 130 if isinstance(error, KeyboardInterrupt) else 1
+
+
+@cli.command(name="recipe")
+@click.option("--pipeline", "-p", "benchmark", default=None,
+              help="The benchmark's pipeline (e.g. mtil_order1); default: the embedded default.")
+@click.option("--method", "-m", default=None, help="The method; default: the parameters' `method`.")
+@click.option("--params", default="", callback=_split_params,
+              help="As for `kedro run`: key=value pairs, e.g. mtil_order1.continual_learning.training.lr=1e-4.")
+@click.option("--env", "-e", default=None, help="Kedro configuration environment (default: local).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: benchmark, method, tasks with settings and sources.")
+def recipe(benchmark: str | None, method: str | None, params: dict, env: str | None, as_json: bool) -> None:
+    """Every training and method setting each task of a benchmark uses, and the file and key
+    (or default, or --params) each comes from; runs nothing and opens no MLflow run."""
+    from clip_continual.runtime import recipe_report
+    from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
+    from clip_continual.runtime.recipe import RUNTIME_OVERRIDES, resolve_recipe
+    from clip_continual.runtime.schema import check_parameters
+
+    name = benchmark or DEFAULT_BENCHMARK
+    if name not in BENCHMARKS:
+        raise click.BadParameter(f"no benchmark '{name}'; known: {', '.join(sorted(BENCHMARKS))}", param_hint="--pipeline")
+    loader, folders = _config_loader(env, params)
+    parameters = loader["parameters"]
+    try:
+        check_parameters({**parameters, **({"method": method} if method else {})}, _base_parameters(loader))
+        resolved = resolve_recipe(BENCHMARKS[name], parameters, method, parameters[RUNTIME_OVERRIDES])
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    located = recipe_report.parameter_files(folders, loader.config_patterns["parameters"], folders[0].parents[1])
+    resolved = recipe_report.with_files(resolved, located)
+    click.echo(recipe_report.as_json(resolved) if as_json else recipe_report.as_text(resolved))
+
+
+def _config_loader(env: str | None, runtime_params: dict):
+    """The project's configuration loader (conf/base, then the environment, then ``--params``)
+    and its folders in merge order, without a Kedro session: nothing is tracked or written."""
+    from kedro.framework.project import settings
+    from kedro.utils import find_kedro_project
+
+    project = find_kedro_project(Path.cwd()) or Path.cwd()
+    conf = project / settings.CONF_SOURCE
+    args = dict(settings.CONFIG_LOADER_ARGS)
+    env = env or args.get("default_run_env") or "local"
+    loader = settings.CONFIG_LOADER_CLASS(conf_source=str(conf), env=env, runtime_params=runtime_params, **args)
+    return loader, [conf / args.get("base_env", "base"), conf / env]
+
+
+def _base_parameters(loader):
+    """conf/base's parameters alone: the schema of known keys."""
+    base = loader.base_env or "base"
+    return type(loader)(conf_source=str(loader.conf_source), base_env=base, default_run_env=base,
+                        merge_strategy={"parameters": "soft"})["parameters"]

@@ -6,6 +6,7 @@ from pathlib import Path
 from kedro.config import OmegaConfigLoader
 from kedro.utils import find_kedro_project
 
+from clip_continual.runtime.recipe import RUNTIME_OVERRIDES
 from clip_continual.pipelines.hooks import MlflowTrackingHook, RunKeyHook, SettingsCheckHook
 from clip_continual.runtime.run_key import current_run_key, current_source_key
 from clip_continual.runtime.tracking import default_artifact_location, tracking_uri
@@ -30,7 +31,19 @@ def default_artifact_store() -> str | None:
     return default_artifact_location(default_tracking_store())
 
 
-CONFIG_LOADER_CLASS = OmegaConfigLoader
+class ProjectConfigLoader(OmegaConfigLoader):
+    """Kedro's OmegaConfigLoader that also hands the command line's ``--params``, as given, to
+    the nodes as ``params:runtime_overrides``: they win over every level of a recipe
+    (``clip_continual.runtime.recipe``), not only over the key they name."""
+
+    def __getitem__(self, key: str):
+        config = super().__getitem__(key)
+        if key == "parameters":
+            config = {**config, RUNTIME_OVERRIDES: dict(self.runtime_params or {})}
+        return config
+
+
+CONFIG_LOADER_CLASS = ProjectConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",

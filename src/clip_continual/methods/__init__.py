@@ -16,6 +16,7 @@ from clip_continual.methods.geodl import GeodesicDistillation
 from clip_continual.methods.icarl import ICaRL
 from clip_continual.methods.imm import MeanIMM
 from clip_continual.methods.lwf import LearningWithoutForgetting
+from clip_continual.methods.lwf_zscl import ZsclLwF
 from clip_continual.methods.moe_adapters import MoEAdapters
 from clip_continual.methods.rkr import RectifiedKnowledgeRetention
 from clip_continual.methods.vr_lwf import VocabularyReplayLwF
@@ -26,6 +27,7 @@ from clip_continual.methods.zscl import ZeroShotContinualLearning
 METHODS: dict[str, type[ContinualMethod]] = {
     FineTuning.name: FineTuning,
     LearningWithoutForgetting.name: LearningWithoutForgetting,
+    ZsclLwF.name: ZsclLwF,
     VocabularyReplayLwF.name: VocabularyReplayLwF,
     ZsclVocabularyReplay.name: ZsclVocabularyReplay,
     GeodesicDistillation.name: GeodesicDistillation,

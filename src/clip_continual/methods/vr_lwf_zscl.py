@@ -54,9 +54,17 @@ class ZsclVocabularyReplay(ContinualMethod):
     def after_task(self, task: TaskContext, student: nn.Module) -> None:
         self._teacher_vocab_text = None
 
-    def loss_terms(self, student: nn.Module, batch: Batch, task: TaskContext) -> dict[str, torch.Tensor]:
+    term_prefix = "vr"  # the logged loss terms: vr_image, vr_text
+
+    def distillation_texts(self, batch: Batch, task: TaskContext) -> torch.Tensor:
+        """The teacher's text features the logits are taken against: the vocabulary's."""
+        if self._teacher_vocab_text is not None:
+            return self._teacher_vocab_text
         if batch.vocab_tokens is None:
-            raise ValueError("vr_lwf_zscl needs the replayed vocabulary's rows in every batch")
+            raise ValueError(f"{self.name} needs the replayed vocabulary's rows in every batch")
+        return task.teacher.text_features(batch.vocab_tokens)
+
+    def loss_terms(self, student: nn.Module, batch: Batch, task: TaskContext) -> dict[str, torch.Tensor]:
         scale = student.logit_scale.exp()
         image = image_features(student, batch.pixels)
         (class_text,) = text_features_together(student, task.class_tokens[task.current_classes])
@@ -66,13 +74,12 @@ class ZsclVocabularyReplay(ContinualMethod):
         distil_image = image if batch.clean_pixels is None else image_features(student, batch.clean_pixels)
         teacher = task.teacher
         teacher_image = teacher.image_features_for(batch, clean=True)
-        vocab = self._teacher_vocab_text
-        if vocab is None:
-            vocab = teacher.text_features(batch.vocab_tokens)
-        logits = scale * distil_image @ vocab.t()
-        teacher_logits = scale.detach() * teacher_image @ vocab.t()
-        terms["vr_image"] = self.alpha * soft_target_cross_entropy(logits, teacher_logits, self.temperature)
+        texts = self.distillation_texts(batch, task)
+        logits = scale * distil_image @ texts.t()
+        teacher_logits = scale.detach() * teacher_image @ texts.t()
+        terms[f"{self.term_prefix}_image"] = self.alpha * soft_target_cross_entropy(logits, teacher_logits,
+                                                                                    self.temperature)
         if self.transposed:
-            terms["vr_text"] = self.alpha * soft_target_cross_entropy(
+            terms[f"{self.term_prefix}_text"] = self.alpha * soft_target_cross_entropy(
                 logits.t(), teacher_logits.t(), self.temperature)
         return terms

@@ -43,12 +43,23 @@ def caption_list(reference_set) -> list[str]:
 
 class WeightEnsemble:
     """ZSCL's ``merge_we``: the running mean of the task's start weights and the weights after
-    every ``every``-th step (1-based steps 1, 1 + every, ...), the model the task hands on."""
+    every ``every``-th step (1-based steps 1, 1 + every, ...), the model the task hands on.
+
+    ZSCL's loop runs one iteration more than its task length (``range(iterations + 1)``,
+    finetune.py), at the cosine schedule's lr of 0: a step that leaves the weights as they are,
+    whose merge is due when the length is a multiple of ``every`` (MTIL: iteration 1000 of
+    1000, so the final weights are in the mean). ``finish`` adds them in that case."""
 
     def __init__(self, start: dict[str, torch.Tensor], every: int) -> None:
         self.every = every
         self.mean = {name: value.detach().clone() for name, value in start.items()}
         self.count = 1
+        self.last_step = 0
+
+    def finish(self, weights: dict[str, torch.Tensor]) -> None:
+        """The merge of ZSCL's extra, lr-0 iteration after ``last_step`` steps."""
+        if self.last_step and self.due(self.last_step + 1):
+            self.add(weights)
 
     def due(self, step: int) -> bool:
         return (step - 1) % self.every == 0
@@ -123,14 +134,17 @@ class ZeroShotContinualLearning(FineTuning):
         state, self._state, self._start = self._state, None, None
         ensemble = state and state["ensemble"]
         if ensemble is not None:
+            ensemble.finish({name: p.detach() for name, p in student.named_parameters()})
             with torch.no_grad():
                 for name, parameter in student.named_parameters():
                     parameter.copy_(ensemble.mean[name])
 
     def after_optimizer_step(self, student: nn.Module, step: int, task: TaskContext) -> None:
         ensemble = self._state["ensemble"]
-        if ensemble is not None and ensemble.due(step):
-            ensemble.add({name: p.detach() for name, p in student.named_parameters()})
+        if ensemble is not None:
+            ensemble.last_step = step
+            if ensemble.due(step):
+                ensemble.add({name: p.detach() for name, p in student.named_parameters()})
 
     def reference_rows(self, step: int, count: int) -> np.ndarray:
         """This step's reference images: a pure function of (task seed, step)."""

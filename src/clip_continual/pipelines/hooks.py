@@ -23,6 +23,7 @@ from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import check_model_source
 from clip_continual.runtime import tracking
 from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
+from clip_continual.runtime.recipe import RUNTIME_OVERRIDES, resolve_recipe
 from clip_continual.runtime.run_key import (
     compute_run_key, compute_source_key, current_run_key, run_name, set_current_run_key,
     set_current_source_key,
@@ -180,10 +181,13 @@ class MlflowTrackingHook(MlflowHook):
             "run_key": current_run_key(),
             **tracking.run_identity_tags(),
         })
+        if any("training" in node.tags for node in pipeline.nodes):
+            benchmark = BENCHMARKS[_benchmark_of(run_params.get("pipeline_names"))]
+            tracking.log_recipe(resolve_recipe(benchmark, self._params, overrides=self._params.get(RUNTIME_OVERRIDES)))
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
-        logged = tracking.parameters_to_log(inputs, self._params.get("method"))
+        logged = tracking.parameters_to_log(inputs)
         super().before_node_run(node, catalog, logged, is_async)
 
     @hook_impl

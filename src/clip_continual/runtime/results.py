@@ -12,7 +12,8 @@ import time
 from typing import Any
 
 from clip_continual.runtime.tracking import (
-    FINAL_METRICS, HEARTBEAT_TAG, TASK_GROUP, VARIANT_TAG, metric_name, process_gone, variant_label,
+    FINAL_METRICS, HEARTBEAT_TAG, RECIPE_PREFIX, TASK_GROUP, VARIANT_TAG, metric_name, process_gone,
+    variant_label,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def _variant(run: Any) -> str | None:
     if VARIANT_TAG in run.data.tags:
         return run.data.tags[VARIANT_TAG]
     method = run.data.tags.get("method")  # runs logged before the variant tag
-    alpha = run.data.params.get("continual_learning.alpha", "None")
+    alpha = run.data.params.get(f"{RECIPE_PREFIX}alpha", run.data.params.get("continual_learning.alpha", "None"))
     weighted = method in METHODS and method_takes_alpha(method)
     return variant_label(method, alpha if weighted else None, {})
 
@@ -90,7 +91,7 @@ def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) 
     latest: dict[tuple[str, str], dict[str, Any]] = {}
     for run in runs:
         variant = _variant(run)
-        seed = run.data.params.get("seed", "")
+        seed = run.data.params.get(f"{RECIPE_PREFIX}seed", run.data.params.get("seed", ""))  # the seed it trained with
         if variant is None or (variant, seed) in latest:
             continue
         reason = why_not_a_result(client, run)

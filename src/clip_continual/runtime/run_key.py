@@ -22,7 +22,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # Parameters that change how a run is shown or where it is tracked, not what it computes.
-NON_SCIENTIFIC_KEYS = frozenset({"progress", "device", "log_every", "tracking", "compare", "reporting"})
+# The command line's --params are already in the values they change.
+NON_SCIENTIFIC_KEYS = frozenset({"progress", "device", "log_every", "tracking", "compare", "reporting",
+                                 "runtime_overrides"})
 DEFAULT_RUN_KEY = "default"
 
 _current: str | None = None

@@ -10,7 +10,7 @@ reads a block (TrainingConfig, PretrainingConfig, VocabularyConfig) and are run 
 How to add a parameter: give it its default in a conf/base/parameters*.yml file (every
 setting has one there) and read it where it is needed; that makes the key known. If it has a
 range, check it in its config dataclass (or add a rule to ``BLOCK_CHECKS``). A block whose keys
-are the user's own (class prompts per dataset, a method's options) goes in ``OPEN_BLOCKS``.
+are the user's own (class prompts per dataset, a method's options) goes in ``OPEN_BLOCK_NAMES``.
 
 Plain Python; no Kedro import.
 """
@@ -21,15 +21,15 @@ import difflib
 import math
 from typing import Any, Callable, Iterator, Mapping
 
-# Blocks whose keys are chosen by the user, not by the project; only their values are checked.
-OPEN_BLOCKS = frozenset({"prompts", "continual_learning.training.method_options",
-                         "continual_learning.training.distributed.ray_init"})
-# The same blocks inside a named benchmark's own parameters (e.g. ``mtil_order1.prompts``).
-OPEN_BLOCK_SUFFIXES = tuple(f".{block}" for block in OPEN_BLOCKS)
+# Blocks whose keys are chosen by the user, not by the project (named by their last key, at any
+# depth: ``mtil_order1.prompts``, ``<block>.methods.<method>.task_training``); only their values are
+# checked, the task's recipe checks the rest.
+OPEN_BLOCK_NAMES = frozenset({"prompts", "method_options", "task_training", "ray_init", "runtime_overrides"})
 
 
 def is_open_block(name: str) -> bool:
-    return name in OPEN_BLOCKS or name.endswith(OPEN_BLOCK_SUFFIXES)
+    return name.rpartition(".")[2] in OPEN_BLOCK_NAMES
+
 
 FIX_HINT = "Fix it in conf/ (parameters*.yml) or in --params."
 
@@ -134,16 +134,18 @@ def benchmark_continual_blocks(params: Mapping[str, Any]) -> Iterator[tuple[str,
 
 
 def _check_continual_learning(params: Mapping[str, Any]) -> None:
-    from clip_continual.pipelines.continual_learning.nodes import training_config, with_method_defaults
+    """Every task's recipe of the run's method on every benchmark that has its block."""
+    from clip_continual.runtime.benchmarks import BENCHMARKS
+    from clip_continual.runtime.recipe import RUNTIME_OVERRIDES, block_path_of, lookup, resolve_recipe
 
-    top = dict(params.get("continual_learning") or {})
-    training_config(params.get("method"), top, params.get("seed", 0), default_teacher="previous")
-    for name, own in benchmark_continual_blocks(params):  # their own settings and method options
+    for benchmark in BENCHMARKS.values():
+        if not isinstance(lookup(params, block_path_of(benchmark)), Mapping):
+            continue
         try:
-            training_config(params.get("method"), with_method_defaults(dict(own), top.get("methods")),
-                            params.get("seed", 0), default_teacher="previous")
+            for task in resolve_recipe(benchmark, params, overrides=params.get(RUNTIME_OVERRIDES)).tasks:
+                task.training_config()
         except ValueError as error:
-            raise ValueError(f"{name}.continual_learning: {error}") from error
+            raise ValueError(f"{block_path_of(benchmark)}: {error}") from error
 
 
 def _check_pretraining(params: Mapping[str, Any]) -> None:
@@ -194,14 +196,25 @@ BLOCK_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
 
 
 def with_inherited_method_options(defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """Every named benchmark's ``continual_learning`` knows the methods' options of the top level
-    (``continual_learning.methods``): a benchmark may set any of them for itself."""
+    """The schema of every ``continual_learning`` block (the top level's and each named
+    benchmark's): any method's options (those of ``continual_learning.methods``), and in each
+    per-method block also its own ``training`` (the block's keys), ``alpha``, ``teacher`` and
+    ``upstream`` (``clip_continual.runtime.recipe``)."""
     methods = (defaults.get("continual_learning") or {}).get("methods")
     if not isinstance(methods, Mapping):
         return dict(defaults)
     inherited = dict(defaults)
-    for name, own in benchmark_continual_blocks(defaults):
-        inherited[name] = {**defaults[name], "continual_learning": {**own, "methods": methods}}
+    blocks = [("continual_learning", None, defaults["continual_learning"]), *(
+        (name, name, own) for name, own in benchmark_continual_blocks(defaults))]
+    for key, owner, block in blocks:
+        per_method = {name: {**(options or {}), "training": block.get("training") or {}, "task_training": {},
+                             "alpha": None, "teacher": "auto", "upstream": None}
+                      for name, options in methods.items()}
+        block = {"upstream": None, "method_options": {}, "task_training": {}, **block, "methods": per_method}
+        if owner is None:
+            inherited[key] = block
+        else:
+            inherited[owner] = {**defaults[owner], "continual_learning": block}
     return inherited
 
 

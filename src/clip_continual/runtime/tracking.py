@@ -260,7 +260,8 @@ CONTINUAL_GROUP, PRETRAINING_GROUP, TASK_GROUP = "continual", "pretraining", "ta
 TASK_COSTS = ("trainable_parameters", "wall_time_s", "median_step_time_s")
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # Parameters that say how a run is tracked, not what it computes: not logged as run parameters.
-UNLOGGED_PARAMETERS = frozenset({"tracking"})
+UNLOGGED_PARAMETERS = frozenset({"tracking", "runtime_overrides"})
+RECIPE_PREFIX = "recipe."
 
 
 def metric_name(name: str, group: str = CONTINUAL_GROUP) -> str:
@@ -279,24 +280,25 @@ def metric_history(values: dict[str, Any], group: str, step: int) -> dict[str, d
     }
 
 
-def parameters_to_log(inputs: dict[str, Any], method: str | None) -> dict[str, Any]:
-    """A node's inputs as the run's parameters should show them: without the tracking settings,
-    without the distillation weight for a method that has none (ft), and with the
-    hyper-parameters of the run's own method only (``continual_learning.methods.<method>``)."""
-    from clip_continual.methods import METHODS, method_takes_alpha
+def parameters_to_log(inputs: dict[str, Any]) -> dict[str, Any]:
+    """A node's inputs as the run's parameters should show them: without the tracking settings
+    and without the ``continual_learning`` blocks, whose resolved values the run logs instead as
+    its recipe (``recipe.*``, see ``log_recipe``)."""
+    return {name: value for name, value in inputs.items()
+            if name.removeprefix("params:") not in UNLOGGED_PARAMETERS
+            and name.rpartition(".")[2].removeprefix("params:") != "continual_learning"}
 
-    logged = {}
-    for name, value in inputs.items():
-        if name.removeprefix("params:") in UNLOGGED_PARAMETERS:
-            continue
-        if name == "params:continual_learning" and isinstance(value, dict):
-            value = dict(value)
-            if method in METHODS and not method_takes_alpha(method):
-                value.pop("alpha", None)
-            if isinstance(value.get("methods"), dict):
-                value["methods"] = {k: v for k, v in value["methods"].items() if k == method}
-        logged[name] = value
-    return logged
+
+def log_recipe(recipe: Any) -> None:
+    """The settings every task trained with, as params ``recipe.<setting>`` (and
+    ``recipe.<task>/<setting>`` where tasks differ): what the run used, whatever level of the
+    configuration set it."""
+    import mlflow
+
+    logged = {f"{RECIPE_PREFIX}{key}": value for key, value in recipe.params_to_log().items()}
+    items = list(logged.items())
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+        mlflow.log_params(dict(items[start:start + 100]))
 
 
 def rename_session_tag(run_id: str) -> None:

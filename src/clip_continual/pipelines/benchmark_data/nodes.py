@@ -20,7 +20,8 @@ from clip_continual.data.torchvision_sets import SPECS, load_split
 from clip_continual.methods import method_class
 from clip_continual.model.clip import ClipModel, ModelSpec
 from clip_continual.model.sources import build_model, resolve_pretrained
-from clip_continual.pipelines.continual_learning.nodes import training_config
+from clip_continual.pipelines.continual_learning.nodes import task_recipe
+from clip_continual.runtime.benchmarks import Benchmark
 
 logger = logging.getLogger(__name__)
 
@@ -94,18 +95,19 @@ def check_reference(reference: dict[str, Any], method: str, owner: str) -> Refer
 
 def check_inputs(
     data: dict[str, Any], continual: dict[str, Any], loader: dict[str, Any], model: dict[str, Any],
-    preparation: dict[str, Any], reference: dict[str, Any], method: str, seed: int, *,
-    splits: tuple[str, ...], default_teacher: str, benchmark: str,
+    preparation: dict[str, Any], reference: dict[str, Any], method: str, seed: int,
+    overrides: dict[str, Any] | None = None, *, splits: tuple[str, ...], benchmark: Benchmark,
 ) -> tuple[ImageIndex | ReferenceSource, ...]:
     """Every setting and raw-data layout of the benchmark, checked before anything spends
     minutes; returns the raw splits (indices: file lists, boxes, labels), in ``splits`` order,
-    then the reference set's source (``benchmark``: the parameters' block, for messages).
-    A bad input raises one error naming the file or setting and how to fix it."""
-    training_config(method, continual, seed, default_teacher)
+    then the reference set's source. A bad input raises one error naming the file or setting
+    and how to fix it."""
+    for task in benchmark.task_names:
+        task_recipe(method, continual, seed, benchmark, task, overrides).training_config()
     LoaderConfig.from_params(loader)
     ShardSettings(**preparation)
-    resolve_pretrained(_spec(model), setting=f"{benchmark}.model")
-    reference_files = check_reference(reference, method, f"{benchmark}.reference")
+    resolve_pretrained(_spec(model), setting=f"{benchmark.params}.model")
+    reference_files = check_reference(reference, method, f"{benchmark.params}.reference")
     indexes = []
     for split in splits:
         index = RAW_SPLITS[split](data)

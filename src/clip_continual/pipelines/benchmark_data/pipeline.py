@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from kedro.pipeline import Node, Pipeline
 
+from clip_continual.runtime.recipe import RUNTIME_OVERRIDES
 from clip_continual.pipelines import bind
 from clip_continual.pipelines.benchmark_data import nodes
 from clip_continual.runtime.benchmarks import Benchmark
@@ -23,10 +24,10 @@ def create_pipeline(benchmark: Benchmark, **kwargs) -> Pipeline:
     splits = raw_splits(benchmark)
     block = benchmark.params_block
     check = Node(
-        bind(nodes.check_inputs, splits=splits, default_teacher=benchmark.default_teacher,
-             benchmark=benchmark.params),
+        bind(nodes.check_inputs, splits=splits, benchmark=benchmark),
         inputs=[block("data"), block("continual_learning"), block("loader"), block("model"),
-                block("preparation"), block("reference"), "params:method", block("seed")],
+                block("preparation"), block("reference"), "params:method", block("seed"),
+                f"params:{RUNTIME_OVERRIDES}"],
         outputs=[*(f"{benchmark.name}.raw_{split}" for split in splits), f"{benchmark.name}.raw_reference"],
         name=f"check_{benchmark.name}_inputs",
     )

@@ -15,14 +15,14 @@ from clip_continual.data.mtil import few_shot_positions
 from clip_continual.evaluation.sequences import evaluate_class_incremental_step, evaluate_datasets_step
 from clip_continual.evaluation.step import evaluate_step
 from clip_continual.evaluation.zero_shot import fill_template
-from clip_continual.methods import METHODS, method_takes_alpha
 from clip_continual.methods.vocabulary import ReplayVocabulary
 from clip_continual.model.clip import ClipModel
 from clip_continual.runtime.benchmarks import Benchmark
+from clip_continual.runtime.recipe import TaskRecipe, block_path_of, overridden, resolve_task, seed_path_of
 from clip_continual.runtime.tracking import (
     CONTINUAL_GROUP, TASK_COSTS, TASK_GROUP, BatchedMetrics, metric_history,
 )
-from clip_continual.training.config import TrainingConfig, TrainingConfigError
+from clip_continual.training.config import TrainingConfig
 from clip_continual.training.distributed import DistributedConfig, train_on
 from clip_continual.training.loop import StepCallback
 from clip_continual.training.schedule import plan_training
@@ -30,29 +30,19 @@ from clip_continual.training.task import training_task
 
 logger = logging.getLogger(__name__)
 
-TEACHERS = ("auto", "previous", "pretrained")
-
 
 def class_prompts(image_set: ImageSet | ImageIndex, template: str) -> list[str]:
     return [fill_template(template, name) for name in image_set.class_names]
 
 
-def training_config(method: str, params: dict[str, Any], seed: int, default_teacher: str) -> TrainingConfig:
-    """The task's training settings from ``params:continual_learning``; raises
-    ``TrainingConfigError`` (a ValueError) naming the bad setting and its allowed values."""
-    teacher_choice = params.get("teacher", "auto")
-    alpha = params.get("alpha")
-    if method in METHODS and not method_takes_alpha(method):
-        alpha = None  # one alpha for the sweep; ft has no distillation weight to set
-    if teacher_choice not in TEACHERS:
-        raise TrainingConfigError(f"unknown teacher '{teacher_choice}': choose one of {', '.join(TEACHERS)}")
-    training = {k: v for k, v in (params.get("training") or {}).items() if k != "distributed"}
-    options = (params.get("methods") or {}).get(method) or {}
-    return TrainingConfig.from_params({
-        **training, "method": method, "alpha": alpha, "seed": seed,
-        "teacher": default_teacher if teacher_choice == "auto" else teacher_choice,
-        "method_options": options,
-    })
+def task_recipe(method: str, params: dict[str, Any], seed: int, benchmark: Benchmark, task: str,
+                overrides: dict[str, Any] | None = None) -> TaskRecipe:
+    """The settings ``task`` trains with (``clip_continual.runtime.recipe``: one precedence from
+    the method's defaults to ``--params``); ``params`` is the benchmark's ``continual_learning``."""
+    seed_path = seed_path_of(benchmark)
+    return resolve_task(method, params, block_path_of(benchmark), task, seed=seed,
+                        seed_source=f"--params {seed_path}" if overridden(overrides, seed_path) else seed_path,
+                        default_teacher=benchmark.default_teacher, overrides=overrides)
 
 
 def _steps_before(config: TrainingConfig, train_labels: np.ndarray, benchmark: Benchmark,
@@ -77,7 +67,7 @@ def fine_tune_task(
     tracking: dict[str, Any],
     seed: int,
     loader: dict[str, Any] | None = None,
-    method_defaults: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
     reference_set: ImageSet | None = None,
     pretrained_model: ClipModel | None = None,
     previous_method_state: dict[str, np.ndarray] | None = None,
@@ -88,15 +78,15 @@ def fine_tune_task(
     """Train task ``task_index``; also returns what the method hands to the next task.
     Parameters come before the optional datasets: Kedro's parameter check maps inputs by position."""
     task = benchmark.tasks[task_index - 1]
-    params = task_params(with_method_defaults(params, method_defaults), task.name)
-    config = training_config(method, params, seed, benchmark.default_teacher)
-    distributed = DistributedConfig.from_params((params.get("training") or {}).get("distributed"))
+    recipe = task_recipe(method, params, seed, benchmark, task.name, overrides)
+    config = recipe.training_config()
+    distributed = DistributedConfig.from_params(recipe.distributed())
     classes = task.classes or tuple(range(len(train_set.class_names)))  # empty: the whole dataset
     # Task 1 starts from the pretrained model, which the pipeline hands in only as start_model.
     pretrained = start_model if pretrained_model is None else pretrained_model
     training = training_task(
         start_model,
-        few_shot_train_set(train_set.restrict_to_classes(classes), params),
+        few_shot_train_set(train_set.restrict_to_classes(classes), recipe.settings),
         class_prompts(train_set, templates_for(prompts, task.prompt_key or benchmark.suite.updated_prompt_key)[0]),
         current_classes=list(classes),
         seen_classes=sorted({c for phase in benchmark.phases[:task_index - 1] for c in phase} | set(classes)),
@@ -137,24 +127,6 @@ def templates_for(prompts: dict[str, Any], key: str) -> list[str]:
     if value is None:
         raise KeyError(f"no prompt template '{key}' in the benchmark's prompts parameters")
     return [value] if isinstance(value, str) else list(value)
-
-
-def with_method_defaults(params: dict[str, Any], method_defaults: dict[str, Any] | None) -> dict[str, Any]:
-    """A named benchmark's ``continual_learning`` with every method's options of the top-level
-    ``continual_learning.methods``, its own ``methods`` (e.g. ZSCL's iCaRL memory on MTIL) over them."""
-    if not method_defaults:
-        return params
-    own = params.get("methods") or {}
-    names = set(method_defaults) | set(own)
-    return {**params, "methods": {name: {**(method_defaults.get(name) or {}), **(own.get(name) or {})}
-                                  for name in names}}
-
-
-def task_params(params: dict[str, Any], task: str) -> dict[str, Any]:
-    """``params`` with ``task_training[task]`` (e.g. MTIL's learning rate per dataset) over
-    ``training``."""
-    overrides = (params.get("task_training") or {}).get(task) or {}
-    return {**params, "training": {**(params.get("training") or {}), **overrides}}
 
 
 def few_shot_train_set(train_set: Any, params: dict[str, Any]) -> Any:

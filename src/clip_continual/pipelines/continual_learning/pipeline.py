@@ -10,6 +10,7 @@ from kedro.pipeline import Node, Pipeline
 from clip_continual.pipelines import bind
 from clip_continual.pipelines.continual_learning import nodes
 from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, Benchmark
+from clip_continual.runtime.recipe import RUNTIME_OVERRIDES
 
 
 def _namespaced(template: Pipeline, namespace: str, shared: set[str]) -> Pipeline:
@@ -105,7 +106,7 @@ def _task_pipeline(benchmark: Benchmark, index: int, start: str, previous: str) 
     # inputs by position.
     if benchmark.params:
         fine_tune_inputs["loader"] = benchmark.params_block("loader")
-        fine_tune_inputs["method_defaults"] = "params:continual_learning.methods"
+    fine_tune_inputs["overrides"] = f"params:{RUNTIME_OVERRIDES}"  # --params win over every level
     if benchmark.reference_set:
         fine_tune_inputs["reference_set"] = benchmark.reference_set
     if index > 1:  # `teacher: pretrained` needs it after task_1; the method's state is handed on
