@@ -70,3 +70,40 @@ def test_a_missing_reference_names_the_parameter_only_when_the_method_needs_one(
     empty = decode_reference(check_reference(params, "ft", "coco_mst.reference"), 16)
     assert empty.images.shape == (0, 16, 16, 3)
     np.testing.assert_array_equal(empty.labels, np.zeros(0))
+
+
+def test_size_null_streams_every_image_of_the_folder_for_zscl(tmp_path, micro):
+    """ZSCL draws each step's reference batch from the whole folder: a seeded order that shows
+    every image once per pass, decoded by the loader's workers; zscl trains on it."""
+    import torch
+
+    from clip_continual.data.reference import ReferenceStream
+    from clip_continual.methods import get_method
+    from clip_continual.methods.base import Batch, TaskContext
+
+    write_image_folder(tmp_path / "imagenet" / "train", {"n01": 4, "n02": 3})
+    write_conceptual_captions_tsv(tmp_path / "cc.tsv", 3)
+    params = {"pairs": None, "images": str(tmp_path / "imagenet" / "train"), "captions": str(tmp_path / "cc.tsv"),
+              "size": None}
+    stream = decode_reference(check_reference(params, "zscl", "mtil_order1.reference"), micro.image_size)
+    assert isinstance(stream, ReferenceStream) and len(stream) == 7
+    one_pass = np.concatenate([stream.step_rows(5, step, 2) for step in (1, 2, 3)])
+    assert sorted(one_pass.tolist()) == sorted(set(one_pass.tolist())) and len(one_pass) == 6  # no repeats
+    assert stream.step_rows(5, 2, 2).tolist() == stream.step_rows(5, 2, 2).tolist()  # a function of the step
+    step, rows, images = next(stream.batches(5, 2, first_step=2))
+    assert step == 2 and rows.tolist() == stream.step_rows(5, 2, 2).tolist()
+    assert images.shape == (2, micro.image_size, micro.image_size, 3) and images.dtype == np.uint8
+    # A paired method keeps its pairs in memory whatever the size.
+    assert not check_reference({**params, "pairs": None}, "ft", "x").stream
+
+    method, student = get_method("zscl"), micro.clone()
+    method.prepare_student(student.model, "wm")
+    task = TaskContext(task_index=1, device=torch.device("cpu"), class_tokens=student.tokenize(["a", "b"]),
+                       current_classes=torch.arange(2), seen_classes=torch.arange(2),
+                       preprocess=lambda x: student.preprocess(x, "cpu"), tokenize=student.tokenize,
+                       extras={"reference_set": stream, "pretrained_model": micro})
+    method.before_task(task)
+    pixels = student.preprocess(images, "cpu")
+    batch = Batch(step=1, indices=torch.arange(2), labels=torch.tensor([0, 1]), pixels=pixels)
+    terms = method.loss_terms(student.model, batch, task)
+    assert {"zscl_image", "zscl_text"} <= set(terms) and all(torch.isfinite(t) for t in terms.values())

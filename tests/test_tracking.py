@@ -67,19 +67,21 @@ def test_the_experiment_opens_on_its_runs(finished):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_parameters_are_logged_flat_by_kedro_mlflow(finished_run):
+def test_the_run_logs_the_recipe_it_trained_with(finished_run):
+    """Params: kedro-mlflow's flat node inputs, but the training settings as the resolved recipe
+    (``recipe.*``, every level of the configuration applied), not the raw blocks."""
     params = finished_run.data.params
     assert params["method"] == "vr_lwf"
     assert params["seed"] == "0"
     assert params["model.architecture"] == "clip-continual-micro"
     configured = yaml.safe_load((REPO_ROOT / "conf/base/parameters_continual_learning.yml").read_text())
-    assert params["continual_learning.alpha"] == str(configured["continual_learning"]["alpha"])
-    assert float(params["continual_learning.training.lr"]) == pytest.approx(1e-4)
-    assert params["continual_learning.training.parts"] == "wm"
-    assert params["continual_learning.training.steps"] == "2"
-    assert not any(name.startswith("tracking.") for name in params)
-    # vr_lwf has no entry under continual_learning.methods: no other method's settings are logged.
-    assert not any(name.startswith("continual_learning.methods.") for name in params)
+    assert params["recipe.alpha"] == str(configured["continual_learning"]["alpha"])
+    assert float(params["recipe.training.lr"]) == pytest.approx(1e-4)
+    assert params["recipe.training.parts"] == "wm"
+    assert params["recipe.training.steps"] == "2"  # the test project's override (conf/local)
+    assert params["recipe.method.class_distillation"] == "True"  # the method's own default
+    assert params["recipe.seed"] == "0" and params["recipe.benchmark"] == BENCHMARK
+    assert not any(name.startswith(("tracking.", "continual_learning.", "runtime_overrides")) for name in params)
 
 
 def test_step_metrics_are_grouped_with_one_point_per_step(finished, finished_run, client):
@@ -188,7 +190,7 @@ def test_compare_tables_the_latest_run_of_each_method(compared):
     assert len(runs) == compared.runs_before_compare == 2
     assert {run.info.run_name for run in runs} == {f"{BENCHMARK}/ft/seed=0", RUN_NAME}
     ft_run = next(run for run in runs if run.data.tags["method"] == "ft")
-    assert "continual_learning.alpha" not in ft_run.data.params  # ft has no distillation weight
+    assert "recipe.alpha" not in ft_run.data.params  # ft has no distillation weight
     assert all(run.info.status == "FINISHED" for run in runs)
     assert (compared.path / DEFAULT_STORE_FILE).is_file()
     assert not (compared.path / "notebooks" / DEFAULT_STORE_FILE).exists()
@@ -308,8 +310,13 @@ def test_run_key_ignores_how_a_run_is_shown_or_tracked():
 
 
 def test_alpha_is_dropped_for_methods_without_one():
-    from clip_continual.pipelines.continual_learning.nodes import training_config
+    from clip_continual.runtime.recipe import resolve_task
 
-    params = {"alpha": 1.0, "training": {"steps": 1}}
-    assert training_config("ft", params, seed=0, default_teacher="previous").alpha is None
-    assert training_config("vr_lwf", params, seed=0, default_teacher="previous").alpha == 1.0
+    block = {"alpha": 1.0, "training": {"steps": 1}}
+
+    def config(method):
+        return resolve_task(method, block, "continual_learning", "task_1", seed=0, seed_source="seed",
+                            default_teacher="previous").training_config()
+
+    assert config("ft").alpha is None
+    assert config("vr_lwf").alpha == 1.0

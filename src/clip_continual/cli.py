@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -95,9 +96,11 @@ def recipe(benchmark: str | None, method: str | None, params: dict, env: str | N
     if name not in BENCHMARKS:
         raise click.BadParameter(f"no benchmark '{name}'; known: {', '.join(sorted(BENCHMARKS))}", param_hint="--pipeline")
     loader, folders = _config_loader(env, params)
-    parameters = loader["parameters"]
+    with warnings.catch_warnings():  # OmegaConf's deprecation notices would garble --json
+        warnings.simplefilter("ignore", UserWarning)
+        parameters, defaults = loader["parameters"], _base_parameters(loader)
     try:
-        check_parameters({**parameters, **({"method": method} if method else {})}, _base_parameters(loader))
+        check_parameters({**parameters, **({"method": method} if method else {})}, defaults)
         resolved = resolve_recipe(BENCHMARKS[name], parameters, method, parameters[RUNTIME_OVERRIDES])
     except ValueError as error:
         raise click.ClickException(str(error)) from None

@@ -293,7 +293,11 @@ class StreamedImages:
     def image_arrays(self, clip, rows: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(rows, images)`` in the order asked, decoded by the workers at the model's
         resolution (``ModelResolutionArray``)."""
-        dataset = _TransformedImages(self.images, ModelResolutionArray(clip.image_size))
+        return self.decoded(rows, batch_size, clip.image_size)
+
+    def decoded(self, rows: np.ndarray, batch_size: int, image_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(rows, uint8 images of image_size)`` in batches, in the order asked."""
+        dataset = _TransformedImages(self.images, ModelResolutionArray(image_size))
         batches = [rows[b:b + batch_size].tolist() for b in range(0, len(rows), batch_size)]
         if not batches:
             return

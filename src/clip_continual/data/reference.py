@@ -17,15 +17,20 @@ What the published code uses:
   gather_cc's output (``title<TAB>filepath``, paths relative to the file's folder as
   ``CsvDataset`` joins them).
 
-A reference set is sampled once (``size`` images, ``seed``) and decoded at the model's
-resolution with the test transform (ZSCL reads its reference images with ``test_preprocess``), so
-the methods hold it in memory as an ``ImageSet`` whatever the size of the source.
+With ``size: null`` ZSCL draws every step's reference batch from the whole source (ZSCL: a
+shuffled loader over all of ImageNet's training images, ``mtil/src/datasets/imagenet.py``): the
+set stays on disk as a ``ReferenceStream`` whose batches the DataLoader's workers decode, in a
+seeded order that goes through every image before any repeats. Otherwise a reference set is
+sampled once (``size`` images, ``seed``) and decoded at the model's resolution with the test
+transform (ZSCL reads its reference images with ``test_preprocess``), so the methods hold it in
+memory as an ``ImageSet``; A-GEM and GEM, which keep replayed pairs in memory, always read it so.
 
 Plain Python; no Kedro import.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -39,7 +44,7 @@ from clip_continual.data.common import DataFormatError, ImageSet
 from clip_continual.data.image_folder import image_folder_index
 from clip_continual.data.images import BadImageError, check_images_present, open_image
 from clip_continual.data.index import ImageIndex
-from clip_continual.data.loading import ModelResolutionArray
+from clip_continual.data.loading import IndexImages, LoaderConfig, ModelResolutionArray, StreamedImages
 from clip_continual.data.raw_files import (
     EmptyDataError, MissingInputError, RawFormatError, require_file, require_folder,
 )
@@ -93,6 +98,7 @@ class ReferenceSource:
 
     index: ImageIndex | None = None
     captions: tuple[str, ...] = ()
+    stream: bool = False  # size null: every step a fresh batch from the whole source (zscl)
 
 
 def _tsv_rows(path: Path) -> list[list[str]]:
@@ -176,10 +182,11 @@ def reference_source(settings: ReferenceSettings, method: str, paired: bool) -> 
     """The files behind the reference set, checked and indexed (no pixel decoded yet); a
     ``paired`` method (A-GEM, GEM) needs ``pairs``. Raises one error naming the parameter."""
     owner = settings.owner
+    stream = settings.size is None and not paired
     if settings.pairs is not None:
         index = read_pairs(settings.pairs, f"{owner}.pairs", settings.size, settings.seed)
         check_images_present(index, f"{owner}.pairs", f"Keep the images where the file names them ({_PAIRS_FIX}).")
-        return ReferenceSource(index)
+        return ReferenceSource(index, stream=stream)
     if paired:
         raise _missing(f"method '{method}' replays image-caption pairs and {owner}.pairs is null",
                        f"{owner}.pairs", _PAIRS_FIX)
@@ -193,12 +200,13 @@ def reference_source(settings: ReferenceSettings, method: str, paired: bool) -> 
     if settings.captions_size is not None and settings.captions_size < len(captions):
         rng = np.random.default_rng([settings.seed, 1])
         captions = [captions[i] for i in np.sort(rng.choice(len(captions), settings.captions_size, replace=False))]
-    return ReferenceSource(_sample(index, settings.size, settings.seed), tuple(captions))
+    return ReferenceSource(_sample(index, settings.size, settings.seed), tuple(captions), stream=stream)
 
 
-def _sample(index: ImageIndex, size: int, seed: int) -> ImageIndex:
-    """``size`` examples drawn once with ``seed`` (all when there are fewer), in index order."""
-    if len(index) <= size:
+def _sample(index: ImageIndex, size: int | None, seed: int) -> ImageIndex:
+    """``size`` examples drawn once with ``seed`` (all when there are fewer, or size None), in
+    index order."""
+    if size is None or len(index) <= size:
         return index
     return index.subset(np.sort(np.random.default_rng([seed, 0]).choice(len(index), size, replace=False)))
 
@@ -211,10 +219,17 @@ def spread_captions(captions: tuple[str, ...], count: int) -> np.ndarray:
     return np.asarray(padded, dtype=str).reshape(width, count).T
 
 
-def decode_reference(source: ReferenceSource, image_size: int) -> ImageSet:
+def decode_reference(source: ReferenceSource, image_size: int,
+                     loader: LoaderConfig | None = None) -> ImageSet | ReferenceStream:
     """The reference set in memory at the model's resolution; unreadable images are skipped
-    (logged). An empty set when no reference is wanted."""
+    (logged). An empty set when no reference is wanted; a ``ReferenceStream`` (read by
+    ``loader``'s workers) for a streamed source."""
     index = source.index
+    if index is not None and source.stream:
+        captions = (spread_captions(source.captions, len(index)) if source.captions
+                    else np.asarray([c[0] for c in index.captions], dtype=str).reshape(-1, 1))
+        logger.info("reference set: streamed from all %d images under '%s'", len(index), index.root)
+        return ReferenceStream(index, captions, image_size, loader or LoaderConfig())
     empty = np.zeros((0, image_size, image_size, 3), np.uint8)
     if index is None:
         return ImageSet(empty, np.zeros(0, np.int64), (PAIRS_CLASS,), np.zeros((0, 1), dtype=str))
@@ -234,3 +249,48 @@ def decode_reference(source: ReferenceSource, image_size: int) -> ImageSet:
     else:
         captions = np.asarray([index.captions[i][0] for i in kept], dtype=str).reshape(-1, 1)
     return ImageSet(np.stack(images), index.labels[kept], index.class_names, captions)
+
+
+@dataclass(frozen=True)
+class ReferenceStream:
+    """Reference images read from their files as training goes (``size: null``): step ``s``
+    takes the next ``count`` images of a seeded permutation of the whole source, a new
+    permutation each pass (ZSCL's shuffled loader), decoded at the model's resolution by the
+    DataLoader's workers. ``captions`` as ``ImageSet.captions`` (one row per image)."""
+
+    index: ImageIndex
+    captions: np.ndarray
+    image_size: int
+    loader: LoaderConfig
+    steps_per_chunk: int = 50  # one DataLoader (its workers prefetching) per 50 steps
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def step_rows(self, seed: int, step: int, count: int) -> np.ndarray:
+        """The rows of 1-based ``step``: a pure function of (seed, step, count)."""
+        count = min(count, len(self))
+        per_pass = len(self) // count
+        rounds, position = divmod(step - 1, per_pass)
+        order = _permutation(seed, rounds, len(self))
+        return order[position * count:(position + 1) * count]
+
+    def batches(self, seed: int, count: int, first_step: int = 1):
+        """``(step, rows, uint8 images)`` for steps ``first_step``, ``first_step + 1``, ..."""
+        images = StreamedImages(IndexImages(self.index), self.loader)
+        step = first_step
+        while True:
+            steps = range(step, step + self.steps_per_chunk)
+            rows = np.concatenate([self.step_rows(seed, s, count) for s in steps])
+            width = len(rows) // len(steps)
+            for s, (chunk, pixels) in zip(steps, images.decoded(rows, width, self.image_size)):
+                yield s, chunk, pixels
+            step += self.steps_per_chunk
+
+
+@functools.lru_cache(maxsize=2)  # one pass's order serves all its steps
+def _permutation(seed: int, rounds: int, size: int) -> np.ndarray:
+    return np.random.default_rng([seed, _STREAM_PASS, rounds]).permutation(size)
+
+
+_STREAM_PASS = 23  # keeps the stream's order apart from the sampling of a fixed set

@@ -6,9 +6,11 @@ weight-ensemble loop), ``mtil/src/models/helpers.py`` (``distillation``, ``l2_lo
 --text_loss --we --avg_freq 100 --l2 1 --ls 0.2``, reference images from ImageNet, reference
 sentences from Conceptual Captions, the zero-shot model as reference model).
 
-Here the reference images and texts are one catalog entry, ``reference_set`` (an image set with
-captions; the embedded default holds back shapes-world pairs never used in pretraining), and
-the reference model is the pretrained model of the run.
+Here the reference images and texts are one catalog entry, ``reference_set``: an image set with
+captions in memory (the embedded default holds back shapes-world pairs never used in
+pretraining), or, with ``reference.size: null`` (the named benchmarks' default, as ZSCL), a
+``ReferenceStream`` that hands each step a fresh batch of the whole source. The reference model
+is the pretrained model of the run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clip_continual.data.reference import ReferenceStream
 from clip_continual.methods.base import (
     Batch, MethodConfigError, TaskContext, Teacher, image_features, soft_target_cross_entropy,
 )
@@ -117,6 +120,7 @@ class ZeroShotContinualLearning(FineTuning):
             zero_shot.model.to(task.device)
         zero_shot.model.eval()
         teacher = Teacher(zero_shot.model, task.autocast)
+        streamed = isinstance(reference, ReferenceStream)
         captions = caption_list(reference)
         texts = torch.cat([teacher.text_features(task.tokenize(captions[begin:begin + 1024]))
                            for begin in range(0, len(captions), 1024)])  # fixed: once per task
@@ -124,8 +128,10 @@ class ZeroShotContinualLearning(FineTuning):
             "reference": reference,
             "teacher": teacher,
             "texts": texts,
-            "images": torch.zeros(len(reference), texts.shape[1], device=task.device),
-            "known": torch.zeros(len(reference), dtype=torch.bool),
+            # A fixed set's teacher features, each computed once; a stream's change every step.
+            "images": None if streamed else torch.zeros(len(reference), texts.shape[1], device=task.device),
+            "known": None if streamed else torch.zeros(len(reference), dtype=torch.bool),
+            "stream": None,
             "seed": torch.initial_seed(),
             "ensemble": None if self.average_every is None else WeightEnsemble(self._start, self.average_every),
         }
@@ -152,9 +158,26 @@ class ZeroShotContinualLearning(FineTuning):
         rng = np.random.default_rng(derive_seed(self._state["seed"], _STREAM_REFERENCE, step))
         return rng.choice(size, min(count, size), replace=False)
 
-    def _teacher_images(self, rows: np.ndarray, pixels: torch.Tensor) -> torch.Tensor:
-        """The zero-shot model's features of reference images, each computed once per task."""
+    def _reference_batch(self, step: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """This step's reference rows and uint8 images: from the fixed set in memory, or the
+        stream's next batch (decoded ahead by the DataLoader's workers)."""
         state = self._state
+        reference = state["reference"]
+        if not isinstance(reference, ReferenceStream):
+            rows = self.reference_rows(step, count)
+            return rows, reference.images[rows]
+        if state["stream"] is None or state["stream_step"] != step:
+            state["stream"] = reference.batches(state["seed"], count, first_step=step)
+        _, rows, images = next(state["stream"])
+        state["stream_step"] = step + 1
+        return rows[:count], images[:count]
+
+    def _teacher_images(self, rows: np.ndarray, pixels: torch.Tensor) -> torch.Tensor:
+        """The zero-shot model's features of reference images, each computed once per task
+        (every time for a stream, whose images do not come back within a task)."""
+        state = self._state
+        if state["images"] is None:
+            return state["teacher"].image_features(pixels)
         index = torch.from_numpy(rows)
         missing = ~state["known"][index]
         if missing.any():
@@ -166,8 +189,8 @@ class ZeroShotContinualLearning(FineTuning):
     def loss_terms(self, student: nn.Module, batch: Batch, task: TaskContext) -> dict[str, torch.Tensor]:
         terms = super().loss_terms(student, batch, task)
         state = self._state
-        rows = self.reference_rows(batch.step, len(batch.labels))
-        pixels = task.preprocess(state["reference"].images[rows])
+        rows, images = self._reference_batch(batch.step, len(batch.labels))
+        pixels = task.preprocess(images)
         scale = student.logit_scale.exp()
         logits = scale * image_features(student, pixels) @ state["texts"].t()
         targets = scale.detach() * self._teacher_images(rows, pixels) @ state["texts"].t()

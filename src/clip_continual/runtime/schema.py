@@ -200,9 +200,12 @@ def with_inherited_method_options(defaults: Mapping[str, Any]) -> dict[str, Any]
     benchmark's): any method's options (those of ``continual_learning.methods``), and in each
     per-method block also its own ``training`` (the block's keys), ``alpha``, ``teacher`` and
     ``upstream`` (``clip_continual.runtime.recipe``)."""
+    from clip_continual.methods import METHODS
+
     methods = (defaults.get("continual_learning") or {}).get("methods")
     if not isinstance(methods, Mapping):
         return dict(defaults)
+    methods = {**{name: {} for name in METHODS}, **methods}  # a method without options has a block too
     inherited = dict(defaults)
     blocks = [("continual_learning", None, defaults["continual_learning"]), *(
         (name, name, own) for name, own in benchmark_continual_blocks(defaults))]

@@ -13,7 +13,9 @@ from clip_continual.data.image_folder import image_folder_index
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.karpathy import coco_retrieval, flickr30k_retrieval
 from clip_continual.data.loading import LoaderConfig
-from clip_continual.data.reference import ReferenceSettings, ReferenceSource, decode_reference, reference_source
+from clip_continual.data.reference import (
+    ReferenceSettings, ReferenceSource, ReferenceStream, decode_reference, reference_source,
+)
 from clip_continual.data.shards import ShardRequest, ShardSettings
 from clip_continual.data.tiered_imagenet import tiered_imagenet_test_index
 from clip_continual.data.torchvision_sets import SPECS, load_split
@@ -118,10 +120,11 @@ def check_inputs(
     return (*indexes, reference_files)
 
 
-def prepare_reference_set(source: ReferenceSource, model: ClipModel) -> ImageSet:
+def prepare_reference_set(source: ReferenceSource, model: ClipModel,
+                          loader: dict[str, Any] | None = None) -> ImageSet | ReferenceStream:
     """The reference set decoded once at the pretrained model's resolution (empty when the
-    method needs none)."""
-    return decode_reference(source, model.image_size)
+    method needs none), or streamed from its files by ``loader``'s workers (``size: null``)."""
+    return decode_reference(source, model.image_size, LoaderConfig.from_params(loader))
 
 
 def prepare_split(index: ImageIndex, preparation: dict[str, Any]) -> ShardRequest:

@@ -39,6 +39,6 @@ def create_pipeline(benchmark: Benchmark, **kwargs) -> Pipeline:
     model = Node(nodes.load_pretrained_model, inputs=[block("model"), block("seed")],
                  outputs=benchmark.pretrained_model, name=f"load_{benchmark.name}_model")
     reference = Node(nodes.prepare_reference_set,
-                     inputs=[f"{benchmark.name}.raw_reference", benchmark.pretrained_model],
+                     inputs=[f"{benchmark.name}.raw_reference", benchmark.pretrained_model, block("loader")],
                      outputs=benchmark.reference_set, name=f"prepare_{benchmark.name}_reference_set")
     return Pipeline([check, *prepare, model, reference], tags=["data_preparation", benchmark.name])
