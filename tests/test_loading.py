@@ -152,4 +152,4 @@ def test_augmented_batches_are_reproducible_from_the_seed(tmp_path, micro):
 def test_manifest_is_plain_json(tmp_path):
     prepare_split(_index(tmp_path / "raw", count=2), tmp_path / "prepared")
     manifest = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
-    assert manifest["fingerprint"] and manifest["format_version"] == 1
+    assert manifest["fingerprint"] and manifest["format_version"] == 2

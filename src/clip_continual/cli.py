@@ -1,4 +1,5 @@
-"""Project commands: Kedro's own ``kedro run``, with a failure summarised in its last lines.
+"""Project commands: Kedro's own ``kedro run``, with a failure summarised in its last lines, and
+``kedro data check`` / ``kedro data fetch`` for the benchmarks' datasets.
 
 ``kedro run`` takes every option of Kedro's command. When the run fails, the output ends with
 one line that says what is wrong and how to fix it, instead of a traceback; ``--traceback`` (or
@@ -128,3 +129,55 @@ def _base_parameters(loader):
     base = loader.base_env or "base"
     return type(loader)(conf_source=str(loader.conf_source), base_env=base, default_run_env=base,
                         merge_strategy={"parameters": "soft"})["parameters"]
+
+
+@cli.group(name="data")
+def data() -> None:
+    """Fetch and check the datasets a benchmark reads."""
+
+
+_PIPELINE = click.option("--pipeline", "pipeline", default=None, help="The benchmark (kedro run --pipelines NAME).")
+_PARAMS = click.option("--params", "params", default="", callback=_split_params,
+                       help="Parameter overrides, as for kedro run (e.g. mtil_order1.data.root=/data).")
+
+
+def _project_parameters(params: dict) -> dict:
+    from clip_continual.runtime.data_commands import project_parameters
+
+    return project_parameters(Path.cwd(), params)
+
+
+@data.command(name="check")
+@_PIPELINE
+@_PARAMS
+def data_check(pipeline: str | None, params: dict) -> None:
+    """One line per dataset the benchmark reads: OK, or what is wrong and how to fix it."""
+    from clip_continual.runtime.data_commands import check_lines, data_benchmarks
+
+    lines = []
+    for name in [pipeline] if pipeline else data_benchmarks():
+        try:
+            lines += check_lines(name, _project_parameters(params), Path.cwd())
+        except ValueError as error:  # DataCheckError and the readers' errors: one clear line
+            raise click.ClickException(str(error)) from error
+    for line in lines:
+        click.secho(str(line), fg=None if line.ok else "red")
+    if not all(line.ok for line in lines):
+        raise click.exceptions.Exit(1)
+
+
+@data.command(name="fetch")
+@_PIPELINE
+@click.option("--dataset", "datasets", multiple=True, help="Only this dataset (repeatable), e.g. cifar100.")
+@_PARAMS
+def data_fetch(pipeline: str | None, datasets: tuple[str, ...], params: dict) -> None:
+    """Download (resumably) and verify what may be downloaded; print how to get the rest."""
+    from clip_continual.runtime.data_commands import fetch_lines
+
+    if not pipeline and not datasets:
+        raise click.UsageError("name a benchmark (--pipeline NAME) or a dataset (--dataset NAME)")
+    try:
+        for line in fetch_lines(pipeline, datasets, _project_parameters(params), Path.cwd()):
+            click.echo(line)
+    except ValueError as error:  # DataCheckError, FetchError: one clear line
+        raise click.ClickException(str(error)) from error

@@ -1,7 +1,8 @@
 """COCO 2014 object crops, the paper's updated task (OST: 80 classes at once; MST: 8 x 10).
 
 Facts from the paper's code (CL-CLIP ``data_preprocess/coco_process.py`` and ``data.py``):
-- one crop per box ``(x, y, w, h)`` of the instances files whose width and height both exceed 4 px;
+- one crop per box ``(x, y, w, h)`` of the instances files whose width and height both exceed 4 px
+  (here also inside the image: a box beyond the image's border is left out and counted);
 - train crops: every such box of ``instances_train2014.json``, cut from ``train2014/`` images;
 - val / test crops: the boxes of ``instances_val2014.json`` on the images that Karpathy's
   ``dataset_coco.json`` puts in its ``val`` / ``test`` split (restval images are in neither);
@@ -23,6 +24,8 @@ Plain Python; no Kedro import.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,8 @@ from clip_continual.data.karpathy import read_karpathy, select_split
 from clip_continual.data.raw_files import (
     EmptyDataError, RawFormatError, read_json, require_file, require_folder, require_keys,
 )
+
+logger = logging.getLogger(__name__)
 
 COCO_PROMPT = "this is a photo of {name} in the scene ."
 MIN_BOX_SIDE = 4.0  # a box is kept when width > 4 and height > 4 (pixels)
@@ -67,27 +72,67 @@ def _check_same_categories(train: dict, val: dict, train_path: Path, val_path: P
         )
 
 
-def _boxes_of(instances: dict, path: Path, keep_files: set[str] | None):
-    """(file name, box, category id) of every box > 4 px on the kept images, in file order."""
-    file_names = {image["id"]: image["file_name"] for image in instances["images"]}
+def _image_table(instances: dict, path: Path) -> dict[int, tuple[str, float, float]]:
+    """image id -> (file name, width, height); a repeated id is refused (its boxes would be
+    silently given to whichever image came last)."""
+    table: dict[int, tuple[str, float, float]] = {}
+    repeated = []
+    for image in instances["images"]:
+        try:
+            entry = (str(image["file_name"]), float(image.get("width", "inf")), float(image.get("height", "inf")))
+            image_id = image["id"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise RawFormatError(f"COCO instances file: an image entry in '{path}' lacks a valid id, "
+                                 f"file_name, width or height ({error!r}). {_FIX_INSTANCES}") from error
+        if image_id in table:
+            repeated.append(image_id)
+        table[image_id] = entry
+    if repeated:
+        raise RawFormatError(
+            f"COCO instances file: '{path}' lists {len(repeated)} image ids more than once, e.g. "
+            f"{repeated[:5]}; each id must name one image. {_FIX_INSTANCES}"
+        )
+    return table
+
+
+def inside_image(box: tuple[float, float, float, float], width: float, height: float) -> tuple[float, float]:
+    """The width and height of the part of ``box`` (x, y, w, h) inside a width x height image."""
+    x, y, w, h = box
+    return min(x + w, width) - max(x, 0.0), min(y + h, height) - max(y, 0.0)
+
+
+def _boxes_of(instances: dict, path: Path, keep_files: set[str] | None, dropped: Counter):
+    """(file name, box, category id) of every box > 4 px on the kept images, in file order.
+    Boxes of kept images whose part inside the image is 4 px or less on a side (beyond the
+    image, or cut down to a sliver by its border) would be black crops: counted in ``dropped``."""
+    images = _image_table(instances, path)
     for annotation in instances["annotations"]:
         try:
             x, y, width, height = (float(v) for v in annotation["bbox"])
-            file_name, category = file_names[annotation["image_id"]], int(annotation["category_id"])
+            file_name, image_width, image_height = images[annotation["image_id"]]
+            category = int(annotation["category_id"])
         except (KeyError, TypeError, ValueError) as error:
             raise RawFormatError(
                 f"COCO instances file: annotation {annotation.get('id', '?')} in '{path}' has no "
                 f"valid bbox [x, y, w, h], image_id and category_id ({error!r}). {_FIX_INSTANCES}"
             ) from error
-        if width > MIN_BOX_SIDE and height > MIN_BOX_SIDE and (keep_files is None or file_name in keep_files):
-            yield file_name, (x, y, width, height), category
+        if not (width > MIN_BOX_SIDE and height > MIN_BOX_SIDE) or (keep_files is not None and file_name not in keep_files):
+            continue
+        if min(inside_image((x, y, width, height), image_width, image_height)) <= MIN_BOX_SIDE:
+            dropped["outside the image"] += 1
+            continue
+        yield file_name, (x, y, width, height), category
 
 
 def _crop_index(instances: dict, path: Path, root: Path, folder: str, split: str,
                 keep_files: set[str] | None) -> ImageIndex:
     ids, names = coco_categories(instances)
     label_of = {cid: index for index, cid in enumerate(ids)}
-    crops = list(_boxes_of(instances, path, keep_files))
+    dropped: Counter = Counter()
+    crops = list(_boxes_of(instances, path, keep_files, dropped))
+    if dropped:
+        logger.warning("COCO %s: %d boxes lie (almost) outside their image and are left out",
+                       split, sum(dropped.values()))
     unknown = next((c for _, _, c in crops if c not in label_of), None)
     if unknown is not None:
         raise RawFormatError(f"COCO instances file: '{path}' annotates category {unknown}, which its "
@@ -101,7 +146,8 @@ def _crop_index(instances: dict, path: Path, root: Path, folder: str, split: str
     index = ImageIndex(
         root=str(root), paths=tuple(f"{folder}/{file_name}" for file_name, _, _ in crops),
         labels=np.array([label_of[c] for _, _, c in crops], dtype=np.int64), class_names=names,
-        boxes=np.array([box for _, box, _ in crops], dtype=np.float32), name=f"coco_crops_{split}",
+        boxes=np.array([box for _, box, _ in crops], dtype=np.float64), name=f"coco_crops_{split}",
+        dropped_boxes=sum(dropped.values()),
     )
     check_images_present(index, f"COCO {folder} images", _FIX_ROOT)
     return index

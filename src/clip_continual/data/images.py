@@ -30,6 +30,35 @@ class BadImageError(DataFormatError):
         )
 
 
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # more than 8 bits per pixel
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB with its picture intact.
+
+    PIL's ``convert("RGB")`` clips 16-bit grey levels at 255 (a 16-bit PNG turns white) and
+    keeps a palette image's transparency warning; both are converted by hand here."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_MODES:
+        array = np.asarray(image, dtype=np.float64)
+        # 16-bit files span 0..65535; a 32-bit "I" image decoded from one does too. Values that
+        # all fit in 8 bits are taken as they are.
+        top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.rint(array * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA").convert("RGB")
+    return image.convert("RGB")
+
+
+def crop_box(box: np.ndarray) -> tuple[int, int, int, int]:
+    """The pixel box PIL cuts for ``(x, y, w, h)``: ``round`` of x, y, x + w, y + h computed in
+    float64, as the paper's loader does with the JSON's numbers (float32 shifts some by a pixel)."""
+    x, y, width, height = (float(v) for v in box)
+    return round(x), round(y), round(x + width), round(y + height)
+
+
 def open_image(index: ImageIndex, i: int) -> Image.Image:
     """Example ``i`` of ``index`` as an RGB PIL image, decoded in full and cropped to its box.
 
@@ -41,15 +70,19 @@ def open_image(index: ImageIndex, i: int) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()  # decode now: a truncated file fails here, not later in a transform
-            rgb = image.convert("RGB")
+            rgb = to_rgb(image)
     except FileNotFoundError as error:
         raise BadImageError(path, "no such file") from error
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise BadImageError(path, f"{type(error).__name__}: {error}") from error
     if index.boxes is None:
         return rgb
-    x, y, width, height = (float(v) for v in index.boxes[i])
-    return rgb.crop((x, y, x + width, y + height))
+    left, top, right, bottom = crop_box(index.boxes[i])
+    # A box outside the image would be cut as black padding: refused, so it is skipped and counted.
+    if min(right, rgb.width) - max(left, 0) < 1 or min(bottom, rgb.height) - max(top, 0) < 1:
+        raise BadImageError(path, f"box {tuple(float(v) for v in index.boxes[i])} lies outside the "
+                                  f"{rgb.width} x {rgb.height} image")
+    return rgb.crop((left, top, right, bottom))
 
 
 def check_images_present(index: ImageIndex, what: str, fix: str, sample: int = 32) -> None:

@@ -21,7 +21,8 @@ from clip_continual.data.common import DataFormatError
 @dataclass(frozen=True)
 class ImageIndex:
     """``paths[i]`` (relative to ``root``) holds example ``i``; ``boxes[i]`` is its crop
-    ``(x, y, width, height)`` in pixels of the original image (None: whole images);
+    ``(x, y, width, height)`` in pixels of the original image, float64 as in the JSON files
+    (None: whole images);
     ``labels[i]`` its class id in ``class_names`` (-1 where a set has no classes, e.g. a
     retrieval gallery); ``captions[i]`` its captions (retrieval sets), else None."""
 
@@ -32,6 +33,7 @@ class ImageIndex:
     boxes: np.ndarray | None = None
     captions: tuple[tuple[str, ...], ...] | None = None
     name: str = ""
+    dropped_boxes: int = 0  # boxes the reader left out as degenerate (counted in the manifest)
 
     def __post_init__(self) -> None:
         count = len(self.paths)
@@ -41,7 +43,7 @@ class ImageIndex:
         if count and (self.labels.min() < -1 or self.labels.max() >= len(self.class_names)):
             raise DataFormatError(f"{self._label()}: labels must lie in [-1, {len(self.class_names)})")
         if self.boxes is not None:
-            object.__setattr__(self, "boxes", np.asarray(self.boxes, dtype=np.float32))
+            object.__setattr__(self, "boxes", np.asarray(self.boxes, dtype=np.float64))
             if self.boxes.shape != (count, 4):
                 raise DataFormatError(f"{self._label()}: boxes must have shape ({count}, 4)")
         if self.captions is not None and len(self.captions) != count:
@@ -66,6 +68,7 @@ class ImageIndex:
             boxes=None if self.boxes is None else self.boxes[indices],
             captions=None if self.captions is None else tuple(self.captions[i] for i in indices),
             name=self.name,
+            dropped_boxes=self.dropped_boxes,
         )
 
     def restrict_to_classes(self, classes: list[int] | tuple[int, ...]) -> ImageIndex:

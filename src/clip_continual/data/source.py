@@ -34,9 +34,11 @@ class ImageSource(Protocol):
 
 def as_rgb(image: Any) -> Image.Image:
     """torchvision returns mode "L" for MNIST and unconverted JPEGs for Caltech101: always RGB."""
+    from clip_continual.data.images import to_rgb  # 16-bit and palette images kept intact
+
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image))
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(image)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,13 @@ class SubsetSource:
         kind = type(self.dataset).__name__
         return tuple(f"{kind}[{int(i)}]" for i in self.indices)
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The image file of each example where torchvision lists them (the fingerprint of a
+        prepared split stats them); empty for datasets kept as arrays (CIFAR-100, MNIST)."""
+        listed = _listed_files(self.dataset)
+        return () if listed is None else tuple(str(listed[int(i)]) for i in self.indices)
+
     def subset(self, positions: np.ndarray) -> SubsetSource:
         """The examples at ``positions`` of this source (positions, not dataset indices)."""
         return SubsetSource(
@@ -106,3 +115,19 @@ class SubsetSource:
     def restrict_to_classes(self, classes: list[int] | tuple[int, ...]) -> SubsetSource:
         """The examples whose label is in ``classes``; labels keep their dataset ids."""
         return self.subset(np.flatnonzero(np.isin(self.labels, np.asarray(classes))))
+
+
+def _listed_files(dataset: Any) -> list[Any] | None:
+    """The per-example file list of a torchvision dataset, under the name its class keeps it."""
+    for attribute in ("_image_files", "_images"):
+        files = getattr(dataset, attribute, None)
+        if isinstance(files, list):
+            return files
+    for attribute in ("_samples", "samples"):  # StanfordCars, ImageFolder (EuroSAT): (path, label)
+        pairs = getattr(dataset, attribute, None)
+        if isinstance(pairs, list):
+            return [path for path, _ in pairs]
+    if hasattr(dataset, "index") and hasattr(dataset, "categories") and hasattr(dataset, "y"):  # Caltech101
+        return [f"{dataset.root}/101_ObjectCategories/{dataset.categories[label]}/image_{number:04d}.jpg"
+                for number, label in zip(dataset.index, dataset.y)]
+    return None

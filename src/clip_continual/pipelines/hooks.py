@@ -23,6 +23,7 @@ from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import check_model_source
 from clip_continual.runtime import tracking
 from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
+from clip_continual.runtime.data_commands import check_before_run
 from clip_continual.runtime.recipe import RUNTIME_OVERRIDES, resolve_recipe
 from clip_continual.runtime.run_key import (
     compute_run_key, compute_source_key, current_run_key, run_name, set_current_run_key,
@@ -72,7 +73,8 @@ class SettingsCheckHook:
     """Checks everything a run can know is wrong before any node runs, so that it fails at once
     (not after data preparation and pretraining), opens no MLflow run and writes nothing: every
     parameter against conf/base (see ``clip_continual.runtime.schema``), the start model's source when
-    the pipeline builds it, and that the pipeline's outputs can be written."""
+    the pipeline builds it, that the pipeline's outputs can be written, and that a benchmark's
+    dataset folders are there with room on disk to prepare them."""
 
     def __init__(self) -> None:
         self._params: dict[str, Any] = {}
@@ -95,6 +97,9 @@ class SettingsCheckHook:
             model = self._params["model"]
             check_model_source(ModelSpec(model["architecture"], model.get("pretrained"), model.get("cache_dir")))
         check_writable(_output_files(pipeline, catalog, self._project_path))
+        # The cheap part of `kedro data check`: a missing dataset folder or a full disk stops the
+        # run now, not after minutes of preparing the other datasets.
+        check_before_run(self._params, run_params.get("pipeline_names"), self._project_path)
 
 
 def _benchmark_of(pipeline_names: list[str] | None) -> str:
