@@ -1,0 +1,153 @@
+"""MoE-Adapters' DDAS as published: AlexNet conv5 codes, one autoencoder per task, one choice
+per chunk of test images (text side included), a fixed threshold; and the class-incremental
+settings (one shared router, router noise at evaluation). A 32 px CLIP and a random AlexNet
+saved by the test: no download, seconds."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from clip_continual.evaluation.features import RoutedClasses, text_features
+from clip_continual.evaluation.zero_shot import predict_images, zero_shot_classifier
+from clip_continual.methods import MethodConfigError, get_method
+from clip_continual.methods import ddas
+from clip_continual.methods.ddas import DDASError, conv5_side, feature_count, fit_autoencoder
+from clip_continual.methods.moe_adapters import mixtures
+from clip_continual.model.adapters import adapter_recipe
+from clip_continual.model.checkpoints import load_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A 32 px CLIP: AlexNet's conv5 is 256x1x1 there (it needs 31 px at least)."""
+    from clip_continual.model.clip import ModelSpec
+    from clip_continual.model.sources import build_model
+
+    torch.manual_seed(0)
+    clip = build_model(ModelSpec("clip-continual-tiny-p8"))
+    clip.model.eval()
+    return clip
+
+
+@pytest.fixture(scope="module")
+def alexnet_file(tmp_path_factory):
+    """A random AlexNet's features, saved as a state dict (as torchvision names them)."""
+    with torch.device("meta"):
+        layers = torchvision.models.alexnet(weights=None).features
+    layers = layers.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for layer in layers:
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+    path = tmp_path_factory.mktemp("alexnet") / "alexnet.pt"
+    torch.save({f"features.{key}": value for key, value in layers.state_dict().items()}, path)
+    return str(path)
+
+
+def adapted(small, alexnet_file, tasks=2, **options):
+    """A copy of ``small`` with MoE adapters (``tasks`` routers and autoencoders) whose routers
+    and experts differ from task to task, in eval mode."""
+    clip = small.clone()
+    method = get_method("moe_adapters", experts=4, bottleneck=8, ddas_alexnet_weights=alexnet_file, **options)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(tasks):
+        method.prepare_student(clip.model, "wm")
+        clip.model.visual.task_selector.add_task()
+        adapter_recipe(clip.model)["ddas_tasks"] += 1
+    with torch.no_grad():
+        for mixture in mixtures(clip.model):
+            for weights in [*mixture.gates, *[e.up.weight for e in mixture.experts]]:
+                weights.copy_(torch.randn(weights.shape, generator=generator))
+    clip.model.eval()
+    return clip
+
+
+def images_of(clip, brightness, seed=0, count=4):
+    """uint8 images of about one brightness, with noise."""
+    rng = np.random.default_rng(seed)
+    images = np.clip(brightness + rng.normal(0, 10, (count, clip.image_size, clip.image_size, 3)), 0, 255)
+    return images.astype(np.uint8)
+
+
+def pixels_of(clip, brightness, seed=0):
+    return clip.preprocess(images_of(clip, brightness, seed), "cpu")
+
+
+def mean_code_autoencoder(autoencoder, codes):
+    """An autoencoder that outputs the mean of ``codes`` whatever its input: it reconstructs
+    images like those best."""
+    with torch.no_grad():
+        autoencoder.decoder.weight.zero_()
+        autoencoder.decoder.bias.copy_(torch.logit(codes.mean(0).clamp(1e-4, 1 - 1e-4)))
+
+
+def test_conv5_features_follow_alexnets_shape_rule():
+    with torch.device("meta"):
+        layers = torchvision.models.alexnet(weights=None).features[:-2]
+        for size in (31, 32, 64, 100, 224):
+            shape = layers(torch.empty(1, 3, size, size)).shape
+            assert conv5_side(size) == shape[-1] == shape[-2] and feature_count(size) == shape[1:].numel()
+    assert feature_count(224) == 256 * 13 * 13  # the reference's Linear(43264, 100)
+    with pytest.raises(DDASError, match="at least 31 px.*ddas: false"):
+        feature_count(16)
+
+
+def test_each_chunk_takes_the_task_that_reconstructs_it_best(small, alexnet_file):
+    clip = adapted(small, alexnet_file, ddas_batch=4, ddas_threshold=10.0)
+    selector = clip.model.visual.task_selector
+    dark, bright = pixels_of(clip, 30), pixels_of(clip, 220, seed=1)
+    for autoencoder, pixels in zip(selector.autoencoders, (dark, bright)):
+        mean_code_autoencoder(autoencoder, selector.codes(pixels))
+    with torch.no_grad():
+        routes = selector.select(torch.cat([bright, dark, bright[:2]]))
+        assert routes.tolist() == [1] * 4 + [0] * 4 + [1] * 2  # chunks of 4 consecutive images
+        plain = small.model.encode_image(dark)
+        routed = clip.model.encode_image(dark)
+        assert selector.last_routes.tolist() == [0] * 4
+        assert not torch.allclose(routed, plain, atol=1e-3)
+        best = min(float(autoencoder.error(selector.codes(dark))) for autoencoder in selector.autoencoders)
+        selector.threshold = best / 2  # no autoencoder is good enough: the pretrained CLIP answers
+        assert torch.equal(clip.model.encode_image(dark), plain)
+        assert selector.last_routes.tolist() == [-1] * 4
+
+
+def test_the_reference_autoencoder_sends_its_chunks_to_the_pretrained_clip(small, alexnet_file):
+    clip = adapted(small, alexnet_file, tasks=1, ddas_batch=4, ddas_threshold=10.0)
+    selector = clip.model.visual.task_selector
+    dark, bright = pixels_of(clip, 30), pixels_of(clip, 220, seed=1)
+    mean_code_autoencoder(selector.autoencoders[0], selector.codes(dark))
+    mean_code_autoencoder(selector.add_reference(), selector.codes(bright))
+    with torch.no_grad():
+        assert selector.select(torch.cat([dark, bright])).tolist() == [0] * 4 + [-1] * 4
+
+
+def test_the_text_side_follows_each_chunks_task(small, alexnet_file):
+    clip = adapted(small, alexnet_file, ddas_batch=4, ddas_threshold=10.0)
+    selector = clip.model.visual.task_selector
+    dark, bright = pixels_of(clip, 30), pixels_of(clip, 220, seed=1)
+    for autoencoder, pixels in zip(selector.autoencoders, (dark, bright)):
+        mean_code_autoencoder(autoencoder, selector.codes(pixels))
+    names, templates = ["cat", "dog", "bird"], ["a photo of a {}.", "a {}."]
+    classes = zero_shot_classifier(clip, names, templates, batch_size=8)
+    assert isinstance(classes, RoutedClasses)
+    per_route = {}
+    for route in (-1, 0, 1):  # what each route's text tower gives, by hand
+        with selector.text_route(clip.model, route):
+            prompts = text_features(clip, [t.format(n) for n in names for t in templates])
+        per_route[route] = torch.nn.functional.normalize(prompts.view(3, 2, -1).mean(1), dim=-1)
+        torch.testing.assert_close(classes[route], per_route[route], rtol=0, atol=0)
+    assert not torch.allclose(per_route[0], per_route[1], atol=1e-3)
+    plain = zero_shot_classifier(small, names, templates, batch_size=8)
+    torch.testing.assert_close(per_route[-1], plain, rtol=0, atol=1e-5)  # no adapter: the plain text tower
+    uint8 = np.concatenate([images_of(clip, 220, seed=1), images_of(clip, 30)])
+    predicted = predict_images(clip, uint8, classes, batch_size=8)
+    with torch.no_grad():
+        features = torch.nn.functional.normalize(clip.model.encode_image(clip.preprocess(uint8, "cpu")), dim=-1)
+    expected = np.concatenate([(features[:4] @ per_route[1].T).argmax(1).numpy(),
+                               (features[4:] @ per_route[0].T).argmax(1).numpy()])
+    assert np.array_equal(predicted, expected)
