@@ -151,3 +151,85 @@ def test_the_text_side_follows_each_chunks_task(small, alexnet_file):
     expected = np.concatenate([(features[:4] @ per_route[1].T).argmax(1).numpy(),
                                (features[4:] @ per_route[0].T).argmax(1).numpy()])
     assert np.array_equal(predicted, expected)
+
+
+def test_missing_alexnet_weights_fail_before_training_with_both_fixes(small, monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torchvision cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(ddas, "_EXTRACTORS", {})
+    method = get_method("moe_adapters", experts=4, bottleneck=8)  # ddas on by default
+    with pytest.raises(DDASError, match="could not download.*run once online.*ddas_alexnet_weights"):
+        method.prepare_student(small.clone().model, "wm")
+    with pytest.raises(MethodConfigError, match="ddas_alexnet_weights .* is not a file"):
+        get_method("moe_adapters", ddas_alexnet_weights=str(tmp_path / "missing.pt"))
+
+
+def _write_folder(root, rng):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for index in range(2):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / name / f"{index}.png")
+    return str(root)
+
+
+def test_training_fits_the_reference_and_task_autoencoders_and_checkpoints_keep_them(
+        small, alexnet_file, random_image_set, tmp_path):
+    from clip_continual.training.config import TrainingConfig
+    from clip_continual.training.loop import fine_tune
+
+    images = random_image_set(small, 8, 2)
+    options = {"experts": 4, "bottleneck": 8, "ddas_steps": 3, "ddas_alexnet_weights": alexnet_file,
+               "ddas_reference": _write_folder(tmp_path / "reference", np.random.default_rng(0)),
+               "ddas_reference_steps": 2, "ddas_batch": 3}
+    config = TrainingConfig(method="moe_adapters", method_options=options, steps=1, epochs=None,
+                            batch_size=4, lr=1e-2, device="cpu", progress=False)
+    prompts = [f"a photo of {name} ." for name in images.class_names]
+    first, _ = fine_tune(small, images, prompts, config=config, task_index=1)
+    recipe = adapter_recipe(first.model)
+    assert (recipe["ddas_tasks"], recipe["ddas_reference"], recipe["ddas_batch"]) == (1, 1, 3)
+    path = tmp_path / "ddas.pt"
+    save_checkpoint(first, path)
+    loaded = load_checkpoint(path)
+    selector = loaded.model.visual.task_selector
+    assert selector.reference is not None and len(selector.autoencoders) == 1 and selector.batch == 3
+    first.model.eval(), loaded.model.eval()
+    pixels = first.preprocess(images.images, "cpu")
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_image(pixels), first.model.encode_image(pixels))
+    reference = {k: v.clone() for k, v in selector.reference.state_dict().items()}
+    second, _ = fine_tune(loaded, images, prompts, config=config, task_index=2)
+    again = second.model.visual.task_selector
+    assert len(again.autoencoders) == 2 and adapter_recipe(second.model)["routers"] == 2
+    assert all(torch.equal(v, reference[k]) for k, v in again.reference.state_dict().items())  # fitted once
+
+
+def test_the_class_incremental_setup_shares_one_router_and_may_keep_noise_at_evaluation(micro, random_image_set):
+    from clip_continual.training.config import TrainingConfig
+    from clip_continual.training.loop import fine_tune
+
+    with pytest.raises(MethodConfigError, match="router_per_task: false shares one router; set ddas: false"):
+        get_method("moe_adapters", router_per_task=False)
+    images = random_image_set(micro, 8, 2)
+    prompts = [f"a photo of {name} ." for name in images.class_names]
+    options = {"experts": 2, "top_k": 2, "bottleneck": 8, "router_per_task": False, "frozen_per_task": 0,
+               "ddas": False, "label_smoothing": 0.0}
+    model = micro
+    for task in (1, 2):
+        config = TrainingConfig(method="moe_adapters", method_options={**options, "eval_noise": task == 2},
+                                steps=2, epochs=None, batch_size=4, lr=1e-2, device="cpu", progress=False)
+        model, _ = fine_tune(model, images, prompts, config=config, task_index=task)
+        assert adapter_recipe(model.model)["routers"] == 1
+        assert all(len(m.gates) == 1 and not m.frozen.any() for m in mixtures(model.model))
+    model.model.eval()
+    pixels = model.preprocess(images.images, "cpu")
+    with torch.no_grad():
+        noisy = [model.model.encode_image(pixels) for _ in range(2)]
+        assert not torch.equal(*noisy)  # eval_noise: the router's noise stays on
+        for mixture in mixtures(model.model):
+            mixture.eval_noise = False
+        assert torch.equal(model.model.encode_image(pixels), model.model.encode_image(pixels))
