@@ -8,8 +8,8 @@ Plain Python and PyTorch; no Kedro import.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from clip_continual.data.common import ImageSet
 from clip_continual.data.loading import LoaderConfig, StreamedImages, as_lazy
+from clip_continual.model.adapters import image_routing
 from clip_continual.model.clip import ClipModel, encode_images, encode_text, resolve_device
 
 DEFAULT_BATCH_SIZE = 256
@@ -97,15 +98,38 @@ def _pixel_batches(clip: ClipModel, images: EvalImages, batch_size: int,
         yield clip.preprocess(images[start:start + batch_size], device)
 
 
-def image_feature_batches(clip: ClipModel, images: EvalImages, batch_size: int,
-                           loader: LoaderConfig | None = None) -> Iterator[torch.Tensor]:
-    """Normalised fp32 features batch by batch; the caller holds eval mode and inference mode."""
+def routed_feature_batches(clip: ClipModel, images: EvalImages, batch_size: int, loader: LoaderConfig | None = None,
+                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Normalised fp32 features batch by batch, each with the route every image took in a
+    model that routes its images (``model.adapters.image_routing``; None in any other model);
+    the caller holds eval mode and inference mode."""
     _check_batch_size(batch_size)
+    routing = image_routing(clip.model)
     for pixels in _pixel_batches(clip, images, batch_size, loader):
         with _autocast(clip.device):
             features = encode_images(clip.model, pixels, normalize=False)
         # Normalise after the cast: half-precision norms would cost accuracy.
-        yield F.normalize(features.float(), dim=-1)
+        yield F.normalize(features.float(), dim=-1), None if routing is None else routing.last_routes
+
+
+def image_feature_batches(clip: ClipModel, images: EvalImages, batch_size: int,
+                           loader: LoaderConfig | None = None) -> Iterator[torch.Tensor]:
+    """Normalised fp32 features batch by batch; the caller holds eval mode and inference mode."""
+    return (features for features, _ in routed_feature_batches(clip, images, batch_size, loader))
+
+
+def image_features_and_routes(
+    clip: ClipModel, images: EvalImages, batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device | None = None, loader: LoaderConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``image_features`` and each image's route (None unless the model routes its images)."""
+    with evaluating(clip, device) as target, torch.inference_mode():
+        chunks = list(routed_feature_batches(clip, images, batch_size, loader))
+        features = torch.cat([f for f, _ in chunks]) if chunks else torch.empty(0, _embed_dim(clip), device=target)
+        routed = bool(chunks) and chunks[0][1] is not None
+        routes = torch.cat([r for _, r in chunks]) if routed else None
+    # A clone outside inference mode is an ordinary tensor, usable later in autograd graphs.
+    return features.clone(), None if routes is None else routes.clone()
 
 
 def image_features(
@@ -114,11 +138,51 @@ def image_features(
 ) -> torch.Tensor:
     """L2-normalised fp32 image features (N, D) of uint8 (N, H, W, 3) images (or a lazy set),
     on the eval device."""
-    with evaluating(clip, device) as target, torch.inference_mode():
-        chunks = list(image_feature_batches(clip, images, batch_size, loader))
-        features = torch.cat(chunks) if chunks else torch.empty(0, _embed_dim(clip), device=target)
-    # A clone outside inference mode is an ordinary tensor, usable later in autograd graphs.
-    return features.clone()
+    return image_features_and_routes(clip, images, batch_size, device, loader)[0]
+
+
+# --- class features per route (MoE-Adapters' DDAS) ---------------------------------------------
+
+class RoutedClasses:
+    """Class features of a model that routes its images: ``self[route]`` are the features the
+    text tower gives under that route (computed when first asked for), against which the
+    images that took the route are scored, as MoE-Adapters builds a text classifier per task
+    (mtil/src/models/evaluation.py:20-41, 75)."""
+
+    def __init__(self, compute: Callable[[int], torch.Tensor]) -> None:
+        self._compute = compute
+        self._done: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, route: int) -> torch.Tensor:
+        if route not in self._done:
+            self._done[route] = self._compute(route)
+        return self._done[route]
+
+    def rows(self, rows: Sequence[int] | torch.Tensor | np.ndarray) -> RoutedClasses:
+        """The features of some classes only, per route."""
+        return RoutedClasses(lambda route: self[route][torch.as_tensor(rows, device=self[route].device)])
+
+
+ClassFeatures = Union[torch.Tensor, RoutedClasses]
+
+
+def class_features(clip: ClipModel, compute: Callable[[], torch.Tensor]) -> ClassFeatures:
+    """``compute()`` (class features from the text tower), or per route for a model that
+    routes its images (``RoutedClasses``)."""
+    routing = image_routing(clip.model)
+    if routing is None:
+        return compute()
+
+    def under(route: int) -> torch.Tensor:
+        with routing.text_route(clip.model, route):
+            return compute()
+    return RoutedClasses(under)
+
+
+def class_rows(class_feats: ClassFeatures, rows: Sequence[int] | torch.Tensor | np.ndarray) -> ClassFeatures:
+    if isinstance(class_feats, RoutedClasses):
+        return class_feats.rows(rows)
+    return class_feats[torch.as_tensor(rows, device=class_feats.device)]
 
 
 _TOKEN_CACHE: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -167,3 +231,17 @@ def as_float_tensor(values: Any, device: torch.device | None = None) -> torch.Te
 def similarity_scores(image_feats: torch.Tensor, class_feats: torch.Tensor) -> torch.Tensor:
     # NaN (a diverged model) must never win a comparison: it becomes the lowest score.
     return torch.nan_to_num(image_feats @ class_feats.T, nan=-torch.inf)
+
+
+def routed_scores(image_feats: torch.Tensor, routes: torch.Tensor | None, class_feats: RoutedClasses) -> torch.Tensor:
+    """(B, C) scores, each image against the class features of its own route."""
+    if routes is None or len(routes) != len(image_feats):
+        raise ValueError("class features per route need each image's route (the model routes its images)")
+    scores = None
+    for route in routes.unique().tolist():
+        rows = (routes == route).nonzero().squeeze(1).to(image_feats.device)
+        part = similarity_scores(image_feats[rows], as_float_tensor(class_feats[route], image_feats.device))
+        if scores is None:
+            scores = image_feats.new_empty(len(image_feats), part.shape[1])
+        scores[rows] = part
+    return scores if scores is not None else image_feats.new_empty(0, 0)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from clip_continual.data.loading import LoaderConfig
-from clip_continual.evaluation.features import evaluating, image_features
+from clip_continual.evaluation.features import ClassFeatures, class_rows, evaluating, image_features_and_routes
 from clip_continual.evaluation.metrics import bwt_at, ut_acc
 from clip_continual.evaluation.zero_shot import (
     predict, top1_accuracy, zero_shot_accuracy, zero_shot_classifier,
@@ -103,9 +103,11 @@ def _visible_classes(phases: Sequence[Sequence[int]], step: int, phase: int) -> 
     return sorted({c for p in phases[:max(step, phase + 1)] for c in p})
 
 
-def _accuracy_among(features: torch.Tensor, labels: np.ndarray, class_feats: torch.Tensor,
-                    candidates: list[int], mask: np.ndarray) -> float:
-    picks = predict(features[torch.from_numpy(mask).to(features.device)], class_feats[candidates])
+def _accuracy_among(features: torch.Tensor, routes: torch.Tensor | None, labels: np.ndarray,
+                    class_feats: ClassFeatures, candidates: list[int], mask: np.ndarray) -> float:
+    rows = torch.from_numpy(mask).to(features.device)
+    picks = predict(features[rows], class_rows(class_feats, candidates),
+                    None if routes is None else routes[rows.to(routes.device)])
     return top1_accuracy(np.asarray(candidates)[picks], labels[mask])
 
 
@@ -122,16 +124,17 @@ def evaluate_class_incremental_step(
     labels = np.asarray(test_set.labels)
     with evaluating(clip, device) as target:
         class_feats = zero_shot_classifier(clip, test_set.class_names, templates, batch_size, target)
-        features = image_features(clip, test_set, batch_size, target, loader)
-    acc_row = [
-        _accuracy_among(features, labels, class_feats, _visible_classes(phases, step, i),
-                        np.isin(labels, phase))
-        for i, phase in enumerate(phases)
-    ]
-    seen = _visible_classes(phases, step, 0)
+        features, routes = image_features_and_routes(clip, test_set, batch_size, target, loader)
+        acc_row = [
+            _accuracy_among(features, routes, labels, class_feats, _visible_classes(phases, step, i),
+                            np.isin(labels, phase))
+            for i, phase in enumerate(phases)
+        ]
+        seen = _visible_classes(phases, step, 0)
+        cil_acc = _accuracy_among(features, routes, labels, class_feats, seen, np.isin(labels, seen))
     result = _sequence_metrics(step, task, acc_row, rows)
     result["acc_columns"] = [f"phase_{i}" for i in range(1, len(phases) + 1)]
-    result["cil_acc"] = _accuracy_among(features, labels, class_feats, seen, np.isin(labels, seen))
+    result["cil_acc"] = cil_acc
     return result
 
 

@@ -14,7 +14,7 @@ import torch
 
 from clip_continual.data.common import ImageSet
 from clip_continual.data.loading import LoaderConfig
-from clip_continual.evaluation.features import DEFAULT_BATCH_SIZE, evaluating, text_features
+from clip_continual.evaluation.features import DEFAULT_BATCH_SIZE, class_features, evaluating, text_features
 from clip_continual.evaluation.metrics import bwt_at, ut_acc
 from clip_continual.evaluation.retrieval import RETRIEVAL_KEYS, evaluate_retrieval
 from clip_continual.evaluation.zero_shot import (
@@ -93,7 +93,8 @@ def evaluate_step(
     step = int(step)
     phases, earlier = _checked_step(step, updated_test, class_prompts, phases, previous_rows)
     with evaluating(clip, device) as target:
-        class_feats = text_features(clip, class_prompts, batch_size, target)
+        # Per route where the model routes its images (MoE-Adapters' DDAS).
+        class_feats = class_features(clip, lambda: text_features(clip, class_prompts, batch_size, target))
         ut_predictions, ut_seen_predictions = predictions_all_and_seen(
             clip, updated_test, class_feats, seen_classes(phases, step), batch_size, loader)
         acc_row = phase_accuracies(ut_predictions, updated_test.labels, phases)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from clip_continual.data.common import ImageSet
 from clip_continual.data.loading import LoaderConfig
 from clip_continual.evaluation.features import (
-    DEFAULT_BATCH_SIZE, EvalImages, as_float_tensor, evaluating, image_feature_batches, similarity_scores,
-    text_features,
+    DEFAULT_BATCH_SIZE, ClassFeatures, EvalImages, RoutedClasses, as_float_tensor, class_features, class_rows,
+    evaluating, routed_feature_batches, routed_scores, similarity_scores, text_features,
 )
 from clip_continual.model.clip import ClipModel
 
@@ -45,23 +45,31 @@ def fill_template(template: str, class_name: str) -> str:
 def zero_shot_classifier(
     clip: ClipModel, class_names: Sequence[str], templates: Sequence[str],
     batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None,
-) -> torch.Tensor:
-    """(C, D) class features: per class, the mean of its normalised template prompts, renormalised."""
+) -> ClassFeatures:
+    """(C, D) class features: per class, the mean of its normalised template prompts,
+    renormalised (per route for a model that routes its images, ``RoutedClasses``)."""
     if len(class_names) == 0:
         raise ValueError("zero_shot_classifier needs at least one class name")
     if len(templates) == 0:
         raise ValueError("zero_shot_classifier needs at least one prompt template")
     prompts = [fill_template(template, name) for name in class_names for template in templates]
-    features = text_features(clip, prompts, batch_size, device)
-    per_class = features.view(len(class_names), len(templates), -1).mean(dim=1)
-    return F.normalize(per_class, dim=-1)
+
+    def compute() -> torch.Tensor:
+        features = text_features(clip, prompts, batch_size, device)
+        per_class = features.view(len(class_names), len(templates), -1).mean(dim=1)
+        return F.normalize(per_class, dim=-1)
+    return class_features(clip, compute)
 
 
 # --- classification ---------------------------------------------------------------------------
 
-def predict(image_feats: torch.Tensor | np.ndarray, class_feats: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Index of the most similar class for each image; an exact tie goes to the lowest index."""
+def predict(image_feats: torch.Tensor | np.ndarray, class_feats: ClassFeatures | np.ndarray,
+            routes: torch.Tensor | None = None) -> np.ndarray:
+    """Index of the most similar class for each image; an exact tie goes to the lowest index.
+    Class features per route (``RoutedClasses``) score each image under its ``routes`` entry."""
     images = as_float_tensor(image_feats)
+    if isinstance(class_feats, RoutedClasses):
+        return routed_scores(images, routes, class_feats).argmax(dim=1).cpu().numpy().astype(np.int64)
     classes = as_float_tensor(class_feats, images.device)
     if images.ndim != 2 or classes.ndim != 2 or images.shape[1] != classes.shape[1]:
         raise ValueError(
@@ -73,16 +81,20 @@ def predict(image_feats: torch.Tensor | np.ndarray, class_feats: torch.Tensor | 
     return similarity_scores(images, classes).argmax(dim=1).cpu().numpy().astype(np.int64)
 
 
+def _on_device(class_feats: ClassFeatures, device: torch.device) -> ClassFeatures:
+    return class_feats if isinstance(class_feats, RoutedClasses) else as_float_tensor(class_feats, device)
+
+
 def predict_images(
-    clip: ClipModel, images: EvalImages, class_feats: torch.Tensor,
+    clip: ClipModel, images: EvalImages, class_feats: ClassFeatures,
     batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None,
     loader: LoaderConfig | None = None,
 ) -> np.ndarray:
     """Predicted class of each image, streaming batches so no (N, D) feature matrix is kept."""
     with evaluating(clip, device) as target, torch.inference_mode():
-        classes = as_float_tensor(class_feats, target)
-        predictions = [predict(batch, classes)
-                       for batch in image_feature_batches(clip, images, batch_size, loader)]
+        classes = _on_device(class_feats, target)
+        predictions = [predict(batch, classes, routes)
+                       for batch, routes in routed_feature_batches(clip, images, batch_size, loader)]
     return np.concatenate(predictions) if predictions else np.empty(0, dtype=np.int64)
 
 
@@ -167,7 +179,7 @@ def seen_class_accuracy(image_feats: torch.Tensor, labels: np.ndarray, class_fea
 
 
 def predictions_all_and_seen(
-    clip: ClipModel, images: EvalImages, class_feats: torch.Tensor, seen: Sequence[int],
+    clip: ClipModel, images: EvalImages, class_feats: ClassFeatures, seen: Sequence[int],
     batch_size: int, loader: LoaderConfig | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each image's class among all classes and among the ``seen`` ones, in one streaming pass
@@ -175,11 +187,11 @@ def predictions_all_and_seen(
     seen = np.asarray(sorted(seen), dtype=np.int64)
     every, among_seen = [], []
     with torch.inference_mode():
-        classes = as_float_tensor(class_feats, clip.device)
-        seen_classes_feats = classes[torch.from_numpy(seen).to(classes.device)]
-        for batch in image_feature_batches(clip, images, batch_size, loader):
-            every.append(predict(batch, classes))
-            among_seen.append(seen[predict(batch, seen_classes_feats)])
+        classes = _on_device(class_feats, clip.device)
+        seen_classes_feats = class_rows(classes, seen)
+        for batch, routes in routed_feature_batches(clip, images, batch_size, loader):
+            every.append(predict(batch, classes, routes))
+            among_seen.append(seen[predict(batch, seen_classes_feats, routes)])
     empty = np.empty(0, dtype=np.int64)
     return (np.concatenate(every) if every else empty,
             np.concatenate(among_seen) if among_seen else empty)

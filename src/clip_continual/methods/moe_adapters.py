@@ -15,7 +15,8 @@ to the training loss, so neither do we.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,7 +24,12 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from clip_continual.methods.base import MethodConfigError, TaskContext, evaluation_mode
+from clip_continual.data.image_folder import image_folder_index
+from clip_continual.data.loading import TaskImages, training_source
+from clip_continual.methods.base import MethodConfigError, TaskContext
+from clip_continual.methods.ddas import (
+    TaskSelector, alexnet_conv5, feature_count, fit_autoencoder, regroup, training_rows,
+)
 from clip_continual.methods.ft import FineTuning
 from clip_continual.model.adapters import (
     TOWERS_OF_PARTS, AdapterError, adapter_recipe, add_adapters, register_adapter_kind, tower_transformers,
@@ -55,15 +61,20 @@ class AdapterExpert(nn.Module):
 
 class MixtureOfAdapters(nn.Module):
     """Noisy top-k routing of each sample to ``top_k`` of ``experts`` adapters, as
-    MoE-Adapters mtil/clip/model.py (ResidualAttentionBlock.noisy_top_k_gating, after Shazeer
-    et al. 2017): one router (gate and noise weights, zero-initialised) per task over experts
-    shared by all tasks; the router reads the sample's first token; in training the logits get
-    Gaussian noise of std ``softplus(x W_noise) + 0.01``. ``usage`` counts how often each expert
-    was chosen in training (the reference freezes the most used experts after each task).
+    MoE-Adapters mtil/clip/model.py:429-460 (noisy_top_k_gating, after Shazeer et al. 2017): a
+    router (gate and noise weights, zero-initialised) per task, or one shared by all
+    (``router_per_task: false``), over experts shared by all tasks; the router reads the
+    sample's first token; in training (and at evaluation with ``eval_noise``) the logits get
+    Gaussian noise of std ``softplus(x W_noise) + 0.01``. ``usage`` counts how often each
+    expert was chosen in training (the reference freezes the most used experts after a task).
+
+    Which router: ``routes`` (set by DDAS for one image forward: each sample's task, -1 none),
+    else ``route`` (one task for every sample, set while class texts are encoded for that
+    task), else the latest router.
     """
 
     def __init__(self, width: int, experts: int, top_k: int, bottleneck: int, routers: int,
-                 scale: float = 0.1, dropout: float = 0.1) -> None:
+                 scale: float = 0.1, dropout: float = 0.1, eval_noise: bool = False) -> None:
         super().__init__()
         if not 1 <= top_k <= experts:
             raise AdapterError(f"top_k must lie in [1, experts={experts}], got {top_k}")
@@ -75,8 +86,9 @@ class MixtureOfAdapters(nn.Module):
         self.register_buffer("usage", torch.zeros(experts))
         for _ in range(routers):
             self.add_router()
-        # Set for one forward by DDAS: each sample's router, -1 for none (the frozen CLIP).
+        self.eval_noise = eval_noise
         self.routes: torch.Tensor | None = None
+        self.route: int | None = None
         self.bypass = False
 
     @property
@@ -99,19 +111,33 @@ class MixtureOfAdapters(nn.Module):
                 chosen += list(expert.parameters())
         return chosen
 
+    def _chosen_routers(self, first_token: torch.Tensor) -> torch.Tensor | None:
+        if self.routes is not None:
+            return self.routes
+        if self.route is not None:
+            return torch.full((len(first_token),), self.route, dtype=torch.long, device=first_token.device)
+        return None
+
     def routing(self, first_token: torch.Tensor) -> torch.Tensor:
         """(B, experts) gate weights: softmax over each sample's top-k logits, zero elsewhere;
-        all zero for a sample whose DDAS route is -1."""
-        if self.routes is not None:
-            per_sample = torch.stack(list(self.gates))[self.routes.clamp(min=0)]
-            logits = torch.einsum("bd,bde->be", first_token, per_sample.to(first_token.dtype))
-            return self._top_k(logits) * (self.routes >= 0).unsqueeze(1)
-        gate, noise = self.gates[self.active_router], self.noise[self.active_router]
-        logits = first_token @ gate.to(first_token.dtype)
-        if self.training:
-            std = F.softplus(first_token @ noise.to(first_token.dtype)) + 1e-2
+        all zero for a sample whose route is -1 (no adapter: the pretrained CLIP)."""
+        chosen = self._chosen_routers(first_token)
+        if chosen is not None and bool((chosen < 0).all()):
+            return first_token.new_zeros(len(first_token), len(self.experts))
+        logits = self._logits(first_token, self.gates, chosen)
+        if self.training or self.eval_noise:
+            std = F.softplus(self._logits(first_token, self.noise, chosen)) + 1e-2
             logits = logits + torch.randn_like(logits) * std
-        return self._top_k(logits)
+        gates = self._top_k(logits)
+        return gates if chosen is None else gates * (chosen >= 0).unsqueeze(1).to(gates.dtype)
+
+    def _logits(self, first_token: torch.Tensor, weights: nn.ParameterList,
+                chosen: torch.Tensor | None) -> torch.Tensor:
+        """``x W`` with the latest router's ``W``, or each sample's own router's."""
+        if chosen is None:
+            return first_token @ weights[self.active_router].to(first_token.dtype)
+        per_sample = torch.stack(list(weights))[chosen.clamp(min=0)].to(first_token.dtype)
+        return torch.einsum("bd,bde->be", first_token, per_sample)
 
     def _top_k(self, logits: torch.Tensor) -> torch.Tensor:
         top_logits, top_experts = logits.topk(self.top_k, dim=1)
@@ -150,6 +176,12 @@ class MixtureBlock(ResidualAttentionBlock):
         return x + self.ls_2(self.mlp(self.ln_2(x))) + self.mixture(x, self.attn.batch_first)
 
 
+# Recipe entries that may change from task to task (counts, evaluation settings), as opposed
+# to the structure a continued model must share.
+SETTINGS = ("routers", "ddas_tasks", "ddas_reference", "ddas_threshold", "ddas_batch",
+            "ddas_alexnet_weights", "eval_noise")
+
+
 def add_mixtures(model: nn.Module, recipe: dict[str, Any]) -> None:
     for transformer in tower_transformers(model, recipe["towers"]).values():
         for block in transformer.resblocks:
@@ -165,76 +197,33 @@ def add_mixtures(model: nn.Module, recipe: dict[str, Any]) -> None:
     if recipe.get("ddas"):
         if "visual" not in recipe["towers"]:
             raise AdapterError("DDAS routes images: it needs adapters in the visual tower (parts wm or io)")
-        add_task_selector(model, int(recipe.get("ddas_tasks", 0)))
+        add_task_selector(model, recipe)
+    configure_mixtures(model, recipe)
+
+
+def configure_mixtures(model: nn.Module, recipe: dict[str, Any]) -> None:
+    """Apply the recipe's settings (``SETTINGS``) to the modules."""
+    for mixture in mixtures(model):
+        mixture.eval_noise = bool(recipe.get("eval_noise", False))
+    selector = getattr(model.visual, "task_selector", None)
+    if selector is not None:
+        selector.threshold = float(recipe.get("ddas_threshold", 0.0655))
+        selector.batch = int(recipe.get("ddas_batch", 128))
+        selector.weights = recipe.get("ddas_alexnet_weights")
 
 
 def mixtures(model: nn.Module) -> Iterator[MixtureOfAdapters]:
     return (module for module in model.modules() if isinstance(module, MixtureOfAdapters))
 
 
-# --- DDAS: which task's router an image should take -----------------------------------------
+# --- DDAS at evaluation: route each chunk of test images (methods/ddas.py) -------------------
 
-class Autoencoder(nn.Module):
-    """``sigmoid(W2 relu(W1 x))``, trained to reconstruct sigmoid-squashed features (MSE), as
-    MoE-Adapters mtil/src/models/AutoEncoder.py."""
-
-    def __init__(self, features: int, code: int) -> None:
-        super().__init__()
-        self.encoder = nn.Linear(features, code)
-        self.decoder = nn.Linear(code, features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.decoder(torch.relu(self.encoder(x))))
-
-
-class TaskSelector(nn.Module):
-    """MoE-Adapters' Distribution Discriminative Auto-Selector (mtil/src/models/evaluation.py,
-    zeroshot_eval): one autoencoder per task; an image takes the router of the task whose
-    autoencoder reconstructs its features best, or no adapter at all (the frozen CLIP) when
-    even that error exceeds the task's threshold.
-
-    Differences, because the reference's parts are not available here: the features are the
-    frozen CLIP's own image embeddings (adapters bypassed) instead of an ImageNet AlexNet's
-    conv5 maps; the choice is per image instead of per test batch (our test batches mix tasks);
-    each task's threshold is a quantile of its own training images' errors instead of one
-    hand-set number (feature scales differ between models).
-    """
-
-    def __init__(self, features: int, tasks: int = 0) -> None:
-        super().__init__()
-        self.features = features
-        self.autoencoders = nn.ModuleList()
-        self.register_buffer("thresholds", torch.zeros(0))
-        for _ in range(tasks):
-            self.add_task()
-
-    @property
-    def code(self) -> int:
-        # The reference squeezes 9,216 features into 100; small embeddings keep a bottleneck.
-        return max(1, min(100, self.features // 2))
-
-    def add_task(self, threshold: float = float("inf")) -> Autoencoder:
-        like = self.thresholds
-        autoencoder = Autoencoder(self.features, self.code).to(like.device)
-        self.autoencoders.append(autoencoder)
-        self.thresholds = torch.cat([like, torch.tensor([threshold], device=like.device)])
-        return autoencoder
-
-    def errors(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, tasks) mean squared reconstruction error of each image under each autoencoder."""
-        target = torch.sigmoid(features.float())
-        return torch.stack([((ae(target) - target) ** 2).mean(dim=1) for ae in self.autoencoders], dim=1)
-
-    def select(self, features: torch.Tensor) -> torch.Tensor:
-        """Each image's task index, -1 where no autoencoder knows it."""
-        best_error, best = self.errors(features).min(dim=1)
-        return torch.where(best_error <= self.thresholds[best], best, torch.full_like(best, -1))
-
-
-def add_task_selector(model: nn.Module, tasks: int) -> TaskSelector:
+def add_task_selector(model: nn.Module, recipe: dict[str, Any]) -> TaskSelector:
     visual = model.visual
-    selector = TaskSelector(int(visual.output_dim), tasks).to(next(visual.parameters()).device)
-    visual.add_module("task_selector", selector)
+    size = visual.image_size
+    selector = TaskSelector(feature_count(size[0] if isinstance(size, (tuple, list)) else size),
+                            int(recipe.get("ddas_tasks", 0)), bool(recipe.get("ddas_reference", 0)))
+    visual.add_module("task_selector", selector.to(next(visual.parameters()).device))
     visual.register_forward_pre_hook(_route_images)
     visual.register_forward_hook(_forget_routes)
     return selector
@@ -245,50 +234,22 @@ def visual_mixtures(model_or_visual: nn.Module) -> list[MixtureOfAdapters]:
     return [m for m in visual.modules() if isinstance(m, MixtureOfAdapters)]
 
 
-def frozen_image_features(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """The frozen CLIP's image embeddings: the image tower with its adapters bypassed."""
-    chosen = visual_mixtures(visual)
-    for mixture in chosen:
-        mixture.bypass = True
-    try:
-        return visual(pixels)
-    finally:
-        for mixture in chosen:
-            mixture.bypass = False
-
-
 def _route_images(visual: nn.Module, args: tuple) -> None:
-    """Before an evaluation forward of the image tower: route each image (DDAS)."""
-    chosen = visual_mixtures(visual)
+    """Before an evaluation forward of the image tower: one task (or none) per chunk of images."""
     selector = visual.task_selector
-    if visual.training or not len(selector.autoencoders) or any(m.bypass for m in chosen):
+    selector.last_routes = None
+    if visual.training or not selector.active:
         return
-    routes = selector.select(frozen_image_features(visual, args[0]))
-    for mixture in chosen:
+    with torch.no_grad():
+        routes = selector.select(args[0])
+    selector.last_routes = routes
+    for mixture in visual_mixtures(visual):
         mixture.routes = routes
 
 
 def _forget_routes(visual: nn.Module, args: tuple, output: torch.Tensor) -> None:
     for mixture in visual_mixtures(visual):
         mixture.routes = None
-
-
-def fit_autoencoder(autoencoder: Autoencoder, features: torch.Tensor, steps: int, batch_size: int = 64,
-                    seed: int = 0) -> None:
-    """Train one DDAS autoencoder on a task's (frozen) image features: Adam, lr 0.01, weight
-    decay 1e-4, MSE on sigmoid-squashed features (mtil/src/models/AutoEncoder.py)."""
-    target = torch.sigmoid(features.detach().float())
-    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=0.01, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(seed)
-    autoencoder.train()
-    for _ in range(steps):
-        rows = torch.randint(0, len(target), (min(batch_size, len(target)),), generator=generator)
-        batch = target[rows.to(target.device)]
-        loss = F.mse_loss(autoencoder(batch), batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    autoencoder.eval()
 
 
 def mixture_parameters(transformer: nn.Module) -> list[nn.Parameter]:
@@ -299,7 +260,7 @@ def mixture_parameters(transformer: nn.Module) -> list[nn.Parameter]:
     return chosen
 
 
-register_adapter_kind("moe", add_mixtures, mixture_parameters)
+register_adapter_kind("moe", add_mixtures, mixture_parameters, settings=SETTINGS)
 
 
 # --- the method ------------------------------------------------------------------------------
@@ -308,45 +269,85 @@ class MoEAdapters(FineTuning):
     """``L = CE`` as ``ft`` (label smoothing 0.2 as published), trained only through the
     adapters: each block adds ``sum_e g_e(x_0) * A_e(x)`` to its residual stream, ``A_e`` the
     experts (``0.1 * up(relu(down(x)))``), ``g`` the task's router (softmax over the noisy top-k
-    logits of the first token x_0). Each task gets a new router; experts are shared, and after
-    a task the ``frozen_per_task`` experts its router chose most are frozen for good.
+    logits of the first token x_0). Experts are shared; after a task the ``frozen_per_task``
+    experts its router chose most are frozen for good.
 
-    ``ddas``: after each task an autoencoder learns the task's images (``ddas_steps`` Adam
-    steps) and at evaluation every image takes the router of the task that reconstructs it
-    best, or no adapter when its error exceeds the ``ddas_quantile`` quantile of that task's
-    training errors (``TaskSelector``). Without it the latest router
-    serves every input, as the reference evaluates without DDAS; the text tower always uses
-    the latest router (text carries no image to discriminate).
+    Defaults: MoE-Adapters' full-shot MTIL recipe (a router per task, DDAS on: every published
+    MTIL test script passes ``--autorouter``). Its class-incremental recipe (cil/) is
+    ``experts: 2, top_k: 2, router_per_task: false, frozen_per_task: 0, ddas: false`` (plus
+    ``eval_noise: true`` to keep its quirk of router noise at test time; label smoothing 0).
+
+    ``ddas``: after each task an autoencoder learns the task's images (AlexNet conv5 features,
+    ``ddas_steps`` steps of 64); at evaluation each chunk of ``ddas_batch`` consecutive test
+    images takes the router of the task whose autoencoder reconstructs it best, in both towers
+    (the class texts are encoded with that task's router), or no adapter at all (exactly the
+    pretrained CLIP) when the smallest error exceeds ``ddas_threshold`` or the reference
+    autoencoder wins. ``ddas_reference``: an image folder (one folder per class) for that
+    reference autoencoder, trained ``ddas_reference_steps`` steps after the first task (the
+    reference trains it on TinyImageNet before); null, unlike the reference, has none, so only
+    the threshold sends a chunk to the pretrained CLIP. Only learnt tasks have autoencoders
+    (the reference also lets the untrained ones of later tasks compete). The AlexNet weights
+    are torchvision's ImageNet ones (downloaded once) or the state dict at
+    ``ddas_alexnet_weights``. Without ``ddas`` the latest router serves every input.
     """
 
     name = "moe_adapters"
 
-    def __init__(self, experts: int = 22, top_k: int = 2, bottleneck: int = 64,
-                 frozen_per_task: int = 2, ddas: bool = False, ddas_steps: int = 300,
-                 ddas_quantile: float = 0.95, label_smoothing: float = 0.2) -> None:
+    def __init__(
+        self,
+        experts: int = 22,                # train_full_shot_router11_experts22_1000iters.sh:14 (num=22)
+        top_k: int = 2,                   # mtil/src/args.py:324 (--topk default)
+        bottleneck: int = 64,             # mtil/src/args.py:304 (--ffn_num); mtil/clip/adapter.py:35
+        frozen_per_task: int = 2,         # mtil/src/models/finetune.py:195-220 (topk(choose_map, 2))
+        router_per_task: bool = True,     # mtil/clip/model.py:336-338 (11 routers); cil/clip/model.py:288-315 (1)
+        eval_noise: bool = False,         # mtil: noise only with --is_train (model.py:440-447); cil: always
+        ddas: bool = True,                # every MTIL test script passes --autorouter (Full_Shot_order1.sh:16-36)
+        ddas_steps: int = 300,            # train_full_shot...sh:43 (--iterations 300 per task)
+        ddas_threshold: float = 0.0655,   # train_full_shot...sh:13 (655e-4); few-shot 585e-4 / 600e-4
+        ddas_batch: int = 128,            # mtil/src/args.py:12 (--batch-size-eval): one choice per batch
+        ddas_reference: str | None = None,  # the reference's AE0: TinyImageNet (train_full_shot...sh:22-33)
+        ddas_reference_steps: int = 1000,   # train_full_shot...sh:27 (--iterations 1000)
+        ddas_alexnet_weights: str | None = None,  # None: torchvision's ImageNet weights (AutoEncoder.py:145-147)
+        label_smoothing: float = 0.2,     # train_full_shot...sh:58 (--ls 0.2)
+    ) -> None:
         super().__init__(label_smoothing=label_smoothing)
-        for key, value in (("experts", experts), ("top_k", top_k), ("bottleneck", bottleneck)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MethodConfigError(f"{key} must be a positive integer, got {value!r}")
+        _check_counts(experts=experts, top_k=top_k, bottleneck=bottleneck, ddas_steps=ddas_steps,
+                      ddas_batch=ddas_batch, ddas_reference_steps=ddas_reference_steps)
         if top_k > experts:
             raise MethodConfigError(f"top_k ({top_k}) cannot exceed experts ({experts})")
         if isinstance(frozen_per_task, bool) or not isinstance(frozen_per_task, int) or frozen_per_task < 0:
             raise MethodConfigError(f"frozen_per_task must be an integer >= 0, got {frozen_per_task!r}")
+        if not float(ddas_threshold) > 0.0:
+            raise MethodConfigError(f"ddas_threshold must be a positive number, got {ddas_threshold!r}")
+        if ddas and not router_per_task:
+            raise MethodConfigError("DDAS picks a task's router, but router_per_task: false shares one "
+                                    "router; set ddas: false (as MoE-Adapters' class-incremental setup)")
+        _check_paths(ddas_reference, ddas_alexnet_weights)
         self.experts, self.top_k, self.bottleneck = experts, top_k, bottleneck
-        self.frozen_per_task = frozen_per_task
-        if isinstance(ddas_steps, bool) or not isinstance(ddas_steps, int) or ddas_steps < 1:
-            raise MethodConfigError(f"ddas_steps must be a positive integer, got {ddas_steps!r}")
-        if not 0.0 < float(ddas_quantile) <= 1.0:
-            raise MethodConfigError(f"ddas_quantile must lie in (0, 1], got {ddas_quantile}")
-        self.ddas, self.ddas_steps, self.ddas_quantile = bool(ddas), ddas_steps, float(ddas_quantile)
+        self.frozen_per_task, self.router_per_task = frozen_per_task, bool(router_per_task)
+        self.eval_noise, self.ddas, self.ddas_steps = bool(eval_noise), bool(ddas), ddas_steps
+        self.ddas_threshold, self.ddas_batch = float(ddas_threshold), ddas_batch
+        self.ddas_reference, self.ddas_reference_steps = ddas_reference, ddas_reference_steps
+        self.ddas_alexnet_weights = None if ddas_alexnet_weights is None else str(ddas_alexnet_weights)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"eval_noise": self.eval_noise, "ddas_threshold": self.ddas_threshold,
+                "ddas_batch": self.ddas_batch, "ddas_alexnet_weights": self.ddas_alexnet_weights}
 
     def prepare_student(self, student: nn.Module, parts: str) -> None:
         add_adapters(student, {"kind": "moe", "experts": self.experts, "top_k": self.top_k,
                                "bottleneck": self.bottleneck, "routers": 0,
-                               "towers": TOWERS_OF_PARTS[parts], "ddas": self.ddas, "ddas_tasks": 0})
-        for mixture in mixtures(student):
-            mixture.add_router()
-        adapter_recipe(student)["routers"] += 1
+                               "towers": TOWERS_OF_PARTS[parts], "ddas": self.ddas, "ddas_tasks": 0,
+                               "ddas_reference": 0, **self._settings()})
+        recipe = adapter_recipe(student)
+        recipe.update(self._settings())  # a continued model takes this run's settings
+        configure_mixtures(student, recipe)
+        if self.router_per_task or not recipe["routers"]:
+            for mixture in mixtures(student):
+                mixture.add_router()
+            recipe["routers"] += 1
+        if self.ddas:  # fail now, not after the task's training, when AlexNet cannot be had
+            alexnet_conv5(self.ddas_alexnet_weights)
 
     def after_task(self, task: TaskContext, student: nn.Module) -> None:
         with torch.no_grad():
@@ -358,19 +359,45 @@ class MoEAdapters(FineTuning):
             self._fit_task_selector(task, student)
 
     def _fit_task_selector(self, task: TaskContext, student: nn.Module) -> None:
-        """One more autoencoder, for this task's images; its threshold from their errors."""
+        """The reference autoencoder (once, if asked for), then one for this task's images."""
         images = task.train_images
         if images is None or task.preprocess is None:
             raise ValueError("moe_adapters with ddas needs the task's training images in TaskContext")
-        with torch.no_grad(), evaluation_mode(student):
-            features = torch.cat([
-                frozen_image_features(student.visual, task.preprocess(pixels))
-                for _, pixels in images.arrays(np.arange(len(images)), 256, "ddas features")
-            ]).float()
-        selector = student.visual.task_selector
-        autoencoder = selector.add_task()
-        fit_autoencoder(autoencoder, features, self.ddas_steps, seed=task.task_index)
-        with torch.no_grad():
-            errors = selector.errors(features)[:, -1]
-            selector.thresholds[-1] = torch.quantile(errors, self.ddas_quantile)
-        adapter_recipe(student)["ddas_tasks"] += 1
+        selector, recipe = student.visual.task_selector, adapter_recipe(student)
+        if self.ddas_reference is not None and selector.reference is None:
+            reference = TaskImages(training_source(image_folder_index(self.ddas_reference)), images.clip,
+                                   images.progress)
+            _fit(selector.add_reference(task.device), selector, reference, task.preprocess,
+                 self.ddas_reference_steps, task.seed)
+            recipe["ddas_reference"] = 1
+        _fit(selector.add_task(task.device), selector, images, task.preprocess, self.ddas_steps, task.seed)
+        recipe["ddas_tasks"] += 1
+
+
+DDAS_TRAIN_BATCH = 64  # mtil/src/args.py:11 (--batch-size default) for the autoencoders too
+
+
+def _fit(autoencoder: nn.Module, selector: TaskSelector, images: TaskImages,
+         preprocess: Callable[[np.ndarray], torch.Tensor], steps: int, seed: int) -> None:
+    """Train ``autoencoder`` on ``steps`` batches of 64 of ``images``: AlexNet codes of the
+    un-augmented images (the reference reads its train transform's crops)."""
+    rows = training_rows(len(images), steps, DDAS_TRAIN_BATCH, seed)
+    arrays = images.arrays(np.concatenate(rows), DDAS_TRAIN_BATCH, "ddas")
+    codes = (selector.codes(preprocess(chunk)) for _, chunk in arrays)
+    fit_autoencoder(autoencoder, regroup(codes, [len(batch) for batch in rows]),
+                    math.ceil(len(images) / DDAS_TRAIN_BATCH))
+
+
+def _check_counts(**counts: Any) -> None:
+    for key, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MethodConfigError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _check_paths(reference: str | None, weights: str | None) -> None:
+    if reference is not None and not Path(reference).is_dir():
+        raise MethodConfigError(f"ddas_reference '{reference}' is not a folder; give an image folder "
+                                "(one folder per class, e.g. TinyImageNet's train/) or null for none")
+    if weights is not None and not Path(weights).is_file():
+        raise MethodConfigError(f"ddas_alexnet_weights '{weights}' is not a file; give an AlexNet state dict "
+                                "saved with torch.save, or null for torchvision's ImageNet weights")

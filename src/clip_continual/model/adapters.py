@@ -38,14 +38,16 @@ class AdapterKind:
 
     add: Callable[[nn.Module, dict[str, Any]], None]
     parameters: Callable[[nn.Module], list[nn.Parameter]]
+    settings: tuple[str, ...] = ()  # recipe entries that may change between tasks
 
 
 ADAPTER_KINDS: dict[str, AdapterKind] = {}
 
 
 def register_adapter_kind(name: str, add: Callable[[nn.Module, dict[str, Any]], None],
-                          parameters: Callable[[nn.Module], list[nn.Parameter]]) -> None:
-    ADAPTER_KINDS[name] = AdapterKind(add, parameters)
+                          parameters: Callable[[nn.Module], list[nn.Parameter]],
+                          settings: tuple[str, ...] = ()) -> None:
+    ADAPTER_KINDS[name] = AdapterKind(add, parameters, tuple(settings))
 
 
 def adapter_kind(name: Any) -> AdapterKind:
@@ -93,10 +95,24 @@ def add_adapters(model: nn.Module, recipe: dict[str, Any]) -> nn.Module:
 
 
 def _structure(recipe: dict[str, Any]) -> dict[str, Any]:
-    """What must match for a model's adapters to continue under a recipe (a MoE model gains
-    routers task by task)."""
+    """What must match for a model's adapters to continue under a recipe: all but the kind's
+    settings (a MoE model gains routers task by task)."""
+    settings = adapter_kind(recipe.get("kind")).settings
     return {key: list(value) if key == "towers" else value
-            for key, value in recipe.items() if key not in ("routers", "ddas_tasks")}
+            for key, value in recipe.items() if key not in settings}
+
+
+ROUTING_ATTRIBUTE = "task_selector"
+
+
+def image_routing(model: nn.Module) -> Any | None:
+    """The module that picks a task for each chunk of images (MoE-Adapters' DDAS), when the
+    model carries one that knows a task; else None. Its protocol: ``routes()`` lists the routes
+    an image may take, ``text_route(model, route)`` is a context in which the text tower
+    encodes as that route does, and after an image forward ``last_routes`` holds each image's
+    route. Evaluation encodes class texts per route and scores each image against its route's."""
+    routing = getattr(getattr(model, "visual", None), ROUTING_ATTRIBUTE, None)
+    return routing if routing is not None and routing.active else None
 
 
 def adapter_parameters(model: nn.Module, towers: tuple[str, ...] | list[str]) -> list[nn.Parameter]:
