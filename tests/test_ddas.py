@@ -163,8 +163,12 @@ def test_missing_alexnet_weights_fail_before_training_with_both_fixes(small, mon
     method = get_method("moe_adapters", experts=4, bottleneck=8)  # ddas on by default
     with pytest.raises(DDASError, match="could not download.*run once online.*ddas_alexnet_weights"):
         method.prepare_student(small.clone().model, "wm")
+    missing = get_method("moe_adapters", ddas_alexnet_weights=str(tmp_path / "missing.pt"))  # built: no file read
     with pytest.raises(MethodConfigError, match="ddas_alexnet_weights .* is not a file"):
-        get_method("moe_adapters", ddas_alexnet_weights=str(tmp_path / "missing.pt"))
+        missing.check_files()  # a benchmark's input check, before its data is prepared
+    with pytest.raises(MethodConfigError, match="ddas_reference .* is not a folder"):
+        get_method("moe_adapters", ddas_reference=str(tmp_path / "tiny")).check_files()
+    get_method("moe_adapters", ddas=False, ddas_reference=str(tmp_path / "tiny")).check_files()  # unused
 
 
 def _write_folder(root, rng):

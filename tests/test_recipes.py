@@ -143,11 +143,12 @@ def _recipe_command(monkeypatch, *args: str):
     return CliRunner().invoke(cli, ["recipe", *args], catch_exceptions=False)
 
 
-def test_kedro_recipe_prints_each_value_with_its_file(monkeypatch):
+def test_kedro_recipe_prints_each_value_with_its_file(monkeypatch, tmp_path):
     result = _recipe_command(monkeypatch, "--pipeline", "mtil_order1", "--method", "zscl", "--json",
-                             "--params", "mtil_order1.continual_learning.training.lr=0.001")
+                             "--params", "mtil_order1.continual_learning.training.lr=0.001",
+                             "--output", str(tmp_path / "recipe.json"))
     assert result.exit_code == 0, result.output
-    shown = json.loads(result.output)
+    shown = json.loads((tmp_path / "recipe.json").read_text())
     assert (shown["benchmark"], shown["method"]) == ("mtil_order1", "zscl")
     aircraft = shown["tasks"][0]
     assert aircraft["task"] == "aircraft"

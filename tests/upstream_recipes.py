@@ -65,6 +65,12 @@ _MOE_MTIL = {
     "method.bottleneck": (64, "MoE mtil/clip/adapter.py Linear(d, 64)"),
     "method.frozen_per_task": (2, "MoE mtil/src/models/finetune.py torch.topk(choose_map, 2)"),
     "method.ddas": (True, "MoE mtil/scripts/test/Full_Shot_order1.sh --autorouter"),
+    "method.ddas_threshold": (0.0655, "MoE train_full_shot ... threshold=(655e-4 ...) line 13"),
+    "method.ddas_batch": (128, "MoE mtil/src/args.py --batch-size-eval 128"),
+    "method.ddas_steps": (300, "MoE train_full_shot ... AE --iterations 300"),
+    "method.ddas_reference": ("data/01_raw/tiny-imagenet-200/train", "MoE train_full_shot ... AE0 on TinyImagenet"),
+    "method.router_per_task": (True, "MoE mtil/clip/model.py: one router per task"),
+    "method.eval_noise": (False, "MoE mtil/clip/model.py: noise only with --is_train"),
     "seed": (42, "MoE mtil/src/args.py --seed 42"),
 }
 
@@ -108,6 +114,7 @@ def _moe_cifar(batch: int) -> dict:
         "method.router_per_task": (False, "MoE cil/clip/model.py: one router, global_taskid 0"),
         "method.frozen_per_task": (0, "MoE issue #14: no frozen experts in CIL"),
         "method.ddas": (False, "MoE cil/: no DDAS in CIL"),
+        "method.eval_noise": (True, "MoE cil/clip/model.py: the gate's is_train is fixed at construction"),
     }
 
 

@@ -18,6 +18,7 @@ import click
 from kedro.framework.cli.project import run as kedro_run
 from kedro.framework.cli.utils import _split_params
 
+from clip_continual.files import atomic_write
 from clip_continual.runtime import tracking
 
 TRACEBACK_ENV = "CLIP_CONTINUAL_TRACEBACK"
@@ -85,7 +86,10 @@ def _exit_code(error: BaseException) -> int:
               help="As for `kedro run`: key=value pairs, e.g. mtil_order1.continual_learning.training.lr=1e-4.")
 @click.option("--env", "-e", default=None, help="Kedro configuration environment (default: local).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: benchmark, method, tasks with settings and sources.")
-def recipe(benchmark: str | None, method: str | None, params: dict, env: str | None, as_json: bool) -> None:
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Write to this file instead (stdout also carries Kedro's log lines).")
+def recipe(benchmark: str | None, method: str | None, params: dict, env: str | None, as_json: bool,
+           output: str | None) -> None:
     """Every training and method setting each task of a benchmark uses, and the file and key
     (or default, or --params) each comes from; runs nothing and opens no MLflow run."""
     from clip_continual.runtime import recipe_report
@@ -96,9 +100,9 @@ def recipe(benchmark: str | None, method: str | None, params: dict, env: str | N
     name = benchmark or DEFAULT_BENCHMARK
     if name not in BENCHMARKS:
         raise click.BadParameter(f"no benchmark '{name}'; known: {', '.join(sorted(BENCHMARKS))}", param_hint="--pipeline")
-    loader, folders = _config_loader(env, params)
-    with warnings.catch_warnings():  # OmegaConf's deprecation notices would garble --json
+    with warnings.catch_warnings():  # OmegaConf's deprecation notices, not the user's concern here
         warnings.simplefilter("ignore", UserWarning)
+        loader, folders = _config_loader(env, params)
         parameters, defaults = loader["parameters"], _base_parameters(loader)
     try:
         check_parameters({**parameters, **({"method": method} if method else {})}, defaults)
@@ -107,16 +111,22 @@ def recipe(benchmark: str | None, method: str | None, params: dict, env: str | N
         raise click.ClickException(str(error)) from None
     located = recipe_report.parameter_files(folders, loader.config_patterns["parameters"], folders[0].parents[1])
     resolved = recipe_report.with_files(resolved, located)
-    click.echo(recipe_report.as_json(resolved) if as_json else recipe_report.as_text(resolved))
+    shown = recipe_report.as_json(resolved) if as_json else recipe_report.as_text(resolved)
+    if output is None:
+        click.echo(shown)
+    else:
+        atomic_write(output, lambda handle: handle.write((shown + "\n").encode()))
 
 
 def _config_loader(env: str | None, runtime_params: dict):
     """The project's configuration loader (conf/base, then the environment, then ``--params``)
     and its folders in merge order, without a Kedro session: nothing is tracked or written."""
     from kedro.framework.project import settings
+    from kedro.framework.startup import bootstrap_project
     from kedro.utils import find_kedro_project
 
     project = find_kedro_project(Path.cwd()) or Path.cwd()
+    bootstrap_project(project)  # the project's settings (its config loader), as `kedro` does
     conf = project / settings.CONF_SOURCE
     args = dict(settings.CONFIG_LOADER_ARGS)
     env = env or args.get("default_run_env") or "local"

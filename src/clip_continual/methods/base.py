@@ -271,6 +271,10 @@ class ContinualMethod(ABC):
     def hyper_parameters(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.hyper_parameter_names() if hasattr(self, name)}
 
+    def check_files(self) -> None:
+        """Raise one clear error when a file or folder the method's options name is missing;
+        called before a benchmark prepares its data. Default: the method reads none."""
+
     def prepare_student(self, student: nn.Module, parts: str) -> None:
         """Change the student's architecture before its parameters are chosen for training
         (e.g. add adapters, ``model.adapters``); ``parts`` is the loop's setting."""

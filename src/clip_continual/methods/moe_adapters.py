@@ -322,13 +322,18 @@ class MoEAdapters(FineTuning):
         if ddas and not router_per_task:
             raise MethodConfigError("DDAS picks a task's router, but router_per_task: false shares one "
                                     "router; set ddas: false (as MoE-Adapters' class-incremental setup)")
-        _check_paths(ddas_reference, ddas_alexnet_weights)
         self.experts, self.top_k, self.bottleneck = experts, top_k, bottleneck
         self.frozen_per_task, self.router_per_task = frozen_per_task, bool(router_per_task)
         self.eval_noise, self.ddas, self.ddas_steps = bool(eval_noise), bool(ddas), ddas_steps
         self.ddas_threshold, self.ddas_batch = float(ddas_threshold), ddas_batch
         self.ddas_reference, self.ddas_reference_steps = ddas_reference, ddas_reference_steps
         self.ddas_alexnet_weights = None if ddas_alexnet_weights is None else str(ddas_alexnet_weights)
+
+    def check_files(self) -> None:
+        """The reference folder and the AlexNet weights DDAS reads (downloaded now when online)."""
+        if self.ddas:
+            _check_paths(self.ddas_reference, self.ddas_alexnet_weights)
+            alexnet_conv5(self.ddas_alexnet_weights)
 
     def _settings(self) -> dict[str, Any]:
         return {"eval_noise": self.eval_noise, "ddas_threshold": self.ddas_threshold,
@@ -347,7 +352,7 @@ class MoEAdapters(FineTuning):
                 mixture.add_router()
             recipe["routers"] += 1
         if self.ddas:  # fail now, not after the task's training, when AlexNet cannot be had
-            alexnet_conv5(self.ddas_alexnet_weights)
+            self.check_files()
 
     def after_task(self, task: TaskContext, student: nn.Module) -> None:
         with torch.no_grad():

@@ -18,7 +18,6 @@ from kedro_mlflow.io.catalog.switch_catalog_logging import switch_catalog_loggin
 from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
 
 from clip_continual.files import check_writable
-from clip_continual.methods import METHODS, effective_alpha
 from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import check_model_source
 from clip_continual.runtime import tracking
@@ -152,23 +151,27 @@ class MlflowTrackingHook(MlflowHook):
         tracking.mark_experiment_kind(uri, experiment)
         tracking.close_abandoned_runs(uri, experiment)
 
-    def _alpha(self) -> Any:
-        method = self._params.get("method")
-        alpha = (self._params.get("continual_learning") or {}).get("alpha")
-        return effective_alpha(method, alpha) if method in METHODS else alpha
-
-    def _run_name(self, run_params: dict[str, Any], pipeline) -> str:
-        seed = self._params.get("seed")
+    def _recipe(self, run_params: dict[str, Any], pipeline):
+        """The resolved settings of the benchmark in force (None without a continual sequence):
+        the run's name, tags and params all come from them."""
         if not any("training" in node.tags for node in pipeline.nodes):
-            return run_name("+".join(run_params.get("pipeline_names") or ["__default__"]), seed=seed)
-        return run_name(_benchmark_of(run_params.get("pipeline_names")), self._params.get("method"),
-                        self._alpha(), seed, self._overrides)
+            return None
+        benchmark = BENCHMARKS[_benchmark_of(run_params.get("pipeline_names"))]
+        return resolve_recipe(benchmark, self._params, overrides=self._params.get(RUNTIME_OVERRIDES))
+
+    def _run_name(self, run_params: dict[str, Any], recipe) -> str:
+        if recipe is None:
+            pipelines = "+".join(run_params.get("pipeline_names") or ["__default__"])
+            return run_name(pipelines, seed=self._params.get("seed"))
+        settings = recipe.tasks[0].settings
+        return run_name(recipe.benchmark, recipe.method, settings.get("alpha"), settings["seed"], self._overrides)
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         self.run_id = None  # a hook outlives its session (notebooks, tests): never reopen an old run
+        recipe = self._recipe(run_params, pipeline) if self._enabled else None
         if self._enabled:
-            self.mlflow_config.tracking.run.name = self._run_name(run_params, pipeline)
+            self.mlflow_config.tracking.run.name = self._run_name(run_params, recipe)
             super().before_pipeline_run(run_params, pipeline, catalog)
         self._is_mlflow_enabled = self._enabled and self._is_mlflow_enabled
         if not self._is_mlflow_enabled:
@@ -178,17 +181,17 @@ class MlflowTrackingHook(MlflowHook):
 
         self._signals = tracking.guard_interruptions()
         tracking.rename_session_tag(self.run_id)
+        method = self._params.get("method", "unknown")
+        alpha = recipe.tasks[0].settings.get("alpha") if recipe else None
         mlflow.set_tags({
             "benchmark": _benchmark_of(run_params.get("pipeline_names")),
-            "method": self._params.get("method", "unknown"),
-            tracking.VARIANT_TAG: tracking.variant_label(self._params.get("method", "unknown"), self._alpha(),
-                                                         self._overrides),
+            "method": method,
+            tracking.VARIANT_TAG: tracking.variant_label(method, alpha, self._overrides),
             "run_key": current_run_key(),
             **tracking.run_identity_tags(),
         })
-        if any("training" in node.tags for node in pipeline.nodes):
-            benchmark = BENCHMARKS[_benchmark_of(run_params.get("pipeline_names"))]
-            tracking.log_recipe(resolve_recipe(benchmark, self._params, overrides=self._params.get(RUNTIME_OVERRIDES)))
+        if recipe is not None:
+            tracking.log_recipe(recipe)
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:

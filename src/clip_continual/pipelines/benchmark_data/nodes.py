@@ -105,7 +105,7 @@ def check_inputs(
     then the reference set's source. A bad input raises one error naming the file or setting
     and how to fix it."""
     for task in benchmark.task_names:
-        task_recipe(method, continual, seed, benchmark, task, overrides).training_config()
+        task_recipe(method, continual, seed, benchmark, task, overrides).training_config().build_method().check_files()
     LoaderConfig.from_params(loader)
     ShardSettings(**preparation)
     resolve_pretrained(_spec(model), setting=f"{benchmark.params}.model")
