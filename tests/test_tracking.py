@@ -212,16 +212,13 @@ def test_metric_history_groups_every_finite_number_at_its_step():
     }
 
 
-def test_parameters_to_log_leave_out_tracking_and_what_the_method_does_not_use():
-    inputs = {"params:continual_learning": {"alpha": 1.0, "teacher": "auto",
-                                            "methods": {"ewc": {"penalty": 1.0}, "imm": {"weight": 0.6}}},
-              "params:tracking": {"log_every": 1}, "params:method": "ft", "model": object()}
-    logged = parameters_to_log(inputs, "ft")
-    assert logged["params:continual_learning"] == {"teacher": "auto", "methods": {}}
-    assert parameters_to_log(inputs, "ewc")["params:continual_learning"]["methods"] == {"ewc": {"penalty": 1.0}}
-    assert "params:tracking" not in logged and logged["params:method"] == "ft"
-    assert parameters_to_log(inputs, "vr_lwf")["params:continual_learning"]["alpha"] == 1.0
-    assert inputs["params:continual_learning"]["alpha"] == 1.0  # the node's own inputs untouched
+def test_parameters_to_log_leave_out_tracking_and_the_raw_continual_blocks():
+    """The continual_learning blocks are logged resolved, as the recipe (``recipe.*``)."""
+    inputs = {"params:continual_learning": {"alpha": 1.0}, "params:mtil_order1.continual_learning": {"alpha": 2},
+              "params:tracking": {"log_every": 1}, "params:runtime_overrides": {}, "params:method": "ft",
+              "params:mtil_order1.model": {"architecture": "ViT-B-16"}, "model": object()}
+    assert set(parameters_to_log(inputs)) == {"params:method", "params:mtil_order1.model", "model"}
+    assert "params:continual_learning" in inputs  # the node's own inputs untouched
 
 
 def test_tracking_uri_prefers_config_then_environment_then_project(monkeypatch, tmp_path):

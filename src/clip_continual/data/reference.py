@@ -268,14 +268,14 @@ class ReferenceStream:
         return len(self.index)
 
     def step_rows(self, seed: int, step: int, count: int) -> np.ndarray:
-        """The rows of 1-based ``step``: a pure function of (seed, step, count)."""
+        """The rows of the loop's ``step`` (>= 0): a pure function of (seed, step, count)."""
         count = min(count, len(self))
         per_pass = len(self) // count
-        rounds, position = divmod(step - 1, per_pass)
+        rounds, position = divmod(step, per_pass)
         order = _permutation(seed, rounds, len(self))
         return order[position * count:(position + 1) * count]
 
-    def batches(self, seed: int, count: int, first_step: int = 1):
+    def batches(self, seed: int, count: int, first_step: int = 0):
         """``(step, rows, uint8 images)`` for steps ``first_step``, ``first_step + 1``, ..."""
         images = StreamedImages(IndexImages(self.index), self.loader)
         step = first_step
