@@ -47,11 +47,28 @@ def test_a_dataset_with_the_published_counts_is_ok_and_a_changed_pinned_split_is
     counts = check.COUNTERS["eurosat"](need)
     table = {("eurosat", s): check.Published(counts[s], counts[f"classes:{s}"], 6, "fixture") for s in ("train", "test")}
     monkeypatch.setattr(check, "published_counts", lambda: table)
+    monkeypatch.setattr(check, "pinned_splits", dict)  # the fixture's few files are not the real list
     line = check.check_dataset(need)
     assert line.ok and "train 24, test 6" in line.text and "split lists sha256" in line.text
     monkeypatch.setattr(check, "pinned_splits", lambda: {("eurosat", "test"): (6, "0" * 64)})
     line = check.check_dataset(need)
     assert not line.ok and "test file list differs from the pinned one" in line.text
+
+
+def test_the_real_eurosat_file_names_give_the_pinned_splits(tmp_path):
+    """EuroSAT RGB's files are <Class>/<Class>_<n>.jpg; both derived splits of the real names (the
+    paper's last 500 per class, ZSCL's seeded 80/20) must equal the pinned lists."""
+    counts = {"AnnualCrop": 3000, "Forest": 3000, "HerbaceousVegetation": 3000, "Highway": 2500, "Industrial": 2500,
+              "Pasture": 2000, "PermanentCrop": 2500, "Residential": 3000, "River": 2500, "SeaLake": 3000}
+    folder = tmp_path / "eurosat" / "2750"
+    for name, count in counts.items():
+        (folder / name).mkdir(parents=True)
+        for n in range(1, count + 1):
+            (folder / name / f"{name}_{n}.jpg").touch()
+    paper = check.check_dataset(check.needs(["eurosat_train", "eurosat_test"], {"eurosat_root": str(folder)})[0])
+    mtil = check.check_dataset(check.needs(["mtil_eurosat_train", "mtil_eurosat_test"], {"root": str(tmp_path)})[0])
+    assert paper.ok, paper.text
+    assert "differs from the pinned" not in mtil.text, mtil.text
 
 
 def test_the_papers_eurosat_is_counted_per_class(tmp_path):
