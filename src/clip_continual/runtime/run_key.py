@@ -21,10 +21,12 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Parameters that change how a run is shown or where it is tracked, not what it computes.
+# Parameters that change how a run is shown, where it is tracked or what it runs on, not what it
+# computes (at any depth, so every benchmark's block too). ``distributed`` only splits the same
+# global batch over workers: a run resumed with another worker count reuses its finished tasks.
 # The command line's --params are already in the values they change.
 NON_SCIENTIFIC_KEYS = frozenset({"progress", "device", "log_every", "tracking", "compare", "reporting",
-                                 "runtime_overrides"})
+                                 "runtime_overrides", "distributed", "pin_memory", "persistent_workers"})
 DEFAULT_RUN_KEY = "default"
 
 _current: str | None = None
