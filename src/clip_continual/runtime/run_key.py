@@ -34,20 +34,32 @@ _current_source: str | None = None
 
 
 def _scientific(value: Any) -> Any:
+    """``value`` without the keys above, at any depth; a block left empty goes too (a
+    ``--params <block>.distributed.workers=2`` under a block conf/ does not have changes nothing)."""
     if isinstance(value, dict):
-        return {k: _scientific(v) for k, v in sorted(value.items()) if k not in NON_SCIENTIFIC_KEYS}
+        kept = {k: _scientific(v) for k, v in sorted(value.items()) if k not in NON_SCIENTIFIC_KEYS}
+        return {k: v for k, v in kept.items() if v != {}}
     if isinstance(value, (list, tuple)):
         return [_scientific(v) for v in value]
     return value
 
 
-def _only_the_run_method(params: dict[str, Any]) -> dict[str, Any]:
-    """Drop the other methods' options (``continual_learning.methods``): they change nothing here."""
-    continual = params.get("continual_learning")
+def _own_method_only(continual: Any, method: Any) -> Any:
     if not isinstance(continual, dict) or not isinstance(continual.get("methods"), dict):
-        return params
-    own = {k: v for k, v in continual["methods"].items() if k == params.get("method")}
-    return {**params, "continual_learning": {**continual, "methods": own}}
+        return continual
+    return {**continual, "methods": {k: v for k, v in continual["methods"].items() if k == method}}
+
+
+def _only_the_run_method(params: dict[str, Any]) -> dict[str, Any]:
+    """Drop the other methods' options (``<block>.methods`` of every ``continual_learning``
+    block, the named benchmarks' included): they change nothing here."""
+    method, trimmed = params.get("method"), dict(params)
+    if "continual_learning" in params:
+        trimmed["continual_learning"] = _own_method_only(params["continual_learning"], method)
+    for name, block in params.items():
+        if isinstance(block, dict) and isinstance(block.get("continual_learning"), dict):
+            trimmed[name] = {**block, "continual_learning": _own_method_only(block["continual_learning"], method)}
+    return trimmed
 
 
 def compute_run_key(params: dict[str, Any]) -> str:

@@ -120,9 +120,10 @@ def planned_runs(variants: Sequence[Variant], seeds: Sequence[int], common: dict
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds repeat: {list(seeds)}")
     benchmark = benchmark or benchmark_in_force(None)
-    return [merge_params(place_for(benchmark, merge_params(common or {}, variant.params), defaults or {}),
-                         merge_params({"method": variant.method}, _tree(seed_path_of(benchmark), int(seed))))
-            for seed in seeds for variant in variants]
+    common = place_for(benchmark, common or {}, defaults or {})
+    placed = [merge_params(common, place_for(benchmark, variant.params, defaults or {})) for variant in variants]
+    return [merge_params(overrides, merge_params({"method": variant.method}, _tree(seed_path_of(benchmark), int(seed))))
+            for seed in seeds for variant, overrides in zip(variants, placed)]
 
 
 def describe(run: Mapping[str, Any], benchmark: Benchmark) -> str:
