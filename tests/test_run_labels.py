@@ -16,7 +16,7 @@ from clip_continual.runtime import sweep
 from clip_continual.runtime.benchmarks import BENCHMARKS
 from clip_continual.runtime.recipe import RUNTIME_OVERRIDES, block_path_of, lookup, resolve_recipe, seed_path_of
 from clip_continual.runtime.results import choose_results, log_grouping, trained_seed
-from clip_continual.runtime.run_key import compute_run_key
+from clip_continual.runtime.run_key import compute_run_key, run_name_of
 from clip_continual.runtime.tracking import variant_label, variant_overrides
 from project_helpers import REPO_ROOT
 
@@ -25,14 +25,6 @@ from project_helpers import REPO_ROOT
 def parameters():
     """(the project's parameters, those of conf/base alone)."""
     return sweep.sweep_parameters(REPO_ROOT, "base")
-
-
-def _hook(params, overrides=None):
-    from clip_continual.pipelines.hooks import MlflowTrackingHook
-
-    hook = MlflowTrackingHook()
-    hook._params, hook._overrides = params, overrides or {}
-    return hook
 
 
 def _alpha_in_conf(params, benchmark, method):
@@ -54,7 +46,7 @@ def test_run_name_and_logged_params_are_the_benchmarks_own(parameters, name):
     recipe = resolve_recipe(benchmark, base, "lwf")
     logged = recipe.params_to_log()
     assert (logged["benchmark"], logged["method"], logged["alpha"], logged["seed"]) == (name, "lwf", alpha, seed)
-    assert _hook(base)._run_name({"pipeline_names": [name]}, recipe) == f"{name}/lwf/alpha={alpha}/seed={seed}"
+    assert run_name_of(recipe, [name], base) == f"{name}/lwf/alpha={alpha}/seed={seed}"
     assert variant_label("lwf", logged["alpha"], {}) == f"lwf (alpha={alpha})"
 
 
@@ -62,7 +54,7 @@ def test_the_issues_examples_are_labelled_as_they_train(parameters):
     _, base = parameters
     for name, alpha, seed in (("eurosat_mst", 2.0, 10), ("coco_mst", 0.5, 10)):
         recipe = resolve_recipe(BENCHMARKS[name], base, "lwf")
-        assert _hook(base)._run_name({"pipeline_names": [name]}, recipe) == f"{name}/lwf/alpha={alpha}/seed={seed}"
+        assert run_name_of(recipe, [name], base) == f"{name}/lwf/alpha={alpha}/seed={seed}"
         assert {k: recipe.params_to_log()[k] for k in ("alpha", "seed")} == {"alpha": alpha, "seed": seed}
 
 
@@ -81,9 +73,9 @@ def test_a_sweep_sets_the_seed_and_overrides_where_the_benchmark_reads_them(para
         recipe = resolve_recipe(eurosat, params, overrides=run)
         assert {t.settings["seed"] for t in recipe.tasks} == {seed}
         assert {t.settings["training.steps"] for t in recipe.tasks} == {2}
-        hook = _hook(params, variant_overrides(run, base, method))
+        overrides = variant_overrides(run, base, method)  # what the tracking hook names a variant by
         alpha = "/alpha=0.5" if method == "vr_lwf" else ""
-        assert hook._run_name({"pipeline_names": ["eurosat_mst"]}, recipe) == (
+        assert run_name_of(recipe, ["eurosat_mst"], params, overrides) == (
             f"eurosat_mst/{method}{alpha}/eurosat_mst.steps=2/seed={seed}")  # the setting the sweep changed
     # The embedded default reads the top-level seed.
     assert sweep.planned_runs([sweep.Variant("ft")], [1], None, BENCHMARKS["digits_mst"], base) == [

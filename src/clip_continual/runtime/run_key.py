@@ -157,3 +157,14 @@ def run_name(what: str, method: str | None = None, alpha: Any = None, seed: Any 
              *(f"{key}={value}" for key, value in sorted((settings or {}).items())),
              None if seed is None else f"seed={seed}"]
     return "/".join(str(part) for part in parts if part is not None)
+
+
+def run_name_of(recipe: Any, pipeline_names: list[str] | None, params: dict[str, Any],
+                overrides: dict[str, Any] | None = None) -> str:
+    """The name of a run: from its resolved ``recipe`` (``runtime/recipe.py``), so the benchmark
+    in force's alpha and seed, never the shared top-level ones; without a continual sequence
+    (``recipe`` None), its pipelines and the top-level seed of ``params``."""
+    if recipe is None:
+        return run_name("+".join(pipeline_names or ["__default__"]), seed=params.get("seed"))
+    settings = recipe.tasks[0].settings
+    return run_name(recipe.benchmark, recipe.method, settings.get("alpha"), settings["seed"], overrides)
