@@ -118,10 +118,10 @@ def choose_results(client: Any, runs: list[Any]) -> tuple[dict[tuple[str, str], 
 def log_grouping(kept: dict[tuple[str, str], Any], left_out: list[tuple[Any, str]]) -> None:
     """Which runs make each row of the comparison, and which were left out and why."""
     rows: dict[str, list[str]] = {}
-    for (variant, seed), run in kept.items():
+    for (variant, seed), run in sorted(kept.items(), key=lambda item: (item[0][0], item[0][1].rjust(12))):
         rows.setdefault(variant, []).append(f"seed {seed}: {_label(run)}")
-    for variant, members in sorted(rows.items()):
-        logger.info("compare: row '%s' averages %d run(s): %s", variant, len(members), "; ".join(sorted(members)))
+    for variant, members in rows.items():
+        logger.info("compare: row '%s' averages %d run(s): %s", variant, len(members), "; ".join(members))
     for run, reason in left_out:
         logger.warning("compare: left out run %s: %s", _label(run), reason)
 
