@@ -150,14 +150,6 @@ def test_the_seed_a_run_trained_with_is_its_benchmarks():
     assert trained_seed(_run("d", trained=None, benchmark="digits_mst", params={"seed": "2"})) == "2"
 
 
-def test_compare_refuses_a_mean_over_runs_that_share_a_seed():
-    from clip_continual.evaluation import reporting
-
-    runs = [{"method": "lwf", "seed": 10, "ut_acc": 0.5}, {"method": "lwf", "seed": 10, "ut_acc": 0.7}]
-    with pytest.raises(ValueError, match=r"lwf \(seed 10\).*no mean over runs that share a seed"):
-        reporting.comparison_table(runs)
-
-
 # --- run keys: the science, not the workers or the device ---------------------------------------
 
 @pytest.mark.parametrize("name", ["digits_mst", "eurosat_mst", "mtil_order1"])
