@@ -137,7 +137,7 @@ def test_comparison_over_seeds_gives_mean_sample_std_and_count():
     assert np.isnan(table.loc["vr_lwf", "ut_acc_std"])
     per_run = reporting.comparison_runs_table(runs)
     assert per_run[["method", "seed"]].values.tolist() == [["ft", 0], ["vr_lwf", 0], ["ft", 1], ["ft", 2]]
-    with pytest.raises(ValueError, match=r"ft \(seed 1\)"):
+    with pytest.raises(ValueError, match=r"ft \(seed 1\).* no mean over runs that share a seed"):
         reporting.comparison_table(runs + [{"method": "ft", "seed": 1}])
     figure = reporting.comparison_figure(reporting.comparison_table(runs))
     bars = [c for c in figure.axes[0].containers if c.has_xerr or c.has_yerr]

@@ -127,7 +127,8 @@ def _comparison_rows(runs: Sequence[dict[str, Any]]) -> pd.DataFrame:
     keys = [(str(run["method"]), run.get("seed")) for run in runs]
     repeated = sorted({f"{m} (seed {s})" if s is not None else m for m, s in keys if keys.count((m, s)) > 1})
     if repeated:
-        raise ValueError(f"{repeated} appear twice; give each run a distinct name (e.g. 'vr_lwf a=2') or seed")
+        raise ValueError(f"{repeated} appear twice: no mean over runs that share a seed; give each run a "
+                         f"distinct name (e.g. 'vr_lwf a=2') or seed, or keep only the newest of each seed")
     rows = [{"method": method, "seed": seed, **{key: _number(run.get(key)) for key in COMPARISON_METRICS}}
             for (method, seed), run in zip(keys, runs)]
     return pd.DataFrame(rows, columns=["method", "seed", *COMPARISON_METRICS])
@@ -144,6 +145,8 @@ def comparison_table(runs: Sequence[dict[str, Any]]) -> pd.DataFrame:
     for a single seed). NaN where a run lacks a metric (it is left out of that metric's mean).
 
     Each run is a flat dict with a 'method' name, optionally a 'seed', and its final metrics.
+    Two runs of one method and seed are an error, not a flagged row: they are one sample
+    repeated, and their mean and standard deviation would pass for a spread over seeds.
     """
     rows = _comparison_rows(runs)
     grouped = rows.groupby("method", sort=False)[list(COMPARISON_METRICS)]

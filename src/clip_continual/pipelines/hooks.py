@@ -25,7 +25,7 @@ from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
 from clip_continual.runtime.data_commands import check_before_run
 from clip_continual.runtime.recipe import RUNTIME_OVERRIDES, resolve_recipe
 from clip_continual.runtime.run_key import (
-    compute_run_key, compute_source_key, current_run_key, run_name, set_current_run_key,
+    compute_run_key, compute_source_key, current_run_key, run_name_of, set_current_run_key,
     set_current_source_key,
 )
 from clip_continual.runtime.schema import check_parameters
@@ -160,11 +160,7 @@ class MlflowTrackingHook(MlflowHook):
         return resolve_recipe(benchmark, self._params, overrides=self._params.get(RUNTIME_OVERRIDES))
 
     def _run_name(self, run_params: dict[str, Any], recipe) -> str:
-        if recipe is None:
-            pipelines = "+".join(run_params.get("pipeline_names") or ["__default__"])
-            return run_name(pipelines, seed=self._params.get("seed"))
-        settings = recipe.tasks[0].settings
-        return run_name(recipe.benchmark, recipe.method, settings.get("alpha"), settings["seed"], self._overrides)
+        return run_name_of(recipe, run_params.get("pipeline_names"), self._params, self._overrides)
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:

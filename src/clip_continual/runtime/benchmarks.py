@@ -227,3 +227,12 @@ def _cifar100(steps: int) -> Benchmark:
 
 BENCHMARKS.update({b.name: b for b in (_mtil("order1"), _mtil("order2"))})
 BENCHMARKS.update({b.name: b for b in (_cifar100(steps) for steps in class_incremental.STEP_COUNTS)})
+
+
+def benchmark_in_force(pipeline_names: list[str] | tuple[str, ...] | None) -> Benchmark:
+    """The benchmark a run of ``pipeline_names`` trains on: the first that names one, else the
+    embedded default (``__default__``, ``continual_learning``, ...)."""
+    for name in pipeline_names or ["__default__"]:
+        if name in BENCHMARKS:
+            return BENCHMARKS[name]
+    return BENCHMARKS[DEFAULT_BENCHMARK]

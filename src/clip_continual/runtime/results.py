@@ -1,6 +1,7 @@
 """Which MLflow runs are results: FINISHED with every step's metrics (an interrupted, failed,
-still running or incomplete run is skipped, with a warning why), the newest per method variant
-and seed, with their final metrics and what their tasks cost; ``compare`` reads them.
+still running or incomplete run is left out, with a warning why), the newest per method variant
+and the seed it trained with, with their final metrics and what their tasks cost; ``compare``
+reads them and logs which runs make each row.
 
 Plain functions, no Kedro import.
 """
@@ -72,11 +73,75 @@ def task_costs(client: Any, run_id: str) -> dict[str, float | None]:
             "wall_time_per_task_s": sum(seconds) / len(seconds) if seconds else None}
 
 
+def trained_seed(run: Any) -> str | None:
+    """The seed ``run`` trained with: its recipe's (``recipe.seed``); for a run logged before
+    runs stated it, the seed parameter its benchmark read (``<benchmark>.seed`` for a named
+    one, the top-level ``seed`` for the embedded default); None when it does not say."""
+    from clip_continual.runtime.benchmarks import BENCHMARKS
+    from clip_continual.runtime.recipe import seed_path_of
+
+    params = run.data.params
+    if f"{RECIPE_PREFIX}seed" in params:
+        return params[f"{RECIPE_PREFIX}seed"]
+    benchmark = BENCHMARKS.get(run.data.tags.get("benchmark"))
+    return params.get(seed_path_of(benchmark) if benchmark else "seed")
+
+
+def _label(run: Any) -> str:
+    return f"{run.info.run_id} ({run.info.run_name})"
+
+
+def choose_results(client: Any, runs: list[Any]) -> tuple[dict[tuple[str, str], Any], list[tuple[Any, str]]]:
+    """From ``runs`` (newest first): the newest result per variant and seed, and every run left
+    out with why. An older run of a variant and seed already kept is left out: two runs of one
+    seed are one sample repeated, and averaging them would pass for a spread over seeds."""
+    kept: dict[tuple[str, str], Any] = {}
+    left_out: list[tuple[Any, str]] = []
+    for run in runs:
+        variant, seed = _variant(run), trained_seed(run)
+        if variant is None:
+            left_out.append((run, "no method tag (not a continual run)"))
+        elif seed is None:
+            left_out.append((run, f"{variant}: does not say which seed it trained with (no {RECIPE_PREFIX}seed)"))
+        elif (variant, seed) in kept:
+            newer = kept[variant, seed].info.run_id
+            left_out.append((run, f"older duplicate of {variant}, seed {seed}: run {newer} is the newer one"))
+        else:
+            reason = why_not_a_result(client, run)
+            if reason:
+                left_out.append((run, f"{variant}, seed {seed}: {reason}"))
+            else:
+                kept[variant, seed] = run
+    return kept, left_out
+
+
+def log_grouping(kept: dict[tuple[str, str], Any], left_out: list[tuple[Any, str]]) -> None:
+    """Which runs make each row of the comparison, and which were left out and why."""
+    rows: dict[str, list[str]] = {}
+    for (variant, seed), run in sorted(kept.items(), key=lambda item: (item[0][0], item[0][1].rjust(12))):
+        rows.setdefault(variant, []).append(f"seed {seed}: {_label(run)}")
+    for variant, members in rows.items():
+        logger.info("compare: row '%s' averages %d run(s): %s", variant, len(members), "; ".join(members))
+    for run, reason in left_out:
+        logger.warning("compare: left out run %s: %s", _label(run), reason)
+
+
+def _row(client: Any, variant: str, seed: str, run: Any) -> dict[str, Any]:
+    return {
+        "method": variant,
+        "seed": int(seed) if seed.lstrip("-").isdigit() else seed,
+        "run_id": run.info.run_id,
+        **{name: run.data.metrics.get(metric_name(name)) for name in FINAL_METRICS},
+        **task_costs(client, run.info.run_id),
+    }
+
+
 def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) -> list[dict[str, Any]]:
-    """The newest complete FINISHED run per method variant and seed (of ``benchmark``, if given),
-    with its final metrics and seed. Each alpha of a method that has one is its own variant, e.g.
-    ``vr_lwf (alpha=1.0)``, so a sweep does not hide the default run. Newer runs that are not
-    results (interrupted, failed, still running, incomplete) are skipped, with a warning why."""
+    """The newest complete FINISHED run per method variant and the seed it trained with (of
+    ``benchmark``, if given), with its final metrics and seed. Each alpha of a method that has
+    one is its own variant, e.g. ``vr_lwf (alpha=1.0)``, so a sweep does not hide the default
+    run. Logs which runs make each row and which were left out and why (not finished,
+    incomplete, an older duplicate of the same variant and seed, no seed)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -88,28 +153,13 @@ def latest_finished_runs(uri: str, experiment_name: str, benchmark: str | None) 
     query = f"tags.benchmark = '{benchmark}'" if benchmark else ""
     runs = client.search_runs([experiment.experiment_id], filter_string=query,
                               order_by=["attributes.start_time DESC"])
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
-    for run in runs:
-        variant = _variant(run)
-        seed = run.data.params.get(f"{RECIPE_PREFIX}seed", run.data.params.get("seed", ""))  # the seed it trained with
-        if variant is None or (variant, seed) in latest:
-            continue
-        reason = why_not_a_result(client, run)
-        if reason:
-            logger.warning("compare: skipped run %s (%s, seed %s, %s): %s", run.info.run_id, variant,
-                           seed, run.info.run_name, reason)
-            continue
-        latest[variant, seed] = {
-            "method": variant,
-            "seed": int(seed) if seed.lstrip("-").isdigit() else seed,
-            "run_id": run.info.run_id,
-            **{name: run.data.metrics.get(metric_name(name)) for name in FINAL_METRICS},
-            **task_costs(client, run.info.run_id),
-        }
-    if not latest:
+    kept, left_out = choose_results(client, runs)
+    log_grouping(kept, left_out)
+    if not kept:
         raise NoRunsToCompare(
             f"experiment '{experiment_name}' has no complete finished runs"
             + (f" of benchmark '{benchmark}'" if benchmark else "")
             + ": run e.g. `kedro run --params method=ft` and `kedro run --params method=vr_lwf` first"
         )
-    return sorted(latest.values(), key=lambda row: (row["method"], str(row["seed"]).rjust(12)))
+    rows = [_row(client, variant, seed, run) for (variant, seed), run in kept.items()]
+    return sorted(rows, key=lambda row: (row["method"], str(row["seed"]).rjust(12)))

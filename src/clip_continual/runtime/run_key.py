@@ -21,10 +21,12 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Parameters that change how a run is shown or where it is tracked, not what it computes.
+# Parameters that change how a run is shown, where it is tracked or what it runs on, not what it
+# computes (at any depth, so every benchmark's block too). ``distributed`` only splits the same
+# global batch over workers: a run resumed with another worker count reuses its finished tasks.
 # The command line's --params are already in the values they change.
 NON_SCIENTIFIC_KEYS = frozenset({"progress", "device", "log_every", "tracking", "compare", "reporting",
-                                 "runtime_overrides"})
+                                 "runtime_overrides", "distributed", "pin_memory", "persistent_workers"})
 DEFAULT_RUN_KEY = "default"
 
 _current: str | None = None
@@ -32,20 +34,32 @@ _current_source: str | None = None
 
 
 def _scientific(value: Any) -> Any:
+    """``value`` without the keys above, at any depth; a block left empty goes too (a
+    ``--params <block>.distributed.workers=2`` under a block conf/ does not have changes nothing)."""
     if isinstance(value, dict):
-        return {k: _scientific(v) for k, v in sorted(value.items()) if k not in NON_SCIENTIFIC_KEYS}
+        kept = {k: _scientific(v) for k, v in sorted(value.items()) if k not in NON_SCIENTIFIC_KEYS}
+        return {k: v for k, v in kept.items() if v != {}}
     if isinstance(value, (list, tuple)):
         return [_scientific(v) for v in value]
     return value
 
 
-def _only_the_run_method(params: dict[str, Any]) -> dict[str, Any]:
-    """Drop the other methods' options (``continual_learning.methods``): they change nothing here."""
-    continual = params.get("continual_learning")
+def _own_method_only(continual: Any, method: Any) -> Any:
     if not isinstance(continual, dict) or not isinstance(continual.get("methods"), dict):
-        return params
-    own = {k: v for k, v in continual["methods"].items() if k == params.get("method")}
-    return {**params, "continual_learning": {**continual, "methods": own}}
+        return continual
+    return {**continual, "methods": {k: v for k, v in continual["methods"].items() if k == method}}
+
+
+def _only_the_run_method(params: dict[str, Any]) -> dict[str, Any]:
+    """Drop the other methods' options (``<block>.methods`` of every ``continual_learning``
+    block, the named benchmarks' included): they change nothing here."""
+    method, trimmed = params.get("method"), dict(params)
+    if "continual_learning" in params:
+        trimmed["continual_learning"] = _own_method_only(params["continual_learning"], method)
+    for name, block in params.items():
+        if isinstance(block, dict) and isinstance(block.get("continual_learning"), dict):
+            trimmed[name] = {**block, "continual_learning": _own_method_only(block["continual_learning"], method)}
+    return trimmed
 
 
 def compute_run_key(params: dict[str, Any]) -> str:
@@ -143,3 +157,14 @@ def run_name(what: str, method: str | None = None, alpha: Any = None, seed: Any 
              *(f"{key}={value}" for key, value in sorted((settings or {}).items())),
              None if seed is None else f"seed={seed}"]
     return "/".join(str(part) for part in parts if part is not None)
+
+
+def run_name_of(recipe: Any, pipeline_names: list[str] | None, params: dict[str, Any],
+                overrides: dict[str, Any] | None = None) -> str:
+    """The name of a run: from its resolved ``recipe`` (``runtime/recipe.py``), so the benchmark
+    in force's alpha and seed, never the shared top-level ones; without a continual sequence
+    (``recipe`` None), its pipelines and the top-level seed of ``params``."""
+    if recipe is None:
+        return run_name("+".join(pipeline_names or ["__default__"]), seed=params.get("seed"))
+    settings = recipe.tasks[0].settings
+    return run_name(recipe.benchmark, recipe.method, settings.get("alpha"), settings["seed"], overrides)

@@ -14,7 +14,9 @@ from clip_continual.runtime.tracking import probe_store
 
 
 def compare_methods(params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Figure]:
-    """Mean and standard deviation over seeds per method, every run's own row, and the plot."""
+    """Mean and standard deviation over seeds per method variant, every run's own row, and the
+    plot; the log says which runs make each row and which were left out and why
+    (``runtime/results.py``)."""
     # The store of conf/<env>/mlflow.yml, set up by kedro-mlflow when the session started.
     uri = mlflow.get_tracking_uri()
     probe_store(uri)
