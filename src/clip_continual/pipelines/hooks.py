@@ -20,7 +20,7 @@ from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
 from clip_continual.files import check_writable
 from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import check_model_source
-from clip_continual.runtime import tracking
+from clip_continual.runtime import store_lock, tracking
 from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
 from clip_continual.runtime.data_commands import check_before_run
 from clip_continual.runtime.recipe import RUNTIME_OVERRIDES, resolve_recipe
@@ -133,6 +133,7 @@ class MlflowTrackingHook(MlflowHook):
         self._overrides: dict[str, Any] = {}
         self._enabled = True
         self._signals: Any = None
+        self._store_busy: Exception | None = None
 
     @hook_impl
     def after_context_created(self, context) -> None:
@@ -144,12 +145,25 @@ class MlflowTrackingHook(MlflowHook):
         # every run's setting.
         self._overrides = tracking.variant_overrides(getattr(context.config_loader, "runtime_params", None) or {},
                                                      _base_parameters(context), self._params.get("method"))
-        tracking.probe_store(_configured_store(context))
+        store = _configured_store(context)
+        tracking.probe_store(store)
+        self._store_busy = None
+        try:  # before kedro-mlflow first opens the store (and creates its tables)
+            store_lock.acquire(store)
+        except store_lock.StoreLockedError as error:
+            if not store_lock.store_exists(store):
+                raise  # two first runs: the other one is creating MLflow's tables
+            self._store_busy = error  # refused in before_pipeline_run unless it only reads (compare)
         tracking.end_run_left_open("KILLED")  # one this process left open (interrupted in-process)
         super().after_context_created(context)
         uri, experiment = self.mlflow_config.server.mlflow_tracking_uri, self.mlflow_config.tracking.experiment.name
         tracking.mark_experiment_kind(uri, experiment)
         tracking.close_abandoned_runs(uri, experiment)
+
+    def _opens_run(self, run_params: dict[str, Any]) -> bool:
+        """As kedro-mlflow decides: not when every pipeline run is in `disable_tracking`."""
+        disabled = self.mlflow_config.tracking.disable_tracking.pipelines
+        return not all(name in disabled for name in run_params.get("pipeline_names") or ["__default__"])
 
     def _recipe(self, run_params: dict[str, Any], pipeline):
         """The resolved settings of the benchmark in force (None without a continual sequence):
@@ -169,6 +183,10 @@ class MlflowTrackingHook(MlflowHook):
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         self.run_id = None  # a hook outlives its session (notebooks, tests): never reopen an old run
+        if self._enabled and not self._opens_run(run_params):
+            store_lock.release_all()  # compare only reads: it neither waits for nor blocks a run
+        elif self._enabled and self._store_busy is not None:
+            raise self._store_busy
         recipe = self._recipe(run_params, pipeline) if self._enabled else None
         if self._enabled:
             self.mlflow_config.tracking.run.name = self._run_name(run_params, recipe)
@@ -208,6 +226,7 @@ class MlflowTrackingHook(MlflowHook):
         super().after_pipeline_run(run_params, pipeline, catalog)
         tracking.restore_signals(self._signals)
         self._signals = None
+        store_lock.release_all()
 
     @hook_impl
     def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -215,6 +234,7 @@ class MlflowTrackingHook(MlflowHook):
             super().on_pipeline_error(error, run_params, pipeline, catalog)  # ends the run FAILED
         tracking.restore_signals(self._signals)
         self._signals = None
+        store_lock.release_all()
 
 
 def _untrack(pipeline, catalog) -> None:
