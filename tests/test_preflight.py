@@ -61,3 +61,14 @@ def test_a_second_run_on_the_same_store_fails_at_once_naming_the_other(tmp_path,
 def test_only_a_local_sqlite_store_is_locked():
     assert store_lock.lock_path("http://127.0.0.1:5000") is None
     assert store_lock.lock_path("mlruns") is None
+
+
+def test_an_unwritable_artifact_store_is_found_before_the_run(tmp_path):
+    from clip_continual.runtime.tracking import TrackingStoreError, check_artifact_location, default_artifact_location
+
+    (tmp_path / "mlartifacts").write_text("a file where the artifacts' folder belongs")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(TrackingStoreError, match=r"artifacts cannot be written to '.*mlartifacts'"):
+        check_artifact_location(default_artifact_location(uri))
+    (tmp_path / "mlartifacts").unlink()
+    check_artifact_location(default_artifact_location(uri))  # a folder that can be made is fine

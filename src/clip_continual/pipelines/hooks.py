@@ -158,6 +158,7 @@ class MlflowTrackingHook(MlflowHook):
         super().after_context_created(context)
         uri, experiment = self.mlflow_config.server.mlflow_tracking_uri, self.mlflow_config.tracking.experiment.name
         tracking.mark_experiment_kind(uri, experiment)
+        tracking.probe_artifact_store(uri, experiment)
         tracking.close_abandoned_runs(uri, experiment)
 
     def _opens_run(self, run_params: dict[str, Any]) -> bool:
