@@ -72,3 +72,58 @@ def test_an_unwritable_artifact_store_is_found_before_the_run(tmp_path):
         check_artifact_location(default_artifact_location(uri))
     (tmp_path / "mlartifacts").unlink()
     check_artifact_location(default_artifact_location(uri))  # a folder that can be made is fine
+
+
+@pytest.fixture(scope="module")
+def defaults():
+    import warnings
+
+    from kedro.config import OmegaConfigLoader
+
+    from project_helpers import REPO_ROOT
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dict(OmegaConfigLoader(str(REPO_ROOT / "conf"), base_env="base", default_run_env="base")["parameters"])
+
+
+def test_an_offline_mtil_run_without_data_lists_every_missing_input_at_once(defaults, tmp_path, monkeypatch):
+    import copy
+
+    from kedro.io import DataCatalog
+    from kedro.pipeline import Node, Pipeline
+
+    from clip_continual.pipelines import hooks
+    from clip_continual.runtime.preflight import PreflightError
+
+    params = copy.deepcopy(defaults)
+    params["mtil_order1"]["model"]["pretrained"] = str(tmp_path / "ViT-B-16.bin")
+    params["mtil_order1"]["data"]["root"] = str(tmp_path / "no_data")
+    monkeypatch.setattr(hooks, "check_parameters", lambda params, defaults: None)  # tested on its own
+    hook = hooks.SettingsCheckHook()
+    hook._params, hook._project_path = params, tmp_path
+    pipeline = Pipeline([Node(lambda: None, inputs=None, outputs="mtil_order1.pretrained_model",
+                              name="load_mtil_order1_model")])
+    with pytest.raises(PreflightError) as error:
+        hook.before_pipeline_run({"pipeline_names": ["mtil_order1"]}, pipeline, DataCatalog())
+    message = str(error.value)
+    assert "2 problems" in message and "ViT-B-16.bin' does not exist" in message
+    assert "mtil_order1.model.pretrained" in message
+    missing = [line for line in message.split(" | ") if ": no folder at " in line]
+    assert len(missing) == 11, message
+
+
+def test_the_checkpoints_must_fit_on_the_disk_before_the_run(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from clip_continual.runtime import preflight
+
+    size = preflight.model_bytes("clip-continual-micro")
+    assert 1_000_000 < size < 50_000_000  # float32 weights of the micro CLIP
+    writes = {tmp_path / "06_models" / f"task_{n}.pt": size for n in range(5)}
+    preflight.check_disk_space(writes)
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(1, 1, size))
+    with pytest.raises(OSError, match=r"5 files of about .* MB in all under .* which has .* MB free"):
+        preflight.check_disk_space(writes)

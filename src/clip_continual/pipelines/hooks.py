@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ from kedro_mlflow.io.catalog.switch_catalog_logging import switch_catalog_loggin
 from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
 
 from clip_continual.files import check_writable
+from clip_continual.io import CheckpointDataset
 from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import check_model_source
-from clip_continual.runtime import store_lock, tracking
+from clip_continual.runtime import preflight, store_lock, tracking
 from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
 from clip_continual.runtime.data_commands import check_before_run
 from clip_continual.runtime.recipe import RUNTIME_OVERRIDES, resolve_recipe
@@ -88,17 +90,41 @@ class SettingsCheckHook:
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        check_parameters(self._params, self._defaults)
-        # A start model already on disk for this source is reused without its weights (so an
-        # open_clip tag needs no network then).
-        builds_start_model = any("pretraining" in node.tags for node in pipeline.nodes)
-        if builds_start_model and not catalog.exists("pretrained_model_cache"):
-            model = self._params["model"]
-            check_model_source(ModelSpec(model["architecture"], model.get("pretrained"), model.get("cache_dir")))
-        check_writable(_output_files(pipeline, catalog, self._project_path))
-        # The cheap part of `kedro data check`: a missing dataset folder or a full disk stops the
-        # run now, not after minutes of preparing the other datasets.
-        check_before_run(self._params, run_params.get("pipeline_names"), self._project_path)
+        check_parameters(self._params, self._defaults)  # alone: the other checks read the settings
+        outputs = _output_files(pipeline, catalog, self._project_path)
+        # Every other problem in one message: an offline run without data learns all it lacks at once.
+        preflight.gather([
+            *(partial(check_model_source, spec, setting) for spec, setting in self._model_sources(pipeline, catalog)),
+            partial(check_writable, outputs),
+            # The cheap part of `kedro data check`: missing dataset folders, room to prepare them.
+            partial(check_before_run, self._params, run_params.get("pipeline_names"), self._project_path),
+            lambda: preflight.check_disk_space(self._checkpoints(pipeline, catalog)),
+        ])
+
+    def _model_sources(self, pipeline, catalog) -> list[tuple[ModelSpec, str]]:
+        """The start models the pipeline builds: the embedded default's (unless a start model for
+        this source is on disk already, reused without its weights) and each benchmark's."""
+        sources = []
+        names = {node.name for node in pipeline.nodes}
+        if any("pretraining" in node.tags for node in pipeline.nodes) and not catalog.exists("pretrained_model_cache"):
+            sources.append(("model", self._params["model"]))
+        for benchmark in BENCHMARKS.values():
+            if benchmark.params and f"load_{benchmark.name}_model" in names:
+                sources.append((f"{benchmark.params}.model", self._params[benchmark.params]["model"]))
+        return [(ModelSpec(m["architecture"], m.get("pretrained"), m.get("cache_dir")), setting)
+                for setting, m in sources]
+
+    def _checkpoints(self, pipeline, catalog) -> dict[Path, int]:
+        """The model checkpoints the pipeline writes, each the size of its architecture's weights."""
+        writes = {}
+        for name in sorted(pipeline.all_outputs()):
+            if not isinstance(catalog.get(name) if name in catalog else None, CheckpointDataset):
+                continue
+            owner = BENCHMARKS.get(name.partition(".")[0])
+            model = self._params[owner.params]["model"] if owner and owner.params else self._params["model"]
+            path = Path(str(catalog.get(name)._describe()["filepath"]))
+            writes[path if path.is_absolute() else self._project_path / path] = preflight.model_bytes(model["architecture"])
+        return writes
 
 
 def _benchmark_of(pipeline_names: list[str] | None) -> str:
