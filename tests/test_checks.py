@@ -92,6 +92,26 @@ def test_a_named_benchmark_takes_any_method_option_for_itself(defaults):
         assert expected in str(error.value)
 
 
+@pytest.mark.parametrize("dotted, overrides", [
+    ("mtil_order1.continual_learning.methods.zscl.training.lr", None),
+    ("mtil_order1.continual_learning.task_training.aircraft.lr", None),
+    ("mtil_order1.continual_learning.training.lr", {"mtil_order1": {"continual_learning": {"training": {"lr": -1}}}}),
+])
+def test_a_benchmark_setting_out_of_range_is_named_by_its_full_key(defaults, dotted, overrides):
+    params = copy.deepcopy(defaults)
+    *parents, leaf = dotted.split(".")
+    target = params
+    for key in parents:
+        target = target.setdefault(key, {})
+    target[leaf] = -1
+    params["method"] = "zscl"
+    params["runtime_overrides"] = overrides or {}
+    with pytest.raises(ParameterError) as error:
+        check_parameters(params, defaults)
+    where = f"--params {dotted}" if overrides else dotted
+    assert f"'{where}' (task " in str(error.value) and "lr must be a positive" in str(error.value)
+
+
 def test_user_keyed_blocks_take_new_keys(defaults):
     params = _changed(defaults, "prompts.cars", "a photo of a {}")
     params["continual_learning"]["training"]["method_options"] = {"label_smoothing": 0.1}

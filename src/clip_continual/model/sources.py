@@ -167,12 +167,12 @@ def require_architecture(found: str | None, requested: str, path: str | os.PathL
         )
 
 
-def check_model_source(spec: ModelSpec) -> None:
+def check_model_source(spec: ModelSpec, setting: str = "model") -> None:
     """What ``build_model`` will need, checked in a second without building anything: the
     architecture is known, the weights file exists and is readable (or the tag can be
     fetched), and one of our own checkpoints holds this architecture."""
     model_config_for(spec.architecture)
-    pretrained = resolve_pretrained(spec)
+    pretrained = resolve_pretrained(spec, setting)
     if not pretrained or not Path(pretrained).is_file():
         return
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ from kedro_mlflow.io.catalog.switch_catalog_logging import switch_catalog_loggin
 from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
 
 from clip_continual.files import check_writable
+from clip_continual.io import CheckpointDataset
 from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import check_model_source
-from clip_continual.runtime import tracking
+from clip_continual.runtime import preflight, store_lock, tracking
 from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
 from clip_continual.runtime.data_commands import check_before_run
 from clip_continual.runtime.recipe import RUNTIME_OVERRIDES, resolve_recipe
@@ -88,17 +90,41 @@ class SettingsCheckHook:
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        check_parameters(self._params, self._defaults)
-        # A start model already on disk for this source is reused without its weights (so an
-        # open_clip tag needs no network then).
-        builds_start_model = any("pretraining" in node.tags for node in pipeline.nodes)
-        if builds_start_model and not catalog.exists("pretrained_model_cache"):
-            model = self._params["model"]
-            check_model_source(ModelSpec(model["architecture"], model.get("pretrained"), model.get("cache_dir")))
-        check_writable(_output_files(pipeline, catalog, self._project_path))
-        # The cheap part of `kedro data check`: a missing dataset folder or a full disk stops the
-        # run now, not after minutes of preparing the other datasets.
-        check_before_run(self._params, run_params.get("pipeline_names"), self._project_path)
+        check_parameters(self._params, self._defaults)  # alone: the other checks read the settings
+        outputs = _output_files(pipeline, catalog, self._project_path)
+        # Every other problem in one message: an offline run without data learns all it lacks at once.
+        preflight.gather([
+            *(partial(check_model_source, spec, setting) for spec, setting in self._model_sources(pipeline, catalog)),
+            partial(check_writable, outputs),
+            # The cheap part of `kedro data check`: missing dataset folders, room to prepare them.
+            partial(check_before_run, self._params, run_params.get("pipeline_names"), self._project_path),
+            lambda: preflight.check_disk_space(self._checkpoints(pipeline, catalog)),
+        ])
+
+    def _model_sources(self, pipeline, catalog) -> list[tuple[ModelSpec, str]]:
+        """The start models the pipeline builds: the embedded default's (unless a start model for
+        this source is on disk already, reused without its weights) and each benchmark's."""
+        sources = []
+        names = {node.name for node in pipeline.nodes}
+        if any("pretraining" in node.tags for node in pipeline.nodes) and not catalog.exists("pretrained_model_cache"):
+            sources.append(("model", self._params["model"]))
+        for benchmark in BENCHMARKS.values():
+            if benchmark.params and f"load_{benchmark.name}_model" in names:
+                sources.append((f"{benchmark.params}.model", self._params[benchmark.params]["model"]))
+        return [(ModelSpec(m["architecture"], m.get("pretrained"), m.get("cache_dir")), setting)
+                for setting, m in sources]
+
+    def _checkpoints(self, pipeline, catalog) -> dict[Path, int]:
+        """The model checkpoints the pipeline writes, each the size of its architecture's weights."""
+        writes = {}
+        for name in sorted(pipeline.all_outputs()):
+            if not isinstance(catalog.get(name) if name in catalog else None, CheckpointDataset):
+                continue
+            owner = BENCHMARKS.get(name.partition(".")[0])
+            model = self._params[owner.params]["model"] if owner and owner.params else self._params["model"]
+            path = Path(str(catalog.get(name)._describe()["filepath"]))
+            writes[path if path.is_absolute() else self._project_path / path] = preflight.model_bytes(model["architecture"])
+        return writes
 
 
 def _benchmark_of(pipeline_names: list[str] | None) -> str:
@@ -133,6 +159,7 @@ class MlflowTrackingHook(MlflowHook):
         self._overrides: dict[str, Any] = {}
         self._enabled = True
         self._signals: Any = None
+        self._store_busy: Exception | None = None
 
     @hook_impl
     def after_context_created(self, context) -> None:
@@ -144,12 +171,26 @@ class MlflowTrackingHook(MlflowHook):
         # every run's setting.
         self._overrides = tracking.variant_overrides(getattr(context.config_loader, "runtime_params", None) or {},
                                                      _base_parameters(context), self._params.get("method"))
-        tracking.probe_store(_configured_store(context))
+        store = _configured_store(context)
+        tracking.probe_store(store)
+        self._store_busy = None
+        try:  # before kedro-mlflow first opens the store (and creates its tables)
+            store_lock.acquire(store)
+        except store_lock.StoreLockedError as error:
+            if not store_lock.store_exists(store):
+                raise  # two first runs: the other one is creating MLflow's tables
+            self._store_busy = error  # refused in before_pipeline_run unless it only reads (compare)
         tracking.end_run_left_open("KILLED")  # one this process left open (interrupted in-process)
         super().after_context_created(context)
         uri, experiment = self.mlflow_config.server.mlflow_tracking_uri, self.mlflow_config.tracking.experiment.name
         tracking.mark_experiment_kind(uri, experiment)
+        tracking.probe_artifact_store(uri, experiment)
         tracking.close_abandoned_runs(uri, experiment)
+
+    def _opens_run(self, run_params: dict[str, Any]) -> bool:
+        """As kedro-mlflow decides: not when every pipeline run is in `disable_tracking`."""
+        disabled = self.mlflow_config.tracking.disable_tracking.pipelines
+        return not all(name in disabled for name in run_params.get("pipeline_names") or ["__default__"])
 
     def _recipe(self, run_params: dict[str, Any], pipeline):
         """The resolved settings of the benchmark in force (None without a continual sequence):
@@ -165,6 +206,10 @@ class MlflowTrackingHook(MlflowHook):
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         self.run_id = None  # a hook outlives its session (notebooks, tests): never reopen an old run
+        if self._enabled and not self._opens_run(run_params):
+            store_lock.release_all()  # compare only reads: it neither waits for nor blocks a run
+        elif self._enabled and self._store_busy is not None:
+            raise self._store_busy
         recipe = self._recipe(run_params, pipeline) if self._enabled else None
         if self._enabled:
             self.mlflow_config.tracking.run.name = self._run_name(run_params, recipe)
@@ -204,6 +249,7 @@ class MlflowTrackingHook(MlflowHook):
         super().after_pipeline_run(run_params, pipeline, catalog)
         tracking.restore_signals(self._signals)
         self._signals = None
+        store_lock.release_all()
 
     @hook_impl
     def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -211,6 +257,7 @@ class MlflowTrackingHook(MlflowHook):
             super().on_pipeline_error(error, run_params, pipeline, catalog)  # ends the run FAILED
         tracking.restore_signals(self._signals)
         self._signals = None
+        store_lock.release_all()
 
 
 def _untrack(pipeline, catalog) -> None:

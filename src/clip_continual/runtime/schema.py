@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from typing import Any, Callable, Iterator, Mapping
 
 # Blocks whose keys are chosen by the user, not by the project (named by their last key, at any
@@ -141,11 +142,29 @@ def _check_continual_learning(params: Mapping[str, Any]) -> None:
     for benchmark in BENCHMARKS.values():
         if not isinstance(lookup(params, block_path_of(benchmark)), Mapping):
             continue
+        task = None
         try:
             for task in resolve_recipe(benchmark, params, overrides=params.get(RUNTIME_OVERRIDES)).tasks:
                 task.training_config()
         except ValueError as error:
-            raise ValueError(f"{block_path_of(benchmark)}: {error}") from error
+            where = setting_source(task, str(error)) if task is not None else None
+            raise ValueError(f"{where or block_path_of(benchmark)}: {error}") from error
+
+
+def setting_source(task: Any, message: str) -> str | None:
+    """Where the setting a recipe error names was set (``mtil_order1.continual_learning.methods.
+    zscl.training.lr`` or ``--params ...``), with the task when tasks differ; None if unknown.
+    The config dataclasses name a field by its short name (``lr must be ...``), which alone
+    does not tell the user which of the five levels of the recipe to fix."""
+    match = re.match(r"'?([A-Za-z_][\w]*)", message)
+    if match is None:
+        return None
+    word = match.group(1)
+    for key in (f"training.{word}", f"method.{word}", f"distributed.{word}", word):
+        source = task.sources.get(key)
+        if source is not None and not source.startswith("default"):
+            return f"'{source}' (task {task.task})"
+    return None
 
 
 def _check_pretraining(params: Mapping[str, Any]) -> None:

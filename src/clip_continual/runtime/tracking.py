@@ -159,6 +159,30 @@ def probe_store(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         _probe_folder(uri, Path(urlparse(uri).path if scheme else uri) / "meta.yaml")
 
 
+def probe_artifact_store(uri: str, experiment_name: str) -> None:
+    """The folder a run's artifacts go to (the experiment's, else `mlartifacts/` beside a SQLite
+    store) can be written: found now, not when the run's first report is logged at its end."""
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment_name)
+    check_artifact_location(experiment.artifact_location if experiment is not None
+                            else default_artifact_location(uri))
+
+
+def check_artifact_location(location: str | None) -> None:
+    """Raise ``TrackingStoreError`` when a local artifact location cannot be written."""
+    parsed = urlparse(location or "")
+    if parsed.scheme not in ("", "file") or not location:
+        return  # a server's or a cloud store: MLflow reports its own errors
+    from clip_continual.files import _unwritable
+
+    folder = Path(parsed.path if parsed.scheme else location)
+    reason = _unwritable(folder / "artifacts")
+    if reason:
+        raise TrackingStoreError(f"the run's artifacts cannot be written to '{folder}': {reason}; "
+                                 f"fix the folder's permissions, or {TRACKING_OFF_HINT}")
+
+
 # --- how a run ends --------------------------------------------------------------------------
 
 def status_for(error: BaseException | None) -> str:

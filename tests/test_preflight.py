@@ -1,0 +1,129 @@
+"""Checks before the first node that are not about one setting: the tracking store's lock, a
+writable artifact store, disk space for what the run writes, and every missing input in one
+message. Fast: tiny files in tmp_path, no Kedro run, no network."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from clip_continual.runtime import store_lock
+
+
+@pytest.fixture
+def no_locks_held():
+    yield
+    store_lock.release_all()
+
+
+def _hold_lock_in_another_process(lock):
+    """A process that holds the lock as a run would: its pid and command in the file."""
+    script = textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        handle = open({str(lock)!r}, "a+")
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        handle.seek(0); handle.truncate()
+        handle.write(f"{{os.getpid()}}\\nkedro run --pipelines mtil_order1\\n2026-01-01 10:00:00\\n"); handle.flush()
+        print("locked", flush=True)
+        time.sleep(60)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_run_on_the_same_store_fails_at_once_naming_the_other(tmp_path, no_locks_held):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    lock = store_lock.lock_path(uri)
+    assert lock == tmp_path / "mlflow.db.lock"
+    holder = _hold_lock_in_another_process(lock)
+    try:
+        with pytest.raises(store_lock.StoreLockedError) as error:
+            store_lock.acquire(uri)
+        message = str(error.value)
+        assert f"PID {holder.pid}" in message and "kedro run --pipelines mtil_order1" in message
+        assert "MLFLOW_TRACKING_URI" in message and "tracking.enabled=false" in message
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone (killed, its name still in the file): its lock is taken over.
+    assert store_lock.acquire(uri, command="kedro run") == lock
+    assert lock.read_text().splitlines()[:2] == [str(os.getpid()), "kedro run"]
+    assert store_lock.acquire(uri) == lock  # this process again: no-op
+    store_lock.release_all()
+    assert lock.read_text() == ""
+
+
+def test_only_a_local_sqlite_store_is_locked():
+    assert store_lock.lock_path("http://127.0.0.1:5000") is None
+    assert store_lock.lock_path("mlruns") is None
+
+
+def test_an_unwritable_artifact_store_is_found_before_the_run(tmp_path):
+    from clip_continual.runtime.tracking import TrackingStoreError, check_artifact_location, default_artifact_location
+
+    (tmp_path / "mlartifacts").write_text("a file where the artifacts' folder belongs")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(TrackingStoreError, match=r"artifacts cannot be written to '.*mlartifacts'"):
+        check_artifact_location(default_artifact_location(uri))
+    (tmp_path / "mlartifacts").unlink()
+    check_artifact_location(default_artifact_location(uri))  # a folder that can be made is fine
+
+
+@pytest.fixture(scope="module")
+def defaults():
+    import warnings
+
+    from kedro.config import OmegaConfigLoader
+
+    from project_helpers import REPO_ROOT
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dict(OmegaConfigLoader(str(REPO_ROOT / "conf"), base_env="base", default_run_env="base")["parameters"])
+
+
+def test_an_offline_mtil_run_without_data_lists_every_missing_input_at_once(defaults, tmp_path, monkeypatch):
+    import copy
+
+    from kedro.io import DataCatalog
+    from kedro.pipeline import Node, Pipeline
+
+    from clip_continual.pipelines import hooks
+    from clip_continual.runtime.preflight import PreflightError
+
+    params = copy.deepcopy(defaults)
+    params["mtil_order1"]["model"]["pretrained"] = str(tmp_path / "ViT-B-16.bin")
+    params["mtil_order1"]["data"]["root"] = str(tmp_path / "no_data")
+    monkeypatch.setattr(hooks, "check_parameters", lambda params, defaults: None)  # tested on its own
+    hook = hooks.SettingsCheckHook()
+    hook._params, hook._project_path = params, tmp_path
+    pipeline = Pipeline([Node(lambda: None, inputs=None, outputs="mtil_order1.pretrained_model",
+                              name="load_mtil_order1_model")])
+    with pytest.raises(PreflightError) as error:
+        hook.before_pipeline_run({"pipeline_names": ["mtil_order1"]}, pipeline, DataCatalog())
+    message = str(error.value)
+    assert "2 problems" in message and "ViT-B-16.bin' does not exist" in message
+    assert "mtil_order1.model.pretrained" in message
+    missing = [line for line in message.split(" | ") if ": no folder at " in line]
+    assert len(missing) == 11, message
+
+
+def test_the_checkpoints_must_fit_on_the_disk_before_the_run(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from clip_continual.runtime import preflight
+
+    size = preflight.model_bytes("clip-continual-micro")
+    assert 1_000_000 < size < 50_000_000  # float32 weights of the micro CLIP
+    writes = {tmp_path / "06_models" / f"task_{n}.pt": size for n in range(5)}
+    preflight.check_disk_space(writes)
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(1, 1, size))
+    with pytest.raises(OSError, match=r"5 files of about .* MB in all under .* which has .* MB free"):
+        preflight.check_disk_space(writes)
