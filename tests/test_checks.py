@@ -85,7 +85,8 @@ def test_a_named_benchmark_takes_any_method_option_for_itself(defaults):
     assert icarl["method.budget"] == 10000  # ZSCL's, over the class's default
     for dotted, value, expected in [
         ("mtil_order1.continual_learning.methods.icarl.budgte", 3, "did you mean 'mtil_order1.continual_learning.methods.icarl.budget'"),
-        ("mtil_order1.continual_learning.methods.icarl.budget", -3, "mtil_order1.continual_learning: budget must be"),
+        ("mtil_order1.continual_learning.methods.icarl.budget", -3,
+         "'mtil_order1.continual_learning.methods.icarl.budget' (task aircraft): budget must be"),
     ]:
         with pytest.raises(ParameterError) as error:
             check_parameters(_changed(params, dotted, value), defaults)
@@ -175,13 +176,13 @@ def test_a_wrong_architecture_checkpoint_leaves_the_original_intact(project):
 def test_an_unwritable_output_is_refused_before_the_run(project):
     import shutil
 
-    from clip_continual.files import OutputError
+    from clip_continual.runtime.preflight import PreflightError
 
     reporting = project / "data" / "08_reporting"
     shutil.rmtree(reporting)
     reporting.write_text("a file where the reports folder belongs")
     before = _data_files(project)
-    with pytest.raises(OutputError, match="08_reporting' is a file where a folder is needed"):
+    with pytest.raises(PreflightError, match="08_reporting' is a file where a folder is needed"):
         run_pipeline(project, ["digits_mst"])
     assert _data_files(project) == before
 
