@@ -269,6 +269,7 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 # Parameters that say how a run is tracked, not what it computes: not logged as run parameters.
 UNLOGGED_PARAMETERS = frozenset({"tracking", "runtime_overrides"})
 RECIPE_PREFIX = "recipe."
+NO_ALPHA = "none"  # the recipe.alpha of a method without a distillation weight (ft)
 
 
 def metric_name(name: str, group: str = CONTINUAL_GROUP) -> str:
@@ -354,6 +355,9 @@ def log_recipe(recipe: Any) -> None:
     import mlflow
 
     logged = {f"{RECIPE_PREFIX}{key}": value for key, value in recipe.params_to_log().items()}
+    # MLflow's compare plot draws a run without a numeric parameter at the top of its axis (ft at
+    # alpha 1.01): "none" makes the axis categorical, with ft apart from every weight.
+    logged.setdefault(f"{RECIPE_PREFIX}alpha", NO_ALPHA)
     items = list(logged.items())
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
         mlflow.log_params(dict(items[start:start + 100]))
@@ -432,6 +436,6 @@ def variant_overrides(params: dict[str, Any], defaults: dict[str, Any], method: 
 
 def variant_label(method: str | None, alpha: Any, overrides: dict[str, Any]) -> str | None:
     """``vr_lwf (alpha=1.0)``, ``moe_adapters (lr=0.001)``, ``ft``: one row per label in compare."""
-    settings = ([] if alpha in (None, "None", "null", "") else [f"alpha={alpha}"]) + [
+    settings = ([] if alpha in (None, "None", "null", "", NO_ALPHA) else [f"alpha={alpha}"]) + [
         f"{key}={value}" for key, value in sorted(overrides.items())]
     return f"{method} ({', '.join(settings)})" if settings and method else method
