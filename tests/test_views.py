@@ -1,0 +1,34 @@
+"""The views a researcher reads without our help: ``benchmarks/look_at_views.py`` opens the MLflow
+UI and kedro-viz of a finished project in headless Chromium and checks what the README promises.
+
+Needs playwright and a Chromium (not dependencies of the project: the ``views`` extra); without
+them the test is skipped, before any project is built, saying what is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+
+from project_helpers import REPO_ROOT
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("look_at_views", REPO_ROOT / "benchmarks" / "look_at_views.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LOOK = _script()
+MISSING = LOOK.why_not_runnable()
+
+
+@pytest.mark.skipif(MISSING is not None, reason=f"views not looked at: {MISSING}")
+def test_the_views_read_well(compared, tmp_path):
+    """Two runs (vr_lwf, then ft) and compare, in a copy (kedro-viz may write beside the project);
+    screenshots under the test's temporary folder."""
+    project = tmp_path / "project"
+    shutil.copytree(compared.path, project)
+    assert LOOK.look(project, tmp_path / "views") == []
