@@ -31,6 +31,7 @@ EXPERIMENT = "clip-continual"
 START_TIMEOUT_S = 180.0  # the MLflow UI takes ~30 s to start on 2 cores, kedro-viz as long
 WIDE = {"width": 2200, "height": 1400}  # the compare page's artifact list needs a wide window
 GROUPS = {"continual", "retrieval", "task", "train"}
+LAYERS = ("03_primary", "05_model_input", "06_models", "08_reporting")  # top to bottom
 
 
 def chromium_path() -> str | None:
@@ -167,6 +168,12 @@ def look_at_mlflow(page: Any, url: str, project: Path, out: Path, checks: Checks
 
 
 def look_at_compare(page: Any, url: str, experiment: str, runs: list[Any], out: Path, checks: Checks) -> None:
+    """Two runs of different methods, as a researcher compares them (the artifact list of
+    MLflow's compare page needs about 900 pixels per run beside it)."""
+    newest = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time, reverse=True):
+        newest.setdefault(run.data.tags.get("method"), run)
+    runs = list(newest.values())[:2]
     ids = ",".join(f'"{run.info.run_id}"' for run in runs)
     page.set_viewport_size(WIDE)
     text = _open(page, f'{url}/#/compare-runs?runs=[{ids}]&experiments=["{experiment}"]',
@@ -192,6 +199,20 @@ def look_at_viz(page: Any, url: str, out: Path, checks: Checks) -> None:
     text = _open(page, f"{url}/?pid=digits_mst&expandAllPipelines=true", out / "kedro_viz_digits_mst.png",
                  wait_ms=8000)
     checks.that("digits_mst" in text and "fine_tune" in text, "the README's kedro-viz link shows the per-task nodes")
+    _open(page, f"{url}/?pid=digits_ost", out / "kedro_viz_digits_ost.png", wait_ms=8000)
+    heights = [_top(page, layer) for layer in LAYERS]
+    drawn = [h for h in heights if h is not None]
+    checks.that(len(drawn) >= 3 and drawn == sorted(drawn), f"digits_ost's layers run down as the data flows {heights}")
+    # kedro-viz records a run's node statuses for a whole `kedro run` from the command line only.
+    text = _open(page, f"{url}/workflow", out / "kedro_viz_workflow.png", wait_ms=8000)
+    checks.that("Kedro run not found" not in text, "the workflow view shows the last `kedro run`")
+
+
+def _top(page: Any, text: str) -> float | None:
+    """Where ``text`` is drawn, from the top (None when it is not)."""
+    found = page.get_by_text(text, exact=True)
+    box = found.first.bounding_box() if found.count() else None
+    return box["y"] if box else None
 
 
 def look(project: Path, out: Path) -> list[str]:

@@ -10,6 +10,7 @@ import importlib.util
 import shutil
 
 import pytest
+import yaml
 
 from project_helpers import REPO_ROOT
 
@@ -32,3 +33,15 @@ def test_the_views_read_well(compared, tmp_path):
     project = tmp_path / "project"
     shutil.copytree(compared.path, project)
     assert LOOK.look(project, tmp_path / "views") == []
+
+
+DATA_FLOW = ["03_primary", "05_model_input", "06_models", "08_reporting"]
+
+
+def test_kedro_viz_layers_sort_in_data_flow_order():
+    """kedro-viz orders the layers that no edge orders by name (``digits_ost`` reads primary data
+    and the pretrained model side by side): numbered, their names sort as the data flows."""
+    catalog = yaml.safe_load((REPO_ROOT / "conf" / "base" / "catalog.yml").read_text())
+    layers = {entry["metadata"]["kedro-viz"]["layer"] for entry in catalog.values()
+              if isinstance(entry, dict) and "kedro-viz" in entry.get("metadata", {})}
+    assert sorted(layers) == DATA_FLOW
