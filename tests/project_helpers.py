@@ -129,11 +129,14 @@ def run_pipeline(
     ``cwd`` (default: the project folder)."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
+    from kedro.runner import SequentialRunner
 
     with _running_in(cwd or project):
         bootstrap_project(project)
         with KedroSession.create(project_path=project, runtime_params=params) as session:
-            return session.run(pipeline_names=pipelines, only_missing_outputs=only_missing_outputs)
+            # The runner `kedro run` passes: kedro-viz records a run's node statuses only then.
+            return session.run(pipeline_names=pipelines, only_missing_outputs=only_missing_outputs,
+                               runner=SequentialRunner())
 
 
 def run_folders(project: Path, layer: str = "06_models", benchmark: str = BENCHMARK) -> list[Path]:

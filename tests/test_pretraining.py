@@ -54,3 +54,15 @@ def test_continual_training_uses_the_fused_optimizer_on_cpu(micro):
     for kind in ("adam", "adamw"):
         config = TrainingConfig(method="ft", optimizer=kind, steps=1, device="cpu")
         assert build_optimizer(parameters, config).defaults["fused"] is True
+
+
+def test_a_reused_checkpoint_charges_no_pretraining_to_the_run_that_reused_it(micro):
+    from clip_continual.pipelines.pretraining import nodes
+
+    model_params, data = {"architecture": "clip-continual-micro"}, {"shapes": {}, "image_size": 32}
+    key = nodes._source_key(model_params, PretrainingConfig.from_params({**CONFIG, "seed": 0}), data)
+    cached = micro.clone()
+    cached.metadata.update({"source": key, "pretraining": {"train_seconds": 234.0}, nodes.PAID_HERE: True})
+    assert nodes.paid_costs(cached.metadata) == {"train_seconds": 234.0}  # the run that pretrained
+    reused = nodes.pretrain_clip(None, cached, model_params, CONFIG, data, 0)
+    assert reused is cached and nodes.paid_costs(reused.metadata) == {}

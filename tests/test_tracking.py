@@ -14,8 +14,9 @@ from mlflow.tracking import MlflowClient
 from clip_continual.runtime.results import NoRunsToCompare
 from clip_continual.runtime.run_key import compute_run_key
 from clip_continual.runtime.tracking import (
-    DEFAULT_STORE_FILE, BatchedMetrics, default_artifact_location, log_metrics, metric_history,
-    parameters_to_log, tracking_uri,
+    DEFAULT_STORE_FILE, HEARTBEAT_TAG, HOST_TAG, PID_TAG, BatchedMetrics, default_artifact_location,
+    final_metric_name, identity_tag, log_metrics, metric_history, parameters_to_log, step_metric_names,
+    tracking_uri,
 )
 from project_helpers import (
     BENCHMARK, REPO_ROOT, TASKS, copy_project, mlflow_runs, run_folders,
@@ -87,7 +88,7 @@ def test_the_run_logs_the_recipe_it_trained_with(finished_run):
 def test_step_metrics_are_grouped_with_one_point_per_step(finished, finished_run, client):
     table = pd.read_csv(finished / "data" / "08_reporting" / "continual_metrics.csv")
     for name in STEP_METRICS:
-        history = client.get_metric_history(finished_run.info.run_id, f"continual/{name}")
+        history = client.get_metric_history(finished_run.info.run_id, final_metric_name(name))
         assert sorted(point.step for point in history) == list(range(len(TASKS) + 1)), name
         logged = {point.step: point.value for point in history}
         for step, value in zip(table["step"], table[name]):
@@ -96,7 +97,27 @@ def test_step_metrics_are_grouped_with_one_point_per_step(finished, finished_run
     pretraining = client.get_metric_history(finished_run.info.run_id, "pretraining/zs_acc")
     assert [point.step for point in pretraining] == [0]
     # Every metric sits in a group (a section of the run page): none is a bare `zs_acc`.
-    assert {name.split("/")[0] for name in finished_run.data.metrics} == {"continual", "pretraining", "task", "train"}
+    assert {name.split("/")[0] for name in finished_run.data.metrics} == {
+        "continual", "retrieval", "pretraining", "task", "train", "cost"}
+
+
+def test_each_number_is_logged_once(finished_run):
+    """One zero-shot set, one retrieval set: ``zs_acc`` and ``retrieval/<recall>`` say it all."""
+    names = set(finished_run.data.metrics)
+    assert "continual/zs_acc" in names and "retrieval/i2t_r1" in names
+    assert not [name for name in names if name.startswith(("continual/zs_acc/", "continual/retrieval",
+                                                           "continual/i2t", "continual/t2i"))]
+    # This run pretrained: it paid for pretraining, logged as a cost, not as a quality metric.
+    assert finished_run.data.metrics["cost/pretraining_s"] > 0
+    assert not [name for name in names if "seconds" in name]
+
+
+def test_bookkeeping_tags_are_hidden(finished_run):
+    """MLflow's UI leaves out tags under ``mlflow.``: the heartbeat and process ids sit there."""
+    tags = finished_run.data.tags
+    assert {HOST_TAG, PID_TAG, HEARTBEAT_TAG} <= set(tags)
+    assert all(tag.startswith("mlflow.") for tag in (HOST_TAG, PID_TAG, HEARTBEAT_TAG))
+    assert not [tag for tag in tags if tag.startswith("clip_continual.")]
 
 
 def test_task_costs_are_logged_per_task(finished, finished_run, client):
@@ -190,7 +211,8 @@ def test_compare_tables_the_latest_run_of_each_method(compared):
     assert len(runs) == compared.runs_before_compare == 2
     assert {run.info.run_name for run in runs} == {f"{BENCHMARK}/ft/seed=0", RUN_NAME}
     ft_run = next(run for run in runs if run.data.tags["method"] == "ft")
-    assert "recipe.alpha" not in ft_run.data.params  # ft has no distillation weight
+    # ft has no distillation weight: "none", not a number MLflow's compare plot would draw at 1.01.
+    assert ft_run.data.params["recipe.alpha"] == "none"
     assert all(run.info.status == "FINISHED" for run in runs)
     assert (compared.path / DEFAULT_STORE_FILE).is_file()
     assert not (compared.path / "notebooks" / DEFAULT_STORE_FILE).exists()
@@ -210,6 +232,31 @@ def test_metric_history_groups_every_finite_number_at_its_step():
     assert metric_history(values, "continual", 3) == {
         "continual/ut_acc": {"value": 0.5, "step": 3}, "continual/learning_acc": {"value": 1.0, "step": 3},
     }
+
+
+def test_step_metric_names_keep_one_name_per_number():
+    one = {"zs_acc": 0.2, "zs_acc/shapes": 0.2, "i2t_r1": 0.4, "retrieval/coco/i2t_r1": 0.4,
+           "retrieval/flickr/i2t_r1": 0.3, "ut_acc": 0.5}
+    assert step_metric_names(one) == {"zs_acc": "continual/zs_acc", "i2t_r1": "retrieval/i2t_r1",
+                                      "retrieval/flickr/i2t_r1": "retrieval/flickr/i2t_r1",
+                                      "ut_acc": "continual/ut_acc"}
+    several = {"zs_acc": 0.3, "zs_acc/a": 0.2, "zs_acc/b": 0.4}
+    assert set(step_metric_names(several).values()) == {"continual/zs_acc", "continual/zs_acc/a",
+                                                         "continual/zs_acc/b"}
+    assert final_metric_name("t2i_r5") == "retrieval/t2i_r5" and final_metric_name("bwt") == "continual/bwt"
+
+
+def test_runs_tagged_before_the_tags_were_hidden_are_still_read():
+    assert identity_tag({"clip_continual.pid": "12"}, PID_TAG) == "12"
+    assert identity_tag({PID_TAG: "13", "clip_continual.pid": "12"}, PID_TAG) == "13"
+
+
+def test_pretraining_seconds_are_a_cost_of_the_run_that_pretrained_only():
+    from clip_continual.pipelines.pretraining.nodes import pretraining_metrics_for_mlflow
+
+    logged = pretraining_metrics_for_mlflow({"zs_acc": 0.5, "train_seconds": 12.0})
+    assert logged == {"pretraining/zs_acc": {"value": 0.5, "step": 0},
+                      "cost/pretraining_s": {"value": 12.0, "step": 0}}
 
 
 def test_parameters_to_log_leave_out_tracking_and_the_raw_continual_blocks():

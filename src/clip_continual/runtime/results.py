@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 from clip_continual.runtime.tracking import (
-    FINAL_METRICS, HEARTBEAT_TAG, RECIPE_PREFIX, TASK_GROUP, VARIANT_TAG, metric_name, process_gone,
-    variant_label,
+    FINAL_METRICS, HEARTBEAT_TAG, RECIPE_PREFIX, TASK_GROUP, VARIANT_TAG, final_metric_name,
+    identity_tag, legacy_metric_name, metric_name, process_gone, variant_label,
 )
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def why_not_a_result(client: Any, run: Any) -> str | None:
         if status == "RUNNING" and process_gone(run.data.tags):
             return "left RUNNING by a process that was killed"
         if status == "RUNNING":
-            beat = run.data.tags.get(HEARTBEAT_TAG)
+            beat = identity_tag(run.data.tags, HEARTBEAT_TAG)
             since = f", last sign of life {time.time() - float(beat):.0f} s ago" if beat else ""
             return f"still RUNNING (or killed without a trace{since})"
         return {"KILLED": "KILLED (interrupted)", "FAILED": "FAILED (stopped by an error)"}.get(status, status)
@@ -60,6 +60,11 @@ def _variant(run: Any) -> str | None:
     alpha = run.data.params.get(f"{RECIPE_PREFIX}alpha", run.data.params.get("continual_learning.alpha", "None"))
     weighted = method in METHODS and method_takes_alpha(method)
     return variant_label(method, alpha if weighted else None, {})
+
+
+def final_metric(metrics: dict[str, float], name: str) -> float | None:
+    """A run's last value of ``name``, also from runs logged under the older names."""
+    return metrics.get(final_metric_name(name), metrics.get(legacy_metric_name(name)))
 
 
 def task_costs(client: Any, run_id: str) -> dict[str, float | None]:
@@ -131,7 +136,7 @@ def _row(client: Any, variant: str, seed: str, run: Any) -> dict[str, Any]:
         "method": variant,
         "seed": int(seed) if seed.lstrip("-").isdigit() else seed,
         "run_id": run.info.run_id,
-        **{name: run.data.metrics.get(metric_name(name)) for name in FINAL_METRICS},
+        **{name: final_metric(run.data.metrics, name) for name in FINAL_METRICS},
         **task_costs(client, run.info.run_id),
     }
 

@@ -105,10 +105,11 @@ class BatchedMetrics:
 
 
 FINAL_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc", "seen_acc",
-                 "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+                 "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")  # see final_metric_name
 PROBE_TIMEOUT_S = 5.0
 VARIANT_TAG = "variant"  # what compare groups seeds by: the method and the settings it changed
-HOST_TAG, PID_TAG, HEARTBEAT_TAG = "clip_continual.host", "clip_continual.pid", "clip_continual.heartbeat"
+# Bookkeeping, not results: under ``mlflow.``, which the MLflow UI leaves out of a run's tags.
+HOST_TAG, PID_TAG, HEARTBEAT_TAG = (f"mlflow.clip_continual.{name}" for name in ("host", "pid", "heartbeat"))
 TRACKING_OFF_HINT = ("point MLFLOW_TRACKING_URI (or server.mlflow_tracking_uri in conf/<env>/mlflow.yml) "
                      "at a reachable store, or run without tracking: --params tracking.enabled=false")
 
@@ -237,6 +238,11 @@ def run_identity_tags() -> dict[str, str]:
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), HEARTBEAT_TAG: f"{time.time():.0f}"}
 
 
+def identity_tag(tags: dict[str, str], name: str) -> str | None:
+    """``tags[name]``, also from runs tagged before the tags were hidden (``clip_continual.pid``)."""
+    return tags.get(name, tags.get(name.removeprefix("mlflow.")))
+
+
 def heartbeat() -> None:
     import mlflow
 
@@ -245,9 +251,10 @@ def heartbeat() -> None:
 
 
 def process_gone(tags: dict[str, str]) -> bool:
-    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+    pid_text = identity_tag(tags, PID_TAG) or ""
+    if identity_tag(tags, HOST_TAG) != socket.gethostname() or not pid_text.isdigit():
         return False  # another machine's run: only its heartbeat tells
-    pid = int(tags[PID_TAG])
+    pid = int(pid_text)
     if pid == os.getpid():
         return False
     try:
@@ -286,11 +293,63 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 # Parameters that say how a run is tracked, not what it computes: not logged as run parameters.
 UNLOGGED_PARAMETERS = frozenset({"tracking", "runtime_overrides"})
 RECIPE_PREFIX = "recipe."
+NO_ALPHA = "none"  # the recipe.alpha of a method without a distillation weight (ft)
 
 
 def metric_name(name: str, group: str = CONTINUAL_GROUP) -> str:
     """``continual/ut_acc``: the MLflow UI shows each group (before the slash) as a section."""
-    return f"{group}/{name}"
+    return f"{group}/{name}" if group else name
+
+
+RETRIEVAL_GROUP, COST_GROUP = "retrieval", "cost"
+RETRIEVAL_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+
+
+def final_metric_name(name: str) -> str:
+    """Where a run's headline metric lives: ``retrieval/i2t_r1``, ``continual/ut_acc``."""
+    return metric_name(name, RETRIEVAL_GROUP if name in RETRIEVAL_METRICS else CONTINUAL_GROUP)
+
+
+def legacy_metric_name(name: str) -> str:
+    """The name runs logged before the retrieval group (``continual/i2t_r1``), still read."""
+    return metric_name(name, CONTINUAL_GROUP)
+
+
+def _per_set_keys(values: dict[str, Any], prefix: str, depth: int) -> dict[str, list[str]]:
+    """``{set: [keys]}`` of the per-set entries ``<prefix>/<set>[/<metric>]`` of ``values``."""
+    sets: dict[str, list[str]] = {}
+    for key in values:
+        parts = key.split("/")
+        if parts[0] == prefix and len(parts) == depth:
+            sets.setdefault(parts[1], []).append(key)
+    return sets
+
+
+def step_metric_names(values: dict[str, Any]) -> dict[str, str]:
+    """A step's evaluation keys -> one MLflow name each, none twice: headline retrieval recalls
+    as ``retrieval/<recall>`` (the suite's first retrieval set), the others as
+    ``continual/<name>``. A set's own ``zs_acc/<set>`` only beside other zero-shot sets (alone,
+    it is ``zs_acc``), a retrieval set's own recalls only for the sets after the first."""
+    zero_shot = _per_set_keys(values, "zs_acc", 2)
+    retrieval = _per_set_keys(values, "retrieval", 3)
+    repeated = set(zero_shot.get(next(iter(zero_shot)), []) if len(zero_shot) == 1 else [])
+    repeated |= set(retrieval.get(next(iter(retrieval)), []) if retrieval else [])
+    names = {}
+    for key in values:
+        if key in repeated:
+            continue
+        if key in RETRIEVAL_METRICS or key.startswith("retrieval/"):
+            names[key] = metric_name(key.removeprefix("retrieval/"), RETRIEVAL_GROUP)
+        else:
+            names[key] = metric_name(key)
+    return names
+
+
+def step_metric_history(values: dict[str, Any], step: int) -> dict[str, dict[str, float]]:
+    """``metric_history`` of a step's evaluation, under ``step_metric_names``."""
+    names = step_metric_names(values)
+    plain = metric_history({k: v for k, v in values.items() if k in names}, "", step)
+    return {names[key]: point for key, point in plain.items()}
 
 
 def metric_history(values: dict[str, Any], group: str, step: int) -> dict[str, dict[str, float]]:
@@ -320,6 +379,9 @@ def log_recipe(recipe: Any) -> None:
     import mlflow
 
     logged = {f"{RECIPE_PREFIX}{key}": value for key, value in recipe.params_to_log().items()}
+    # MLflow's compare plot draws a run without a numeric parameter at the top of its axis (ft at
+    # alpha 1.01): "none" makes the axis categorical, with ft apart from every weight.
+    logged.setdefault(f"{RECIPE_PREFIX}alpha", NO_ALPHA)
     items = list(logged.items())
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
         mlflow.log_params(dict(items[start:start + 100]))
@@ -398,6 +460,6 @@ def variant_overrides(params: dict[str, Any], defaults: dict[str, Any], method: 
 
 def variant_label(method: str | None, alpha: Any, overrides: dict[str, Any]) -> str | None:
     """``vr_lwf (alpha=1.0)``, ``moe_adapters (lr=0.001)``, ``ft``: one row per label in compare."""
-    settings = ([] if alpha in (None, "None", "null", "") else [f"alpha={alpha}"]) + [
+    settings = ([] if alpha in (None, "None", "null", "", NO_ALPHA) else [f"alpha={alpha}"]) + [
         f"{key}={value}" for key, value in sorted(overrides.items())]
     return f"{method} ({', '.join(settings)})" if settings and method else method

@@ -12,10 +12,13 @@ from clip_continual.evaluation.retrieval import evaluate_retrieval
 from clip_continual.evaluation.zero_shot import zero_shot_accuracy
 from clip_continual.model.clip import ClipModel, ModelSpec
 from clip_continual.model.sources import build_model, require_architecture
-from clip_continual.runtime.tracking import PRETRAINING_GROUP, metric_history
+from clip_continual.runtime.tracking import COST_GROUP, PRETRAINING_GROUP, metric_history
 from clip_continual.training.pretraining import PretrainingConfig, pretrain
 
 logger = logging.getLogger(__name__)
+
+PAID_HERE = "pretrained_by_this_run"  # model metadata: False when a run reused the checkpoint
+COSTS = {"train_seconds": "pretraining_s", "train_cpu_seconds": "pretraining_cpu_s"}
 
 
 def _spec(model_params: dict[str, Any]) -> ModelSpec:
@@ -57,6 +60,7 @@ def pretrain_clip(
         require_architecture(cached.spec.architecture, model_params["architecture"], "the cached start model")
     if cached is not None and cached.metadata.get("source") == key:
         logger.info("Reusing the pretrained model on disk (same settings); delete it to pretrain again.")
+        cached.metadata[PAID_HERE] = False  # its seconds were another run's
         return cached
     torch.manual_seed(seed)  # the random initialisation is part of what the seed fixes
     start = build_model(_spec(model_params))
@@ -65,7 +69,7 @@ def pretrain_clip(
         return start
     model, summary = pretrain(start, corpus, config)
     logger.info("Pretrained in %.0f s, final loss %.3f", summary["train_seconds"], summary["final_loss"])
-    model.metadata.update({"source": key, "pretraining": summary})
+    model.metadata.update({"source": key, "pretraining": summary, PAID_HERE: True})
     return model
 
 
@@ -82,14 +86,20 @@ def evaluate_pretrained(
         **evaluate_retrieval(model, retrieval_set, batch_size, device,
                              evaluation_params.get("retrieval_folds", 1)),
     }
-    summary = model.metadata.get("pretraining") or {}
-    for key in ("train_seconds", "train_cpu_seconds"):
-        if key in summary:
-            metrics[key] = summary[key]
-    return metrics
+    return metrics | paid_costs(model.metadata)
+
+
+def paid_costs(metadata: dict[str, Any]) -> dict[str, float]:
+    """What pretraining cost, for the run that pretrained only (one that reused the checkpoint
+    paid nothing; the seconds on the checkpoint are another run's)."""
+    summary = (metadata.get("pretraining") or {}) if metadata.get(PAID_HERE) else {}
+    return {key: summary[key] for key in COSTS if key in summary}
 
 
 def pretraining_metrics_for_mlflow(metrics: dict[str, float]) -> dict[str, Any]:
-    """The pretrained model's metrics as MLflow metrics ``pretraining/<name>`` at step 0 (a node
-    of its own, as the continual steps': a resumed run logs them without evaluating again)."""
-    return metric_history(metrics, PRETRAINING_GROUP, step=0)
+    """The pretrained model's metrics as MLflow metrics ``pretraining/<name>`` at step 0, its
+    seconds as ``cost/pretraining_s`` (a node of its own, as the continual steps': a resumed run
+    logs them without evaluating again)."""
+    costs = {COSTS[key]: value for key, value in metrics.items() if key in COSTS}
+    quality = {key: value for key, value in metrics.items() if key not in COSTS}
+    return metric_history(quality, PRETRAINING_GROUP, step=0) | metric_history(costs, COST_GROUP, step=0)
