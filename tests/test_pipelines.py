@@ -123,7 +123,7 @@ def test_run_key_paths_resolve_without_hooks_as_in_kedro_viz(finished, monkeypat
     assert run_key.current_run_key() == run_key.DEFAULT_RUN_KEY
 
 
-LAYERS = ("primary", "model_input", "models", "reporting")
+LAYERS = ("03_primary", "05_model_input", "06_models", "08_reporting")
 
 
 def test_every_stored_dataset_has_a_layer_and_layers_flow_one_way(finished):
