@@ -21,6 +21,7 @@ hyper-parameters), ``distributed.<field>``, ``alpha``, ``teacher``, ``seed``, ``
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, fields
 from typing import Any, Iterator, Mapping
@@ -175,8 +176,10 @@ def _command_line(overrides: Mapping[str, Any] | None, block_path: str, method: 
 
 # --- the shared and the method's defaults ---------------------------------------------------
 
+@functools.lru_cache(maxsize=None)  # read by every task of every benchmark's check: once per method
 def _defaults(method: str) -> Flat:
-    """Levels 1-2: the loop's defaults and the method's own (its authors' values)."""
+    """Levels 1-2: the loop's defaults and the method's own (its authors' values). Shared: read,
+    never changed."""
     flat: Flat = {f"training.{f.name}": (_plain(getattr(TrainingConfig, f.name, f.default)), TRAINING_DEFAULTS_SOURCE)
                   for f in fields(TrainingConfig) if f.name in _LOOP_FIELDS}
     distributed = DistributedConfig()
