@@ -117,42 +117,37 @@ def test_weight_ensemble_is_the_exact_running_mean():
     assert start["w"].tolist() == [0.0, 1.0]  # the input is left alone
 
 
-def test_zscl_hands_on_the_ensemble_of_its_steps(models, reference):
+def _ensemble_after(models, reference, steps: int, kept: tuple[int, ...]):
+    """zscl (average every 2) through ``steps`` fake optimizer steps: the weights it hands on,
+    and the one-shot mean of the start weights and those after the steps in ``kept``."""
     student, zero_shot = models
     method = get_method("zscl", average_every=2)
     task = make_task(student, zero_shot, reference, method)
     method.before_task(task)
     model = student.model
     snapshots = [model.text_projection.detach().clone()]
-    for step in range(1, 6):
+    for step in range(1, steps + 1):
         with torch.no_grad():
             model.text_projection.add_(float(step))  # what an optimizer step would do
         method.after_optimizer_step(model, step, task)
-        if step in (1, 3, 5):
+        if step in kept:
             snapshots.append(model.text_projection.detach().clone())
     method.after_task(task, model)
+    return model.text_projection, torch.stack(snapshots).mean(0)
+
+
+def test_zscl_hands_on_the_ensemble_of_its_steps(models, reference):
+    handed_on, expected = _ensemble_after(models, reference, steps=5, kept=(1, 3, 5))
     # A running mean against a one-shot mean of four float32 snapshots (|w| <= ~16): a few ulps.
-    assert torch.allclose(model.text_projection, torch.stack(snapshots).mean(0), atol=1e-5)
+    assert torch.allclose(handed_on, expected, atol=1e-5)
 
 
 def test_the_ensemble_takes_the_final_weights_where_zscl_does(models, reference):
     """ZSCL's loop runs ``range(iterations + 1)``: with 4 steps and a merge every 2 it merges after
     0-based iterations 0, 2 and 4, the last an lr-0 step that leaves the final weights. So the
     mean is start, after step 1, after step 3 and the final weights (after step 4)."""
-    student, zero_shot = models
-    method = get_method("zscl", average_every=2)
-    task = make_task(student, zero_shot, reference, method)
-    method.before_task(task)
-    model = student.model
-    snapshots = [model.text_projection.detach().clone()]
-    for step in range(1, 5):
-        with torch.no_grad():
-            model.text_projection.add_(float(step))
-        method.after_optimizer_step(model, step, task)
-        if step in (1, 3, 4):
-            snapshots.append(model.text_projection.detach().clone())
-    method.after_task(task, model)
-    assert torch.allclose(model.text_projection, torch.stack(snapshots).mean(0), atol=1e-5)
+    handed_on, expected = _ensemble_after(models, reference, steps=4, kept=(1, 3, 4))
+    assert torch.allclose(handed_on, expected, atol=1e-5)
 
 
 def test_zscl_needs_captions_and_valid_settings(models, reference):

@@ -23,7 +23,7 @@ from clip_continual.io import CheckpointDataset
 from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import check_model_source
 from clip_continual.runtime import preflight, store_lock, tracking
-from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
+from clip_continual.runtime.benchmarks import BENCHMARKS, benchmark_in_force
 from clip_continual.runtime.data_commands import check_before_run
 from clip_continual.runtime.recipe import RUNTIME_OVERRIDES, resolve_recipe
 from clip_continual.runtime.run_key import (
@@ -127,13 +127,6 @@ class SettingsCheckHook:
         return writes
 
 
-def _benchmark_of(pipeline_names: list[str] | None) -> str:
-    for name in pipeline_names or ["__default__"]:
-        if name in BENCHMARKS:
-            return name
-    return DEFAULT_BENCHMARK
-
-
 def _configured_store(context) -> str:
     """The tracking URI of conf/<env>/mlflow.yml (by default `MLFLOW_TRACKING_URI`, else the
     project's SQLite file), read before kedro-mlflow first contacts the store."""
@@ -197,7 +190,7 @@ class MlflowTrackingHook(MlflowHook):
         the run's name, tags and params all come from them."""
         if not any("training" in node.tags for node in pipeline.nodes):
             return None
-        benchmark = BENCHMARKS[_benchmark_of(run_params.get("pipeline_names"))]
+        benchmark = benchmark_in_force(run_params.get("pipeline_names"))
         return resolve_recipe(benchmark, self._params, overrides=self._params.get(RUNTIME_OVERRIDES))
 
     def _run_name(self, run_params: dict[str, Any], recipe) -> str:
@@ -225,7 +218,7 @@ class MlflowTrackingHook(MlflowHook):
         method = self._params.get("method", "unknown")
         alpha = recipe.tasks[0].settings.get("alpha") if recipe else None
         mlflow.set_tags({
-            "benchmark": _benchmark_of(run_params.get("pipeline_names")),
+            "benchmark": benchmark_in_force(run_params.get("pipeline_names")).name,
             "method": method,
             tracking.VARIANT_TAG: tracking.variant_label(method, alpha, self._overrides),
             "run_key": current_run_key(),
