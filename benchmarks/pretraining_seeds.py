@@ -44,7 +44,7 @@ def run_seed(params: dict[str, Any], seed: int) -> dict[str, float]:
     data = params["data_preparation"]
 
     def generate() -> tuple[Any, Any, Any]:
-        return (data_nodes.generate_shapes_corpus(data, seed),
+        return (data_nodes.generate_pretraining_corpus(data, seed),
                 data_nodes.generate_shapes_zero_shot_set(data, seed),
                 data_nodes.generate_shapes_retrieval_set(data, seed))
 
