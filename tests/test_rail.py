@@ -138,3 +138,15 @@ def test_a_continued_model_without_its_ridge_inverse_is_refused(micro64):
     with pytest.raises(ValueError, match=STATE_KEY):
         train(training_task(first, images.restrict_to_classes([1]), ["a", "b"], current_classes=[1],
                             config=config, method=Rail(hidden_dim=16), task_index=2))
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"variant": "kernel"}, "variant must be one of primal, dual"),
+    ({"hidden_dim": 0}, "hidden_dim must be a positive integer"),
+    ({"fusion_weight": 1.5}, r"fusion_weight must be a number in \[0, 1\]"),
+])
+def test_a_bad_option_is_refused_with_its_name(options, message):
+    from clip_continual.methods import MethodConfigError, get_method
+
+    with pytest.raises(MethodConfigError, match=message):
+        get_method("rail", **options)

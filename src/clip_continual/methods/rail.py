@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -215,6 +215,15 @@ register_adapter_kind("rail", add_classifier, lambda transformer: [], settings=S
 
 # --- the method -----------------------------------------------------------------------------
 
+def _check_number(key: str, value: Any, valid: Callable[[float], bool], what: str) -> None:
+    try:
+        ok = not isinstance(value, bool) and valid(float(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise MethodConfigError(f"{key} must be {what}, got {value!r}")
+
+
 class Rail(ContinualMethod):
     """RAIL (module docstring): no optimiser step; the loop shows every training image
     ``augmentation_time`` times (``fit_batch``) and the classifier is solved from them.
@@ -250,10 +259,8 @@ class Rail(ContinualMethod):
                 raise MethodConfigError(f"{key} must be a positive integer, got {value!r}")
         for key, value in (("regularization", regularization), ("kernel_gamma", kernel_gamma),
                            ("kernel_regularization", kernel_regularization)):
-            if isinstance(value, bool) or not float(value) > 0.0:
-                raise MethodConfigError(f"{key} must be a positive number, got {value!r}")
-        if not 0.0 <= float(fusion_weight) <= 1.0:
-            raise MethodConfigError(f"fusion_weight must lie in [0, 1], got {fusion_weight!r}")
+            _check_number(key, value, lambda number: number > 0.0, "a positive number")
+        _check_number("fusion_weight", fusion_weight, lambda number: 0.0 <= number <= 1.0, "a number in [0, 1]")
         self.variant, self.hidden_dim, self.regularization = variant, hidden_dim, float(regularization)
         self.feature_expansion, self.kernel_gamma = bool(feature_expansion), float(kernel_gamma)
         self.kernel_regularization, self.fusion_weight = float(kernel_regularization), float(fusion_weight)
