@@ -87,3 +87,24 @@ def test_adapters_and_zscl_run_one_task_through_the_pipeline(project, method):
         assert torch.equal(adapted["token_embedding.weight"], plain["token_embedding.weight"])
     evaluation = json.loads((outputs / "task_1_evaluation.json").read_text())
     assert 0.0 <= evaluation["zs_acc"] <= 1.0
+
+
+def test_rail_fits_without_gradient_steps_and_its_classifier_is_evaluated(project):
+    """RAIL on the embedded digits, all ten in one task (small expansion: seconds): no optimiser
+    step, the accuracy matrix written, the learnt digits classified well above chance (1 in 10)
+    and above the starting model, and the checkpoint loads back with its classifier."""
+    from clip_continual.io import CheckpointDataset
+    from clip_continual.model.adapters import image_classifier
+
+    run_pipeline(project, ["digits_ost"], params={
+        "method": "rail", "continual_learning": {"methods": {"rail": {"hidden_dim": 256}}}})
+    (models,) = [f for f in run_folders(project, benchmark="digits_ost") if f.name.startswith("rail-")]
+    outputs = project / "data" / "07_model_output" / "digits_ost" / models.name
+    summary = json.loads((outputs / "task_1_training.json").read_text())
+    assert summary["trainable_parameters"] == 0 and summary["epochs"] == 1.0
+    rows = json.loads((outputs / "task_1_evaluation.json").read_text())["acc_rows"]
+    assert np.asarray(rows).shape == (2, 1) and rows[1][0] > max(0.3, rows[0][0] + 0.1)
+    with np.load(outputs / "task_1_method_state.npz", allow_pickle=False) as state:
+        assert state["ridge_inverse"].shape == (256, 256)
+    model = CheckpointDataset(filepath=str(models / "task_1.pt")).load()
+    assert len(image_classifier(model.model).class_names) == 10

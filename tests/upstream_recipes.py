@@ -2,7 +2,8 @@
 (value, where upstream sets it). ``test_recipes.py`` compares the effective recipe of every pair
 with this table. A value that holds for one task only is keyed ``<task>/<setting>``.
 
-ZSCL = Thunderbeee/ZSCL (mtil/, cil/); MoE = JiazuoYu/MoE-Adapters4CL; CL-CLIP = yxding95/CL-CLIP.
+ZSCL = Thunderbeee/ZSCL (mtil/, cil/); MoE = JiazuoYu/MoE-Adapters4CL; CL-CLIP = yxding95/CL-CLIP;
+RAIL = linghan1997/Regression-based-Analytic-Incremental-Learning.
 """
 
 from __future__ import annotations
@@ -72,6 +73,22 @@ _MOE_MTIL = {
     "method.router_per_task": (True, "MoE mtil/clip/model.py: one router per task"),
     "method.eval_noise": (False, "MoE mtil/clip/model.py: noise only with --is_train"),
     "seed": (42, "MoE mtil/src/args.py --seed 42"),
+}
+
+# RAIL = linghan1997/Regression-based-Analytic-Incremental-Learning: configs/analytic_clip.yaml (X-TAIL,
+# its only config), primal_RAIL.py, dual_RAIL.py, clip/clip.py.
+_RAIL = {
+    "method.variant": ("primal", "RAIL README: python primal_RAIL.py (its first command; dual_RAIL.py the other)"),
+    "method.hidden_dim": (15000, "RAIL configs/analytic_clip.yaml hidden_dim: 15000"),
+    "method.regularization": (0.1, "RAIL configs/analytic_clip.yaml regularization: 0.1"),
+    "method.feature_expansion": (True, "RAIL configs/analytic_clip.yaml feature_expansion: 1"),
+    "method.fusion_weight": (0.8, "RAIL configs/analytic_clip.yaml fusion_weight: 0.8"),
+    "method.kernel_gamma": (0.1, "RAIL configs/analytic_clip.yaml gamma: 0.1"),
+    "method.kernel_regularization": (0.001, "RAIL dual_RAIL.py kernel_ridge_regression(lamda=0.001)"),
+    "method.projection_seed": (42, "RAIL configs/analytic_clip.yaml seed: 42"),
+    "method.augmentation_time": (1, "RAIL configs/analytic_clip.yaml augmentation_time: 1"),
+    "training.batch_size": (128, "RAIL configs/analytic_clip.yaml batch_size: 128"),
+    "training.augment": ("zscl", "RAIL clip/clip.py _transform(is_train=True): RandomResizedCrop(scale=(0.9, 1))"),
 }
 
 # ZSCL cil/configs/class/cifar100_*.yaml and cil/continual_clip/models.py (weights 5, T 2 hard-coded).
@@ -151,6 +168,8 @@ UPSTREAM: dict[str, dict[str, dict[str, tuple]]] = {
 }
 UPSTREAM["mtil_order1"]["moe_adapters"] = dict(_MOE_MTIL)
 UPSTREAM["mtil_order2"]["moe_adapters"] = dict(_MOE_MTIL)  # no order-II script: the rates go with the dataset
+UPSTREAM["mtil_order1"]["rail"] = dict(_RAIL)
+UPSTREAM["mtil_order2"]["rail"] = dict(_RAIL)
 UPSTREAM["cifar100_10steps"]["moe_adapters"] = _moe_cifar(128)
 UPSTREAM["cifar100_20steps"]["moe_adapters"] = _moe_cifar(128)
 UPSTREAM["cifar100_50steps"]["moe_adapters"] = _moe_cifar(64)

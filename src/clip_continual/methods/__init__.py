@@ -18,6 +18,7 @@ from clip_continual.methods.imm import MeanIMM
 from clip_continual.methods.lwf import LearningWithoutForgetting
 from clip_continual.methods.lwf_zscl import ZsclLwF
 from clip_continual.methods.moe_adapters import MoEAdapters
+from clip_continual.methods.rail import Rail
 from clip_continual.methods.rkr import RectifiedKnowledgeRetention
 from clip_continual.methods.vr_lwf import VocabularyReplayLwF
 from clip_continual.methods.vr_lwf_zscl import ZsclVocabularyReplay
@@ -39,6 +40,7 @@ METHODS: dict[str, type[ContinualMethod]] = {
     ICaRL.name: ICaRL,
     RectifiedKnowledgeRetention.name: RectifiedKnowledgeRetention,
     MoEAdapters.name: MoEAdapters,
+    Rail.name: Rail,
     ZeroShotContinualLearning.name: ZeroShotContinualLearning,
 }
 

@@ -132,7 +132,8 @@ class TaskContext:
     student; ``extras`` holds the named inputs a method declares in ``needs_inputs`` (e.g.
     ``reference_set``); ``previous_state`` is the arrays the method exported after the previous
     task (empty for the first task); ``seed`` is the task's seed, so that whatever a method
-    draws (replay batches) is a pure function of ``(seed, step)``.
+    draws (replay batches) is a pure function of ``(seed, step)``; ``class_names`` names every
+    class of the updated task (index = global label).
     """
 
     task_index: int
@@ -150,6 +151,7 @@ class TaskContext:
     tokenize: Callable[[list[str]], torch.Tensor] | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
     previous_state: Mapping[str, np.ndarray] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
     label_to_current: torch.Tensor = field(init=False)
     current_in_seen: torch.Tensor = field(init=False)
 
@@ -235,6 +237,11 @@ class ContinualMethod(ABC):
       needs_inputs              names of ``TaskContext.extras`` the method reads (e.g.
                                 ``reference_set``); the loop refuses to start without them
 
+    A method with ``gradient_steps = False`` (RAIL: a classifier solved in closed form on frozen
+    features) gets no optimizer and no backward: the loop shows it every training image
+    ``passes`` times, batch by batch, through ``fit_batch``, and the method writes what it
+    solved into the student in ``after_task``.
+
     Hooks around the optimizer step, in the loop's order: ``loss_terms`` -> backward ->
     (gradients unscaled) ``before_optimizer_step`` (e.g. gradient projection) -> clipping ->
     optimizer step -> ``after_optimizer_step`` (e.g. a weight ensemble). ``export_state``
@@ -249,6 +256,8 @@ class ContinualMethod(ABC):
     distills_clean_images: ClassVar[bool] = False
     needs_inputs: ClassVar[tuple[str, ...]] = ()
     replays_pairs: ClassVar[bool] = False  # its reference set must hold image-caption pairs
+    gradient_steps: ClassVar[bool] = True  # False: fit_batch instead of loss, backward and step
+    passes: int = 1  # epochs of a method without gradient steps (whatever the training length says)
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         if not 0.0 <= float(label_smoothing) < 1.0:
@@ -292,6 +301,11 @@ class ContinualMethod(ABC):
 
     def after_optimizer_step(self, student: nn.Module, step: int, task: TaskContext) -> None:
         """Called after the optimizer step (and the logit-scale clamp); ``step`` is 1-based."""
+
+    def fit_batch(self, student: nn.Module, batch: Batch, task: TaskContext) -> dict[str, float]:
+        """A method without gradient steps learns from one batch (no graph is built); returns
+        named numbers to log (their sum is logged as ``loss``)."""
+        raise NotImplementedError(f"method '{self.name}' trains by gradient steps (loss_terms)")
 
     def export_state(self) -> dict[str, np.ndarray]:
         """Arrays to hand on to the next task (stored without pickle between tasks); called

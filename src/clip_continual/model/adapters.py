@@ -7,7 +7,8 @@ the recipe to a fresh model before the weights (``checkpoints.model_from_checkpo
 adapted model loads back adapted. ``clip.set_trainable_parts`` trains only the adapters of an
 adapted model: its backbone stays bit-for-bit frozen.
 
-The kinds themselves belong to their methods (``methods/rkr.py``, ``methods/moe_adapters.py``),
+The kinds themselves belong to their methods (``methods/rkr.py``, ``methods/moe_adapters.py``,
+``methods/rail.py``),
 which register them here with ``register_adapter_kind``. Every kind adapts the residual blocks
 of the towers named by ``towers`` (``visual``, ``text``), following the towers the reference
 code adapts for its ``part`` setting (wm: both).
@@ -113,6 +114,20 @@ def image_routing(model: nn.Module) -> Any | None:
     route. Evaluation encodes class texts per route and scores each image against its route's."""
     routing = getattr(getattr(model, "visual", None), ROUTING_ATTRIBUTE, None)
     return routing if routing is not None and routing.active else None
+
+
+CLASSIFIER_ATTRIBUTE = "image_classifier"
+
+
+def image_classifier(model: nn.Module) -> Any | None:
+    """The module that classifies image features in place of the plain cosine argmax (RAIL's
+    fitted classifier fused with zero-shot CLIP), when the model carries one that learnt some
+    classes; else None. Its protocol: ``scores(image_feats, class_feats, class_names)`` gives
+    (B, C) scores of normalised image features among the candidate classes, named by
+    ``class_names`` with text features ``class_feats``. Evaluation passes the names of the
+    classes it classifies among (``evaluation.features.class_features``)."""
+    classifier = getattr(model, CLASSIFIER_ATTRIBUTE, None)
+    return classifier if classifier is not None and classifier.active else None
 
 
 def adapter_parameters(model: nn.Module, towers: tuple[str, ...] | list[str]) -> list[nn.Parameter]:

@@ -2,11 +2,11 @@
 
 ``train`` reads top to bottom: build once what the task needs (the student copy, its teacher,
 what the method sees, the optimiser), then the steps (batch -> loss terms -> backward -> clip ->
-step -> log), then hand back the trained copy with a summary. ``fine_tune`` is the same from
-plain arguments. A method (``methods/``) only turns a batch into named loss terms and may hook
-the steps. Everything that varies with the step (batch order, augmentation, the replayed
-vocabulary, the learning rate) is a pure function of ``(seed, task_index, step)``, so a step can
-be recomputed exactly.
+step -> log; a method without gradient steps fits each batch instead), then hand back the
+trained copy with a summary. ``fine_tune`` is the same from plain arguments. A method
+(``methods/``) only turns a batch into named loss terms and may hook the steps. Everything
+that varies with the step (batch order, augmentation, the replayed vocabulary, the learning
+rate) is a pure function of ``(seed, task_index, step)``, so a step can be recomputed exactly.
 
 Plain Python and PyTorch; no Kedro import.
 """
@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from clip_continual.data.loading import TrainBatch
-from clip_continual.methods.base import evaluation_mode
+from clip_continual.methods.base import Batch, ContinualMethod, TaskContext, evaluation_mode
 from clip_continual.model.clip import ClipModel, full_precision, resolve_device
 from clip_continual.training.replica import Replica
 from clip_continual.training.schedule import (
@@ -55,7 +55,8 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
     student, trainable = build_student(task, device)
     model, teacher = student.model, build_teacher(task, device)
     context = task_context(task, student, teacher, device, autocast_for(precision, device))
-    optimizer = build_optimizer(trainable, config)
+    # A method solved in closed form (RAIL) gets no optimiser: it fits each batch instead.
+    optimizer = build_optimizer(trainable, config) if method.gradient_steps else None
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_terms = replica.loss_terms(model, method, context)
     record.started(trainable, device, precision)
@@ -67,6 +68,9 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
             for step, train_batch in record.steps(task_batches(task, student, device, replica)):
                 lr = step_learning_rate(config, plan, step)
                 batch = make_batch(task, step, train_batch, device)
+                if optimizer is None:
+                    record.step(step, lr, fit_batch(method, model, batch, context))
+                    continue
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with context.autocast():
@@ -94,6 +98,14 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
         finally:
             method.after_task(context, model)
     return finish(task, student, trainable, record, device)
+
+
+def fit_batch(method: ContinualMethod, model: nn.Module, batch: Batch, context: TaskContext) -> dict[str, float]:
+    """One batch of a method without gradient steps: no graph, no step; its numbers and their
+    sum as ``loss``, logged as a step's loss terms are."""
+    with torch.no_grad(), context.autocast():
+        numbers = method.fit_batch(model, batch, context)
+    return {"loss": float(sum(numbers.values())), **numbers}
 
 
 def fine_tune(start: ClipModel, *args: Any, on_step: StepCallback | None = None,
