@@ -58,7 +58,7 @@ def test_icarl_memory_is_handed_on_within_budget_and_a_resumed_run_continues_exa
 # The parameter-efficient methods and ZSCL; small MoE settings keep it to seconds (DDAS's AlexNet
 # needs 31 px, the micro CLIP has 16: tests/test_ddas.py covers it).
 ADAPTED_OPTIONS = {"rkr": {}, "moe_adapters": {"experts": 4, "bottleneck": 8, "ddas": False},
-                   "zscl": {"average_every": 1}}
+                   "zscl": {"average_every": 1}, "lora": {"rank": 4}}
 
 
 @pytest.mark.parametrize("method", sorted(ADAPTED_OPTIONS))
@@ -81,7 +81,7 @@ def test_adapters_and_zscl_run_one_task_through_the_pipeline(project, method):
         assert adapter_recipe(model.model) is None and summary["trainable_parameters"] == total
         assert {"zscl_image", "zscl_text", "l2"} <= set(summary["final_losses"])
     else:  # the checkpoint loads back adapted, with the backbone of the pretrained model
-        assert adapter_recipe(model.model)["kind"] == {"rkr": "rkr", "moe_adapters": "moe"}[method]
+        assert adapter_recipe(model.model)["kind"] == {"rkr": "rkr", "moe_adapters": "moe", "lora": "lora"}[method]
         assert 0 < summary["trainable_parameters"] < total
         plain, adapted = pretrained.model.state_dict(), model.model.state_dict()
         assert torch.equal(adapted["token_embedding.weight"], plain["token_embedding.weight"])

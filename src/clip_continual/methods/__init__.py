@@ -15,6 +15,7 @@ from clip_continual.methods.gem import GradientEpisodicMemory
 from clip_continual.methods.geodl import GeodesicDistillation
 from clip_continual.methods.icarl import ICaRL
 from clip_continual.methods.imm import MeanIMM
+from clip_continual.methods.lora import SequentialLoRA
 from clip_continual.methods.lwf import LearningWithoutForgetting
 from clip_continual.methods.lwf_zscl import ZsclLwF
 from clip_continual.methods.moe_adapters import MoEAdapters
@@ -39,6 +40,7 @@ METHODS: dict[str, type[ContinualMethod]] = {
     ICaRL.name: ICaRL,
     RectifiedKnowledgeRetention.name: RectifiedKnowledgeRetention,
     MoEAdapters.name: MoEAdapters,
+    SequentialLoRA.name: SequentialLoRA,
     ZeroShotContinualLearning.name: ZeroShotContinualLearning,
 }
 
