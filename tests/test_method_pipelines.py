@@ -87,3 +87,22 @@ def test_adapters_and_zscl_run_one_task_through_the_pipeline(project, method):
         assert torch.equal(adapted["token_embedding.weight"], plain["token_embedding.weight"])
     evaluation = json.loads((outputs / "task_1_evaluation.json").read_text())
     assert 0.0 <= evaluation["zs_acc"] <= 1.0
+
+
+def test_condu_runs_one_task_through_the_pipeline_and_hands_on_the_pretrained_weights(project):
+    from clip_continual.io import CheckpointDataset
+    from clip_continual.model.adapters import adapter_recipe
+
+    run_pipeline(project, ["digits_ost"], params={"method": "condu"})
+    (models,) = [f for f in run_folders(project, benchmark="digits_ost") if f.name.startswith("condu-")]
+    outputs = project / "data" / "07_model_output" / "digits_ost" / models.name
+    model = CheckpointDataset(filepath=str(models / "task_1.pt")).load()
+    (start,) = (project / "data" / "06_models" / "pretrained").glob("*/model.pt")
+    pretrained = CheckpointDataset(filepath=str(start)).load().model.state_dict()
+    recipe = adapter_recipe(model.model)
+    assert recipe["kind"] == "condu" and recipe["variant"] == "full" and len(recipe["classes"]) == 1
+    state = model.model.state_dict()  # the next task starts from the pretrained weights
+    assert all(torch.equal(state[k], pretrained[k]) for k in pretrained)
+    assert state["task_experts.unified_0"].abs().sum() > 0  # ...and task 1's delta is kept
+    evaluation = json.loads((outputs / "task_1_evaluation.json").read_text())
+    assert 0.0 <= evaluation["zs_acc"] <= 1.0 and 0.0 <= evaluation["ut_acc"] <= 1.0

@@ -173,7 +173,15 @@ UPSTREAM: dict[str, dict[str, dict[str, tuple]]] = {
 }
 UPSTREAM["mtil_order1"]["moe_adapters"] = dict(_MOE_MTIL)
 UPSTREAM["mtil_order2"]["moe_adapters"] = dict(_MOE_MTIL)
-UPSTREAM["mtil_order1"]["lora"] = dict(_LORA_MTIL)  # no order-II script: the rates go with the dataset
+UPSTREAM["mtil_order1"]["lora"] = dict(_LORA_MTIL)
+_CONDU_FT_LR = dict(zip(MTIL_ORDER1, (5e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 5e-5, 1e-5, 1e-5, 1e-5)))
+UPSTREAM["mtil_order1"]["condu"] = {
+    **_CONDU_MTIL,
+    **{f"{task}/training.lr": (lr, "ConDU scripts/MTIL_FT.sh line 8") for task, lr in _CONDU_FT_LR.items()},
+    "method.variant": ("full", "ConDU scripts/MTIL_FT.sh: no --lora"),
+    "method.top_k": (4, "ConDU src/args.py --logits_num 4"),
+    "method.task_agnostic": (False, "ConDU scripts/eval_MTIL_FT.sh: --task_agnostic for unseen datasets only"),
+}  # no order-II script: the rates go with the dataset
 UPSTREAM["cifar100_10steps"]["moe_adapters"] = _moe_cifar(128)
 UPSTREAM["cifar100_20steps"]["moe_adapters"] = _moe_cifar(128)
 UPSTREAM["cifar100_50steps"]["moe_adapters"] = _moe_cifar(64)

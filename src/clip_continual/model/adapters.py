@@ -17,9 +17,10 @@ Plain PyTorch; no Kedro import.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -34,11 +35,14 @@ class AdapterError(ValueError):
 @dataclass(frozen=True)
 class AdapterKind:
     """``add(model, recipe)`` adds the adapters in place; ``parameters(transformer)`` lists the
-    trainable adapter parameters within one tower's transformer, in module order."""
+    trainable adapter parameters within one tower's transformer, in module order;
+    ``trains_backbone(recipe)``: the model trains as a plain CLIP does (its parts), not only
+    through the adapters (ConDU's full fine-tuning)."""
 
     add: Callable[[nn.Module, dict[str, Any]], None]
     parameters: Callable[[nn.Module], list[nn.Parameter]]
     settings: tuple[str, ...] = ()  # recipe entries that may change between tasks
+    trains_backbone: Callable[[dict[str, Any]], bool] = lambda recipe: False
 
 
 ADAPTER_KINDS: dict[str, AdapterKind] = {}
@@ -46,8 +50,9 @@ ADAPTER_KINDS: dict[str, AdapterKind] = {}
 
 def register_adapter_kind(name: str, add: Callable[[nn.Module, dict[str, Any]], None],
                           parameters: Callable[[nn.Module], list[nn.Parameter]],
-                          settings: tuple[str, ...] = ()) -> None:
-    ADAPTER_KINDS[name] = AdapterKind(add, parameters, tuple(settings))
+                          settings: tuple[str, ...] = (),
+                          trains_backbone: Callable[[dict[str, Any]], bool] = lambda recipe: False) -> None:
+    ADAPTER_KINDS[name] = AdapterKind(add, parameters, tuple(settings), trains_backbone)
 
 
 def adapter_kind(name: Any) -> AdapterKind:
@@ -113,6 +118,34 @@ def image_routing(model: nn.Module) -> Any | None:
     route. Evaluation encodes class texts per route and scores each image against its route's."""
     routing = getattr(getattr(model, "visual", None), ROUTING_ATTRIBUTE, None)
     return routing if routing is not None and routing.active else None
+
+
+ENSEMBLE_ATTRIBUTE = "task_experts"
+
+
+def evaluation_ensemble(model: nn.Module) -> Any | None:
+    """The task experts that encode for ``model`` at evaluation (ConDU's, ``methods/condu.py``):
+    in eval mode, once a task is learnt; else None. Their protocol: ``encode_images(model,
+    pixels, normalize)`` and ``encode_text(model, tokens, normalize)`` replace the model's
+    encoders (features of ``tasks + 1`` blocks), and ``known_task`` (see ``known_task``)."""
+    experts = getattr(model, ENSEMBLE_ATTRIBUTE, None)
+    return experts if experts is not None and experts.ready and not model.training else None
+
+
+@contextlib.contextmanager
+def known_task(model: nn.Module, task: int) -> Iterator[None]:
+    """Within the block the images and texts ``model`` encodes belong to task ``task``
+    (1-based, in the benchmark's order): a model with task experts evaluates a task it has
+    learnt with that task's expert (ConDU's task-id evaluation); any other model ignores it."""
+    experts = getattr(model, ENSEMBLE_ATTRIBUTE, None)
+    if experts is None:
+        yield
+        return
+    previous, experts.known_task = experts.known_task, int(task)
+    try:
+        yield
+    finally:
+        experts.known_task = previous
 
 
 def adapter_parameters(model: nn.Module, towers: tuple[str, ...] | list[str]) -> list[nn.Parameter]:
