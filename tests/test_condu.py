@@ -49,23 +49,26 @@ def test_voting_takes_the_pretrained_model_and_the_experts_of_the_nearest_protot
 
 
 @pytest.fixture(scope="module")
-def two_tasks(micro, random_image_set):
-    """The micro CLIP after two ConDU tasks on the same images with the same task seed (config
-    seed + task index), so the two tasks train the same way exactly when both start from the
-    pretrained model."""
+def three_tasks(micro, random_image_set):
+    """The micro CLIP after ConDU tasks on the same images: tasks 1 and 2 with the same task
+    seed (config seed + task index), so they train the same way exactly when both start from
+    the pretrained model; task 3 with another."""
     images = random_image_set(micro, 16, 4)
     prompts = [f"a photo of {name} ." for name in images.class_names]
 
     def task(start, index):
-        config = TrainingConfig(method="condu", method_options={"top_k": 1}, steps=2, epochs=None, seed=2 - index,
-                                batch_size=8, lr=1e-3, device="cpu", progress=False)
+        config = TrainingConfig(method="condu", method_options={"top_k": 1}, steps=2, epochs=None,
+                                seed=2 - index if index < 3 else 7, batch_size=8, lr=1e-3, device="cpu",
+                                progress=False)
         return fine_tune(start, images, prompts, config=config, task_index=index)[0]
     first = task(micro, 1)
-    return first, task(first, 2), images
+    second = task(first, 2)
+    third = task(second, 3)  # another seed: an expert of its own
+    return first, second, third, images
 
 
-def test_each_task_trains_from_the_pretrained_model_and_its_expert_is_kept(micro, two_tasks):
-    first, second, _ = two_tasks
+def test_each_task_trains_from_the_pretrained_model_and_its_expert_is_kept(micro, three_tasks):
+    first, second, _, _ = three_tasks
     pretrained = micro.model.state_dict()
     for model in (first, second):  # the live weights are the pretrained ones after every task
         state = model.model.state_dict()
@@ -80,8 +83,8 @@ def test_each_task_trains_from_the_pretrained_model_and_its_expert_is_kept(micro
     assert first_delta["visual.conv1.weight"].abs().sum() > 0
 
 
-def test_the_experts_survive_a_checkpoint_and_score_a_known_task_with_its_expert(two_tasks, tmp_path):
-    _, second, images = two_tasks
+def test_the_experts_survive_a_checkpoint_and_score_a_known_task_with_its_expert(three_tasks, tmp_path):
+    _, second, _, images = three_tasks
     save_checkpoint(second, tmp_path / "condu.pt")
     loaded = load_checkpoint(tmp_path / "condu.pt")
     first_state, loaded_state = second.model.state_dict(), loaded.model.state_dict()
@@ -98,3 +101,47 @@ def test_the_experts_survive_a_checkpoint_and_score_a_known_task_with_its_expert
     assert torch.allclose(ensemble[:, 0], torch.nn.functional.normalize(voted, dim=-1), atol=1e-6)
     assert ((ensemble.norm(dim=-1) > 0).sum(1) == 2).all()
     assert (oracle.norm(dim=-1) > 0).tolist() == [[False, False, True]] * 3
+
+
+def test_the_ensemble_scores_as_the_average_of_the_voters_logits(micro, three_tasks):
+    """ConDU's agnostic_evaluate averages the logits of the pretrained model and the top-k
+    experts; the concatenated features give the same scores times one constant."""
+    from clip_continual.evaluation.features import image_features
+    from clip_continual.evaluation.zero_shot import zero_shot_classifier
+
+    _, _, third, images = three_tasks
+    templates = ["a photo of {}.", "a drawing of a {}."]
+    experts = third.model.task_experts
+    plain_models = []
+    for task in range(experts.tasks + 1):
+        model = micro.clone()
+        if task:
+            state = model.model.state_dict()
+            model.model.load_state_dict({k: state[k] + d for k, d in experts.task_delta(task - 1).items()},
+                                        strict=False)
+        plain_models.append(model)
+    logits = torch.stack([image_features(m, images.images) @ zero_shot_classifier(m, images.class_names, templates).T
+                          for m in plain_models])  # (models, images, classes)
+    chosen = voters(image_features(micro, images.images), experts.prototypes(), experts.top_k)
+    averaged = torch.stack([logits[chosen[i], i].mean(0) for i in range(len(chosen))])
+    scores = image_features(third, images.images) @ zero_shot_classifier(third, images.class_names, templates).T
+    voters_per_image, models = chosen.shape[1], experts.tasks + 1
+    assert torch.allclose(scores, averaged * (voters_per_image / models) ** 0.5, atol=1e-5)
+
+
+def test_the_lora_variant_trains_and_unifies_only_the_lora_factors(micro, three_tasks, tmp_path):
+    images = three_tasks[-1]
+    config = TrainingConfig(method="condu_lora", method_options={"rank": 2}, steps=2, epochs=None,
+                            batch_size=8, lr=1e-2, device="cpu", progress=False)
+    trained, summary = fine_tune(micro, images, [f"a photo of {n} ." for n in images.class_names],
+                                 config=config, task_index=1)
+    experts = trained.model.task_experts
+    assert experts.names and all(".lora_" in name for name in experts.names)
+    assert summary["trainable_parameters"] == sum(p.numel() for n, p in trained.model.named_parameters()
+                                                  if ".lora_" in n)
+    assert any(bool(delta.any()) for delta in experts.task_delta(0).values())
+    state, plain = trained.model.state_dict(), micro.model.state_dict()
+    assert all(torch.equal(state[k], plain[k]) for k in plain)  # the backbone never changes
+    save_checkpoint(trained, tmp_path / "condu_lora.pt")
+    loaded = load_checkpoint(tmp_path / "condu_lora.pt").model.state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)

@@ -181,6 +181,12 @@ UPSTREAM["mtil_order1"]["condu"] = {
     "method.variant": ("full", "ConDU scripts/MTIL_FT.sh: no --lora"),
     "method.top_k": (4, "ConDU src/args.py --logits_num 4"),
     "method.task_agnostic": (False, "ConDU scripts/eval_MTIL_FT.sh: --task_agnostic for unseen datasets only"),
+}
+UPSTREAM["mtil_order1"]["condu_lora"] = {
+    **_LORA_MTIL,
+    "method.variant": ("lora", "ConDU scripts/MTIL_LoRA.sh --lora True"),
+    "method.top_k": (4, "ConDU src/args.py --logits_num 4"),
+    "method.task_agnostic": (False, "ConDU scripts/eval_MTIL_LoRA.sh: --task_agnostic for unseen datasets only"),
 }  # no order-II script: the rates go with the dataset
 UPSTREAM["cifar100_10steps"]["moe_adapters"] = _moe_cifar(128)
 UPSTREAM["cifar100_20steps"]["moe_adapters"] = _moe_cifar(128)

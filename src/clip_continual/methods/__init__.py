@@ -9,7 +9,7 @@ from typing import Any
 
 from clip_continual.methods.agem import AveragedGEM
 from clip_continual.methods.base import ContinualMethod, MethodConfigError
-from clip_continual.methods.condu import ContinualDecouplingUnifying
+from clip_continual.methods.condu import ConDULoRA, ContinualDecouplingUnifying
 from clip_continual.methods.ewc import ElasticWeightConsolidation
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.gem import GradientEpisodicMemory
@@ -44,6 +44,7 @@ METHODS: dict[str, type[ContinualMethod]] = {
     SequentialLoRA.name: SequentialLoRA,
     ZeroShotContinualLearning.name: ZeroShotContinualLearning,
     ContinualDecouplingUnifying.name: ContinualDecouplingUnifying,
+    ConDULoRA.name: ConDULoRA,
 }
 
 

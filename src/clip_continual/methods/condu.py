@@ -368,3 +368,14 @@ def _feature_dim(model: nn.Module) -> int:
     projection = getattr(model, "text_projection", None)
     return int(projection.shape[-1]) if isinstance(projection, torch.Tensor) else int(model.visual.output_dim)
 
+
+
+class ConDULoRA(ContinualDecouplingUnifying):
+    """``condu`` with ``variant: lora`` by default: ConDU's LoRA recipe (scripts/MTIL_LoRA.sh)
+    has learning rates of its own, so it is a method (and recipe) of its own name."""
+
+    name = "condu_lora"
+
+    def __init__(self, variant: str = "lora", rank: int = 64, top_k: int = 4, task_agnostic: bool = False,
+                 label_smoothing: float = 0.2) -> None:
+        super().__init__(variant, rank, top_k, task_agnostic, label_smoothing)

@@ -5,10 +5,12 @@ An adapted model carries its recipe (a small dict of plain values) in the attrib
 ``adapter_recipe``. A checkpoint stores the recipe next to the state dict, and loading applies
 the recipe to a fresh model before the weights (``checkpoints.model_from_checkpoint``), so an
 adapted model loads back adapted. ``clip.set_trainable_parts`` trains only the adapters of an
-adapted model: its backbone stays bit-for-bit frozen.
+adapted model: its backbone stays bit-for-bit frozen (unless its kind trains the backbone, as
+ConDU's full fine-tuning does).
 
-The kinds themselves belong to their methods (``methods/rkr.py``, ``methods/moe_adapters.py``),
-which register them here with ``register_adapter_kind``. Every kind adapts the residual blocks
+The kinds themselves belong to their methods (``methods/rkr.py``, ``methods/moe_adapters.py``,
+``methods/lora.py``, ``methods/condu.py``), which register them here with
+``register_adapter_kind``. Every kind adapts the residual blocks
 of the towers named by ``towers`` (``visual``, ``text``), following the towers the reference
 code adapts for its ``part`` setting (wm: both).
 
