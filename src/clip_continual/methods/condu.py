@@ -17,7 +17,7 @@ class prototypes. At evaluation (eval mode) the model encodes as ConDU's ensembl
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -57,19 +57,26 @@ def rescalers_from(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return torch.where(after > 0, before / after.clamp_min(torch.finfo(after.dtype).tiny), torch.ones_like(after))
 
 
-def unify_deltas(deltas: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]],
-                                                                 torch.Tensor]:
-    """T tasks' deltas (name -> tensor) -> (unified delta, each task's masks, rescalers (T,))."""
+def unify_deltas(stacks: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor],
+                                                                      list[dict[str, torch.Tensor]], torch.Tensor]:
+    """T tasks' deltas, one parameter at a time as (name, (T, ...) stack), so that only one
+    parameter's deltas are ever held -> (unified delta, each task's masks, rescalers (T,))."""
     unified: dict[str, torch.Tensor] = {}
-    masks: list[dict[str, torch.Tensor]] = [{} for _ in deltas]
+    masks: list[dict[str, torch.Tensor]] = []
     before = after = None
-    for name in deltas[0]:
-        unified[name], key_masks, key_before, key_after = unify_tensor(torch.stack([d[name] for d in deltas]))
+    for name, deltas in stacks:
+        unified[name], key_masks, key_before, key_after = unify_tensor(deltas)
+        masks = masks or [{} for _ in key_masks]
         for task, mask in enumerate(key_masks):
             masks[task][name] = mask
         before = key_before if before is None else before + key_before
         after = key_after if after is None else after + key_after
     return unified, masks, rescalers_from(before, after)
+
+
+def stacked(deltas: list[dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Deltas given task by task (name -> tensor) as ``unify_deltas`` takes them."""
+    return ((name, torch.stack([delta[name] for delta in deltas])) for name in deltas[0])
 
 
 def rebuild_delta(unified: torch.Tensor, mask: torch.Tensor, rescaler: torch.Tensor) -> torch.Tensor:
@@ -310,27 +317,36 @@ class ContinualDecouplingUnifying(FineTuning):
 
     def prepare_student(self, student: nn.Module, parts: str) -> None:
         """Add the store (task 1) and keep the task's start, the pretrained weights."""
-        add_adapters(student, {"kind": "condu", "variant": self.variant, "rank": self.rank,
+        rank = self.rank if self.variant == "lora" else None
+        add_adapters(student, {"kind": "condu", "variant": self.variant, "rank": rank,
                                "towers": TOWERS_OF_PARTS[parts], "classes": [], **self._settings()})
         recipe = adapter_recipe(student)
         recipe.update(self._settings())  # a continued model takes this run's evaluation settings
         configure_experts(student, recipe)
         parameters = dict(student.named_parameters())
-        self._start = {name: parameters[name].detach().clone() for name in getattr(student, ENSEMBLE_ATTRIBUTE).names}
+        names = getattr(student, ENSEMBLE_ATTRIBUTE).names
+        self._start = {name: parameters[name].detach().clone() for name in names}
 
     def after_task(self, task: TaskContext, student: nn.Module) -> None:
         experts: TaskExperts = getattr(student, ENSEMBLE_ATTRIBUTE)
         parameters = dict(student.named_parameters())
         with torch.no_grad():
-            deltas = [experts.task_delta(t) for t in range(experts.tasks)]
-            deltas.append({name: parameters[name].detach() - start for name, start in self._start.items()})
-            unified, masks, rescalers = unify_deltas(deltas)
+            unified, masks, rescalers = unify_deltas(self._task_deltas(experts, parameters))
             for name, start in self._start.items():  # the next task starts from the pretrained model
                 parameters[name].copy_(start)
             prototypes = experts.prototypes() + [self._prototypes(task, student)]
             experts.store(unified, masks, rescalers, prototypes)
         adapter_recipe(student)["classes"] = [len(p) for p in prototypes]
         self._start = {}
+
+    def _task_deltas(self, experts: TaskExperts,
+                     parameters: dict[str, nn.Parameter]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Per parameter: the earlier tasks' deltas rebuilt (src/main.py:52-66), then this task's."""
+        unified, masks = experts.unified(), [experts.masks(t) for t in range(experts.tasks)]
+        for name, start in self._start.items():
+            earlier = [rebuild_delta(unified[name], task_masks[name], rescaler)
+                       for task_masks, rescaler in zip(masks, experts.rescalers)]
+            yield name, torch.stack(earlier + [parameters[name].detach() - start])
 
     def _prototypes(self, task: TaskContext, student: nn.Module) -> torch.Tensor:
         """(C, D) prototypes of the current classes with the pretrained weights (finetune.py:156-195)."""
@@ -357,7 +373,8 @@ class ContinualDecouplingUnifying(FineTuning):
         benchmark's prompt sets when given, else the training prompt)."""
         prompt_sets = task.extras.get("prompt_sets") or []
         if prompt_sets and task.tokenize is not None:
-            token_sets = [task.tokenize([prompts[c] for c in task.current_classes.tolist()]) for prompts in prompt_sets]
+            current = task.current_classes.tolist()
+            token_sets = [task.tokenize([prompts[c] for c in current]) for prompts in prompt_sets]
         else:
             token_sets = [task.class_tokens[task.current_classes]]
         features = [F.normalize(encode_text(student, tokens).float(), dim=-1) for tokens in token_sets]
