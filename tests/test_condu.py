@@ -121,13 +121,23 @@ def test_the_ensemble_scores_as_the_average_of_the_voters_logits(micro, three_ta
             model.model.load_state_dict({k: state[k] + d for k, d in experts.task_delta(task - 1).items()},
                                         strict=False)
         plain_models.append(model)
-    logits = torch.stack([image_features(m, images.images) @ zero_shot_classifier(m, images.class_names, templates).T
-                          for m in plain_models])  # (models, images, classes)
+
+    def cosines(clip):
+        return image_features(clip, images.images) @ zero_shot_classifier(clip, images.class_names, templates).T
+    logits = torch.stack([cosines(m) for m in plain_models])  # (models, images, classes), logit scale aside
     chosen = voters(image_features(micro, images.images), experts.prototypes(), experts.top_k)
     averaged = torch.stack([logits[chosen[i], i].mean(0) for i in range(len(chosen))])
-    scores = image_features(third, images.images) @ zero_shot_classifier(third, images.class_names, templates).T
+    scores = cosines(third)
     voters_per_image, models = chosen.shape[1], experts.tasks + 1
     assert torch.allclose(scores, averaged * (voters_per_image / models) ** 0.5, atol=1e-5)
+    # A learnt task (ordinary MTIL, a seen dataset) is scored by its own expert alone; a task
+    # not learnt yet by voting, as with no task given.
+    with known_task(third.model, 3):
+        oracle = cosines(third)
+    assert torch.allclose(oracle, logits[3], atol=1e-6) and not torch.allclose(oracle, logits[1], atol=1e-3)
+    with known_task(third.model, 4):
+        unseen = cosines(third)
+    assert torch.equal(unseen, scores)
 
 
 def test_the_lora_variant_trains_and_unifies_only_the_lora_factors(micro, three_tasks, tmp_path):
