@@ -204,3 +204,14 @@ UPSTREAM_5SHOT = {
         "method.label_smoothing": (0.2, "MoE train_few_shot ... --ls 0.2"),
     },
 }
+# ConDU scripts/fewshot_MTIL_FT.sh and fewshot_MTIL_LoRA.sh (order I only).
+_CONDU_5SHOT_FT_LR = dict(zip(MTIL_ORDER1, (5e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 5e-5, 1e-5, 1e-5)))
+_CONDU_5SHOT_LORA_LR = dict(zip(MTIL_ORDER1, (3e-3, 8e-4, 1.5e-3, 2e-3, 3e-4, 1e-5, 2e-3, 2.5e-3, 3e-4, 2e-3, 2e-3)))
+for _method, _rates, _script in (("condu", _CONDU_5SHOT_FT_LR, "fewshot_MTIL_FT.sh"),
+                                 ("condu_lora", _CONDU_5SHOT_LORA_LR, "fewshot_MTIL_LoRA.sh")):
+    UPSTREAM_5SHOT[_method] = {
+        **{f"{task}/training.lr": (lr, f"ConDU scripts/{_script} line 7") for task, lr in _rates.items()},
+        "training.steps": (500, f"ConDU scripts/{_script} --iterations 500"),
+        "few_shot": (5, f"ConDU scripts/{_script} --few_shot 5"),
+        "method.label_smoothing": (0.2, f"ConDU scripts/{_script} --ls 0.2"),
+    }
