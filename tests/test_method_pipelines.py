@@ -58,7 +58,7 @@ def test_icarl_memory_is_handed_on_within_budget_and_a_resumed_run_continues_exa
 # The parameter-efficient methods and ZSCL; small MoE settings keep it to seconds (DDAS's AlexNet
 # needs 31 px, the micro CLIP has 16: tests/test_ddas.py covers it).
 ADAPTED_OPTIONS = {"rkr": {}, "moe_adapters": {"experts": 4, "bottleneck": 8, "ddas": False},
-                   "zscl": {"average_every": 1}}
+                   "zscl": {"average_every": 1}, "lora": {"rank": 4}}
 
 
 @pytest.mark.parametrize("method", sorted(ADAPTED_OPTIONS))
@@ -81,7 +81,7 @@ def test_adapters_and_zscl_run_one_task_through_the_pipeline(project, method):
         assert adapter_recipe(model.model) is None and summary["trainable_parameters"] == total
         assert {"zscl_image", "zscl_text", "l2"} <= set(summary["final_losses"])
     else:  # the checkpoint loads back adapted, with the backbone of the pretrained model
-        assert adapter_recipe(model.model)["kind"] == {"rkr": "rkr", "moe_adapters": "moe"}[method]
+        assert adapter_recipe(model.model)["kind"] == {"rkr": "rkr", "moe_adapters": "moe", "lora": "lora"}[method]
         assert 0 < summary["trainable_parameters"] < total
         plain, adapted = pretrained.model.state_dict(), model.model.state_dict()
         assert torch.equal(adapted["token_embedding.weight"], plain["token_embedding.weight"])
@@ -108,3 +108,20 @@ def test_rail_fits_without_gradient_steps_and_its_classifier_is_evaluated(projec
         assert state["ridge_inverse"].shape == (256, 256)
     model = CheckpointDataset(filepath=str(models / "task_1.pt")).load()
     assert len(image_classifier(model.model).class_names) == 10
+def test_condu_runs_one_task_through_the_pipeline_and_hands_on_the_pretrained_weights(project):
+    from clip_continual.io import CheckpointDataset
+    from clip_continual.model.adapters import adapter_recipe
+
+    run_pipeline(project, ["digits_ost"], params={"method": "condu"})
+    (models,) = [f for f in run_folders(project, benchmark="digits_ost") if f.name.startswith("condu-")]
+    outputs = project / "data" / "07_model_output" / "digits_ost" / models.name
+    model = CheckpointDataset(filepath=str(models / "task_1.pt")).load()
+    (start,) = (project / "data" / "06_models" / "pretrained").glob("*/model.pt")
+    pretrained = CheckpointDataset(filepath=str(start)).load().model.state_dict()
+    recipe = adapter_recipe(model.model)
+    assert recipe["kind"] == "condu" and recipe["variant"] == "full" and len(recipe["classes"]) == 1
+    state = model.model.state_dict()  # the next task starts from the pretrained weights
+    assert all(torch.equal(state[k], pretrained[k]) for k in pretrained)
+    assert state["task_experts.unified_0"].abs().sum() > 0  # ...and task 1's delta is kept
+    evaluation = json.loads((outputs / "task_1_evaluation.json").read_text())
+    assert 0.0 <= evaluation["zs_acc"] <= 1.0 and 0.0 <= evaluation["ut_acc"] <= 1.0

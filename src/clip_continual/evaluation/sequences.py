@@ -32,6 +32,7 @@ from clip_continual.evaluation.metrics import bwt_at, ut_acc
 from clip_continual.evaluation.zero_shot import (
     predict, top1_accuracy, zero_shot_accuracy, zero_shot_classifier,
 )
+from clip_continual.model.adapters import known_task
 from clip_continual.model.clip import ClipModel
 
 
@@ -86,9 +87,12 @@ def evaluate_datasets_step(
     a_acc (all), bwt, and transfer / avg / last over the rows so far."""
     step = int(step)
     rows = _checked_rows(previous_rows, step, len(test_sets))
+    accuracies = {}
     with evaluating(clip, device) as target:
-        accuracies = {name: zero_shot_accuracy(clip, images, templates, batch_size, target, loader)
-                      for name, (images, templates) in test_sets.items()}
+        for task_number, (name, (images, templates)) in enumerate(test_sets.items(), start=1):
+            # A model with task experts scores a dataset it has learnt with that task's (ConDU).
+            with known_task(clip.model, task_number):
+                accuracies[name] = zero_shot_accuracy(clip, images, templates, batch_size, target, loader)
     acc_row = [accuracies[name] for name in test_sets]
     result = _sequence_metrics(step, task, acc_row, rows)
     result["acc_columns"] = list(test_sets)

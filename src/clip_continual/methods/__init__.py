@@ -9,12 +9,14 @@ from typing import Any
 
 from clip_continual.methods.agem import AveragedGEM
 from clip_continual.methods.base import ContinualMethod, MethodConfigError
+from clip_continual.methods.condu import ConDULoRA, ContinualDecouplingUnifying
 from clip_continual.methods.ewc import ElasticWeightConsolidation
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.gem import GradientEpisodicMemory
 from clip_continual.methods.geodl import GeodesicDistillation
 from clip_continual.methods.icarl import ICaRL
 from clip_continual.methods.imm import MeanIMM
+from clip_continual.methods.lora import SequentialLoRA
 from clip_continual.methods.lwf import LearningWithoutForgetting
 from clip_continual.methods.lwf_zscl import ZsclLwF
 from clip_continual.methods.moe_adapters import MoEAdapters
@@ -41,7 +43,10 @@ METHODS: dict[str, type[ContinualMethod]] = {
     RectifiedKnowledgeRetention.name: RectifiedKnowledgeRetention,
     MoEAdapters.name: MoEAdapters,
     Rail.name: Rail,
+    SequentialLoRA.name: SequentialLoRA,
     ZeroShotContinualLearning.name: ZeroShotContinualLearning,
+    ContinualDecouplingUnifying.name: ContinualDecouplingUnifying,
+    ConDULoRA.name: ConDULoRA,
 }
 
 

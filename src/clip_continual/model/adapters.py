@@ -5,11 +5,12 @@ An adapted model carries its recipe (a small dict of plain values) in the attrib
 ``adapter_recipe``. A checkpoint stores the recipe next to the state dict, and loading applies
 the recipe to a fresh model before the weights (``checkpoints.model_from_checkpoint``), so an
 adapted model loads back adapted. ``clip.set_trainable_parts`` trains only the adapters of an
-adapted model: its backbone stays bit-for-bit frozen.
+adapted model: its backbone stays bit-for-bit frozen (unless its kind trains the backbone, as
+ConDU's full fine-tuning does).
 
 The kinds themselves belong to their methods (``methods/rkr.py``, ``methods/moe_adapters.py``,
-``methods/rail.py``),
-which register them here with ``register_adapter_kind``. Every kind adapts the residual blocks
+``methods/rail.py``, ``methods/lora.py``, ``methods/condu.py``), which register them here with
+``register_adapter_kind``. Every kind adapts the residual blocks
 of the towers named by ``towers`` (``visual``, ``text``), following the towers the reference
 code adapts for its ``part`` setting (wm: both).
 
@@ -18,9 +19,10 @@ Plain PyTorch; no Kedro import.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -35,11 +37,14 @@ class AdapterError(ValueError):
 @dataclass(frozen=True)
 class AdapterKind:
     """``add(model, recipe)`` adds the adapters in place; ``parameters(transformer)`` lists the
-    trainable adapter parameters within one tower's transformer, in module order."""
+    trainable adapter parameters within one tower's transformer, in module order;
+    ``trains_backbone(recipe)``: the model trains as a plain CLIP does (its parts), not only
+    through the adapters (ConDU's full fine-tuning)."""
 
     add: Callable[[nn.Module, dict[str, Any]], None]
     parameters: Callable[[nn.Module], list[nn.Parameter]]
     settings: tuple[str, ...] = ()  # recipe entries that may change between tasks
+    trains_backbone: Callable[[dict[str, Any]], bool] = lambda recipe: False
 
 
 ADAPTER_KINDS: dict[str, AdapterKind] = {}
@@ -47,8 +52,9 @@ ADAPTER_KINDS: dict[str, AdapterKind] = {}
 
 def register_adapter_kind(name: str, add: Callable[[nn.Module, dict[str, Any]], None],
                           parameters: Callable[[nn.Module], list[nn.Parameter]],
-                          settings: tuple[str, ...] = ()) -> None:
-    ADAPTER_KINDS[name] = AdapterKind(add, parameters, tuple(settings))
+                          settings: tuple[str, ...] = (),
+                          trains_backbone: Callable[[dict[str, Any]], bool] = lambda recipe: False) -> None:
+    ADAPTER_KINDS[name] = AdapterKind(add, parameters, tuple(settings), trains_backbone)
 
 
 def adapter_kind(name: Any) -> AdapterKind:
@@ -128,6 +134,32 @@ def image_classifier(model: nn.Module) -> Any | None:
     classes it classifies among (``evaluation.features.class_features``)."""
     classifier = getattr(model, CLASSIFIER_ATTRIBUTE, None)
     return classifier if classifier is not None and classifier.active else None
+ENSEMBLE_ATTRIBUTE = "task_experts"
+
+
+def evaluation_ensemble(model: nn.Module) -> Any | None:
+    """The task experts that encode for ``model`` at evaluation (ConDU's, ``methods/condu.py``):
+    in eval mode, once a task is learnt; else None. Their protocol: ``encode_images(model,
+    pixels, normalize)`` and ``encode_text(model, tokens, normalize)`` replace the model's
+    encoders (features of ``tasks + 1`` blocks), and ``known_task`` (see ``known_task``)."""
+    experts = getattr(model, ENSEMBLE_ATTRIBUTE, None)
+    return experts if experts is not None and experts.ready and not model.training else None
+
+
+@contextlib.contextmanager
+def known_task(model: nn.Module, task: int) -> Iterator[None]:
+    """Within the block the images and texts ``model`` encodes belong to task ``task``
+    (1-based, in the benchmark's order): a model with task experts evaluates a task it has
+    learnt with that task's expert (ConDU's task-id evaluation); any other model ignores it."""
+    experts = getattr(model, ENSEMBLE_ATTRIBUTE, None)
+    if experts is None:
+        yield
+        return
+    previous, experts.known_task = experts.known_task, int(task)
+    try:
+        yield
+    finally:
+        experts.known_task = previous
 
 
 def adapter_parameters(model: nn.Module, towers: tuple[str, ...] | list[str]) -> list[nn.Parameter]:

@@ -84,10 +84,11 @@ def fine_tune_task(
     classes = task.classes or tuple(range(len(train_set.class_names)))  # empty: the whole dataset
     # Task 1 starts from the pretrained model, which the pipeline hands in only as start_model.
     pretrained = start_model if pretrained_model is None else pretrained_model
+    templates = templates_for(prompts, task.prompt_key or benchmark.suite.updated_prompt_key)
     training = training_task(
         start_model,
         few_shot_train_set(train_set.restrict_to_classes(classes), recipe.settings),
-        class_prompts(train_set, templates_for(prompts, task.prompt_key or benchmark.suite.updated_prompt_key)[0]),
+        class_prompts(train_set, templates[0]),
         current_classes=list(classes),
         seen_classes=sorted({c for phase in benchmark.phases[:task_index - 1] for c in phase} | set(classes)),
         config=config,
@@ -96,7 +97,9 @@ def fine_tune_task(
         task_index=task_index,
         method=config.build_method(),
         loader=LoaderConfig.from_params(loader),
-        extras={"reference_set": reference_set, "pretrained_model": pretrained},
+        extras={"reference_set": reference_set, "pretrained_model": pretrained,
+                # every template's prompts, one list per template (ConDU's prototypes)
+                "prompt_sets": [class_prompts(train_set, template) for template in templates]},
         previous_state=previous_method_state,
     )
     offset = _steps_before(config, train_set.labels, benchmark, task_index)
