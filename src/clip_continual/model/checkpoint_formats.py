@@ -14,9 +14,13 @@ releases of ZSCL and of MoE-Adapters, and, only when the user opts in, a pickled
   ``methods/moe_adapters.py`` (``mixture.experts.<e>.{down,up}``, ``mixture.gates.<t>``,
   ``mixture.noise.<t>``). Left out: ``ln_3`` (never used in ``forward``), ``mean`` / ``std``
   (the Normal of the load-balancing loss, never added to the loss), ``adaptmlp`` (the same
-  module as the last expert). Their DDAS autoencoders are a separate file
-  (``{dataset}_autochooser.pth``, ``mtil/src/models/AutoEncoder.py:196-199``) that this does
-  not read: the latest router serves every input.
+  module as the last expert). Their DDAS autoencoders are a file beside it,
+  ``<checkpoint>_autochooser.pth`` (``mtil/src/models/AutoEncoder.py:196-199``, read with the
+  checkpoint of the same task in ``mtil/scripts/test/Full_Shot_order1.sh:16-36``): a list of 12
+  autoencoders, 0 the reference one (TinyImageNet), i the one of task i
+  (``mtil/src/models/evaluation.py:59-71``), mapped onto ``methods/ddas.py``'s TaskSelector
+  (the reference, and the autoencoders of tasks 1..k only, as ``methods/moe_adapters.py``
+  keeps them). Without that file the latest router serves every input (no DDAS).
 
 Plain Python and PyTorch; no Kedro import.
 """
@@ -37,7 +41,7 @@ from torch import nn
 from clip_continual.model.adapters import AdapterError, add_adapters
 from clip_continual.model.checkpoints import CHECKPOINT_FORMAT, CheckpointError, model_from_checkpoint
 from clip_continual.model.clip import ClipModel, ModelSpec
-from clip_continual.model.sources import build_model, model_config_for
+from clip_continual.model.sources import build_model
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +56,14 @@ _MOE_ROUTERS = {"router_list": "gates", "w_noise_list": "noise", "router1": "gat
 class ReadOptions:
     """``architecture``: None builds a foreign checkpoint on the template's module (the
     benchmark's starting model); else a fresh open_clip model of that name. ``moe_top_k``: the
-    experts each input takes (MoE-Adapters does not store it). ``allow_pickled``: unpickle
-    files that hold Python objects, which runs code from the file."""
+    experts each input takes (MoE-Adapters does not store it); ``ddas_*``: DDAS's settings
+    (``methods/moe_adapters.py``) where an autochooser file comes with the checkpoint.
+    ``allow_pickled``: unpickle files that hold Python objects, which runs code from the file."""
 
     architecture: str | None = None
     moe_top_k: int = 2
+    ddas_threshold: float = 0.0655
+    ddas_alexnet_weights: str | None = None
     allow_pickled: bool = False
 
 
@@ -71,6 +78,7 @@ def load_any_checkpoint(path: str | Path, template: ClipModel, step: int,
     template = _template(template, options.architecture)
     if any(_BLOCK.match(key) and _BLOCK.match(key)["rest"].startswith(("adaptmlp", "router")) for key in state):
         state, recipe = moe_adapters_state(state, step, options.moe_top_k, path)
+        state, recipe = _with_autochooser(state, recipe, Path(path), step, options)
         return _loaded(template, state, recipe, path, "moe_adapters")
     return _loaded(template, openai_state(state), None, path, "zscl")
 
@@ -121,18 +129,19 @@ def _own(payload: dict[str, Any], path: str | Path, architecture: str | None) ->
 
 
 def _template(start: ClipModel, architecture: str | None) -> ClipModel:
-    """The module a foreign state dict is loaded into: the starting model's (so an OpenAI
-    start model keeps its QuickGELU), or a fresh model of ``architecture``."""
-    if architecture is None:
-        return start
-    config = model_config_for(architecture)
-    if not config.get("quick_gelu") and f"{architecture}-quickgelu" in open_clip.list_models():
+    """The module a foreign state dict is loaded into: the starting model's, or a fresh model
+    of ``architecture``; refused where it has GELU but the architecture comes with OpenAI's
+    QuickGELU (ZSCL and MoE-Adapters fine-tune OpenAI's CLIP: GELU would misjudge them)."""
+    template = start if architecture is None else build_model(ModelSpec(architecture))
+    name = template.spec.architecture
+    quick = any(type(module).__name__ == "QuickGELU" for module in template.model.modules())
+    if not quick and f"{name}-quickgelu" in open_clip.list_models():
         raise CheckpointError(
-            f"ZSCL and MoE-Adapters fine-tune OpenAI's CLIP, which uses QuickGELU; '{architecture}' uses "
-            f"GELU and would score their weights wrongly. Set evaluate_checkpoints.architecture: "
-            f"{architecture}-quickgelu (or null to use the benchmark's starting model)"
+            f"ZSCL and MoE-Adapters fine-tune OpenAI's CLIP, which uses QuickGELU; the model {name} they would "
+            f"be read into uses GELU and would score their weights wrongly. Set "
+            f"evaluate_checkpoints.architecture: {name}-quickgelu"
         )
-    return build_model(ModelSpec(architecture))
+    return template
 
 
 def openai_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -181,6 +190,40 @@ def _routers_kept(routers: dict[tuple[str, str], dict[int, torch.Tensor]], step:
             f"task {step}; list the checkpoints in the order of the benchmark's tasks"
         )
     return kept
+
+
+def autochooser_path(checkpoint: Path) -> Path:
+    """Where MoE-Adapters writes a task's DDAS autoencoders beside its checkpoint
+    (``{dataset}.pth`` and ``{dataset}_autochooser.pth``, AutoEncoder.py:196-199)."""
+    return checkpoint.with_name(f"{checkpoint.stem}_autochooser{checkpoint.suffix}")
+
+
+def _with_autochooser(state: dict[str, torch.Tensor], recipe: dict[str, Any], path: Path, step: int,
+                      options: ReadOptions) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    chooser = autochooser_path(path)
+    if not chooser.is_file():
+        logger.warning("no DDAS autoencoders beside '%s' (%s): the latest router serves every input",
+                       path, chooser.name)
+        return state, recipe
+    autoencoders = ddas_state(_state_dict(_read(chooser, options.allow_pickled), chooser), step, chooser)
+    return {**state, **autoencoders}, {
+        **recipe, "ddas": True, "ddas_tasks": step, "ddas_reference": 1,
+        "ddas_threshold": float(options.ddas_threshold), "ddas_alexnet_weights": options.ddas_alexnet_weights}
+
+
+def ddas_state(chooser: dict[str, torch.Tensor], step: int, path: str | Path = "autochooser") -> dict[str, torch.Tensor]:
+    """MoE-Adapters' autoencoder list (``<i>.encoder.0`` / ``<i>.decoder.0``) onto our
+    ``visual.task_selector``: 0 the reference, 1..``step`` the tasks'."""
+    mapped = {}
+    for key, value in chooser.items():
+        index, part, _, kind = key.split(".")
+        if int(index) > step:
+            continue  # a later task's (untrained) autoencoder
+        owner = "reference" if index == "0" else f"autoencoders.{int(index) - 1}"
+        mapped[f"visual.task_selector.{owner}.{part}.{kind}"] = value
+    if not any(".autoencoders." in key for key in mapped) or not any(".reference." in key for key in mapped):
+        raise CheckpointError(f"'{path}' does not hold MoE-Adapters' autoencoders 0..{step} (<i>.encoder.0.weight)")
+    return mapped
 
 
 def _moe_recipe(mapped: dict[str, torch.Tensor], routers: int, top_k: int) -> dict[str, Any]:

@@ -39,5 +39,7 @@ class CheckpointSequence:
         if missing:
             raise ValueError(f"{SETTINGS}.checkpoints: no such files {missing}")
         options = ReadOptions(architecture=params.get("architecture"), moe_top_k=int(params.get("moe_top_k", 2)),
+                              ddas_threshold=float(params.get("moe_ddas_threshold", 0.0655)),
+                              ddas_alexnet_weights=params.get("moe_ddas_alexnet_weights"),
                               allow_pickled=params.get(PICKLE_OPT_IN) is True)
         return cls(checkpoints, str(params.get("label") or "checkpoints"), options)
