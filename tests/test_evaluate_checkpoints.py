@@ -19,7 +19,9 @@ from clip_continual.model.checkpoint_formats import ReadOptions, load_any_checkp
 from clip_continual.model.checkpoints import CheckpointError, save_checkpoint
 from clip_continual.model.clip import ModelSpec, encode_images
 
-from project_helpers import copy_project, run_pipeline
+from mlflow.tracking import MlflowClient
+
+from project_helpers import copy_project, mlflow_runs, run_pipeline, store_uri
 
 MOE_RECIPE = {"kind": "moe", "experts": 3, "top_k": 2, "bottleneck": 8, "routers": 2, "towers": ["visual", "text"],
               "ddas": False, "ddas_tasks": 0, "ddas_reference": 0}
@@ -168,6 +170,10 @@ def test_evaluate_checkpoints_scores_a_released_model_as_the_training_run_did(fi
                                                "task_1": trained["task_5"]["ut_top1"]})
     summary = json.loads((reports / "continual_summary.json").read_text())
     assert summary["method"] == "released" and summary["zs_acc"] == pytest.approx(trained["task_5"]["zs_acc"])
+    (run,) = mlflow_runs(store_uri(project))
+    assert run.data.tags["method"] == "released" and run.data.tags["benchmark"] == "digits_ost"
+    steps = MlflowClient(store_uri(project)).get_metric_history(run.info.run_id, "continual/ut_top1")
+    assert [point.step for point in steps] == [0, 1]
 
 
 def test_moe_adapters_autochooser_beside_a_checkpoint_becomes_our_ddas_selector(tmp_path):

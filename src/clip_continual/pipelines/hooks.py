@@ -226,6 +226,8 @@ class MlflowTrackingHook(MlflowHook):
         self._signals = tracking.guard_interruptions()
         tracking.rename_session_tag(self.run_id)
         method = self._params.get("method", "unknown")
+        if any(CHECKPOINTS_SETTINGS in node.tags for node in pipeline.nodes):  # what was evaluated, not trained
+            method = (self._params.get(CHECKPOINTS_SETTINGS) or {}).get("label") or "checkpoints"
         alpha = recipe.tasks[0].settings.get("alpha") if recipe else None
         mlflow.set_tags({
             "benchmark": benchmark_in_force(run_params.get("pipeline_names")).name,
