@@ -83,7 +83,8 @@ def _moe_adapters_names(model) -> dict[str, torch.Tensor]:
             if int(expert) == MOE_RECIPE["experts"] - 1:
                 state[f"{block}.adaptmlp.{layer}_proj.{kind}"] = value
         elif rest.startswith(("gates.", "noise.")):
-            state[f"{block}.{'router_list' if rest.startswith('gates') else 'w_noise_list'}.{rest.split('.')[1]}"] = value
+            name = "router_list" if rest.startswith("gates") else "w_noise_list"
+            state[f"{block}.{name}.{rest.split('.')[1]}"] = value
     for block in {key.partition(".mixture.")[0] for key in model.model.state_dict() if ".mixture." in key}:
         width = state[f"{block}.ln_1.weight"].shape[0]
         state.update({f"{block}.ln_3.weight": torch.ones(width), f"{block}.ln_3.bias": torch.zeros(width),
@@ -112,7 +113,7 @@ def test_our_and_zscl_checkpoints_load_as_the_model_they_came_from(micro, images
     for name in ("ours.pt", "zscl.pth"):
         _same_model(load_any_checkpoint(tmp_path / name, micro, step=1), source, micro, images)
     with pytest.raises(CheckpointError, match="evaluate_checkpoints.architecture"):
-        load_any_checkpoint(tmp_path / "ours.pt", micro, step=1, options=ReadOptions(architecture="clip-continual-tiny"))
+        load_any_checkpoint(tmp_path / "ours.pt", micro, 1, ReadOptions(architecture="clip-continual-tiny"))
     # OpenAI's weights read into a GELU model of an architecture open_clip also has with QuickGELU
     gelu = dataclasses.replace(micro, spec=ModelSpec("ViT-B-16"))
     with pytest.raises(CheckpointError, match="QuickGELU.*architecture: ViT-B-16-quickgelu"):
@@ -159,7 +160,8 @@ def test_evaluate_checkpoints_scores_a_released_model_as_the_training_run_did(fi
     project = copy_project(finished, tmp_path_factory.mktemp("checkpoints") / "project")
     (models,) = (project / "data" / "06_models" / "digits_mst").iterdir()
     evaluations = project / "data" / "07_model_output" / "digits_mst" / models.name
-    trained = {step: json.loads((evaluations / f"{step}_evaluation.json").read_text()) for step in ("pretrained", "task_5")}
+    trained = {step: json.loads((evaluations / f"{step}_evaluation.json").read_text())
+               for step in ("pretrained", "task_5")}
     ours = torch.load(models / "task_5.pt", weights_only=True)["state_dict"]
     torch.save({"state_dict": ours}, project / "released.pth")
     run_pipeline(project, ["evaluate_checkpoints_digits_ost"], params={"evaluate_checkpoints": {

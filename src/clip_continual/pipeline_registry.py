@@ -32,7 +32,8 @@ def _checkpoints_pipeline(benchmark: Benchmark) -> Pipeline:
     evaluate = evaluate_checkpoints.create_pipeline(benchmark)
     if not benchmark.params:
         return evaluate
-    return benchmark_data.create_pipeline(benchmark).to_outputs(benchmark.pretrained_model, *benchmark.test_sets) + evaluate
+    test_data = benchmark_data.create_pipeline(benchmark).to_outputs(benchmark.pretrained_model, *benchmark.test_sets)
+    return test_data + evaluate
 
 
 def register_pipelines() -> dict[str, Pipeline]:

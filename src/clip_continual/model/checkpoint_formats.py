@@ -41,14 +41,14 @@ from torch import nn
 from clip_continual.model.adapters import AdapterError, add_adapters
 from clip_continual.model.checkpoints import CHECKPOINT_FORMAT, CheckpointError, model_from_checkpoint
 from clip_continual.model.clip import ClipModel, ModelSpec
-from clip_continual.model.sources import build_model
+from clip_continual.model.sources import OPENAI_ONLY_KEYS, build_model
 
 logger = logging.getLogger(__name__)
 
 PICKLE_OPT_IN = "allow_pickled_checkpoint"
-_OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
 _BLOCK = re.compile(r"^(?P<block>(?:visual\.)?transformer\.resblocks\.\d+)\.(?P<rest>.+)$")
 _UNUSED_MOE_ENTRIES = ("ln_3", "mean", "std", "adaptmlp")
+_AUTOENCODER = re.compile(r"^(?P<index>\d+)\.(?P<part>encoder|decoder)\.0\.(?P<kind>weight|bias)$")
 _MOE_ROUTERS = {"router_list": "gates", "w_noise_list": "noise", "router1": "gates", "w_noise": "noise"}
 
 
@@ -76,16 +76,23 @@ def load_any_checkpoint(path: str | Path, template: ClipModel, step: int,
         return _own(content, path, options.architecture)
     state = _state_dict(content, path)
     template = _template(template, options.architecture)
-    if any(_BLOCK.match(key) and _BLOCK.match(key)["rest"].startswith(("adaptmlp", "router")) for key in state):
+    if _is_moe_adapters(state):
         state, recipe = moe_adapters_state(state, step, options.moe_top_k, path)
         state, recipe = _with_autochooser(state, recipe, Path(path), step, options)
         return _loaded(template, state, recipe, path, "moe_adapters")
     return _loaded(template, openai_state(state), None, path, "zscl")
 
 
+def _is_moe_adapters(state: dict[str, torch.Tensor]) -> bool:
+    """Any block with MoE-Adapters' adapters or routers (``adaptmlp*``, ``router*``)."""
+    blocks = (_BLOCK.match(key) for key in state)
+    return any(match["rest"].startswith(("adaptmlp", "router")) for match in blocks if match)
+
+
 def _read(path: Path, allow_pickled: bool) -> Any:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist; list existing files in evaluate_checkpoints.checkpoints")
+        raise CheckpointError(f"checkpoint '{path}' does not exist; list existing files in "
+                              f"evaluate_checkpoints.checkpoints")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # weights_only met a Python object
@@ -146,7 +153,7 @@ def _template(start: ClipModel, architecture: str | None) -> ClipModel:
 
 def openai_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OpenAI's CLIP names onto open_clip's: the same but for OpenAI's scalar entries."""
-    return {key: value for key, value in state.items() if key not in _OPENAI_ONLY_KEYS}
+    return {key: value for key, value in state.items() if key not in OPENAI_ONLY_KEYS}
 
 
 def moe_adapters_state(state: dict[str, torch.Tensor], step: int, top_k: int,
@@ -162,8 +169,8 @@ def moe_adapters_state(state: dict[str, torch.Tensor], step: int, top_k: int,
             continue
         block, parts = match["block"], match["rest"].split(".")
         if parts[0] == "adaptmlp_list":
-            layer = {"down_proj": "down", "up_proj": "up"}[parts[2]]
-            mapped[f"{block}.mixture.experts.{parts[1]}.{layer}.{parts[3]}"] = value
+            layer = {"down_proj": "down", "up_proj": "up"}.get(parts[2], parts[2])  # else: refused on loading
+            mapped[f"{block}.mixture.experts.{parts[1]}.{layer}.{'.'.join(parts[3:])}"] = value
         elif parts[0] in _MOE_ROUTERS:
             index = int(parts[1]) if parts[0].endswith("_list") else 0
             routers.setdefault((block, _MOE_ROUTERS[parts[0]]), {})[index] = value
@@ -211,18 +218,20 @@ def _with_autochooser(state: dict[str, torch.Tensor], recipe: dict[str, Any], pa
         "ddas_threshold": float(options.ddas_threshold), "ddas_alexnet_weights": options.ddas_alexnet_weights}
 
 
-def ddas_state(chooser: dict[str, torch.Tensor], step: int, path: str | Path = "autochooser") -> dict[str, torch.Tensor]:
+def ddas_state(chooser: dict[str, torch.Tensor], step: int,
+               path: str | Path = "autochooser") -> dict[str, torch.Tensor]:
     """MoE-Adapters' autoencoder list (``<i>.encoder.0`` / ``<i>.decoder.0``) onto our
     ``visual.task_selector``: 0 the reference, 1..``step`` the tasks'."""
+    entries = {key: _AUTOENCODER.match(key) for key in chooser}
+    if not all(entries.values()) or not {"0", "1"} <= {match["index"] for match in entries.values()}:
+        raise CheckpointError(f"'{path}' does not hold MoE-Adapters' autoencoders 0..{step} "
+                              f"(<i>.encoder.0.weight, ...; AutoEncoder.py:13-31)")
     mapped = {}
-    for key, value in chooser.items():
-        index, part, _, kind = key.split(".")
-        if int(index) > step:
-            continue  # a later task's (untrained) autoencoder
-        owner = "reference" if index == "0" else f"autoencoders.{int(index) - 1}"
-        mapped[f"visual.task_selector.{owner}.{part}.{kind}"] = value
-    if not any(".autoencoders." in key for key in mapped) or not any(".reference." in key for key in mapped):
-        raise CheckpointError(f"'{path}' does not hold MoE-Adapters' autoencoders 0..{step} (<i>.encoder.0.weight)")
+    for key, match in entries.items():
+        index = int(match["index"])
+        if index <= step:  # a later task's autoencoder is untrained
+            owner = "reference" if index == 0 else f"autoencoders.{index - 1}"
+            mapped[f"visual.task_selector.{owner}.{match['part']}.{match['kind']}"] = chooser[key]
     return mapped
 
 
