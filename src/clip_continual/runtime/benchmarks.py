@@ -231,8 +231,10 @@ BENCHMARKS.update({b.name: b for b in (_cifar100(steps) for steps in class_incre
 
 def benchmark_in_force(pipeline_names: list[str] | tuple[str, ...] | None) -> Benchmark:
     """The benchmark a run of ``pipeline_names`` trains on: the first that names one, else the
-    embedded default (``__default__``, ``continual_learning``, ...)."""
+    embedded default (``__default__``, ``continual_learning``, ...). ``evaluate_checkpoints_<name>``
+    evaluates on benchmark ``<name>``."""
     for name in pipeline_names or ["__default__"]:
+        name = name.removeprefix("evaluate_checkpoints_")
         if name in BENCHMARKS:
             return BENCHMARKS[name]
     return BENCHMARKS[DEFAULT_BENCHMARK]

@@ -5,7 +5,7 @@ from clip_continual.pipelines.evaluation import nodes
 from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, Benchmark
 
 
-def _report_function(benchmark: Benchmark):
+def report_function(benchmark: Benchmark):
     """Tasks that are phases of one updated task name their classes under the matrix; MTIL's
     tasks are whole datasets, named by their columns."""
     if benchmark.suite.updated_test:
@@ -18,7 +18,7 @@ def create_pipeline(benchmark: Benchmark | None = None, **kwargs) -> Pipeline:
     benchmark = benchmark or BENCHMARKS[DEFAULT_BENCHMARK]
     steps = ("pretrained", *benchmark.task_names)
     report = Node(
-        _report_function(benchmark),
+        report_function(benchmark),
         inputs=["params:method", benchmark.params_block("continual_learning"), benchmark.params_block("seed"),
                 *([benchmark.suite.updated_test] if benchmark.suite.updated_test else []),
                 *(f"{step}_evaluation" for step in steps)],
