@@ -234,6 +234,10 @@ class ContinualMethod(ABC):
       distills_clean_images     distillation runs on un-augmented images (ZSCL)
       needs_inputs              names of ``TaskContext.extras`` the method reads (e.g.
                                 ``reference_set``); the loop refuses to start without them
+      task_identity             whether its inference rule reads the task of the test images
+                                (``model.adapters.evaluated_task``): "unused", "optional" (uses
+                                it when given) or "required" (refused under
+                                ``evaluation.task_identity: hidden``)
 
     Hooks around the optimizer step, in the loop's order: ``loss_terms`` -> backward ->
     (gradients unscaled) ``before_optimizer_step`` (e.g. gradient projection) -> clipping ->
@@ -249,6 +253,7 @@ class ContinualMethod(ABC):
     distills_clean_images: ClassVar[bool] = False
     needs_inputs: ClassVar[tuple[str, ...]] = ()
     replays_pairs: ClassVar[bool] = False  # its reference set must hold image-caption pairs
+    task_identity: ClassVar[str] = "unused"
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         if not 0.0 <= float(label_smoothing) < 1.0:

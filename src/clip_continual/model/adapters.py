@@ -17,9 +17,10 @@ Plain PyTorch; no Kedro import.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -125,3 +126,41 @@ def adapter_parameters(model: nn.Module, towers: tuple[str, ...] | list[str]) ->
     for transformer in tower_transformers(model, [t for t in towers if t in recipe["towers"]]).values():
         chosen += kind.parameters(transformer)
     return chosen
+
+
+# --- the task identity evaluation hands to a model -------------------------------------------
+
+EVALUATED_TASK_ATTRIBUTE = "evaluated_task"
+
+
+@dataclass(frozen=True)
+class EvaluatedTask:
+    """What the evaluation tells a model about the work in progress, as positions in the
+    benchmark's task order (0 = its first task). ``images``: the task the test images under
+    evaluation belong to, set while they are encoded and while their classifier's class texts
+    are; None when the protocol hides it (``evaluation.task_identity: hidden``). ``classes``:
+    the task whose class names the text tower is encoding (part of the classifier, so known
+    under every protocol); None while images are encoded."""
+
+    images: int | None = None
+    classes: int | None = None
+
+
+def evaluated_task(model: nn.Module) -> EvaluatedTask:
+    """What a module of ``model`` may know during an evaluation forward (``EvaluatedTask``);
+    outside one, and for images under hidden task identity, nothing (``images`` None). A method
+    whose inference rule needs the task of its test images reads ``images`` here and declares
+    ``task_identity = "required"`` (``methods.base.ContinualMethod``), so that a hidden protocol
+    refuses it before any work."""
+    return getattr(model, EVALUATED_TASK_ATTRIBUTE, None) or EvaluatedTask()
+
+
+@contextlib.contextmanager
+def evaluating_task(model: nn.Module, task: EvaluatedTask) -> Iterator[None]:
+    """``evaluated_task(model)`` is ``task`` for the block, and back to what it was after."""
+    previous = getattr(model, EVALUATED_TASK_ATTRIBUTE, None)
+    setattr(model, EVALUATED_TASK_ATTRIBUTE, task)
+    try:
+        yield
+    finally:
+        setattr(model, EVALUATED_TASK_ATTRIBUTE, previous)
