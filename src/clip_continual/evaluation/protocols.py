@@ -76,6 +76,12 @@ class EvaluationProtocol:
         """What the model may read as the task of dataset ``dataset``'s test images."""
         return None if self.hides_task else dataset
 
+    def check_evaluation(self, benchmark: str, evaluation: str) -> None:
+        """Pooled label spaces exist only where each task is a dataset of its own."""
+        if self.label_space != "own" and evaluation != "datasets":
+            raise ProtocolError(f"evaluation.label_space {self.label_space!r} pools the classes of a sequence "
+                                f"of datasets; '{benchmark}' is evaluated by '{evaluation}': use label_space: own")
+
     def check_method(self, method: str, declared: str, evaluation: str = "datasets") -> None:
         """Refuse a method that needs the task of its test images where none reaches it: under
         ``hidden``, or on an evaluation that never tells it (``phases``, ``class_incremental``)."""

@@ -12,7 +12,7 @@ from clip_continual.data.common import ImageSet
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.loading import LoaderConfig
 from clip_continual.data.mtil import few_shot_positions
-from clip_continual.evaluation.protocols import EvaluationProtocol, ProtocolError
+from clip_continual.evaluation.protocols import EvaluationProtocol
 from clip_continual.evaluation.sequences import evaluate_class_incremental_step, evaluate_datasets_step
 from clip_continual.evaluation.step import evaluate_step
 from clip_continual.evaluation.zero_shot import fill_template
@@ -218,10 +218,7 @@ def evaluation_protocol(params: dict[str, Any], method: str | None, benchmark: B
     """The benchmark's evaluation protocol (``evaluation.task_identity``, ``label_space``), with
     ``method`` (None: the starting model) checked to run under it."""
     protocol = EvaluationProtocol.from_params(params)
-    if protocol.label_space != "own" and benchmark.evaluation != "datasets":
-        raise ProtocolError(f"{benchmark.params_block('evaluation').removeprefix('params:')}.label_space "
-                            f"{protocol.label_space!r} pools the classes of a sequence of datasets; "
-                            f"'{benchmark.name}' is evaluated by '{benchmark.evaluation}': use label_space: own")
+    protocol.check_evaluation(benchmark.name, benchmark.evaluation)
     if method is not None:
         protocol.check_method(method, method_class(method).task_identity, benchmark.evaluation)
     return protocol
