@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clip_continual.methods.condu import rebuild_delta, stacked, unify_deltas, voters
-from clip_continual.model.adapters import adapter_recipe, known_task
+from clip_continual.model.adapters import EvaluatedTask, adapter_recipe, evaluating_task
 from clip_continual.model.checkpoints import load_checkpoint, save_checkpoint
 from clip_continual.model.clip import encode_images
 from clip_continual.training.config import TrainingConfig
@@ -96,7 +96,7 @@ def test_the_experts_survive_a_checkpoint_and_score_a_known_task_with_its_expert
     with torch.no_grad():
         voted = loaded.model.encode_image(pixels)  # open_clip's own path: the live model
         ensemble = encode_images(loaded.model, pixels, normalize=False).view(3, 3, -1)
-        with known_task(loaded.model, 2):
+        with evaluating_task(loaded.model, EvaluatedTask(images=1)):
             oracle = encode_images(loaded.model, pixels, normalize=False).view(3, 3, -1)
     # Voting: the pretrained model's block and one expert's (top_k 1); a known task: its expert only.
     assert torch.allclose(ensemble[:, 0], torch.nn.functional.normalize(voted, dim=-1), atol=1e-6)
@@ -132,10 +132,10 @@ def test_the_ensemble_scores_as_the_average_of_the_voters_logits(micro, three_ta
     assert torch.allclose(scores, averaged * (voters_per_image / models) ** 0.5, atol=1e-5)
     # A learnt task (ordinary MTIL, a seen dataset) is scored by its own expert alone; a task
     # not learnt yet by voting, as with no task given.
-    with known_task(third.model, 3):
+    with evaluating_task(third.model, EvaluatedTask(images=2)):
         oracle = cosines(third)
     assert torch.allclose(oracle, logits[3], atol=1e-6) and not torch.allclose(oracle, logits[1], atol=1e-3)
-    with known_task(third.model, 4):
+    with evaluating_task(third.model, EvaluatedTask(images=3)):
         unseen = cosines(third)
     assert torch.equal(unseen, scores)
 

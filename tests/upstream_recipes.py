@@ -234,3 +234,13 @@ for _method, _rates, _script in (("condu", _CONDU_5SHOT_FT_LR, "fewshot_MTIL_FT.
         "few_shot": (5, f"ConDU scripts/{_script} --few_shot 5"),
         "method.label_smoothing": (0.2, f"ConDU scripts/{_script} --ls 0.2"),
     }
+
+# X-TAIL (conf/base/parameters_xtail.yml): RAIL configs/analytic_clip.yaml trains every domain on 16
+# shots per class with seed 42 and publishes no recipe for the iterative methods it compares, which
+# keep their MTIL recipes.
+_XTAIL = {"few_shot": (16, "RAIL configs/analytic_clip.yaml num_shots: 16"),
+          "seed": (42, "RAIL configs/analytic_clip.yaml seed: 42")}
+UPSTREAM["xtail"] = {
+    "ft": {**_ZSCL_MTIL, **_XTAIL},
+    "moe_adapters": {**{k: v for k, v in _MOE_MTIL.items() if not k.startswith("cifar100/")}, **_XTAIL},
+}

@@ -49,20 +49,32 @@ def zero_shot_classifier(
     """(C, D) class features: per class, the mean of its normalised template prompts,
     renormalised (per route for a model that routes its images, ``RoutedClasses``; with the
     names for a model with its own classifier, ``FittedClasses``)."""
+    check_class_prompts(class_names, templates)
+    return class_features(clip, lambda: template_class_features(clip, class_names, templates, batch_size, device),
+                          class_names)
+
+
+def check_class_prompts(class_names: Sequence[str], templates: Sequence[str]) -> None:
     if len(class_names) == 0:
         raise ValueError("zero_shot_classifier needs at least one class name")
     if len(templates) == 0:
         raise ValueError("zero_shot_classifier needs at least one prompt template")
-    prompts = [fill_template(template, name) for name in class_names for template in templates]
 
-    def compute() -> torch.Tensor:
-        features = text_features(clip, prompts, batch_size, device)
-        per_class = features.view(len(class_names), len(templates), -1).mean(dim=1)
-        # Features of several models side by side (ConDU's experts): each renormalised alone.
-        blocks = features.shape[-1] // int(clip.model_config["embed_dim"])
-        per_class = F.normalize(per_class.view(len(class_names), blocks, -1), dim=-1).flatten(1)
-        return F.normalize(per_class, dim=-1)
-    return class_features(clip, compute, class_names)
+
+
+def template_class_features(
+    clip: ClipModel, class_names: Sequence[str], templates: Sequence[str],
+    batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """(C, D) per class the mean of its normalised template prompts, renormalised, as the text
+    tower gives them now (one route; ``zero_shot_classifier`` covers every route)."""
+    prompts = [fill_template(template, name) for name in class_names for template in templates]
+    features = text_features(clip, prompts, batch_size, device)
+    per_class = features.view(len(class_names), len(templates), -1).mean(dim=1)
+    # Features of several models side by side (ConDU's experts): each renormalised alone.
+    blocks = features.shape[-1] // int(clip.model_config["embed_dim"])
+    per_class = F.normalize(per_class.view(len(class_names), blocks, -1), dim=-1).flatten(1)
+    return F.normalize(per_class, dim=-1)
 
 
 # --- classification ---------------------------------------------------------------------------

@@ -236,6 +236,10 @@ class ContinualMethod(ABC):
       distills_clean_images     distillation runs on un-augmented images (ZSCL)
       needs_inputs              names of ``TaskContext.extras`` the method reads (e.g.
                                 ``reference_set``); the loop refuses to start without them
+      task_identity             whether its inference rule reads the task of the test images
+                                (``model.adapters.evaluated_task``): "unused", "optional" (uses
+                                it when given) or "required" (refused under
+                                ``evaluation.task_identity: hidden``)
 
     A method with ``gradient_steps = False`` (RAIL: a classifier solved in closed form on frozen
     features) gets no optimizer and no backward: the loop shows it every training image
@@ -258,6 +262,7 @@ class ContinualMethod(ABC):
     replays_pairs: ClassVar[bool] = False  # its reference set must hold image-caption pairs
     gradient_steps: ClassVar[bool] = True  # False: fit_batch instead of loss, backward and step
     passes: int = 1  # epochs of a method without gradient steps (whatever the training length says)
+    task_identity: ClassVar[str] = "unused"
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         if not 0.0 <= float(label_smoothing) < 1.0:

@@ -29,7 +29,7 @@ from clip_continual.methods.base import MethodConfigError, TaskContext, evaluati
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.lora import add_lora, check_rank, lora_parameters
 from clip_continual.model.adapters import (
-    ENSEMBLE_ATTRIBUTE, TOWERS_OF_PARTS, adapter_recipe, add_adapters, register_adapter_kind,
+    ENSEMBLE_ATTRIBUTE, TOWERS_OF_PARTS, adapter_recipe, add_adapters, evaluated_task, register_adapter_kind,
 )
 from clip_continual.model.clip import encode_images, encode_text
 
@@ -126,7 +126,7 @@ class TaskExperts(nn.Module):
     the blocks of the models that vote for it, zeros elsewhere. Every image has the same number
     of voters, so a cosine of the two is the average of the voters' cosines times one constant,
     and every classifier and retrieval ranks exactly as ConDU's averaged logits (its logit
-    scale is one fixed number). Voters: with ``known_task`` set to a learnt task (ordinary MTIL:
+    scale is one fixed number). Voters: when the evaluation gives the images' task and it is a learnt one (MTIL:
     a seen dataset) that task's expert alone (``evaluate``); otherwise, or with
     ``task_agnostic``, the pretrained model and the experts of the image's ``top_k`` tasks
     by prototype (``agnostic_evaluate``).
@@ -137,7 +137,6 @@ class TaskExperts(nn.Module):
         super().__init__()
         self.names = list(names)
         self.top_k, self.task_agnostic = 4, False
-        self.known_task: int | None = None
         self.busy = False
         for j, shape in enumerate(shapes):
             self.register_buffer(f"unified_{j}", torch.zeros(shape, device=like.device, dtype=like.dtype))
@@ -194,8 +193,10 @@ class TaskExperts(nn.Module):
 
     # --- the ensemble's encoders ---------------------------------------------------------
 
-    def _oracle(self) -> int | None:
-        known = self.known_task
+    def _oracle(self, model: nn.Module) -> int | None:
+        """The expert (1-based) of the images' task, when the evaluation gives a learnt one."""
+        task = evaluated_task(model).images
+        known = None if task is None else task + 1
         return known if known is not None and not self.task_agnostic and 1 <= known <= self.tasks else None
 
     def _encode(self, model: nn.Module, expert: int, **inputs: torch.Tensor) -> torch.Tensor:
@@ -211,7 +212,7 @@ class TaskExperts(nn.Module):
         return like.new_zeros(rows, self.tasks + 1, like.shape[-1])
 
     def encode_images(self, model: nn.Module, pixels: torch.Tensor, normalize: bool) -> torch.Tensor:
-        oracle = self._oracle()
+        oracle = self._oracle(model)
         if oracle is not None:
             chosen = torch.full((len(pixels), 1), oracle, dtype=torch.long, device=pixels.device)
             base = None
@@ -227,7 +228,7 @@ class TaskExperts(nn.Module):
         return _finish(blocks, normalize)
 
     def encode_text(self, model: nn.Module, tokens: torch.Tensor, normalize: bool) -> torch.Tensor:
-        oracle = self._oracle()
+        oracle = self._oracle(model)
         experts = [oracle] if oracle is not None else range(self.tasks + 1)
         blocks = None
         for expert in experts:
@@ -294,6 +295,7 @@ class ContinualDecouplingUnifying(FineTuning):
     """
 
     name = "condu"
+    task_identity = "optional"  # reads the images' task where given (MTIL), votes where hidden
 
     def __init__(
         self,

@@ -141,25 +141,9 @@ def evaluation_ensemble(model: nn.Module) -> Any | None:
     """The task experts that encode for ``model`` at evaluation (ConDU's, ``methods/condu.py``):
     in eval mode, once a task is learnt; else None. Their protocol: ``encode_images(model,
     pixels, normalize)`` and ``encode_text(model, tokens, normalize)`` replace the model's
-    encoders (features of ``tasks + 1`` blocks), and ``known_task`` (see ``known_task``)."""
+    encoders (features of ``tasks + 1`` blocks), and the evaluated task (``evaluated_task``)."""
     experts = getattr(model, ENSEMBLE_ATTRIBUTE, None)
     return experts if experts is not None and experts.ready and not model.training else None
-
-
-@contextlib.contextmanager
-def known_task(model: nn.Module, task: int) -> Iterator[None]:
-    """Within the block the images and texts ``model`` encodes belong to task ``task``
-    (1-based, in the benchmark's order): a model with task experts evaluates a task it has
-    learnt with that task's expert (ConDU's task-id evaluation); any other model ignores it."""
-    experts = getattr(model, ENSEMBLE_ATTRIBUTE, None)
-    if experts is None:
-        yield
-        return
-    previous, experts.known_task = experts.known_task, int(task)
-    try:
-        yield
-    finally:
-        experts.known_task = previous
 
 
 def adapter_parameters(model: nn.Module, towers: tuple[str, ...] | list[str]) -> list[nn.Parameter]:
@@ -172,3 +156,41 @@ def adapter_parameters(model: nn.Module, towers: tuple[str, ...] | list[str]) ->
     for transformer in tower_transformers(model, [t for t in towers if t in recipe["towers"]]).values():
         chosen += kind.parameters(transformer)
     return chosen
+
+
+# --- the task identity evaluation hands to a model -------------------------------------------
+
+EVALUATED_TASK_ATTRIBUTE = "evaluated_task"
+
+
+@dataclass(frozen=True)
+class EvaluatedTask:
+    """What the evaluation tells a model about the work in progress, as positions in the
+    benchmark's task order (0 = its first task). ``images``: the task the test images under
+    evaluation belong to, set while they are encoded and while their classifier's class texts
+    are; None when the protocol hides it (``evaluation.task_identity: hidden``). ``classes``:
+    the task whose class names the text tower is encoding (part of the classifier, so known
+    under every protocol); None while images are encoded."""
+
+    images: int | None = None
+    classes: int | None = None
+
+
+def evaluated_task(model: nn.Module) -> EvaluatedTask:
+    """What a module of ``model`` may know during an evaluation forward (``EvaluatedTask``);
+    outside one, and for images under hidden task identity, nothing (``images`` None). A method
+    whose inference rule needs the task of its test images reads ``images`` here and declares
+    ``task_identity = "required"`` (``methods.base.ContinualMethod``), so that a hidden protocol
+    refuses it before any work."""
+    return getattr(model, EVALUATED_TASK_ATTRIBUTE, None) or EvaluatedTask()
+
+
+@contextlib.contextmanager
+def evaluating_task(model: nn.Module, task: EvaluatedTask) -> Iterator[None]:
+    """``evaluated_task(model)`` is ``task`` for the block, and back to what it was after."""
+    previous = getattr(model, EVALUATED_TASK_ATTRIBUTE, None)
+    setattr(model, EVALUATED_TASK_ATTRIBUTE, task)
+    try:
+        yield
+    finally:
+        setattr(model, EVALUATED_TASK_ATTRIBUTE, previous)

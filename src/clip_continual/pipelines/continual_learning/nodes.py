@@ -12,9 +12,11 @@ from clip_continual.data.common import ImageSet
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.loading import LoaderConfig
 from clip_continual.data.mtil import few_shot_positions
+from clip_continual.evaluation.protocols import EvaluationProtocol
 from clip_continual.evaluation.sequences import evaluate_class_incremental_step, evaluate_datasets_step
 from clip_continual.evaluation.step import evaluate_step
 from clip_continual.evaluation.zero_shot import fill_template
+from clip_continual.methods import method_class
 from clip_continual.methods.vocabulary import ReplayVocabulary
 from clip_continual.model.clip import ClipModel
 from clip_continual.runtime.benchmarks import Benchmark
@@ -157,6 +159,7 @@ def evaluate_model(
     carrying the accuracy rows so far. ``eval_sets`` are ``zero_shot_<i>`` and ``retrieval_<i>``
     in the order of the suite."""
     suite = benchmark.suite
+    evaluation_protocol(params, model.metadata.get("method"), benchmark)  # no task id reaches the model here
     earlier = list(previous_evaluation["acc_rows"]) if previous_evaluation else []
     default_folds = params.get("retrieval_folds", 1)
     result = evaluate_step(
@@ -202,14 +205,26 @@ def evaluate_datasets_model(
     classes with all its templates; the accuracy rows so far and Transfer / Avg / Last."""
     sets = {t.name: (test_sets[f"test_{i}"], templates_for(prompts, t.prompt_key))
             for i, t in enumerate(benchmark.tasks)}
+    protocol = evaluation_protocol(params, model.metadata.get("method"), benchmark)
     result = evaluate_datasets_step(
         model, step, task, sets, params["batch_size"], params.get("device", "auto"),
         previous_rows=previous_evaluation["acc_rows"] if previous_evaluation else None,
-        loader=LoaderConfig.from_params(loader),
+        loader=LoaderConfig.from_params(loader), protocol=protocol,
     )
+    result.update({"task_identity": protocol.task_identity, "label_space": protocol.label_space})
     logger.info("step %d (%s): Transfer %s  Avg %s  Last %s", step, task, result["transfer"], result["avg"],
                 result["last"])
     return result
+
+
+def evaluation_protocol(params: dict[str, Any], method: str | None, benchmark: Benchmark) -> EvaluationProtocol:
+    """The benchmark's evaluation protocol (``evaluation.task_identity``, ``label_space``), with
+    ``method`` (None: the starting model) checked to run under it."""
+    protocol = EvaluationProtocol.from_params(params)
+    protocol.check_evaluation(benchmark.name, benchmark.evaluation)
+    if method is not None:
+        protocol.check_method(method, method_class(method).task_identity, benchmark.evaluation)
+    return protocol
 
 
 def evaluate_class_incremental_model(
@@ -218,6 +233,7 @@ def evaluate_class_incremental_model(
     *, step: int, task: str, benchmark: Benchmark,
 ) -> dict[str, Any]:
     """Class-incremental learning after ``step``: the seen classes' test images among them."""
+    evaluation_protocol(params, model.metadata.get("method"), benchmark)  # no task id reaches the model here
     result = evaluate_class_incremental_step(
         model, step, task, updated_test, templates_for(prompts, benchmark.suite.updated_prompt_key),
         benchmark.phases, params["batch_size"], params.get("device", "auto"),

@@ -31,17 +31,22 @@ def report_continual_run(
 def report_dataset_run(
     method: str, params: dict[str, Any], seed: int, *evaluations: dict[str, Any], benchmark: str,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], Figure, Figure, pd.DataFrame]:
-    """The reports of a sequence of whole datasets (MTIL), whose columns name the datasets."""
-    return _reports(method, params, seed, list(evaluations), benchmark, None)
+    """The reports of a sequence of whole datasets (MTIL), whose columns name the datasets; the
+    summary names the evaluation protocol (``evaluation.protocols``) the numbers were taken under."""
+    protocol = {key: evaluations[-1][key] for key in PROTOCOL_KEYS if key in evaluations[-1]}
+    return _reports(method, params, seed, list(evaluations), benchmark, None, protocol)
+
+
+PROTOCOL_KEYS = ("task_identity", "label_space")
 
 
 def _reports(method: str, params: dict[str, Any], seed: int, steps: list[dict[str, Any]], benchmark: str,
-             task_classes: list[list[str]] | None):
+             task_classes: list[list[str]] | None, protocol: dict[str, str] | None = None):
     table = reporting.metrics_table(steps)
     matrix = reporting.accuracy_matrix(steps)
     alpha = effective_alpha(method, params.get("alpha")) if method in METHODS else params.get("alpha")
     summary = reporting.summary(
-        steps, {"benchmark": benchmark, "method": method, "alpha": alpha, "seed": seed}
+        steps, {"benchmark": benchmark, "method": method, "alpha": alpha, "seed": seed, **(protocol or {})}
     )
     title = run_name(benchmark, method, alpha, seed)
     return (
