@@ -7,7 +7,6 @@ Plain Python and PyTorch; no Kedro import.
 
 from __future__ import annotations
 
-import logging
 import resource
 import sys
 from pathlib import Path
@@ -17,8 +16,6 @@ import torch
 from torch import nn
 
 from clip_continual.training.schedule import global_batch_size
-
-logger = logging.getLogger(__name__)
 
 MIB = 2**20
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -35,7 +32,7 @@ class PeakMemory:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         else:
-            self.per_task = _reset_peak_resident_set()
+            _reset_peak_resident_set()
 
     def mib(self) -> float:
         if self.device.type == "cuda":
@@ -43,12 +40,11 @@ class PeakMemory:
         return _peak_resident_set() / MIB
 
 
-def _reset_peak_resident_set() -> bool:
+def _reset_peak_resident_set() -> None:
     try:
         _CLEAR_REFS.write_text("5")
-        return True
-    except OSError:
-        return False
+    except OSError:  # not Linux, or not allowed: the peak since the process started
+        pass
 
 
 def _peak_resident_set() -> int:
