@@ -43,7 +43,9 @@ def run_methods(methods: list[str], seed: int, project: Path, uri: str, params: 
     """One sweep over ``methods`` at ``seed``, logging to ``uri``."""
     command = [sys.executable, "-m", "clip_continual.sweep", "--methods", *methods, "--seeds", str(seed),
                "--project-path", str(project), *(["--params", params] if params else [])]
-    subprocess.run(command, cwd=project, check=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    # The runs' log to stderr: stdout holds the table alone.
+    subprocess.run(command, cwd=project, check=True, stdout=sys.stderr,
+                   env={**os.environ, "MLFLOW_TRACKING_URI": uri})
 
 
 def _cell(value: Any, form: str) -> str:
