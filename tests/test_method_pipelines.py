@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from project_helpers import copy_project, run_folders, run_pipeline
+from mlflow.tracking import MlflowClient
+
+from project_helpers import copy_project, mlflow_runs, run_folders, run_pipeline, store_uri
 
 METHODS = ("geodl", "imm", "wise_ft", "ewc", "agem", "gem", "icarl")
 ICARL = {"method": "icarl", "continual_learning": {"methods": {"icarl": {"per_class": 3, "budget": 10}}}}
@@ -41,6 +43,11 @@ def test_icarl_memory_is_handed_on_within_budget_and_a_resumed_run_continues_exa
             sizes.append(len(state["memory_labels"]))
             assert set(state["memory_labels"].tolist()) == set(range(2 * task))
     assert sizes == [6, 8, 6, 8, 10]  # min(3, 10 // classes) of each seen class
+    # Its cost: the exemplars it hands on (and its teacher) beside the model.
+    summary = json.loads((folder / "task_2_training.json").read_text())
+    with np.load(folder / "task_2_method_state.npz", allow_pickle=False) as state:
+        assert summary["extra_storage"]["handed_on"] == sum(state[key].nbytes for key in state.files) > 0
+    assert summary["extra_storage"]["teacher"] > 0
     final_state = (folder / "task_5_method_state.npz").read_bytes()
     models = project / "data" / "06_models" / "digits_mst" / folder.name
     final_model = torch.load(models / "task_5.pt", weights_only=True)["state_dict"]
@@ -51,6 +58,11 @@ def test_icarl_memory_is_handed_on_within_budget_and_a_resumed_run_continues_exa
             (folder / f"{task}{suffix}").unlink()
     run_pipeline(project, ["digits_mst"], params=ICARL, only_missing_outputs=True)
     assert (folder / "task_5_method_state.npz").read_bytes() == final_state
+    # The resumed run paid for the tasks it trained again only: their costs alone are its.
+    resumed_run = mlflow_runs(store_uri(project))[0]
+    paid = MlflowClient(tracking_uri=store_uri(project)).get_metric_history(resumed_run.info.run_id,
+                                                                            "cost/wall_time_s")
+    assert sorted(point.step for point in paid) == [4, 5]
     resumed = torch.load(models / "task_5.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(resumed[k], final_model[k]) for k in final_model)
 

@@ -317,6 +317,16 @@ class ContinualMethod(ABC):
         after ``after_task``. Default: nothing."""
         return {}
 
+    def extra_storage_bytes(self, task: TaskContext, student: nn.Module) -> dict[str, int]:
+        """What the method keeps beyond the weights of the architecture it trains, by kind, in
+        bytes: a cost of the method (``training.costs``). Called once the task is over, after
+        ``export_state``. Default: the teacher it reads (a whole model kept beside the student)
+        and the arrays it hands on (exemplars, Fisher matrices); a method that keeps more
+        (adapters, a reference set, an ensemble of weights) adds it."""
+        kept = {"teacher": module_bytes(task.teacher.model)} if task.teacher is not None else {}
+        handed_on = array_bytes(self.export_state().values())
+        return kept | ({"handed_on": handed_on} if handed_on else {})
+
     @abstractmethod
     def loss_terms(self, student: nn.Module, batch: Batch, task: TaskContext) -> dict[str, torch.Tensor]:
         """Named, already weighted scalar loss terms of this batch; the loop sums them."""
@@ -324,6 +334,31 @@ class ContinualMethod(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyper_parameters().items())
         return f"{type(self).__name__}({args})"
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """The bytes ``tensors`` hold (each counted once, however often it is listed)."""
+    unique = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def module_bytes(module: nn.Module) -> int:
+    """The bytes of a module's parameters and buffers: what keeping a copy of it costs."""
+    return tensor_bytes([*module.parameters(), *module.buffers()])
+
+
+def array_bytes(arrays: Iterable[Any]) -> int:
+    return sum(np.asarray(array).nbytes for array in arrays)
+
+
+def reference_set_bytes(reference: Any) -> int:
+    """The bytes of a reference set's images: an in-memory set's arrays; a set streamed from
+    its files (``ReferenceStream``) as uint8 images at the resolution it is decoded to."""
+    if reference is None:
+        return 0
+    if isinstance(getattr(reference, "images", None), np.ndarray):
+        return int(reference.images.nbytes)
+    return len(reference) * int(reference.image_size) ** 2 * 3
 
 
 def require_alpha(alpha: float, name: str = "alpha") -> float:

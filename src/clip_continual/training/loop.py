@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from clip_continual.data.loading import TrainBatch
 from clip_continual.methods.base import Batch, ContinualMethod, TaskContext, evaluation_mode
 from clip_continual.model.clip import ClipModel, full_precision, resolve_device
+from clip_continual.training.costs import PassCounter, PeakMemory, measured_costs, stored_costs, teacher_models
 from clip_continual.training.replica import Replica
 from clip_continual.training.schedule import (
     autocast_for, build_optimizer, global_batch_size, resolve_precision, step_learning_rate,
@@ -49,8 +50,8 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
     ``on_step(step, values)`` follows every optimizer step (1-based step, the loss terms, their
     sum ``loss``, ``lr``); ``replica`` is this process's part of a data-parallel run."""
     config, method, plan, replica = task.config, task.method, task.plan, replica or Replica()
-    record = RunRecord(task, on_step)
     device = resolve_device(config.device)
+    record = RunRecord(task, on_step, device, replica.world_size)
     precision = resolve_precision(config.precision, device)
     student, trainable = build_student(task, device)
     model, teacher = student.model, build_teacher(task, device)
@@ -64,6 +65,7 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
         precompute_teacher_features(task, context, student)
         method.before_task(context)
         record.set_up()
+        passes = PassCounter(model, teacher_models(context))
         try:
             for step, train_batch in record.steps(task_batches(task, student, device, replica)):
                 lr = step_learning_rate(config, plan, step)
@@ -96,8 +98,9 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
                 numbers = full_precision(torch.stack([loss.detach()] + [t.detach() for t in terms.values()]))
                 record.step(step, lr, dict(zip(["loss", *terms], replica.reduce(numbers).tolist())))
         finally:
+            passes.remove()
             method.after_task(context, model)
-    return finish(task, student, trainable, record, device)
+    return finish(task, student, trainable, record, device, costs=(context, passes))
 
 
 def fit_batch(method: ContinualMethod, model: nn.Module, batch: Batch, context: TaskContext) -> dict[str, float]:
@@ -132,8 +135,10 @@ class RunRecord:
     """What a task's run records: every step's numbers (history, progress bar, log lines,
     ``on_step``), the time of each step (waiting for its batch included) and of the set-up."""
 
-    def __init__(self, task: TrainingTask, on_step: StepCallback | None) -> None:
+    def __init__(self, task: TrainingTask, on_step: StepCallback | None, device: torch.device,
+                 world_size: int = 1) -> None:
         self.task, self.on_step = task, on_step
+        self.memory, self.world_size = PeakMemory(device), world_size  # the peak from here on
         self.history: dict[str, list[float]] = {}
         self.window: dict[str, list[float]] = {}
         self.step_times: list[float] = []
@@ -182,10 +187,12 @@ class RunRecord:
 
 
 def finish(task: TrainingTask, student: ClipModel, trainable: list[nn.Parameter], record: RunRecord,
-           device: torch.device) -> tuple[ClipModel, dict[str, Any]]:
+           device: torch.device, costs: tuple[TaskContext, PassCounter]) -> tuple[ClipModel, dict[str, Any]]:
     """Hand back a plain model (eval mode, every parameter trainable again, as CLIP loads) and
-    the task's summary."""
+    the task's summary, with what the task cost (``training.costs``)."""
     method, config, plan, history = task.method, task.config, task.plan, record.history
+    context, passes = costs
+    wall_time = time.perf_counter() - record.wall_started
     student.model.eval()
     for parameter in student.model.parameters():
         parameter.requires_grad_(True)
@@ -202,7 +209,9 @@ def finish(task: TrainingTask, student: ClipModel, trainable: list[nn.Parameter]
         "median_step_time_s": statistics.median(record.step_times),
         "train_time_s": float(sum(record.step_times)),
         "setup_time_s": record.setup_time,
-        "wall_time_s": time.perf_counter() - record.wall_started,
+        "wall_time_s": wall_time,
+        **measured_costs(plan, passes, record.memory, record.world_size, wall_time),
+        **stored_costs(method, context, student.model),
         "final_losses": {name: values[-1] for name, values in history.items()},
         "mean_losses": {name: float(np.mean(values)) for name, values in history.items()},
         "final_lr": step_learning_rate(config, plan, plan.total_steps - 1),

@@ -22,7 +22,7 @@ from clip_continual.model.clip import ClipModel
 from clip_continual.runtime.benchmarks import Benchmark
 from clip_continual.runtime.recipe import TaskRecipe, block_path_of, overridden, resolve_task, seed_path_of
 from clip_continual.runtime.tracking import (
-    TASK_COSTS, TASK_GROUP, BatchedMetrics, metric_history, step_metric_history,
+    COST_GROUP, TRAINED_IN, BatchedMetrics, active_run_id, metric_history, paid_costs, step_metric_history,
 )
 from clip_continual.training.config import TrainingConfig
 from clip_continual.training.distributed import DistributedConfig, train_on
@@ -108,6 +108,7 @@ def fine_tune_task(
     with BatchedMetrics() as metrics:
         model, summary = train_on(distributed, training, _loss_logger(metrics, tracking, offset))
     model.metadata.update({"method": method, "task_index": task_index, "classes": list(classes)})
+    summary[TRAINED_IN] = active_run_id()  # who paid for the task (see step_metrics_for_mlflow)
     return model, summary, training.method.export_state()
 
 
@@ -187,13 +188,13 @@ def evaluate_model(
 def step_metrics_for_mlflow(evaluation: dict[str, Any],
                             training_summary: dict[str, Any] | None = None) -> dict[str, Any]:
     """A step's metrics as MLflow metrics ``continual/<name>`` and ``retrieval/<recall>`` (each
-    once, see ``step_metric_names``) at ``step`` = task index, and what
-    the task cost (``task/<cost>``, the same step). A node of its own: a resumed run
+    once, see ``step_metric_names``) at ``step`` = task index, and what the task cost
+    (``cost/<name>``, the same step). A node of its own: a resumed run
     (``--only-missing-outputs``) logs the finished tasks' stored evaluations again without
-    evaluating their models again, so it holds the whole sequence."""
+    evaluating their models again, so it holds the whole sequence; their costs it did not pay,
+    and does not log."""
     step = evaluation["step"]
-    costs = {k: training_summary[k] for k in TASK_COSTS if k in training_summary} if training_summary else {}
-    return step_metric_history(evaluation, step) | metric_history(costs, TASK_GROUP, step)
+    return step_metric_history(evaluation, step) | metric_history(paid_costs(training_summary), COST_GROUP, step)
 
 
 def evaluate_datasets_model(

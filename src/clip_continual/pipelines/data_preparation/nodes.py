@@ -14,13 +14,15 @@ from clip_continual.data.shapes import (
 
 def generate_pretraining_corpus(params: dict[str, Any], seed: int) -> ImageSet:
     """``corpus_size`` pairs: printed digits (``glyphs.count``) among shapes-world pairs."""
-    total, glyphs = params["shapes"]["corpus_size"], params.get("glyphs", {}).get("count", 0)
+    glyph_params = params.get("glyphs") or {}
+    total, glyphs = params["shapes"]["corpus_size"], glyph_params.get("count", 0)
     if not 0 <= glyphs <= total:
         raise ValueError(f"data_preparation.glyphs.count must lie in [0, corpus_size={total}], got {glyphs}")
     shapes = make_corpus(total - glyphs, seed, params["image_size"])
     if not glyphs:
         return shapes
-    return mixed_corpus(shapes, make_glyphs(glyphs, seed, params["image_size"]), seed)
+    printed = make_glyphs(glyphs, seed, params["image_size"], glyph_params.get("scanned_fraction", 0.0))
+    return mixed_corpus(shapes, printed, seed)
 
 
 def generate_shapes_zero_shot_set(params: dict[str, Any], seed: int) -> ImageSet:

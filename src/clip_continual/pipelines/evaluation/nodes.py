@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from clip_continual.evaluation import reporting
 from clip_continual.methods import METHODS, effective_alpha
 from clip_continual.runtime.run_key import run_name
-from clip_continual.runtime.tracking import CONTINUAL_GROUP, metric_history
+from clip_continual.runtime.tracking import COST_GROUP, CONTINUAL_GROUP, metric_history, run_costs
 
 # Whole-run metrics of the summary, logged as ``continual/<name>`` at the last step.
 SUMMARY_METRICS = ("mean_learning_acc",)
@@ -59,7 +59,9 @@ def _reports(method: str, params: dict[str, Any], seed: int, steps: list[dict[st
     )
 
 
-def summary_metrics_for_mlflow(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary's whole-run metrics (SUMMARY_METRICS) as MLflow metrics at the last step."""
-    return metric_history({k: summary[k] for k in SUMMARY_METRICS if k in summary},
-                          CONTINUAL_GROUP, summary["num_tasks"])
+def summary_metrics_for_mlflow(summary: dict[str, Any], *training_summaries: dict[str, Any]) -> dict[str, Any]:
+    """The summary's whole-run metrics (SUMMARY_METRICS) as MLflow metrics at the last step,
+    and what the tasks this run trained cost together (``cost/total_<name>``)."""
+    step = summary["num_tasks"]
+    return (metric_history({k: summary[k] for k in SUMMARY_METRICS if k in summary}, CONTINUAL_GROUP, step)
+            | metric_history(run_costs(list(training_summaries)), COST_GROUP, step))

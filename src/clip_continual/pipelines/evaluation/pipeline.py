@@ -28,13 +28,15 @@ def create_pipeline(benchmark: Benchmark | None = None, **kwargs) -> Pipeline:
     )
     track = Node(
         nodes.summary_metrics_for_mlflow,
-        inputs="continual_summary",
+        inputs=["continual_summary", *(f"{task}_training_summary" for task in benchmark.task_names)],
         outputs="continual_summary_mlflow_metrics",
         name="track_continual_summary",
         tags=["tracking"],
     )
     return Pipeline(
         [report, track],
-        inputs={f"{step}_evaluation": f"{benchmark.name}.{step}.evaluation" for step in steps},
+        inputs={**{f"{step}_evaluation": f"{benchmark.name}.{step}.evaluation" for step in steps},
+                **{f"{task}_training_summary": f"{benchmark.name}.{task}.training_summary"
+                   for task in benchmark.task_names}},
         tags=["evaluation", benchmark.name],
     )
