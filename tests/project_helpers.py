@@ -40,6 +40,7 @@ TINY_PARAMETERS: dict[str, Any] = {
     "data_preparation": {
         "shapes": {"corpus_size": 256, "zero_shot_per_class": 2, "retrieval_size": 24,
                    "reference_size": 32},
+        "glyphs": {"count": 32},
     },
     "pretraining": {"steps": 3, "batch_size": 32, "progress": False},
     "continual_learning": {"training": {"steps": 2, "batch_size": 16, "progress": False}},

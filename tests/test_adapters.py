@@ -222,3 +222,4 @@ def test_moe_settings_are_checked():
         get_method("moe_adapters", experts=2, top_k=3)
     with pytest.raises(MethodConfigError, match="rank must be a positive integer"):
         get_method("rkr", rank=0)
+

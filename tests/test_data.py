@@ -142,3 +142,16 @@ def test_the_pretraining_corpus_mixes_printed_digits_in():
     assert not (corpus.labels[:30] >= 64).all()  # shuffled, not appended
     with pytest.raises(ValueError, match="glyphs.count"):
         generate_pretraining_corpus({**params, "glyphs": {"count": 201}}, seed=0)
+
+
+def test_printed_digits_are_part_of_the_start_model_key():
+    """A corpus with other printed digits pretrains another start model: never reuse one."""
+    from clip_continual.runtime.run_key import compute_source_key
+
+    params = {"model": {"architecture": "clip-continual-tiny-p8"}, "seed": 0, "pretraining": {"steps": 10},
+              "data_preparation": {"image_size": 32, "shapes": {"corpus_size": 200}}}
+    keys = {compute_source_key({**params, "data_preparation": {**params["data_preparation"], "glyphs": glyphs}})
+            for glyphs in ({"count": 30}, {"count": 40}, {"count": 30, "scanned_fraction": 0.5})}
+    assert len(keys) == 3
+    off = {**params["data_preparation"], "glyphs": {"count": 0}}
+    assert compute_source_key({**params, "data_preparation": off}) == compute_source_key(params)

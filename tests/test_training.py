@@ -81,7 +81,7 @@ def test_config_from_params_and_errors():
         ({"betas": [0.9, 1.5]}, "betas must be two numbers"),
         ({"grad_clip_norm": 0}, "grad_clip_norm must be positive or null"),
         ({"lr": "fast"}, "lr must be a number"),
-        ({"method": "bogus"}, "unknown method 'bogus'; known methods: agem, ewc, ft"),
+        ({"method": "bogus"}, "unknown method 'bogus'; known methods: agem, condu, condu_lora, ewc, ft"),
         ({"method": "ft", "method_options": {"alpha2": 1}}, "has no hyper-parameter"),
     ]
     for params, message in bad:

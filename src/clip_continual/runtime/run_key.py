@@ -105,8 +105,10 @@ def compute_source_key(params: dict[str, Any]) -> str:
     }
     if pretraining.pop("enabled", True):
         data = params.get("data_preparation") or {}
-        source |= {"pretraining": pretraining, "seed": params.get("seed"),
-                   "corpus": {"shapes": data.get("shapes"), "image_size": data.get("image_size")}}
+        corpus = {"shapes": data.get("shapes"), "image_size": data.get("image_size")}
+        if (data.get("glyphs") or {}).get("count"):  # printed digits change the corpus
+            corpus["glyphs"] = data["glyphs"]
+        source |= {"pretraining": pretraining, "seed": params.get("seed"), "corpus": corpus}
     digest = hashlib.sha256(json.dumps(_scientific(source), sort_keys=True, default=str).encode())
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(model.get("architecture") or "model"))
     return f"{name}-{digest.hexdigest()[:10]}"

@@ -35,8 +35,10 @@ def _source_key(model_params: dict[str, Any], config: PretrainingConfig | None,
     ``config`` is None when pretraining is disabled (the weights are used as they are)."""
     key = {"architecture": model_params["architecture"], "pretrained": model_params.get("pretrained")}
     if config is not None:  # the fingerprint covers the seed
-        key |= {"pretraining": config.fingerprint(),
-                "corpus": {**data_params["shapes"], "image_size": data_params["image_size"]}}
+        corpus = {**data_params["shapes"], "image_size": data_params["image_size"]}
+        if (data_params.get("glyphs") or {}).get("count"):  # printed digits change the corpus
+            corpus["glyphs"] = dict(data_params["glyphs"])
+        key |= {"pretraining": config.fingerprint(), "corpus": corpus}
     return key
 
 
