@@ -9,6 +9,7 @@ from typing import Any
 
 from clip_continual.methods.agem import AveragedGEM
 from clip_continual.methods.base import ContinualMethod, MethodConfigError
+from clip_continual.methods.diki import DIKI
 from clip_continual.methods.ewc import ElasticWeightConsolidation
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.gem import GradientEpisodicMemory
@@ -40,6 +41,7 @@ METHODS: dict[str, type[ContinualMethod]] = {
     RectifiedKnowledgeRetention.name: RectifiedKnowledgeRetention,
     MoEAdapters.name: MoEAdapters,
     ZeroShotContinualLearning.name: ZeroShotContinualLearning,
+    DIKI.name: DIKI,
 }
 
 
