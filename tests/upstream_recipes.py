@@ -2,7 +2,8 @@
 (value, where upstream sets it). ``test_recipes.py`` compares the effective recipe of every pair
 with this table. A value that holds for one task only is keyed ``<task>/<setting>``.
 
-ZSCL = Thunderbeee/ZSCL (mtil/, cil/); MoE = JiazuoYu/MoE-Adapters4CL; CL-CLIP = yxding95/CL-CLIP.
+ZSCL = Thunderbeee/ZSCL (mtil/, cil/); MoE = JiazuoYu/MoE-Adapters4CL; CL-CLIP = yxding95/CL-CLIP;
+DIKI = lloongx/DIKI.
 """
 
 from __future__ import annotations
@@ -72,6 +73,27 @@ _MOE_MTIL = {
     "method.router_per_task": (True, "MoE mtil/clip/model.py: one router per task"),
     "method.eval_noise": (False, "MoE mtil/clip/model.py: noise only with --is_train"),
     "seed": (42, "MoE mtil/src/args.py --seed 42"),
+}
+
+# DIKI configs/MTIL.yaml over DIKI/setup_cfg.py's defaults, DIKI/DIKI.py and DIKI/utils.py.
+_DIKI_MTIL = {
+    "training.optimizer": ("sgd", "DIKI configs/MTIL.yaml optim.name SGD; DIKI.py torch.optim.SGD"),
+    "training.lr": (5.0, "DIKI configs/MTIL.yaml optim.lr 5.0"),
+    "training.weight_decay": (0.0, "DIKI configs/MTIL.yaml optim.weight_decay 0"),
+    "training.batch_size": (128, "DIKI configs/MTIL.yaml optim.batch_size 128"),
+    "training.epochs": (10, "DIKI configs/MTIL.yaml optim.max_epoch 10"),
+    "training.steps": (None, "DIKI DIKI.py: epochs, no iteration count"),
+    "training.schedule": ("cosine", "DIKI configs/MTIL.yaml lr_scheduler cosine"),
+    "training.warmup_steps": (0, "DIKI configs/MTIL.yaml warmup_epoch 0"),
+    "training.final_lr_ratio": (1e-3, "DIKI DIKI/utils.py build_cosine_scheduler final_lr = lr * 1e-3"),
+    "training.augment": ("none", "DIKI DIKI/utils.py get_transform: clip._transform for training too"),
+    "training.grad_clip_norm": (None, "DIKI DIKI.py train_one_task: no clipping"),
+    "method.label_smoothing": (0.0, "DIKI DIKI.py F.cross_entropy"),
+    "method.depth": (8, "DIKI configs/MTIL.yaml prompt_depth_vision / _text 8"),
+    "method.length": (8, "DIKI configs/MTIL.yaml n_ctx_vision / _text 8"),
+    "method.batchwise": (True, "DIKI configs/MTIL.yaml batchwise_prompt True"),
+    "method.vote_batch": (256, "DIKI DIKI.py get_dataloader: test batch 2 x 128"),
+    "seed": (42, "DIKI configs/MTIL.yaml seed 42"),
 }
 
 # ZSCL cil/configs/class/cifar100_*.yaml and cil/continual_clip/models.py (weights 5, T 2 hard-coded).
@@ -150,6 +172,7 @@ UPSTREAM: dict[str, dict[str, dict[str, tuple]]] = {
                     for method, own in _CL_CLIP_METHODS.items()},
 }
 UPSTREAM["mtil_order1"]["moe_adapters"] = dict(_MOE_MTIL)
+UPSTREAM["mtil_order1"]["diki"] = dict(_DIKI_MTIL)
 UPSTREAM["mtil_order2"]["moe_adapters"] = dict(_MOE_MTIL)  # no order-II script: the rates go with the dataset
 UPSTREAM["cifar100_10steps"]["moe_adapters"] = _moe_cifar(128)
 UPSTREAM["cifar100_20steps"]["moe_adapters"] = _moe_cifar(128)
