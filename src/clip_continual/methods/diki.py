@@ -93,7 +93,8 @@ register_adapter_kind("diki", add_diki, latest_slot_parameters, settings=SETTING
 
 def fit_task_gaussian(student: nn.Module, task: TaskContext, batch_size: int = 256) -> None:
     """The task's Gaussian from the frozen CLIP's features of all its (un-augmented) training
-    images (DIKI.py:361-376: the train loader with CLIP's test transform, utils.py:35-36)."""
+    images, before training (DIKI.py:361-376: the train loader with CLIP's test transform,
+    utils.py:35-36)."""
     images = task.train_images
     if images is None or task.preprocess is None:
         raise ValueError("this method needs the task's training images in TaskContext")
@@ -150,8 +151,5 @@ class DIKI(FineTuning):
         add_slot(student)
         recipe["slots"] += 1
 
-    def after_task(self, task: TaskContext, student: nn.Module) -> None:
-        # DIKI fits the Gaussian before training (DIKI.py:361-376); the frozen CLIP's features do
-        # not change in training, so fitting it here is the same Gaussian (this hook sees the model).
-        if adapter_recipe(student)["tasks"] < adapter_recipe(student)["slots"]:
-            fit_task_gaussian(student, task)
+    def prepare_for_task(self, student: nn.Module, task: TaskContext) -> None:
+        fit_task_gaussian(student, task)

@@ -171,21 +171,27 @@ def _checked_teacher(method: ContinualMethod, start: ClipModel, teacher: ClipMod
 
 # --- built once per task, on the training device ---------------------------------------------
 
-def build_student(task: TrainingTask, device: torch.device) -> tuple[ClipModel, list[nn.Parameter]]:
-    """A copy of the start model on ``device``, changed by the method where it adapts the
-    architecture, and its trainable parameters (the only ones requiring gradients)."""
-    config = task.config
+def build_student(task: TrainingTask, device: torch.device) -> ClipModel:
+    """A copy of the start model on ``device`` in training mode, changed by the method where it
+    adapts the architecture."""
     torch.manual_seed(task.seed)  # what the method draws for the student (adapters) is the task's
     student = task.start.clone()
     student.model.to(device)
-    task.method.prepare_student(student.model, config.parts)
+    task.method.prepare_student(student.model, task.config.parts)
+    student.model.train()
+    return student
+
+
+def trainable_parameters(task: TrainingTask, student: ClipModel) -> list[nn.Parameter]:
+    """The student's trainable parameters, the only ones left requiring gradients; chosen once
+    the method has fitted the student to the task (``prepare_for_task``)."""
+    config = task.config
     trainable = set_trainable_parts(student.model, config.parts)
     if not config.train_logit_scale and hasattr(student.model, "logit_scale"):
         # ZSCL mtil/src/models/finetune.py: exclude_params_name = ["logit_scale"]
         student.model.logit_scale.requires_grad_(False)
         trainable = [p for p in trainable if p is not student.model.logit_scale]
-    student.model.train()
-    return student, trainable
+    return trainable
 
 
 def build_teacher(task: TrainingTask, device: torch.device) -> ClipModel | None:
