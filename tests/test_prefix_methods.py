@@ -15,7 +15,7 @@ from clip_continual.model.prefix_attention import GaussianTaskSelector
 from clip_continual.training.config import TrainingConfig
 from clip_continual.training.loop import fine_tune
 
-METHODS = ["diki"]
+METHODS = ["diki", "dpw"]
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,15 @@ def features(clip, pixels, tokens):
 def test_an_adapted_model_starts_as_the_frozen_clip(micro, inputs, method):
     adapted = micro.clone()
     get_method(method).prepare_student(adapted.model, "wm")
-    assert adapter_recipe(adapted.model)["slots"] == 1
     adapted.model.eval()  # no task learnt: no image is routed, no branch runs
     assert image_routing(adapted.model) is None
     for plain, ours in zip(features(micro, *inputs), features(adapted, *inputs)):
         torch.testing.assert_close(ours, plain, rtol=0, atol=1e-6)
-    adapted.model.train()  # training reads the fresh slot: zero values, a zero branch
-    for plain, ours in zip(features(micro, *inputs), features(adapted, *inputs)):
-        torch.testing.assert_close(ours, plain, rtol=0, atol=1e-6)
+    if method == "diki":  # training reads DIKI's fresh slot: zero values, a zero branch
+        assert adapter_recipe(adapted.model)["slots"] == 1
+        adapted.model.train()
+        for plain, ours in zip(features(micro, *inputs), features(adapted, *inputs)):
+            torch.testing.assert_close(ours, plain, rtol=0, atol=1e-6)
 
 
 def test_each_image_takes_its_likeliest_task_and_a_batch_votes():
@@ -96,3 +97,39 @@ def test_two_tasks_route_and_load_back_with_their_gaussians(micro, random_image_
     with torch.no_grad(), routing.text_route(loaded.model, int(routing.last_routes[0])):
         routed_text = encode_text(loaded.model, inputs[1])
     assert not torch.allclose(routed_text, encode_text(micro.model, inputs[1]).detach(), atol=1e-6)
+
+
+def test_dpw_gates_normalise_only_past_one_and_the_adapter_takes_the_excess(float64):
+    from clip_continual.methods.dpw import GatedValuePrefix
+    from clip_continual.model.prefix_attention import PrefixRoute
+
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    branch = GatedValuePrefix(attn, "text", length=4, positions=5, bottleneck=8, basis="pretrained", heads=[])
+    branch.add_slot(attn, heads={"text": 2})
+    branch.eval()
+    slot, tokens = branch.slots[0], torch.randn(3, 5, 16)
+    values = slot.values.view(4, 2, 8).transpose(0, 1)  # (heads, prefixes, head width)
+    with torch.no_grad():
+        slot.gate_bias.fill_(-40.0)  # gates ~0: no normalisation, no adapter (rt = 0)
+        quiet = branch.branch(tokens, attn, PrefixRoute(0))
+        assert quiet.abs().max() < 1e-12
+        slot.gate_bias.fill_(40.0)  # every gate 1: divided by their sum 4, the adapter times 4 - 1
+        full = branch.branch(tokens, attn, PrefixRoute(0))
+        adapter = slot.up(tokens @ branch.down) * 0.05
+        expected = values.mean(dim=1).reshape(1, 1, 16) + adapter * 3
+        torch.testing.assert_close(full, expected, rtol=0, atol=1e-12)
+        # Weighted at evaluation: the whole branch scales with the route's weight.
+        torch.testing.assert_close(branch.branch(tokens, attn, PrefixRoute(0, 0.9, 0.9)), 0.9 * full, rtol=0, atol=1e-12)
+
+
+def test_dpw_prefix_heads_follow_the_fine_grained_score():
+    from clip_continual.methods.dpw import fine_grained_score, prefix_heads
+
+    assert [prefix_heads(12, s, 8, 768) for s in (0.01, 0.7, 3.0)] == [1, 8, 32]  # 2^round(log2(int(12 s)))
+    assert prefix_heads(2, 10.0, 8, 32) == 4  # capped where 20 -> 16 heads would not fit a width of 32
+    images = torch.nn.functional.normalize(torch.eye(3, 4).repeat_interleave(2, 0) + 0.01, dim=1)
+    texts = torch.nn.functional.normalize(torch.eye(3, 4), dim=1)
+    labels = torch.arange(3).repeat_interleave(2)
+    # Orthogonal classes, identical images within each, all recognised: (1 + 1) / 2 / (~0 + 10 / 3).
+    assert fine_grained_score(images, labels, texts) == pytest.approx(0.3, rel=0.02)

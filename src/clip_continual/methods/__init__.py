@@ -10,6 +10,7 @@ from typing import Any
 from clip_continual.methods.agem import AveragedGEM
 from clip_continual.methods.base import ContinualMethod, MethodConfigError
 from clip_continual.methods.diki import DIKI
+from clip_continual.methods.dpw import DynamicPrefixWeighting
 from clip_continual.methods.ewc import ElasticWeightConsolidation
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.gem import GradientEpisodicMemory
@@ -42,6 +43,7 @@ METHODS: dict[str, type[ContinualMethod]] = {
     MoEAdapters.name: MoEAdapters,
     ZeroShotContinualLearning.name: ZeroShotContinualLearning,
     DIKI.name: DIKI,
+    DynamicPrefixWeighting.name: DynamicPrefixWeighting,
 }
 
 

@@ -17,20 +17,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_continual.methods.base import MethodConfigError, TaskContext, evaluation_mode
+from clip_continual.methods.base import MethodConfigError, TaskContext
 from clip_continual.methods.ft import FineTuning
 from clip_continual.model.adapters import (
     TOWERS_OF_PARTS, adapter_recipe, add_adapters, register_adapter_kind,
 )
 from clip_continual.model.prefix_attention import (
-    GaussianTaskSelector, PrefixBranch, PrefixRoute, add_prefix_branches, add_slot, add_task_selector,
-    configure_selector, frozen_image_features, latest_slot_parameters, merge_heads, per_sequence, queries,
-    slot_rows, split_heads,
+    PrefixBranch, PrefixRoute, add_prefix_branches, add_slot, add_task_selector, configure_selector,
+    frozen_training_features, latest_slot_parameters, merge_heads, per_sequence, queries, slot_rows, split_heads,
 )
 
 
@@ -59,7 +57,7 @@ class KeyValuePrefix(PrefixBranch):
             prefix[0].uniform_(-1.0, 1.0)
         self.slots.append(nn.Parameter(prefix))
 
-    def add_slot(self, attn: nn.MultiheadAttention) -> None:
+    def add_slot(self, attn: nn.MultiheadAttention, **options: Any) -> None:
         self._append()
         self.slots[-1].data = self.slots[-1].data.to(attn.in_proj_weight)
 
@@ -91,20 +89,15 @@ def add_diki(model: nn.Module, recipe: dict[str, Any]) -> None:
 register_adapter_kind("diki", add_diki, latest_slot_parameters, settings=SETTINGS)
 
 
-def fit_task_gaussian(student: nn.Module, task: TaskContext, batch_size: int = 256) -> None:
-    """The task's Gaussian from the frozen CLIP's features of all its (un-augmented) training
-    images, before training (DIKI.py:361-376: the train loader with CLIP's test transform,
-    utils.py:35-36)."""
-    images = task.train_images
-    if images is None or task.preprocess is None:
+def fit_task_gaussian(student: nn.Module, task: TaskContext) -> torch.Tensor:
+    """Store the task's Gaussian of the frozen CLIP's features of all its training images,
+    before training (DIKI.py:361-376); returns those features."""
+    if task.train_images is None or task.preprocess is None:
         raise ValueError("this method needs the task's training images in TaskContext")
-    selector: GaussianTaskSelector = student.visual.task_selector
-    chunks = []
-    with evaluation_mode(student), torch.inference_mode():
-        for _, arrays in images.arrays(np.arange(len(images)), batch_size, "task Gaussian"):
-            chunks.append(frozen_image_features(student.visual, task.preprocess(arrays)))
-    selector.add_task(torch.cat(chunks))
+    features = frozen_training_features(student, task.train_images, task.preprocess)
+    student.visual.task_selector.add_task(features)
     adapter_recipe(student)["tasks"] += 1
+    return features
 
 
 class DIKI(FineTuning):

@@ -64,7 +64,7 @@ class PrefixBranch(nn.Module):
     def slot_count(self) -> int:
         raise NotImplementedError
 
-    def add_slot(self, attn: nn.MultiheadAttention) -> None:
+    def add_slot(self, attn: nn.MultiheadAttention, **options: Any) -> None:
         raise NotImplementedError
 
     def latest_parameters(self) -> list[nn.Parameter]:
@@ -127,11 +127,12 @@ def latest_slot_parameters(transformer: nn.Module) -> list[nn.Parameter]:
     return [p for branch in prefix_branches(transformer) for p in branch.latest_parameters()]
 
 
-def add_slot(model: nn.Module) -> None:
-    """One more task slot in every branch of the model."""
+def add_slot(model: nn.Module, **options: Any) -> None:
+    """One more task slot in every branch of the model (``options``: what the branch's
+    ``add_slot`` takes besides the attention)."""
     for block in model.modules():
         if isinstance(block, PrefixBlock):
-            block.prefix.add_slot(block.attn)
+            block.prefix.add_slot(block.attn, **options)
 
 
 @contextlib.contextmanager
@@ -293,6 +294,22 @@ def frozen_image_features(visual: nn.Module, pixels: torch.Tensor) -> torch.Tens
         return F.normalize(visual.forward(pixels).float(), dim=-1)
 
 
+def frozen_training_features(model: nn.Module, images: Any, preprocess: Callable[[Any], torch.Tensor],
+                             batch_size: int = 256) -> torch.Tensor:
+    """(N, D) frozen-CLIP features of a task's training images (``TaskImages``), read with the
+    test transform as DIKI's train loader does (DIKI/utils.py:35-36), in eval mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            chunks = [frozen_image_features(model.visual, preprocess(arrays))
+                      for _, arrays in images.arrays(torch.arange(len(images)).numpy(), batch_size, "features")]
+    finally:
+        for module, training in modes:
+            module.training = training
+    return torch.cat(chunks).clone()
+
+
 def _route_images(visual: nn.Module, args: tuple) -> None:
     """Before an evaluation forward of the image tower: each image's slot and weight."""
     selector = visual.task_selector
@@ -309,6 +326,7 @@ def _forget_routes(visual: nn.Module, args: tuple, output: torch.Tensor) -> None
 
 __all__ = [
     "GaussianTaskSelector", "PrefixBlock", "PrefixBranch", "PrefixRoute", "add_prefix_branches", "add_slot",
-    "add_task_selector", "branches_off", "configure_selector", "frozen_image_features", "latest_slot_parameters",
+    "add_task_selector", "branches_off", "configure_selector", "frozen_image_features", "frozen_training_features",
+    "latest_slot_parameters",
     "merge_heads", "per_sequence", "prefix_branches", "queries", "set_route", "slot_rows", "split_heads",
 ]
