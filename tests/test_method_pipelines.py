@@ -58,7 +58,7 @@ def test_icarl_memory_is_handed_on_within_budget_and_a_resumed_run_continues_exa
 # The parameter-efficient methods and ZSCL; small MoE settings keep it to seconds (DDAS's AlexNet
 # needs 31 px, the micro CLIP has 16: tests/test_ddas.py covers it).
 ADAPTED_OPTIONS = {"rkr": {}, "moe_adapters": {"experts": 4, "bottleneck": 8, "ddas": False},
-                   "zscl": {"average_every": 1}, "diki": {}}
+                   "zscl": {"average_every": 1}, "diki": {}, "dpw": {}}
 
 
 @pytest.mark.parametrize("method", sorted(ADAPTED_OPTIONS))

@@ -3,7 +3,7 @@
 with this table. A value that holds for one task only is keyed ``<task>/<setting>``.
 
 ZSCL = Thunderbeee/ZSCL (mtil/, cil/); MoE = JiazuoYu/MoE-Adapters4CL; CL-CLIP = yxding95/CL-CLIP;
-DIKI = lloongx/DIKI.
+DIKI = lloongx/DIKI; DPW = YonseiML/dpw.
 """
 
 from __future__ import annotations
@@ -96,6 +96,28 @@ _DIKI_MTIL = {
     "seed": (42, "DIKI configs/MTIL.yaml seed 42"),
 }
 
+# DPW configs/mtil.yaml over DPW/setup_cfg.py's defaults, DPW/DPW.py, DPW/utils.py, clip/attention.py.
+_DPW_MTIL = {
+    "training.optimizer": ("sgd", "DPW configs/mtil.yaml optim.name SGD; DPW.py torch.optim.SGD"),
+    "training.lr": (1.25, "DPW configs/mtil.yaml optim.lr 1.25"),
+    "training.weight_decay": (0.0, "DPW configs/mtil.yaml optim.weight_decay 0"),
+    "training.batch_size": (32, "DPW configs/mtil.yaml optim.batch_size 32"),
+    "training.epochs": (10, "DPW configs/mtil.yaml optim.max_epoch 10"),
+    "training.steps": (None, "DPW DPW.py: epochs, no iteration count"),
+    "training.schedule": ("cosine", "DPW configs/mtil.yaml lr_scheduler cosine"),
+    "training.warmup_steps": (0, "DPW configs/mtil.yaml warmup_epoch 0"),
+    "training.final_lr_ratio": (1e-3, "DPW DPW/utils.py build_cosine_scheduler final_lr = lr * 1e-3"),
+    "training.augment": ("none", "DPW main.py get_transform: clip._transform for training too"),
+    "training.grad_clip_norm": (None, "DPW DPW.py train_one_task: no clipping"),
+    "method.label_smoothing": (0.0, "DPW DPW.py F.cross_entropy"),
+    "method.depth": (12, "DPW configs/mtil.yaml prompt_depth_vision / _text 12"),
+    "method.length": (8, "DPW configs/mtil.yaml n_ctx_vision / _text 8"),
+    "method.bottleneck": (64, "DPW clip/attention.py Adapter(bottleneck=64)"),
+    "method.adapter_basis": ("initial", "DPW clip/attention.py: Adapter built before the weights load"),
+    "method.batchwise": (True, "DPW configs/mtil.yaml batchwise_prompt True"),
+    "method.vote_batch": (256, "DPW DPW.py get_dataloader: test batch 256"),
+}
+
 # ZSCL cil/configs/class/cifar100_*.yaml and cil/continual_clip/models.py (weights 5, T 2 hard-coded).
 _ZSCL_CIFAR = {
     "training.optimizer": ("adamw", "ZSCL cil/continual_clip/models.py AdamW"),
@@ -173,6 +195,7 @@ UPSTREAM: dict[str, dict[str, dict[str, tuple]]] = {
 }
 UPSTREAM["mtil_order1"]["moe_adapters"] = dict(_MOE_MTIL)
 UPSTREAM["mtil_order1"]["diki"] = dict(_DIKI_MTIL)
+UPSTREAM["mtil_order1"]["dpw"] = dict(_DPW_MTIL)
 UPSTREAM["mtil_order2"]["moe_adapters"] = dict(_MOE_MTIL)  # no order-II script: the rates go with the dataset
 UPSTREAM["cifar100_10steps"]["moe_adapters"] = _moe_cifar(128)
 UPSTREAM["cifar100_20steps"]["moe_adapters"] = _moe_cifar(128)
