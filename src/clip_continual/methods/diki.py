@@ -28,7 +28,7 @@ from clip_continual.model.adapters import (
 )
 from clip_continual.model.prefix_attention import (
     PrefixBranch, PrefixRoute, add_prefix_branches, add_slot, add_task_selector, configure_selector,
-    frozen_training_features, latest_slot_parameters, merge_heads, per_sequence, queries, slot_rows, split_heads,
+    fit_task_gaussian, latest_slot_parameters, merge_heads, per_sequence, queries, slot_rows, split_heads,
 )
 
 
@@ -89,15 +89,11 @@ def add_diki(model: nn.Module, recipe: dict[str, Any]) -> None:
 register_adapter_kind("diki", add_diki, latest_slot_parameters, settings=SETTINGS)
 
 
-def fit_task_gaussian(student: nn.Module, task: TaskContext) -> torch.Tensor:
-    """Store the task's Gaussian of the frozen CLIP's features of all its training images,
-    before training (DIKI.py:361-376); returns those features."""
+def task_images(task: TaskContext) -> tuple[Any, Any]:
+    """The task's training images and their preprocessing, which the task Gaussian reads."""
     if task.train_images is None or task.preprocess is None:
         raise ValueError("this method needs the task's training images in TaskContext")
-    features = frozen_training_features(student, task.train_images, task.preprocess)
-    student.visual.task_selector.add_task(features)
-    adapter_recipe(student)["tasks"] += 1
-    return features
+    return task.train_images, task.preprocess
 
 
 class DIKI(FineTuning):
@@ -145,4 +141,4 @@ class DIKI(FineTuning):
         recipe["slots"] += 1
 
     def prepare_for_task(self, student: nn.Module, task: TaskContext) -> None:
-        fit_task_gaussian(student, task)
+        fit_task_gaussian(student, *task_images(task))

@@ -31,14 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_continual.methods.base import MethodConfigError, TaskContext
-from clip_continual.methods.diki import fit_task_gaussian
+from clip_continual.methods.diki import task_images
 from clip_continual.methods.ft import FineTuning
 from clip_continual.model.adapters import TOWERS_OF_PARTS, adapter_recipe, add_adapters, register_adapter_kind
+from clip_continual.model.clip import encode_text
 from clip_continual.model.prefix_attention import (
     PrefixBranch, PrefixRoute, add_prefix_branches, add_slot, add_task_selector, branches_off, configure_selector,
-    latest_slot_parameters, merge_heads, set_route, split_heads,
+    fit_task_gaussian, latest_slot_parameters, merge_heads, per_sequence, set_route, split_heads,
 )
-from clip_continual.model.clip import encode_text
 
 GATE_BIAS = {"visual": -4.0, "text": -2.0}  # attention.py:331-336 (by width 768 / 512)
 GATE_THRESHOLD = 1.0                          # attention.py:301
@@ -109,11 +109,13 @@ class GatedValuePrefix(PrefixBranch):
     def branch(self, tokens: torch.Tensor, attn: nn.MultiheadAttention, route: PrefixRoute) -> torch.Tensor:
         if isinstance(route.slots, int):
             return self._slot_branch(tokens, route.slots, route.weights, route.batch_weights)
-        out = torch.zeros_like(tokens)
+        out = None
         for slot in route.slots.unique().tolist():  # a slot per image: each slot's images together
             rows = (route.slots == slot).nonzero().squeeze(1)
-            pick = (lambda v: v if v is None or not torch.is_tensor(v) or v.ndim == 0 else v[rows])
-            out[rows] = self._slot_branch(tokens[rows], slot, pick(route.weights), pick(route.batch_weights))
+            part = self._slot_branch(tokens[rows], slot, _rows_of(route.weights, rows),
+                                     _rows_of(route.batch_weights, rows))
+            out = part.new_zeros(*tokens.shape[:2], part.shape[-1]) if out is None else out
+            out[rows] = part
         return out
 
     def _slot_branch(self, tokens: torch.Tensor, index: int, weights: Any, batch_weights: Any) -> torch.Tensor:
@@ -130,7 +132,7 @@ class GatedValuePrefix(PrefixBranch):
         adapted = slot.up(F.dropout(tokens @ self.down, ADAPTER_DROPOUT, self.training)) * ADAPTER_SCALE
         out = gates @ values + split_heads(adapted, slot.heads) * (norm - GATE_THRESHOLD)
         if weights is not None:
-            out = out * _rows(weights, count, out)
+            out = out * per_sequence(weights, count, out)
         return merge_heads(out)
 
     def _drop_uncertain(self, gates: torch.Tensor, score: torch.Tensor, slot: DPWSlot, weights: Any,
@@ -141,14 +143,14 @@ class GatedValuePrefix(PrefixBranch):
             normal = torch.distributions.Normal(slot.score_mean, slot.score_var.clamp(min=1e-6).sqrt())
             uncertainty = 1 - torch.sigmoid(normal.log_prob(score[:, :, 0].float())).unsqueeze(2).to(gates)
         else:
-            uncertainty = 1 - _rows(weights, count, gates)
-        unsure = _rows(batch_weights, count, gates) < UNCERTAINTY_SWITCH
+            uncertainty = 1 - per_sequence(weights, count, gates)
+        unsure = per_sequence(batch_weights, count, gates) < UNCERTAINTY_SWITCH
         return torch.where(unsure & (gates <= uncertainty), torch.zeros_like(gates), gates)
 
 
-def _rows(values: Any, count: int, like: torch.Tensor) -> torch.Tensor:
-    values = torch.as_tensor(values, dtype=like.dtype, device=like.device)
-    return values.expand(count).reshape(count, 1, 1, 1) if values.ndim == 0 else values.reshape(count, 1, 1, 1)
+def _rows_of(values: Any, rows: torch.Tensor) -> Any:
+    """A per-sequence value's entries for ``rows`` (one value or None stays as it is)."""
+    return values[rows] if torch.is_tensor(values) and values.ndim > 0 else values
 
 
 def adapter_basis(attn: nn.MultiheadAttention, bottleneck: int, basis: str) -> torch.Tensor:
@@ -311,7 +313,7 @@ class DynamicPrefixWeighting(FineTuning):
     def prepare_for_task(self, student: nn.Module, task: TaskContext) -> None:
         """The task's Gaussian and fine-grained score from frozen features, then its slot
         (DPW.py:532-572)."""
-        images = fit_task_gaussian(student, task)
+        images = fit_task_gaussian(student, *task_images(task))
         labels = task.label_to_current[torch.as_tensor(task.train_images.labels, device=task.device)]
         score = fine_grained_score(images, labels.to(images.device), frozen_class_texts(student, task))
         recipe = adapter_recipe(student)

@@ -173,7 +173,7 @@ def queries(tokens: torch.Tensor, attn: nn.MultiheadAttention) -> torch.Tensor:
 def per_sequence(values: torch.Tensor | float, count: int, like: torch.Tensor) -> torch.Tensor:
     """A (count, 1, 1, 1) factor from one value or one per sequence."""
     values = torch.as_tensor(values, dtype=like.dtype, device=like.device)
-    return values.expand(count).reshape(count, 1, 1, 1) if values.ndim == 0 else values.view(count, 1, 1, 1)
+    return values.expand(count).reshape(count, 1, 1, 1) if values.ndim == 0 else values.reshape(count, 1, 1, 1)
 
 
 def slot_rows(stacked: torch.Tensor, slots: torch.Tensor | int, count: int) -> torch.Tensor:
@@ -310,6 +310,15 @@ def frozen_training_features(model: nn.Module, images: Any, preprocess: Callable
     return torch.cat(chunks).clone()
 
 
+def fit_task_gaussian(model: nn.Module, images: Any, preprocess: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    """Store the Gaussian of a task's training images' frozen-CLIP features with the model,
+    before training (DIKI.py:361-376; DPW.py:557-572); returns those features."""
+    features = frozen_training_features(model, images, preprocess)
+    model.visual.task_selector.add_task(features)
+    model.adapter_recipe["tasks"] += 1
+    return features
+
+
 def _route_images(visual: nn.Module, args: tuple) -> None:
     """Before an evaluation forward of the image tower: each image's slot and weight."""
     selector = visual.task_selector
@@ -326,7 +335,8 @@ def _forget_routes(visual: nn.Module, args: tuple, output: torch.Tensor) -> None
 
 __all__ = [
     "GaussianTaskSelector", "PrefixBlock", "PrefixBranch", "PrefixRoute", "add_prefix_branches", "add_slot",
-    "add_task_selector", "branches_off", "configure_selector", "frozen_image_features", "frozen_training_features",
+    "add_task_selector", "branches_off", "configure_selector", "fit_task_gaussian", "frozen_image_features",
+    "frozen_training_features",
     "latest_slot_parameters",
     "merge_heads", "per_sequence", "prefix_branches", "queries", "set_route", "slot_rows", "split_heads",
 ]
