@@ -49,8 +49,7 @@ class KeyValuePrefix(PrefixBranch):
     def slot_count(self) -> int:
         return len(self.slots)
 
-    def _append(self) -> None:
-        like = self.slots[0] if len(self.slots) else None
+    def _append(self, like: torch.Tensor | None = None) -> None:
         prefix = torch.zeros(2, self.length, self.width, device=None if like is None else like.device,
                              dtype=None if like is None else like.dtype)
         with torch.no_grad():
@@ -58,8 +57,7 @@ class KeyValuePrefix(PrefixBranch):
         self.slots.append(nn.Parameter(prefix))
 
     def add_slot(self, attn: nn.MultiheadAttention, **options: Any) -> None:
-        self._append()
-        self.slots[-1].data = self.slots[-1].data.to(attn.in_proj_weight)
+        self._append(attn.in_proj_weight)
 
     def latest_parameters(self) -> list[nn.Parameter]:
         return [self.slots[-1]] if len(self.slots) else []
@@ -131,12 +129,18 @@ class DIKI(FineTuning):
         return {"batchwise": self.batchwise, "vote_batch": self.vote_batch,
                 "likelihood_scale": self.likelihood_scale}
 
-    def prepare_student(self, student: nn.Module, parts: str) -> None:
-        add_adapters(student, {"kind": "diki", "depth": self.depth, "length": self.length,
-                               "towers": TOWERS_OF_PARTS[parts], "slots": 0, "tasks": 0, **self._settings()})
+    def adapt(self, student: nn.Module, recipe: dict[str, Any]) -> dict[str, Any]:
+        """Add the adapters of ``recipe`` (kind and structure) with this run's settings; a
+        continued model keeps its slots and Gaussians and takes the settings."""
+        add_adapters(student, {**recipe, "slots": 0, "tasks": 0, **self._settings()})
         recipe = adapter_recipe(student)
-        recipe.update(self._settings())  # a continued model takes this run's settings
+        recipe.update(self._settings())
         configure_selector(student.visual.task_selector, recipe)
+        return recipe
+
+    def prepare_student(self, student: nn.Module, parts: str) -> None:
+        recipe = self.adapt(student, {"kind": "diki", "depth": self.depth, "length": self.length,
+                                      "towers": TOWERS_OF_PARTS[parts]})
         add_slot(student)
         recipe["slots"] += 1
 

@@ -31,13 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_continual.methods.base import MethodConfigError, TaskContext
-from clip_continual.methods.diki import task_images
-from clip_continual.methods.ft import FineTuning
-from clip_continual.model.adapters import TOWERS_OF_PARTS, adapter_recipe, add_adapters, register_adapter_kind
+from clip_continual.methods.diki import DIKI, task_images
+from clip_continual.model.adapters import TOWERS_OF_PARTS, adapter_recipe, register_adapter_kind
 from clip_continual.model.clip import encode_text
 from clip_continual.model.prefix_attention import (
-    PrefixBranch, PrefixRoute, add_prefix_branches, add_slot, add_task_selector, branches_off, configure_selector,
-    fit_task_gaussian, latest_slot_parameters, merge_heads, per_sequence, set_route, split_heads,
+    PrefixBranch, PrefixRoute, add_prefix_branches, add_slot, add_task_selector, branches_off, fit_task_gaussian,
+    latest_slot_parameters, merge_heads, per_sequence, set_route, split_heads,
 )
 
 GATE_BIAS = {"visual": -4.0, "text": -2.0}  # attention.py:331-336 (by width 768 / 512)
@@ -261,7 +260,7 @@ def record_gate_statistics(student: nn.Module, task: TaskContext, batch_size: in
             module.training = training
 
 
-class DynamicPrefixWeighting(FineTuning):
+class DynamicPrefixWeighting(DIKI):
     """``L = CE`` as ``ft`` through the task's slot; the CLIP itself stays frozen.
 
     Each of the first ``depth`` blocks of each tower trained (``parts``: wm both, as DPW) gets a
@@ -284,31 +283,19 @@ class DynamicPrefixWeighting(FineTuning):
         likelihood_scale: float | None = None,  # DPW.py:240 (/512); null: the feature width
         label_smoothing: float = 0.0,    # DPW.py:603 F.cross_entropy
     ) -> None:
-        super().__init__(label_smoothing=label_smoothing)
-        for key, value in (("depth", depth), ("length", length), ("bottleneck", bottleneck),
-                           ("vote_batch", vote_batch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MethodConfigError(f"{key} must be a positive integer, got {value!r}")
+        super().__init__(depth=depth, length=length, batchwise=batchwise, vote_batch=vote_batch,
+                         likelihood_scale=likelihood_scale, label_smoothing=label_smoothing)
+        if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
+            raise MethodConfigError(f"bottleneck must be a positive integer, got {bottleneck!r}")
         if adapter_basis not in ("initial", "pretrained"):
             raise MethodConfigError(f"adapter_basis must be initial or pretrained, got {adapter_basis!r}")
-        if likelihood_scale is not None and not float(likelihood_scale) > 0:
-            raise MethodConfigError(f"likelihood_scale must be positive or null, got {likelihood_scale!r}")
-        self.depth, self.length, self.bottleneck, self.adapter_basis = depth, length, bottleneck, adapter_basis
-        self.batchwise, self.vote_batch = bool(batchwise), vote_batch
-        self.likelihood_scale = None if likelihood_scale is None else float(likelihood_scale)
-
-    def _settings(self) -> dict[str, Any]:
-        return {"batchwise": self.batchwise, "vote_batch": self.vote_batch,
-                "likelihood_scale": self.likelihood_scale}
+        self.bottleneck, self.adapter_basis = bottleneck, adapter_basis
 
     def prepare_student(self, student: nn.Module, parts: str) -> None:
-        add_adapters(student, {"kind": "dpw", "depth": self.depth, "length": self.length,
-                               "bottleneck": self.bottleneck, "adapter_basis": self.adapter_basis,
-                               "towers": TOWERS_OF_PARTS[parts], "slots": 0, "tasks": 0, "heads": {},
-                               **self._settings()})
-        recipe = adapter_recipe(student)
-        recipe.update(self._settings())  # a continued model takes this run's settings
-        configure_selector(student.visual.task_selector, recipe)
+        """The branches without a slot: a task's slot is sized from its data (``prepare_for_task``)."""
+        self.adapt(student, {"kind": "dpw", "depth": self.depth, "length": self.length, "heads": {},
+                             "bottleneck": self.bottleneck, "adapter_basis": self.adapter_basis,
+                             "towers": TOWERS_OF_PARTS[parts]})
 
     def prepare_for_task(self, student: nn.Module, task: TaskContext) -> None:
         """The task's Gaussian and fine-grained score from frozen features, then its slot
