@@ -88,7 +88,9 @@ class GatedValuePrefix(PrefixBranch):
         width = attn.embed_dim
         self.tower, self.length, self.positions = tower, length, positions
         self.bottleneck = min(bottleneck, width)
-        self.register_buffer("down", adapter_basis(attn, self.bottleneck, basis))
+        # A model loaded with its slots reads its basis from the checkpoint: no draw, no SVD then.
+        self.register_buffer("down", torch.zeros(width, self.bottleneck) if heads
+                             else adapter_basis(attn, self.bottleneck, basis))
         self.slots = nn.ModuleList(DPWSlot(width, h, length, positions, self.bottleneck) for h in heads)
         self.recording: list[torch.Tensor] | None = None
 
