@@ -30,7 +30,7 @@ from typing import Any, Iterator
 EXPERIMENT = "clip-continual"
 START_TIMEOUT_S = 180.0  # the MLflow UI takes ~30 s to start on 2 cores, kedro-viz as long
 WIDE = {"width": 2200, "height": 1400}  # the compare page's artifact list needs a wide window
-GROUPS = {"continual", "retrieval", "task", "train"}
+GROUPS = {"continual", "retrieval", "cost", "train"}
 LAYERS = ("03_primary", "05_model_input", "06_models", "08_reporting")  # top to bottom
 
 

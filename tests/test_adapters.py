@@ -25,7 +25,7 @@ def train_set(micro, random_image_set):
 
 
 # Seconds, not minutes; DDAS (tests/test_ddas.py) needs a model of 31 px or more.
-SMALL = {"rkr": {}, "moe_adapters": {"experts": 4, "bottleneck": 8, "ddas": False}}
+SMALL = {"rkr": {}, "moe_adapters": {"experts": 4, "bottleneck": 8, "ddas": False}, "lora": {"rank": 4}}
 
 
 def train(start, train_set, method, task_index=1, **options):
@@ -45,7 +45,7 @@ def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
                 continue  # the rectifier's own parameters
             owner, rest = key.split(".parametrizations.")
             key = f"{owner}.{rest.split('.')[0]}"
-        elif ".mixture." in key:
+        elif ".mixture." in key or ".lora_" in key:
             continue
         state[key] = value
     return state
@@ -114,9 +114,29 @@ def test_mixture_routes_each_sample_to_its_top_k_experts(float64):
                                    rtol=0, atol=1e-12)
 
 
+def test_lora_starts_exactly_at_the_model_and_adds_a_scaled_low_rank_update(micro, inputs):
+    from clip_continual.methods.lora import LoRALinear, SequentialLoRA
+
+    plain_model, adapted = micro.clone(), micro.clone()
+    SequentialLoRA(rank=4).prepare_student(adapted.model, "wm")
+    plain_model.model.eval()
+    adapted.model.eval()
+    for plain, lora in zip(outputs(plain_model, *inputs), outputs(adapted, *inputs)):
+        assert torch.equal(plain, lora)  # B = 0: not approximately, exactly the same numbers
+    layers = {name: m for name, m in adapted.model.named_modules() if isinstance(m, LoRALinear)}
+    blocks = len(micro.model.visual.transformer.resblocks) + len(micro.model.transformer.resblocks)
+    assert len(layers) == 2 * blocks and all(name.endswith(("mlp.c_fc", "mlp.c_proj")) for name in layers)
+    layer = next(iter(layers.values()))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        x = torch.randn(3, layer.in_features)
+        expected = x @ layer.weight.T + layer.bias + (x @ layer.lora_A.T @ layer.lora_B.T) / 2.0  # 1/sqrt(4)
+        assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
 # --- adapted CLIPs ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["rkr", "moe_adapters"])
+@pytest.mark.parametrize("method", ["rkr", "moe_adapters", "lora"])
 def test_adapters_start_as_the_identity_and_only_they_train(micro, train_set, inputs, method):
     before = {k: v.clone() for k, v in micro.model.state_dict().items()}
     trained, summary = train(micro, train_set, method)
@@ -128,7 +148,7 @@ def test_adapters_start_as_the_identity_and_only_they_train(micro, train_set, in
     assert all(torch.equal(backbone[k], before[k]) for k in before)
     # Task 1 trains every adapter parameter (one router; no expert frozen yet) and nothing else.
     adapters = [p for name, p in trained.model.named_parameters()
-                if ".parametrizations.weight.0." in name or ".mixture." in name]
+                if ".parametrizations.weight.0." in name or ".mixture." in name or ".lora_" in name]
     assert summary["trainable_parameters"] == sum(p.numel() for p in adapters)
     assert summary["trainable_parameters"] < sum(p.numel() for p in micro.model.parameters()) / 5
     assert summary["wall_time_s"] >= summary["train_time_s"] > 0
@@ -143,7 +163,7 @@ def test_adapters_start_as_the_identity_and_only_they_train(micro, train_set, in
         assert torch.allclose(plain, adapted, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["rkr", "moe_adapters"])
+@pytest.mark.parametrize("method", ["rkr", "moe_adapters", "lora"])
 def test_adapted_checkpoint_loads_back_adapted(micro, train_set, inputs, tmp_path, method):
     trained, _ = train(micro, train_set, method)
     path = tmp_path / "adapted.pt"

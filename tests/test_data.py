@@ -105,3 +105,40 @@ def test_image_set_validates_shapes_and_round_trips():
     assert np.array_equal(again.images, gallery.images)
     assert again.class_names == gallery.class_names
     assert np.array_equal(again.captions, gallery.captions)
+
+
+def test_printed_digits_name_their_numeral_and_never_use_the_zero_shot_prompt():
+    from clip_continual.data.digits import DIGIT_PROMPT
+    from clip_continual.data.glyphs import GLYPH_TEMPLATES, make_glyphs
+
+    glyphs, again = make_glyphs(60, seed=3), make_glyphs(60, seed=3)
+    assert np.array_equal(glyphs.images, again.images) and np.array_equal(glyphs.captions, again.captions)
+    for label, (caption,) in zip(glyphs.labels, glyphs.captions):
+        words = caption.split()
+        assert sum(word in DIGIT_NAMES for word in words) == 1 and DIGIT_NAMES[label] in words, caption
+    assert DIGIT_PROMPT.replace("{}", "{word}") not in GLYPH_TEMPLATES
+
+
+def test_printed_digits_draw_ink_that_differs_between_numerals():
+    from clip_continual.data.glyphs import draw_glyph
+
+    def ink(digit: int) -> np.ndarray:  # the same placement for every numeral
+        image = draw_glyph(digit, (255, 255, 255), 0.0, 0.8, 2.0, np.random.default_rng(0), 32)
+        return image[..., 0].astype(float) / 255
+
+    inks = [ink(digit) for digit in range(10)]
+    assert all(0.05 < image.mean() < 0.5 for image in inks)  # strokes cover part of the image
+    distances = [np.abs(a - b).mean() for i, a in enumerate(inks) for b in inks[i + 1:]]
+    assert min(distances) > 0.02  # no two numerals drawn alike
+
+
+def test_the_pretraining_corpus_mixes_printed_digits_in():
+    from clip_continual.pipelines.data_preparation.nodes import generate_pretraining_corpus
+
+    params = {"image_size": 32, "shapes": {"corpus_size": 200}, "glyphs": {"count": 30}}
+    corpus = generate_pretraining_corpus(params, seed=0)
+    assert len(corpus) == 200 and len(corpus.class_names) == 64 + 10
+    assert (corpus.labels >= 64).sum() == 30
+    assert not (corpus.labels[:30] >= 64).all()  # shuffled, not appended
+    with pytest.raises(ValueError, match="glyphs.count"):
+        generate_pretraining_corpus({**params, "glyphs": {"count": 201}}, seed=0)

@@ -65,6 +65,12 @@ def test_the_five_shot_environment_runs_moe_adapters_few_shot_recipe(benchmark_n
     assert (zscl["few_shot"], zscl["training.steps"]) == (5, 1000)  # no few-shot recipe of its own
 
 
+@pytest.mark.parametrize("method", ["condu", "condu_lora"])
+def test_the_five_shot_environment_runs_condu_few_shot_recipes_on_order_one(method):
+    recipe = resolve_recipe(BENCHMARKS["mtil_order1"], _parameters("mtil_5shot"), method)
+    assert not _mismatches(recipe, UPSTREAM_5SHOT[method])
+
+
 # --- one precedence, each level --------------------------------------------------------------
 
 _BENCH = Benchmark("toy", (Task("a", "train", (0,)), Task("b", "train", (1,))), EvaluationSuite(),

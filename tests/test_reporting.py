@@ -167,6 +167,9 @@ def test_figures_are_written_as_png(tmp_path):
             {"method": ["ft", "vr_lwf", "broken"], "ut_acc": [0.9, 0.8, np.nan], "zs_acc": [0.2, 0.5, 0.4],
              "a_acc": [0.55, 0.65, np.nan], "bwt": [0.0, 0.0, 0.0], "i2t_r1": [0.1, 0.3, 0.2],
              "t2i_r1": [0.1, 0.2, 0.3]})),
+        "costs": reporting.cost_accuracy_figure(pd.DataFrame(
+            {"method": ["ft", "icarl"], "a_acc": [0.5, 0.6], "wall_time_per_task_s": [3.0, 6.0],
+             "peak_memory_mib": [800.0, 900.0], "extra_storage_mib": [0.0, 7.5]})),
     }
     for name, figure in figures.items():
         assert isinstance(figure, Figure)

@@ -11,6 +11,8 @@ import yaml
 import pytest
 from mlflow.tracking import MlflowClient
 
+from clip_continual.evaluation.reporting import COST_COLUMNS
+from clip_continual.io import CheckpointDataset
 from clip_continual.runtime.results import NoRunsToCompare
 from clip_continual.runtime.run_key import compute_run_key
 from clip_continual.runtime.tracking import (
@@ -98,7 +100,7 @@ def test_step_metrics_are_grouped_with_one_point_per_step(finished, finished_run
     assert [point.step for point in pretraining] == [0]
     # Every metric sits in a group (a section of the run page): none is a bare `zs_acc`.
     assert {name.split("/")[0] for name in finished_run.data.metrics} == {
-        "continual", "retrieval", "pretraining", "task", "train", "cost"}
+        "continual", "retrieval", "pretraining", "train", "cost"}
 
 
 def test_each_number_is_logged_once(finished_run):
@@ -120,13 +122,31 @@ def test_bookkeeping_tags_are_hidden(finished_run):
     assert not [tag for tag in tags if tag.startswith("clip_continual.")]
 
 
-def test_task_costs_are_logged_per_task(finished, finished_run, client):
+def test_task_costs_are_logged_per_task_and_for_the_run(finished, finished_run, client):
+    from clip_continual.runtime.tracking import RUN_COSTS, TASK_COSTS
+    from project_helpers import TINY_PARAMETERS
+
     folder = next((finished / "data" / "07_model_output" / "digits_mst").iterdir())
-    for name in ("trainable_parameters", "wall_time_s", "median_step_time_s"):
-        history = client.get_metric_history(finished_run.info.run_id, f"task/{name}")
+    summaries = [json.loads((folder / f"{task}_training.json").read_text()) for task in TASKS]
+    logged = {}
+    for name in TASK_COSTS:
+        history = client.get_metric_history(finished_run.info.run_id, f"cost/{name}")
         assert sorted(point.step for point in history) == list(range(1, len(TASKS) + 1)), name
-        summary = json.loads((folder / "task_3_training.json").read_text())
-        assert {p.step: p.value for p in history}[3] == pytest.approx(summary[name])
+        logged[name] = [point.value for point in sorted(history, key=lambda point: point.step)]
+        assert logged[name] == pytest.approx([summary[name] for summary in summaries]), name
+    training = TINY_PARAMETERS["continual_learning"]["training"]
+    (models,) = run_folders(finished)
+    model = CheckpointDataset(filepath=str(models / "task_5.pt")).load().model
+    assert logged["images_seen"] == [training["steps"] * training["batch_size"]] * len(TASKS)
+    # vr_lwf trains the whole model: every parameter of the checkpoint
+    assert set(logged["trainable_parameters"]) == set(logged["stored_parameters"]) == {
+        sum(p.numel() for p in model.parameters())}
+    assert min(logged["extra_storage_mib"]) > 0 and min(logged["peak_memory_mib"]) > 0  # its teacher
+    assert logged["device_hours"] == pytest.approx([seconds / 3600 for seconds in logged["wall_time_s"]])
+    assert set(logged["teacher_forward_passes_per_step"]) == {1.0} and set(logged["backward_passes_per_step"]) == {1.0}
+    metrics = finished_run.data.metrics
+    for total, name in RUN_COSTS.items():
+        assert metrics[f"cost/{total}"] == pytest.approx(sum(logged[name])), total
 
 
 def test_learning_accuracy_is_logged_after_each_task_and_its_mean_at_the_end(finished, finished_run, client):
@@ -205,6 +225,14 @@ def test_compare_tables_the_latest_run_of_each_method(compared):
     assert {"ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc", "ut_acc_std"} <= set(table.columns)
     assert table["seeds"].tolist() == [1, 1] and table["zs_acc_std"].isna().all()  # one seed each
     assert (reporting / "method_comparison.png").read_bytes().startswith(b"\x89PNG")
+    # Beside the accuracies, what each method cost: ft keeps nothing beside its model, vr_lwf a teacher.
+    assert set(COST_COLUMNS) <= set(table.columns)
+    costs = table.set_index("method")
+    assert costs.loc["ft", "extra_storage_mib"] == 0 < costs.loc["vr_lwf (alpha=1.0)", "extra_storage_mib"]
+    assert (costs.loc["ft", "teacher_forward_passes_per_step"], costs.loc["vr_lwf (alpha=1.0)",
+            "teacher_forward_passes_per_step"]) == (0, 1)
+    assert (costs["images_seen"] > 0).all() and (costs["device_hours"] > 0).all()
+    assert (reporting / "method_comparison_costs.png").read_bytes().startswith(b"\x89PNG")
     # Both runs went to the project's default store, where compare (started in a subfolder)
     # found them; compare itself opened no run.
     runs = mlflow_runs(store_uri(compared.path))

@@ -3,6 +3,8 @@
 with this table. A value that holds for one task only is keyed ``<task>/<setting>``.
 
 ZSCL = Thunderbeee/ZSCL (mtil/, cil/); MoE = JiazuoYu/MoE-Adapters4CL; CL-CLIP = yxding95/CL-CLIP;
+RAIL = linghan1997/Regression-based-Analytic-Incremental-Learning.
+ConDU = zhangzicong518/ConDU.
 DIKI = lloongx/DIKI; DPW = YonseiML/dpw.
 """
 
@@ -118,6 +120,43 @@ _DPW_MTIL = {
     "method.vote_batch": (256, "DPW DPW.py get_dataloader: test batch 256"),
 }
 
+# RAIL = linghan1997/Regression-based-Analytic-Incremental-Learning: configs/analytic_clip.yaml (X-TAIL,
+# its only config), primal_RAIL.py, dual_RAIL.py, clip/clip.py.
+_RAIL = {
+    "method.variant": ("primal", "RAIL README: python primal_RAIL.py (its first command; dual_RAIL.py the other)"),
+    "method.hidden_dim": (15000, "RAIL configs/analytic_clip.yaml hidden_dim: 15000"),
+    "method.regularization": (0.1, "RAIL configs/analytic_clip.yaml regularization: 0.1"),
+    "method.feature_expansion": (True, "RAIL configs/analytic_clip.yaml feature_expansion: 1"),
+    "method.fusion_weight": (0.8, "RAIL configs/analytic_clip.yaml fusion_weight: 0.8"),
+    "method.kernel_gamma": (0.1, "RAIL configs/analytic_clip.yaml gamma: 0.1"),
+    "method.kernel_regularization": (0.001, "RAIL dual_RAIL.py kernel_ridge_regression(lamda=0.001)"),
+    "method.projection_seed": (42, "RAIL configs/analytic_clip.yaml seed: 42"),
+    "method.augmentation_time": (1, "RAIL configs/analytic_clip.yaml augmentation_time: 1"),
+    "training.batch_size": (128, "RAIL configs/analytic_clip.yaml batch_size: 128"),
+    "training.augment": ("zscl", "RAIL clip/clip.py _transform(is_train=True): RandomResizedCrop(scale=(0.9, 1))"),
+}
+
+# ConDU scripts/MTIL_FT.sh, scripts/MTIL_LoRA.sh, src/args.py, src/models/finetune.py.
+_CONDU_MTIL = {
+    "training.optimizer": ("adamw", "ConDU src/models/finetune.py torch.optim.AdamW"),
+    "training.weight_decay": (0.0, "ConDU src/args.py --wd 0.0"),
+    "training.betas": ([0.9, 0.999], "ConDU src/args.py --beta2 0.999"),
+    "training.batch_size": (64, "ConDU src/args.py --batch-size 64"),
+    "training.steps": (1000, "ConDU scripts/MTIL_*.sh --iterations 1000"),
+    "training.schedule": ("cosine", "ConDU src/models/finetune.py utils.cosine_lr"),
+    "training.warmup_steps": (100, "ConDU src/args.py --warmup_length 100"),
+    "training.train_logit_scale": (False, "ConDU src/models/finetune.py: logit_scale excluded"),
+    "training.parts": ("wm", "ConDU scripts/MTIL_*.sh --train-mode=whole"),
+    "training.augment": ("zscl", "ConDU clip/clip.py: RandomResizedCrop(scale=(0.9, 1))"),
+    "seed": (42, "ConDU src/args.py --seed 42"),
+    "method.label_smoothing": (0.2, "ConDU scripts/MTIL_*.sh --ls 0.2"),
+}
+_CONDU_LORA_LR = dict(zip(MTIL_ORDER1, (1e-3, 5e-4, 2e-3, 2e-3, 1.5e-4, 1e-5, 2e-3, 1e-3, 1.5e-4, 2e-3, 1.5e-3)))
+_LORA_MTIL = {
+    **_CONDU_MTIL,
+    **{f"{task}/training.lr": (lr, "ConDU scripts/MTIL_LoRA.sh line 7") for task, lr in _CONDU_LORA_LR.items()},
+    "method.rank": (64, "ConDU clip/model_lora.py lora_rank=64"),
+}
 # ZSCL cil/configs/class/cifar100_*.yaml and cil/continual_clip/models.py (weights 5, T 2 hard-coded).
 _ZSCL_CIFAR = {
     "training.optimizer": ("adamw", "ZSCL cil/continual_clip/models.py AdamW"),
@@ -197,6 +236,23 @@ UPSTREAM["mtil_order1"]["moe_adapters"] = dict(_MOE_MTIL)
 UPSTREAM["mtil_order1"]["diki"] = dict(_DIKI_MTIL)
 UPSTREAM["mtil_order1"]["dpw"] = dict(_DPW_MTIL)
 UPSTREAM["mtil_order2"]["moe_adapters"] = dict(_MOE_MTIL)  # no order-II script: the rates go with the dataset
+UPSTREAM["mtil_order1"]["rail"] = dict(_RAIL)
+UPSTREAM["mtil_order2"]["rail"] = dict(_RAIL)
+UPSTREAM["mtil_order1"]["lora"] = dict(_LORA_MTIL)
+_CONDU_FT_LR = dict(zip(MTIL_ORDER1, (5e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 5e-5, 1e-5, 1e-5, 1e-5)))
+UPSTREAM["mtil_order1"]["condu"] = {
+    **_CONDU_MTIL,
+    **{f"{task}/training.lr": (lr, "ConDU scripts/MTIL_FT.sh line 8") for task, lr in _CONDU_FT_LR.items()},
+    "method.variant": ("full", "ConDU scripts/MTIL_FT.sh: no --lora"),
+    "method.top_k": (4, "ConDU src/args.py --logits_num 4"),
+    "method.task_agnostic": (False, "ConDU scripts/eval_MTIL_FT.sh: --task_agnostic for unseen datasets only"),
+}
+UPSTREAM["mtil_order1"]["condu_lora"] = {
+    **_LORA_MTIL,
+    "method.variant": ("lora", "ConDU scripts/MTIL_LoRA.sh --lora True"),
+    "method.top_k": (4, "ConDU src/args.py --logits_num 4"),
+    "method.task_agnostic": (False, "ConDU scripts/eval_MTIL_LoRA.sh: --task_agnostic for unseen datasets only"),
+}  # no order-II script: the rates go with the dataset
 UPSTREAM["cifar100_10steps"]["moe_adapters"] = _moe_cifar(128)
 UPSTREAM["cifar100_20steps"]["moe_adapters"] = _moe_cifar(128)
 UPSTREAM["cifar100_50steps"]["moe_adapters"] = _moe_cifar(64)
@@ -212,4 +268,25 @@ UPSTREAM_5SHOT = {
         "method.ddas_threshold": (0.06, "MoE mtil/scripts/test/Few_Shot_order1_test.sh threshold 600e-4"),
         "method.label_smoothing": (0.2, "MoE train_few_shot ... --ls 0.2"),
     },
+}
+# ConDU scripts/fewshot_MTIL_FT.sh and fewshot_MTIL_LoRA.sh (order I only).
+_CONDU_5SHOT_FT_LR = dict(zip(MTIL_ORDER1, (5e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 5e-5, 1e-5, 1e-5)))
+_CONDU_5SHOT_LORA_LR = dict(zip(MTIL_ORDER1, (3e-3, 8e-4, 1.5e-3, 2e-3, 3e-4, 1e-5, 2e-3, 2.5e-3, 3e-4, 2e-3, 2e-3)))
+for _method, _rates, _script in (("condu", _CONDU_5SHOT_FT_LR, "fewshot_MTIL_FT.sh"),
+                                 ("condu_lora", _CONDU_5SHOT_LORA_LR, "fewshot_MTIL_LoRA.sh")):
+    UPSTREAM_5SHOT[_method] = {
+        **{f"{task}/training.lr": (lr, f"ConDU scripts/{_script} line 7") for task, lr in _rates.items()},
+        "training.steps": (500, f"ConDU scripts/{_script} --iterations 500"),
+        "few_shot": (5, f"ConDU scripts/{_script} --few_shot 5"),
+        "method.label_smoothing": (0.2, f"ConDU scripts/{_script} --ls 0.2"),
+    }
+
+# X-TAIL (conf/base/parameters_xtail.yml): RAIL configs/analytic_clip.yaml trains every domain on 16
+# shots per class with seed 42 and publishes no recipe for the iterative methods it compares, which
+# keep their MTIL recipes.
+_XTAIL = {"few_shot": (16, "RAIL configs/analytic_clip.yaml num_shots: 16"),
+          "seed": (42, "RAIL configs/analytic_clip.yaml seed: 42")}
+UPSTREAM["xtail"] = {
+    "ft": {**_ZSCL_MTIL, **_XTAIL},
+    "moe_adapters": {**{k: v for k, v in _MOE_MTIL.items() if not k.startswith("cifar100/")}, **_XTAIL},
 }

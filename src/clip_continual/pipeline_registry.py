@@ -3,7 +3,7 @@
 from kedro.pipeline import Pipeline
 
 from clip_continual.pipelines import (
-    benchmark_data, compare, continual_learning, data_preparation, evaluation, pretraining,
+    benchmark_data, compare, continual_learning, data_preparation, evaluate_checkpoints, evaluation, pretraining,
     vocabulary_replay,
 )
 from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, Benchmark
@@ -24,6 +24,16 @@ def _benchmark_pipeline(benchmark: Benchmark, vocabulary: Pipeline) -> Pipeline:
                     "params:seed": benchmark.params_block("seed")},
     )
     return benchmark_data.create_pipeline(benchmark) + own_vocabulary + chain
+
+
+def _checkpoints_pipeline(benchmark: Benchmark) -> Pipeline:
+    """Given checkpoints on a benchmark's evaluation suite; a benchmark with its own parameters
+    also checks and prepares its test sets and loads its starting model (not its training data)."""
+    evaluate = evaluate_checkpoints.create_pipeline(benchmark)
+    if not benchmark.params:
+        return evaluate
+    test_data = benchmark_data.create_pipeline(benchmark).to_outputs(benchmark.pretrained_model, *benchmark.test_sets)
+    return test_data + evaluate
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -47,6 +57,8 @@ def register_pipelines() -> dict[str, Pipeline]:
     }
     for name, benchmark in BENCHMARKS.items():
         pipelines[name] = _benchmark_pipeline(benchmark, pipelines["vocabulary_replay"])
+        pipelines[evaluate_checkpoints.pipeline_name(benchmark)] = _checkpoints_pipeline(benchmark)
+    pipelines["evaluate_checkpoints"] = pipelines[evaluate_checkpoints.pipeline_name(BENCHMARKS[DEFAULT_BENCHMARK])]
     pipelines["__default__"] = (
         pipelines["data_preparation"]
         + pipelines["pretraining"]

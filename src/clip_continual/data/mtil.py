@@ -25,6 +25,10 @@ ORDER_II = (
     "aircraft", "caltech101", "dtd", "eurosat", "cifar100",
 )
 ORDERS = {"order1": ORDER_I, "order2": ORDER_II}
+# X-TAIL's ten domains, MTIL order I without CIFAR-100, in RAIL's order (Regression-based-Analytic-
+# Incremental-Learning configs/analytic_clip.yaml ``datasets``: oxford_flowers, food101 and
+# oxford_pets are flowers, food and oxford_pet here).
+XTAIL_DOMAINS = tuple(key for key in ORDER_I if key != "cifar100")
 
 # ZSCL mtil/scripts/ZSCL.sh and ZSCL_minus.sh, the lr=(...) array beside the dataset array:
 # 5e-5 for Aircraft and MNIST, 1e-5 for every other dataset, in both orders.

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from clip_continual.data.common import ImageSet
 from clip_continual.data.loading import LoaderConfig, StreamedImages, as_lazy
-from clip_continual.model.adapters import image_routing
+from clip_continual.model.adapters import image_classifier, image_routing
 from clip_continual.model.clip import ClipModel, encode_images, encode_text, resolve_device
 
 DEFAULT_BATCH_SIZE = 256
@@ -163,12 +163,40 @@ class RoutedClasses:
         return RoutedClasses(lambda route: self[route][torch.as_tensor(rows, device=self[route].device)])
 
 
-ClassFeatures = Union[torch.Tensor, RoutedClasses]
+class FittedClasses:
+    """Class features of a model that carries its own image classifier (RAIL,
+    ``model.adapters.image_classifier``): the candidates' text features with their names, which
+    the classifier matches to the classes it learnt; ``scores`` of images among them are its."""
+
+    def __init__(self, features: torch.Tensor, names: Sequence[str], classifier: Any) -> None:
+        if len(names) != len(features):
+            raise ValueError(f"{len(names)} class names for {len(features)} class features")
+        self.features, self.names, self.classifier = features, [str(n) for n in names], classifier
+
+    def rows(self, rows: Sequence[int] | torch.Tensor | np.ndarray) -> FittedClasses:
+        picked = torch.as_tensor(rows, device=self.features.device)
+        return FittedClasses(self.features[picked], [self.names[i] for i in picked.tolist()], self.classifier)
+
+    def to(self, device: torch.device) -> FittedClasses:
+        return FittedClasses(as_float_tensor(self.features, device), self.names, self.classifier)
+
+    def scores(self, image_feats: torch.Tensor) -> torch.Tensor:
+        return self.classifier.scores(image_feats, self.features.to(image_feats.device), self.names)
 
 
-def class_features(clip: ClipModel, compute: Callable[[], torch.Tensor]) -> ClassFeatures:
-    """``compute()`` (class features from the text tower), or per route for a model that
-    routes its images (``RoutedClasses``)."""
+ClassFeatures = Union[torch.Tensor, RoutedClasses, FittedClasses]
+
+
+def class_features(clip: ClipModel, compute: Callable[[], torch.Tensor],
+                   names: Sequence[str] | None = None) -> ClassFeatures:
+    """``compute()`` (class features from the text tower, one row per class of ``names``), per
+    route for a model that routes its images (``RoutedClasses``), or with the names for a model
+    that carries its own image classifier (``FittedClasses``)."""
+    classifier = image_classifier(clip.model)
+    if classifier is not None:
+        if names is None:
+            raise ValueError("this model classifies with its own fitted classifier, which needs the class names")
+        return FittedClasses(compute(), names, classifier)
     routing = image_routing(clip.model)
     if routing is None:
         return compute()
@@ -180,7 +208,7 @@ def class_features(clip: ClipModel, compute: Callable[[], torch.Tensor]) -> Clas
 
 
 def class_rows(class_feats: ClassFeatures, rows: Sequence[int] | torch.Tensor | np.ndarray) -> ClassFeatures:
-    if isinstance(class_feats, RoutedClasses):
+    if isinstance(class_feats, (RoutedClasses, FittedClasses)):
         return class_feats.rows(rows)
     return class_feats[torch.as_tensor(rows, device=class_feats.device)]
 

@@ -27,9 +27,13 @@ METRIC_COLUMNS = ("step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_
                   *RETRIEVAL_KEYS)
 SEQUENCE_COLUMNS = ("transfer", "avg", "last", "cil_acc")  # MTIL / class-incremental runs only
 FINAL_KEYS = ("ut_acc", "zs_acc", "a_acc", "bwt", "seen_acc", *RETRIEVAL_KEYS, "ut_top1")
-# Final metrics, then what a task cost (from the run's task/ metrics; see runtime/results.py task_costs).
+# What a run cost, from its cost/ metrics (runtime/results.py task_costs says how each is summed up).
+COST_COLUMNS = ("trainable_parameters", "stored_parameters", "extra_storage_mib", "peak_memory_mib",
+                "wall_time_per_task_s", "device_hours", "images_seen", "forward_passes_per_step",
+                "teacher_forward_passes_per_step", "backward_passes_per_step")
+# Final metrics, then the costs beside them.
 COMPARISON_METRICS = ("ut_acc", "zs_acc", "a_acc", "bwt", "mean_learning_acc", "seen_acc", "i2t_r1", "t2i_r1",
-                      "trainable_parameters", "wall_time_per_task_s")
+                      *COST_COLUMNS)
 
 
 def _sorted_results(step_results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -283,4 +287,39 @@ def comparison_figure(table: pd.DataFrame, run: str | None = None) -> Figure:
     axes.set_ylabel("ZS-Acc (0-1)")
     _titled(axes, "UT-Acc vs ZS-Acc (dashed: equal A-Acc)", run)
     axes.grid(alpha=0.3)
+    return figure
+
+
+# The costs set against A-Acc, each with its axis label; storage may be 0 (ft), hence symlog.
+COST_AXES = (("wall_time_per_task_s", "wall time per task (s)", "log"),
+             ("peak_memory_mib", "peak memory (MiB)", "log"),
+             ("extra_storage_mib", "extra storage (MiB)", "symlog"),
+             ("trainable_parameters", "trainable parameters", "log"))
+
+
+def cost_accuracy_figure(table: pd.DataFrame, run: str | None = None) -> Figure:
+    """A-Acc against what a method cost (COST_AXES), one panel per cost, each method in the
+    colour and marker of ``comparison_figure``; error bars of one standard deviation over
+    seeds. A cost a run did not log leaves its point out."""
+    figure = _new_figure(11.0, 7.5)
+    panels = figure.subplots(2, 2).ravel()
+    colours = colormaps["tab10"]
+    accuracy, accuracy_std = table["a_acc"].to_numpy(dtype=float), _std_column(table, "a_acc")
+    for axes, (column, label, scale) in zip(panels, COST_AXES):
+        cost = table[column].to_numpy(dtype=float) if column in table else np.full(len(table), np.nan)
+        for index, (name, x, y, dx, dy) in enumerate(zip(table["method"], cost, accuracy,
+                                                         _std_column(table, column), accuracy_std)):
+            if np.isfinite(x) and np.isfinite(y):
+                axes.errorbar(x, y, xerr=dx if np.isfinite(dx) else None, yerr=dy if np.isfinite(dy) else None,
+                              fmt=MARKERS[index % len(MARKERS)], color=colours(index % colours.N),
+                              markersize=6, capsize=3, label=str(name))
+        axes.set_xscale(scale)
+        axes.set_xlabel(label)
+        axes.set_ylabel("A-Acc (0-1)")
+        axes.set_ylim(0, 1)
+        axes.grid(alpha=0.3)
+    handles, labels = panels[0].get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, labels, loc="outside right upper", fontsize=8, title="method")
+    figure.suptitle(f"{run}\nA-Acc against cost" if run else "A-Acc against cost", fontsize=10)
     return figure

@@ -5,7 +5,9 @@
   starting model). Transfer / Avg / Last as ZSCL computes them (``mtil/results.ipynb``,
   ``statistics``): Transfer = mean over i >= 2 of mean over 1 <= t < i of R[t][i]; Avg = mean of
   R[t][i] over t, i >= 1; Last = mean over i of R[T][i]. After step t < T the same formulas over
-  the rows so far give the curves MLflow draws.
+  the rows so far give the curves MLflow draws. The same matrix and metrics serve the
+  protocols of ``evaluation.protocols`` (task-agnostic MTIL, ODCL-CIL, X-TAIL): they change
+  what the model is told and the classes an image competes among, not the metrics.
 - **Class-incremental** (ZSCL ``cil/main.py``): after step t the test images of every class seen
   so far are classified among those classes; ``cil_acc`` is that top-1. Avg = mean of
   ``cil_acc`` over steps 1..T, Last = ``cil_acc`` after step T. R[t][i] is the accuracy on the
@@ -27,11 +29,15 @@ import numpy as np
 import torch
 
 from clip_continual.data.loading import LoaderConfig
-from clip_continual.evaluation.features import ClassFeatures, class_rows, evaluating, image_features_and_routes
-from clip_continual.evaluation.metrics import bwt_at, ut_acc
-from clip_continual.evaluation.zero_shot import (
-    predict, top1_accuracy, zero_shot_accuracy, zero_shot_classifier,
+from clip_continual.evaluation.features import (
+    ClassFeatures, class_features, class_rows, evaluating, image_features_and_routes,
 )
+from clip_continual.evaluation.metrics import bwt_at, ut_acc
+from clip_continual.evaluation.protocols import EvaluationProtocol, candidate_datasets, class_offsets
+from clip_continual.evaluation.zero_shot import (
+    check_class_prompts, predict, predict_images, template_class_features, top1_accuracy, zero_shot_classifier,
+)
+from clip_continual.model.adapters import EvaluatedTask, evaluating_task
 from clip_continual.model.clip import ClipModel
 
 
@@ -79,22 +85,67 @@ def evaluate_datasets_step(
     batch_size: int, device: str | torch.device | None = None,
     previous_rows: Sequence[Sequence[float]] | None = None,
     loader: LoaderConfig | None = None,
+    protocol: EvaluationProtocol | None = None,
 ) -> dict[str, Any]:
     """MTIL after ``step``: ``test_sets`` maps each task's name (in task order) to its test set and
-    prompt templates. Keys: step, task, acc/<name> per dataset, acc_row, acc_rows (rows 0..step),
-    acc_columns, ut_acc (datasets trained so far; all at step 0), zs_acc (datasets not trained yet),
-    a_acc (all), bwt, and transfer / avg / last over the rows so far."""
+    prompt templates. ``protocol`` (``evaluation.protocols``; default ZSCL's MTIL) says what the
+    model is told of each test set's task and which classes its images are classified among.
+    Keys: step, task, acc/<name> per dataset, acc_row, acc_rows (rows 0..step), acc_columns,
+    ut_acc (datasets trained so far; all at step 0), zs_acc (datasets not trained yet), a_acc
+    (all), bwt, and transfer / avg / last over the rows so far."""
     step = int(step)
     rows = _checked_rows(previous_rows, step, len(test_sets))
+    accuracies = {}
     with evaluating(clip, device) as target:
-        accuracies = {name: zero_shot_accuracy(clip, images, templates, batch_size, target, loader)
-                      for name, (images, templates) in test_sets.items()}
-    acc_row = [accuracies[name] for name in test_sets]
+        pooled = pooled_predictions(clip, step, list(test_sets.values()), protocol or EvaluationProtocol(),
+                                    batch_size, target, loader)
+    acc_row = [top1_accuracy(predictions, labels) for predictions, labels in pooled]
     result = _sequence_metrics(step, task, acc_row, rows)
     result["acc_columns"] = list(test_sets)
-    result.update({f"acc/{name}": value for name, value in accuracies.items()})
+    result.update({f"acc/{name}": value for name, value in zip(test_sets, acc_row)})
     result.update(mtil_partial_metrics(result["acc_rows"]))
     return result
+
+
+def pooled_predictions(
+    clip: ClipModel, step: int, sets: Sequence[tuple[Any, Sequence[str]]], protocol: EvaluationProtocol,
+    batch_size: int, target: torch.device, loader: LoaderConfig | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per dataset (in task order) each test image's predicted class and its label, both as rows
+    of the pooled label space (dataset i's classes from ``offsets[i]`` on), each image classified
+    among the classes ``protocol.label_space`` gives it after ``step``, the model told its task
+    only under ``task_identity: given``. The caller holds eval mode on ``target``."""
+    offsets = class_offsets([len(images.class_names) for images, _ in sets])
+    classifiers: dict[tuple[tuple[int, ...], int | None], ClassFeatures] = {}
+    pooled = []
+    for dataset, (images, _) in enumerate(sets):
+        blocks = candidate_datasets(protocol.label_space, step, dataset, len(sets))
+        image_task = protocol.image_task(dataset)
+        if (blocks, image_task) not in classifiers:  # shared by the datasets with the same candidates
+            classifiers[blocks, image_task] = _pooled_classifier(clip, sets, blocks, image_task, batch_size, target)
+        with evaluating_task(clip.model, EvaluatedTask(images=image_task)):
+            picks = predict_images(clip, images, classifiers[blocks, image_task], batch_size, target, loader)
+        # the candidates are consecutive pooled rows, from the first candidate dataset's on
+        pooled.append((offsets[blocks[0]] + picks, offsets[dataset] + np.asarray(images.labels)))
+    return pooled
+
+
+def _pooled_classifier(clip: ClipModel, sets: Sequence[tuple[Any, Sequence[str]]], blocks: tuple[int, ...],
+                       image_task: int | None, batch_size: int, target: torch.device) -> ClassFeatures:
+    """The classes of datasets ``blocks`` (consecutive, in task order) stacked, each dataset's
+    from its own templates while the model may read whose class names they are."""
+    for dataset in blocks:
+        check_class_prompts(sets[dataset][0].class_names, sets[dataset][1])
+
+    def compute() -> torch.Tensor:
+        features = []
+        for dataset in blocks:
+            images, templates = sets[dataset]
+            with evaluating_task(clip.model, EvaluatedTask(images=image_task, classes=dataset)):
+                features.append(template_class_features(clip, images.class_names, templates, batch_size, target))
+        return torch.cat(features)
+    names = [name for dataset in blocks for name in sets[dataset][0].class_names]
+    return class_features(clip, compute, names)
 
 
 def _visible_classes(phases: Sequence[Sequence[int]], step: int, phase: int) -> list[int]:

@@ -93,8 +93,10 @@ def evaluate_step(
     step = int(step)
     phases, earlier = _checked_step(step, updated_test, class_prompts, phases, previous_rows)
     with evaluating(clip, device) as target:
-        # Per route where the model routes its images (MoE-Adapters' DDAS).
-        class_feats = class_features(clip, lambda: text_features(clip, class_prompts, batch_size, target))
+        # Per route where the model routes its images (MoE-Adapters' DDAS); named for a model
+        # with its own classifier (RAIL).
+        class_feats = class_features(clip, lambda: text_features(clip, class_prompts, batch_size, target),
+                                     updated_test.class_names)
         ut_predictions, ut_seen_predictions = predictions_all_and_seen(
             clip, updated_test, class_feats, seen_classes(phases, step), batch_size, loader)
         acc_row = phase_accuracies(ut_predictions, updated_test.labels, phases)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from clip_continual.data.common import ImageSet
 from clip_continual.data.loading import LoaderConfig
 from clip_continual.evaluation.features import (
-    DEFAULT_BATCH_SIZE, ClassFeatures, EvalImages, RoutedClasses, as_float_tensor, class_features, class_rows,
-    evaluating, routed_feature_batches, routed_scores, similarity_scores, text_features,
+    DEFAULT_BATCH_SIZE, ClassFeatures, EvalImages, FittedClasses, RoutedClasses, as_float_tensor, class_features,
+    class_rows, evaluating, routed_feature_batches, routed_scores, similarity_scores, text_features,
 )
 from clip_continual.model.clip import ClipModel
 
@@ -47,18 +47,34 @@ def zero_shot_classifier(
     batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None,
 ) -> ClassFeatures:
     """(C, D) class features: per class, the mean of its normalised template prompts,
-    renormalised (per route for a model that routes its images, ``RoutedClasses``)."""
+    renormalised (per route for a model that routes its images, ``RoutedClasses``; with the
+    names for a model with its own classifier, ``FittedClasses``)."""
+    check_class_prompts(class_names, templates)
+    return class_features(clip, lambda: template_class_features(clip, class_names, templates, batch_size, device),
+                          class_names)
+
+
+def check_class_prompts(class_names: Sequence[str], templates: Sequence[str]) -> None:
     if len(class_names) == 0:
         raise ValueError("zero_shot_classifier needs at least one class name")
     if len(templates) == 0:
         raise ValueError("zero_shot_classifier needs at least one prompt template")
-    prompts = [fill_template(template, name) for name in class_names for template in templates]
 
-    def compute() -> torch.Tensor:
-        features = text_features(clip, prompts, batch_size, device)
-        per_class = features.view(len(class_names), len(templates), -1).mean(dim=1)
-        return F.normalize(per_class, dim=-1)
-    return class_features(clip, compute)
+
+
+def template_class_features(
+    clip: ClipModel, class_names: Sequence[str], templates: Sequence[str],
+    batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """(C, D) per class the mean of its normalised template prompts, renormalised, as the text
+    tower gives them now (one route; ``zero_shot_classifier`` covers every route)."""
+    prompts = [fill_template(template, name) for name in class_names for template in templates]
+    features = text_features(clip, prompts, batch_size, device)
+    per_class = features.view(len(class_names), len(templates), -1).mean(dim=1)
+    # Features of several models side by side (ConDU's experts): each renormalised alone.
+    blocks = features.shape[-1] // int(clip.model_config["embed_dim"])
+    per_class = F.normalize(per_class.view(len(class_names), blocks, -1), dim=-1).flatten(1)
+    return F.normalize(per_class, dim=-1)
 
 
 # --- classification ---------------------------------------------------------------------------
@@ -66,8 +82,11 @@ def zero_shot_classifier(
 def predict(image_feats: torch.Tensor | np.ndarray, class_feats: ClassFeatures | np.ndarray,
             routes: torch.Tensor | None = None) -> np.ndarray:
     """Index of the most similar class for each image; an exact tie goes to the lowest index.
-    Class features per route (``RoutedClasses``) score each image under its ``routes`` entry."""
+    Class features per route (``RoutedClasses``) score each image under its ``routes`` entry;
+    a model's own classifier (``FittedClasses``) scores them as it does."""
     images = as_float_tensor(image_feats)
+    if isinstance(class_feats, FittedClasses):
+        return torch.nan_to_num(class_feats.scores(images), nan=-torch.inf).argmax(dim=1).cpu().numpy().astype(np.int64)
     if isinstance(class_feats, RoutedClasses):
         return routed_scores(images, routes, class_feats).argmax(dim=1).cpu().numpy().astype(np.int64)
     classes = as_float_tensor(class_feats, images.device)
@@ -82,6 +101,8 @@ def predict(image_feats: torch.Tensor | np.ndarray, class_feats: ClassFeatures |
 
 
 def _on_device(class_feats: ClassFeatures, device: torch.device) -> ClassFeatures:
+    if isinstance(class_feats, FittedClasses):
+        return class_feats.to(device)
     return class_feats if isinstance(class_feats, RoutedClasses) else as_float_tensor(class_feats, device)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from clip_continual.methods.agem import AveragedGEM
 from clip_continual.methods.base import ContinualMethod, MethodConfigError
+from clip_continual.methods.condu import ConDULoRA, ContinualDecouplingUnifying
 from clip_continual.methods.diki import DIKI
 from clip_continual.methods.dpw import DynamicPrefixWeighting
 from clip_continual.methods.ewc import ElasticWeightConsolidation
@@ -17,9 +18,11 @@ from clip_continual.methods.gem import GradientEpisodicMemory
 from clip_continual.methods.geodl import GeodesicDistillation
 from clip_continual.methods.icarl import ICaRL
 from clip_continual.methods.imm import MeanIMM
+from clip_continual.methods.lora import SequentialLoRA
 from clip_continual.methods.lwf import LearningWithoutForgetting
 from clip_continual.methods.lwf_zscl import ZsclLwF
 from clip_continual.methods.moe_adapters import MoEAdapters
+from clip_continual.methods.rail import Rail
 from clip_continual.methods.rkr import RectifiedKnowledgeRetention
 from clip_continual.methods.vr_lwf import VocabularyReplayLwF
 from clip_continual.methods.vr_lwf_zscl import ZsclVocabularyReplay
@@ -41,7 +44,11 @@ METHODS: dict[str, type[ContinualMethod]] = {
     ICaRL.name: ICaRL,
     RectifiedKnowledgeRetention.name: RectifiedKnowledgeRetention,
     MoEAdapters.name: MoEAdapters,
+    Rail.name: Rail,
+    SequentialLoRA.name: SequentialLoRA,
     ZeroShotContinualLearning.name: ZeroShotContinualLearning,
+    ContinualDecouplingUnifying.name: ContinualDecouplingUnifying,
+    ConDULoRA.name: ConDULoRA,
     DIKI.name: DIKI,
     DynamicPrefixWeighting.name: DynamicPrefixWeighting,
 }

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clip_continual.methods.base import Batch, MethodConfigError, TaskContext
+from clip_continual.methods.base import Batch, MethodConfigError, TaskContext, reference_set_bytes
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.gradients import (
     agem_project, flat_gradient, gradient_vector, set_flat_gradient, trainable_parameters,
@@ -104,6 +104,11 @@ class AveragedGEM(FineTuning):
         if self.memory is None:
             return {}
         return {**self.memory.to_state(), "memory_tokens": self.memory_tokens}
+
+    def extra_storage_bytes(self, task: TaskContext, student: nn.Module) -> dict[str, int]:
+        """The memory handed on and the reference pairs replayed beside it."""
+        return super().extra_storage_bytes(task, student) | {
+            "reference_set": reference_set_bytes(task.extras.get("reference_set"))}
 
     def replay_gradient(self, student: nn.Module, parameters: list[nn.Parameter], rows: np.ndarray,
                         task: TaskContext) -> torch.Tensor:

@@ -132,7 +132,8 @@ class TaskContext:
     student; ``extras`` holds the named inputs a method declares in ``needs_inputs`` (e.g.
     ``reference_set``); ``previous_state`` is the arrays the method exported after the previous
     task (empty for the first task); ``seed`` is the task's seed, so that whatever a method
-    draws (replay batches) is a pure function of ``(seed, step)``.
+    draws (replay batches) is a pure function of ``(seed, step)``; ``class_names`` names every
+    class of the updated task (index = global label).
     """
 
     task_index: int
@@ -150,6 +151,7 @@ class TaskContext:
     tokenize: Callable[[list[str]], torch.Tensor] | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
     previous_state: Mapping[str, np.ndarray] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
     label_to_current: torch.Tensor = field(init=False)
     current_in_seen: torch.Tensor = field(init=False)
 
@@ -234,6 +236,15 @@ class ContinualMethod(ABC):
       distills_clean_images     distillation runs on un-augmented images (ZSCL)
       needs_inputs              names of ``TaskContext.extras`` the method reads (e.g.
                                 ``reference_set``); the loop refuses to start without them
+      task_identity             whether its inference rule reads the task of the test images
+                                (``model.adapters.evaluated_task``): "unused", "optional" (uses
+                                it when given) or "required" (refused under
+                                ``evaluation.task_identity: hidden``)
+
+    A method with ``gradient_steps = False`` (RAIL: a classifier solved in closed form on frozen
+    features) gets no optimizer and no backward: the loop shows it every training image
+    ``passes`` times, batch by batch, through ``fit_batch``, and the method writes what it
+    solved into the student in ``after_task``.
 
     Hooks around the optimizer step, in the loop's order: ``loss_terms`` -> backward ->
     (gradients unscaled) ``before_optimizer_step`` (e.g. gradient projection) -> clipping ->
@@ -249,6 +260,9 @@ class ContinualMethod(ABC):
     distills_clean_images: ClassVar[bool] = False
     needs_inputs: ClassVar[tuple[str, ...]] = ()
     replays_pairs: ClassVar[bool] = False  # its reference set must hold image-caption pairs
+    gradient_steps: ClassVar[bool] = True  # False: fit_batch instead of loss, backward and step
+    passes: int = 1  # epochs of a method without gradient steps (whatever the training length says)
+    task_identity: ClassVar[str] = "unused"
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         if not 0.0 <= float(label_smoothing) < 1.0:
@@ -297,10 +311,25 @@ class ContinualMethod(ABC):
     def after_optimizer_step(self, student: nn.Module, step: int, task: TaskContext) -> None:
         """Called after the optimizer step (and the logit-scale clamp); ``step`` is 1-based."""
 
+    def fit_batch(self, student: nn.Module, batch: Batch, task: TaskContext) -> dict[str, float]:
+        """A method without gradient steps learns from one batch (no graph is built); returns
+        named numbers to log (their sum is logged as ``loss``)."""
+        raise NotImplementedError(f"method '{self.name}' trains by gradient steps (loss_terms)")
+
     def export_state(self) -> dict[str, np.ndarray]:
         """Arrays to hand on to the next task (stored without pickle between tasks); called
         after ``after_task``. Default: nothing."""
         return {}
+
+    def extra_storage_bytes(self, task: TaskContext, student: nn.Module) -> dict[str, int]:
+        """What the method keeps beyond the weights of the architecture it trains, by kind, in
+        bytes: a cost of the method (``training.costs``). Called once the task is over, after
+        ``export_state``. Default: the teacher it reads (a whole model kept beside the student)
+        and the arrays it hands on (exemplars, Fisher matrices); a method that keeps more
+        (adapters, a reference set, an ensemble of weights) adds it."""
+        kept = {"teacher": module_bytes(task.teacher.model)} if task.teacher is not None else {}
+        handed_on = array_bytes(self.export_state().values())
+        return kept | ({"handed_on": handed_on} if handed_on else {})
 
     @abstractmethod
     def loss_terms(self, student: nn.Module, batch: Batch, task: TaskContext) -> dict[str, torch.Tensor]:
@@ -309,6 +338,31 @@ class ContinualMethod(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyper_parameters().items())
         return f"{type(self).__name__}({args})"
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """The bytes ``tensors`` hold (each counted once, however often it is listed)."""
+    unique = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def module_bytes(module: nn.Module) -> int:
+    """The bytes of a module's parameters and buffers: what keeping a copy of it costs."""
+    return tensor_bytes([*module.parameters(), *module.buffers()])
+
+
+def array_bytes(arrays: Iterable[Any]) -> int:
+    return sum(np.asarray(array).nbytes for array in arrays)
+
+
+def reference_set_bytes(reference: Any) -> int:
+    """The bytes of a reference set's images: an in-memory set's arrays; a set streamed from
+    its files (``ReferenceStream``) as uint8 images at the resolution it is decoded to."""
+    if reference is None:
+        return 0
+    if isinstance(getattr(reference, "images", None), np.ndarray):
+        return int(reference.images.nbytes)
+    return len(reference) * int(reference.image_size) ** 2 * 3
 
 
 def require_alpha(alpha: float, name: str = "alpha") -> float:

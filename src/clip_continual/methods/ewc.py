@@ -114,5 +114,10 @@ class ElasticWeightConsolidation(FineTuning):
             loss = class_cross_entropy(logits, label, task)
         return torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
 
+    def extra_storage_bytes(self, task: TaskContext, student: nn.Module) -> dict[str, int]:
+        """The Fisher handed on, and the float32 copy of the weights the penalty pulls towards."""
+        anchor = sum(value.numel() * 4 for value in self.fisher.values())
+        return super().extra_storage_bytes(task, student) | ({"anchor": anchor} if anchor else {})
+
     def export_state(self) -> dict[str, np.ndarray]:
         return {PREFIX + name: value.detach().cpu().numpy() for name, value in self.fisher.items()}

@@ -26,7 +26,7 @@ from torch import nn
 
 from clip_continual.data.image_folder import image_folder_index
 from clip_continual.data.loading import TaskImages, training_source
-from clip_continual.methods.base import MethodConfigError, TaskContext
+from clip_continual.methods.base import MethodConfigError, TaskContext, tensor_bytes
 from clip_continual.methods.ddas import (
     TaskSelector, alexnet_conv5, feature_count, fit_autoencoder, regroup, training_rows,
 )
@@ -362,6 +362,14 @@ class MoEAdapters(FineTuning):
                     mixture.frozen[mixture.usage.topk(count).indices] = True
         if self.ddas:
             self._fit_task_selector(task, student)
+
+    def extra_storage_bytes(self, task: TaskContext, student: nn.Module) -> dict[str, int]:
+        """The experts and routers added to the architecture, and DDAS's autoencoders (one per
+        task learnt, and the reference's), all kept with the model."""
+        adapters = [p for mixture in mixtures(student) for p in mixture.parameters()]
+        selector = getattr(getattr(student, "visual", None), "task_selector", None)
+        kept = super().extra_storage_bytes(task, student) | {"adapters": tensor_bytes(adapters)}
+        return kept | ({"autoencoders": tensor_bytes(selector.parameters())} if selector is not None else {})
 
     def _fit_task_selector(self, task: TaskContext, student: nn.Module) -> None:
         """The reference autoencoder (once, if asked for), then one for this task's images."""

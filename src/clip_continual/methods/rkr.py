@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from clip_continual.methods.base import MethodConfigError
+from clip_continual.methods.base import MethodConfigError, TaskContext, tensor_bytes
 from clip_continual.methods.ft import FineTuning
 from clip_continual.model.adapters import (
     TOWERS_OF_PARTS, AdapterError, add_adapters, register_adapter_kind, tower_transformers,
@@ -98,3 +98,8 @@ class RectifiedKnowledgeRetention(FineTuning):
 
     def prepare_student(self, student: nn.Module, parts: str) -> None:
         add_adapters(student, {"kind": "rkr", "rank": self.rank, "towers": TOWERS_OF_PARTS[parts]})
+
+    def extra_storage_bytes(self, task: TaskContext, student: nn.Module) -> dict[str, int]:
+        """The rectifiers added to the architecture, kept with the model."""
+        rectifiers = [p for module in student.modules() if isinstance(module, Rectifier) for p in module.parameters()]
+        return super().extra_storage_bytes(task, student) | {"adapters": tensor_bytes(rectifiers)}

@@ -21,7 +21,8 @@ from torch import nn
 
 from clip_continual.data.reference import ReferenceStream
 from clip_continual.methods.base import (
-    Batch, MethodConfigError, TaskContext, Teacher, image_features, soft_target_cross_entropy,
+    Batch, MethodConfigError, TaskContext, Teacher, image_features, module_bytes, reference_set_bytes,
+    soft_target_cross_entropy, tensor_bytes,
 )
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.vocabulary import derive_seed
@@ -144,6 +145,16 @@ class ZeroShotContinualLearning(FineTuning):
             with torch.no_grad():
                 for name, parameter in student.named_parameters():
                     parameter.copy_(ensemble.mean[name])
+
+    def extra_storage_bytes(self, task: TaskContext, student: nn.Module) -> dict[str, int]:
+        """The reference set, the zero-shot model distilled from, and copies of the student's
+        weights: the L2 anchor and the running mean of the weight ensemble."""
+        weights = tensor_bytes(student.parameters())
+        return super().extra_storage_bytes(task, student) | {
+            "reference_set": reference_set_bytes(task.extras.get("reference_set")),
+            "teacher": module_bytes(task.extras["pretrained_model"].model),
+            "weight_copies": weights * (1 if self.average_every is None else 2),
+        }
 
     def after_optimizer_step(self, student: nn.Module, step: int, task: TaskContext) -> None:
         ensemble = self._state["ensemble"]

@@ -5,10 +5,12 @@ An adapted model carries its recipe (a small dict of plain values) in the attrib
 ``adapter_recipe``. A checkpoint stores the recipe next to the state dict, and loading applies
 the recipe to a fresh model before the weights (``checkpoints.model_from_checkpoint``), so an
 adapted model loads back adapted. ``clip.set_trainable_parts`` trains only the adapters of an
-adapted model: its backbone stays bit-for-bit frozen.
+adapted model: its backbone stays bit-for-bit frozen (unless its kind trains the backbone, as
+ConDU's full fine-tuning does).
 
-The kinds themselves belong to their methods (``methods/rkr.py``, ``methods/moe_adapters.py``),
-which register them here with ``register_adapter_kind``. Every kind adapts the residual blocks
+The kinds themselves belong to their methods (``methods/rkr.py``, ``methods/moe_adapters.py``,
+``methods/rail.py``, ``methods/lora.py``, ``methods/condu.py``), which register them here with
+``register_adapter_kind``. Every kind adapts the residual blocks
 of the towers named by ``towers`` (``visual``, ``text``), following the towers the reference
 code adapts for its ``part`` setting (wm: both).
 
@@ -17,9 +19,10 @@ Plain PyTorch; no Kedro import.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -34,11 +37,14 @@ class AdapterError(ValueError):
 @dataclass(frozen=True)
 class AdapterKind:
     """``add(model, recipe)`` adds the adapters in place; ``parameters(transformer)`` lists the
-    trainable adapter parameters within one tower's transformer, in module order."""
+    trainable adapter parameters within one tower's transformer, in module order;
+    ``trains_backbone(recipe)``: the model trains as a plain CLIP does (its parts), not only
+    through the adapters (ConDU's full fine-tuning)."""
 
     add: Callable[[nn.Module, dict[str, Any]], None]
     parameters: Callable[[nn.Module], list[nn.Parameter]]
     settings: tuple[str, ...] = ()  # recipe entries that may change between tasks
+    trains_backbone: Callable[[dict[str, Any]], bool] = lambda recipe: False
 
 
 ADAPTER_KINDS: dict[str, AdapterKind] = {}
@@ -46,8 +52,9 @@ ADAPTER_KINDS: dict[str, AdapterKind] = {}
 
 def register_adapter_kind(name: str, add: Callable[[nn.Module, dict[str, Any]], None],
                           parameters: Callable[[nn.Module], list[nn.Parameter]],
-                          settings: tuple[str, ...] = ()) -> None:
-    ADAPTER_KINDS[name] = AdapterKind(add, parameters, tuple(settings))
+                          settings: tuple[str, ...] = (),
+                          trains_backbone: Callable[[dict[str, Any]], bool] = lambda recipe: False) -> None:
+    ADAPTER_KINDS[name] = AdapterKind(add, parameters, tuple(settings), trains_backbone)
 
 
 def adapter_kind(name: Any) -> AdapterKind:
@@ -115,6 +122,30 @@ def image_routing(model: nn.Module) -> Any | None:
     return routing if routing is not None and routing.active else None
 
 
+CLASSIFIER_ATTRIBUTE = "image_classifier"
+
+
+def image_classifier(model: nn.Module) -> Any | None:
+    """The module that classifies image features in place of the plain cosine argmax (RAIL's
+    fitted classifier fused with zero-shot CLIP), when the model carries one that learnt some
+    classes; else None. Its protocol: ``scores(image_feats, class_feats, class_names)`` gives
+    (B, C) scores of normalised image features among the candidate classes, named by
+    ``class_names`` with text features ``class_feats``. Evaluation passes the names of the
+    classes it classifies among (``evaluation.features.class_features``)."""
+    classifier = getattr(model, CLASSIFIER_ATTRIBUTE, None)
+    return classifier if classifier is not None and classifier.active else None
+ENSEMBLE_ATTRIBUTE = "task_experts"
+
+
+def evaluation_ensemble(model: nn.Module) -> Any | None:
+    """The task experts that encode for ``model`` at evaluation (ConDU's, ``methods/condu.py``):
+    in eval mode, once a task is learnt; else None. Their protocol: ``encode_images(model,
+    pixels, normalize)`` and ``encode_text(model, tokens, normalize)`` replace the model's
+    encoders (features of ``tasks + 1`` blocks), and the evaluated task (``evaluated_task``)."""
+    experts = getattr(model, ENSEMBLE_ATTRIBUTE, None)
+    return experts if experts is not None and experts.ready and not model.training else None
+
+
 def adapter_parameters(model: nn.Module, towers: tuple[str, ...] | list[str]) -> list[nn.Parameter]:
     """The trainable adapter parameters within ``towers`` (frozen MoE experts excluded)."""
     recipe = adapter_recipe(model)
@@ -125,3 +156,41 @@ def adapter_parameters(model: nn.Module, towers: tuple[str, ...] | list[str]) ->
     for transformer in tower_transformers(model, [t for t in towers if t in recipe["towers"]]).values():
         chosen += kind.parameters(transformer)
     return chosen
+
+
+# --- the task identity evaluation hands to a model -------------------------------------------
+
+EVALUATED_TASK_ATTRIBUTE = "evaluated_task"
+
+
+@dataclass(frozen=True)
+class EvaluatedTask:
+    """What the evaluation tells a model about the work in progress, as positions in the
+    benchmark's task order (0 = its first task). ``images``: the task the test images under
+    evaluation belong to, set while they are encoded and while their classifier's class texts
+    are; None when the protocol hides it (``evaluation.task_identity: hidden``). ``classes``:
+    the task whose class names the text tower is encoding (part of the classifier, so known
+    under every protocol); None while images are encoded."""
+
+    images: int | None = None
+    classes: int | None = None
+
+
+def evaluated_task(model: nn.Module) -> EvaluatedTask:
+    """What a module of ``model`` may know during an evaluation forward (``EvaluatedTask``);
+    outside one, and for images under hidden task identity, nothing (``images`` None). A method
+    whose inference rule needs the task of its test images reads ``images`` here and declares
+    ``task_identity = "required"`` (``methods.base.ContinualMethod``), so that a hidden protocol
+    refuses it before any work."""
+    return getattr(model, EVALUATED_TASK_ATTRIBUTE, None) or EvaluatedTask()
+
+
+@contextlib.contextmanager
+def evaluating_task(model: nn.Module, task: EvaluatedTask) -> Iterator[None]:
+    """``evaluated_task(model)`` is ``task`` for the block, and back to what it was after."""
+    previous = getattr(model, EVALUATED_TASK_ATTRIBUTE, None)
+    setattr(model, EVALUATED_TASK_ATTRIBUTE, task)
+    try:
+        yield
+    finally:
+        setattr(model, EVALUATED_TASK_ATTRIBUTE, previous)

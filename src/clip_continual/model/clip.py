@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_continual.model.adapters import TOWERS_OF_PARTS, adapter_parameters, adapter_recipe
+from clip_continual.model.adapters import (
+    TOWERS_OF_PARTS, adapter_kind, adapter_parameters, adapter_recipe, evaluation_ensemble,
+)
 
 PACKAGED_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TRAINABLE_PARTS = ("wm", "io", "to")
@@ -187,12 +189,14 @@ def set_trainable_parts(model: nn.Module, parts: str) -> list[nn.Parameter]:
     """Freeze all but ``parts`` (wm: whole model incl. logit scale, io: image, to: text).
 
     A model with adapters (``model.adapters``) trains only its adapters within
-    ``parts``; its backbone stays frozen. Returns the trainable parameters, the only ones the
+    ``parts``; its backbone stays frozen (unless its kind trains the backbone: ConDU's full
+    fine-tuning). Returns the trainable parameters, the only ones the
     optimizer should hold.
     """
     if parts not in TRAINABLE_PARTS:
         raise ValueError(f"unknown parts '{parts}': choose one of {', '.join(TRAINABLE_PARTS)}")
-    if adapter_recipe(model) is not None:
+    recipe = adapter_recipe(model)
+    if recipe is not None and not adapter_kind(recipe["kind"]).trains_backbone(recipe):
         chosen = adapter_parameters(model, TOWERS_OF_PARTS[parts])
     elif parts == "wm":
         chosen = list(model.parameters())
@@ -246,8 +250,12 @@ def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = True) 
     CLIP's text transformer is causal and pools at the EOT token (the largest id), so (1) the
     padding after the batch's longest sequence cannot change any pooled feature, and (2) the
     last block is needed at the EOT position only. Skipping both is exact. Falls back to
-    open_clip for towers we do not know.
+    open_clip for towers we do not know. A model with task experts encodes at evaluation as
+    its experts do (``adapters.evaluation_ensemble``).
     """
+    experts = evaluation_ensemble(model)
+    if experts is not None:
+        return experts.encode_text(model, tokens, normalize)
     if not hasattr(model, "token_embedding") or getattr(model, "text_pool_type", "argmax") != "argmax":
         return model.encode_text(tokens, normalize=normalize)
     nonzero = (tokens != 0).any(dim=0).nonzero()
@@ -272,6 +280,9 @@ def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = True) 
 
 
 def encode_images(model: nn.Module, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    experts = evaluation_ensemble(model)  # as encode_text
+    if experts is not None:
+        return experts.encode_images(model, pixels, normalize)
     # Pixels arrive in float32; a float64 tower (exact equivalence checks) takes them as float64.
     weights_dtype = next(model.visual.parameters()).dtype
     if weights_dtype == torch.float64:

@@ -193,7 +193,7 @@ def check_model_source(spec: ModelSpec, setting: str = "model") -> None:
 
 
 # Entries of OpenAI's released files that open_clip's own state dicts lack.
-_OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 def _is_openai_file(path: str) -> bool:
@@ -209,7 +209,7 @@ def _is_openai_file(path: str) -> bool:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return False
-    return isinstance(state, dict) and all(key in state for key in _OPENAI_ONLY_KEYS)
+    return isinstance(state, dict) and all(key in state for key in OPENAI_ONLY_KEYS)
 
 
 def _load_openai_file(architecture: str, path: str, model_config: dict[str, Any]) -> nn.Module:

@@ -9,7 +9,7 @@ import os
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
@@ -24,6 +24,7 @@ from clip_continual.model.clip import ModelSpec
 from clip_continual.model.sources import check_model_source
 from clip_continual.runtime import preflight, store_lock, tracking
 from clip_continual.runtime.benchmarks import BENCHMARKS, benchmark_in_force
+from clip_continual.runtime.checkpoint_sequence import SETTINGS as CHECKPOINTS_SETTINGS, CheckpointSequence
 from clip_continual.runtime.data_commands import check_before_run
 from clip_continual.runtime.recipe import RUNTIME_OVERRIDES, resolve_recipe
 from clip_continual.runtime.run_key import (
@@ -99,7 +100,16 @@ class SettingsCheckHook:
             # The cheap part of `kedro data check`: missing dataset folders, room to prepare them.
             partial(check_before_run, self._params, run_params.get("pipeline_names"), self._project_path),
             lambda: preflight.check_disk_space(self._checkpoints(pipeline, catalog)),
+            *self._checkpoint_list(pipeline, run_params),
         ])
+
+    def _checkpoint_list(self, pipeline, run_params: dict[str, Any]) -> list[Callable[[], Any]]:
+        """``evaluate_checkpoints``' files (one per task of its benchmark, each there), checked
+        before a benchmark's test sets are prepared."""
+        if not any(CHECKPOINTS_SETTINGS in node.tags for node in pipeline.nodes):
+            return []
+        benchmark = benchmark_in_force(run_params.get("pipeline_names"))
+        return [partial(CheckpointSequence.from_params, self._params.get(CHECKPOINTS_SETTINGS) or {}, benchmark)]
 
     def _model_sources(self, pipeline, catalog) -> list[tuple[ModelSpec, str]]:
         """The start models the pipeline builds: the embedded default's (unless a start model for
@@ -216,6 +226,8 @@ class MlflowTrackingHook(MlflowHook):
         self._signals = tracking.guard_interruptions()
         tracking.rename_session_tag(self.run_id)
         method = self._params.get("method", "unknown")
+        if any(CHECKPOINTS_SETTINGS in node.tags for node in pipeline.nodes):  # what was evaluated, not trained
+            method = (self._params.get(CHECKPOINTS_SETTINGS) or {}).get("label") or "checkpoints"
         alpha = recipe.tasks[0].settings.get("alpha") if recipe else None
         mlflow.set_tags({
             "benchmark": benchmark_in_force(run_params.get("pipeline_names")).name,

@@ -196,20 +196,35 @@ BENCHMARKS = {
 DEFAULT_BENCHMARK = "digits_mst"
 
 
-def _mtil(order: str) -> Benchmark:
-    """MTIL (ZSCL): each task fine-tunes on one whole dataset of the order."""
-    name = f"mtil_{order}"
+def dataset_sequence(name: str, datasets: tuple[str, ...], description: str) -> Benchmark:
+    """A benchmark whose tasks are whole MTIL datasets in sequence (prepared_mtil_<key>_<split>),
+    each test set evaluated after every task; ``evaluation.task_identity`` and ``label_space``
+    (``evaluation.protocols``) say under which protocol."""
     tasks = tuple(
         Task(key, f"prepared_mtil_{key}_train", (), test_set=f"prepared_mtil_{key}_test", prompt_key=key)
-        for key in mtil.order(order)
+        for key in datasets
     )
     return Benchmark(
-        name=name, tasks=tasks, suite=EvaluationSuite(), default_teacher="previous",
-        description=f"MTIL {order.replace('order', 'order ')}: 11 datasets in sequence, each test set "
-                    f"after every task (ZSCL)",
+        name=name, tasks=tasks, suite=EvaluationSuite(), default_teacher="previous", description=description,
         params=name, pretrained_model=f"{name}.pretrained_model", evaluation="datasets",
         reference_set=f"{name}.reference_set",
     )
+
+
+def _mtil(order: str) -> Benchmark:
+    """MTIL (ZSCL): each task fine-tunes on one whole dataset of the order."""
+    return dataset_sequence(
+        f"mtil_{order}", mtil.order(order),
+        f"MTIL {order.replace('order', 'order ')}: 11 datasets in sequence, each test set after every task (ZSCL)")
+
+
+def _xtail() -> Benchmark:
+    """X-TAIL (RAIL): ten domains, 16 shots per class, every test image among all domains' classes
+    with no domain id (parameters_xtail.yml sets the protocol and the shots)."""
+    return dataset_sequence(
+        "xtail", mtil.XTAIL_DOMAINS,
+        "X-TAIL: 10 domains (MTIL order 1 without CIFAR-100), 16 shots per class, every test image "
+        "among the classes of all domains, no domain id (RAIL)")
 
 
 def _cifar100(steps: int) -> Benchmark:
@@ -225,14 +240,16 @@ def _cifar100(steps: int) -> Benchmark:
     )
 
 
-BENCHMARKS.update({b.name: b for b in (_mtil("order1"), _mtil("order2"))})
+BENCHMARKS.update({b.name: b for b in (_mtil("order1"), _mtil("order2"), _xtail())})
 BENCHMARKS.update({b.name: b for b in (_cifar100(steps) for steps in class_incremental.STEP_COUNTS)})
 
 
 def benchmark_in_force(pipeline_names: list[str] | tuple[str, ...] | None) -> Benchmark:
     """The benchmark a run of ``pipeline_names`` trains on: the first that names one, else the
-    embedded default (``__default__``, ``continual_learning``, ...)."""
+    embedded default (``__default__``, ``continual_learning``, ...). ``evaluate_checkpoints_<name>``
+    evaluates on benchmark ``<name>``."""
     for name in pipeline_names or ["__default__"]:
+        name = name.removeprefix("evaluate_checkpoints_")
         if name in BENCHMARKS:
             return BENCHMARKS[name]
     return BENCHMARKS[DEFAULT_BENCHMARK]

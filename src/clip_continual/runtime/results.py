@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from clip_continual.runtime.tracking import (
-    FINAL_METRICS, HEARTBEAT_TAG, RECIPE_PREFIX, TASK_GROUP, VARIANT_TAG, final_metric_name,
+    COST_GROUP, FINAL_METRICS, HEARTBEAT_TAG, LEGACY_TASK_GROUP, RECIPE_PREFIX, VARIANT_TAG, final_metric_name,
     identity_tag, legacy_metric_name, metric_name, process_gone, variant_label,
 )
 
@@ -67,15 +67,43 @@ def final_metric(metrics: dict[str, float], name: str) -> float | None:
     return metrics.get(final_metric_name(name), metrics.get(legacy_metric_name(name)))
 
 
-def task_costs(client: Any, run_id: str) -> dict[str, float | None]:
-    """What a run's tasks cost: the most parameters any task trained (MoE-Adapters freezes experts
-    as it goes, so its count falls) and the mean wall time of a task's training."""
-    def history(name: str) -> list[float]:
-        return [m.value for m in client.get_metric_history(run_id, metric_name(name, TASK_GROUP))]
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
-    parameters, seconds = history("trainable_parameters"), history("wall_time_s")
-    return {"trainable_parameters": max(parameters) if parameters else None,
-            "wall_time_per_task_s": sum(seconds) / len(seconds) if seconds else None}
+
+# How compare sums up a run's per-task costs (cost/<name>, one point per task it trained):
+# its own column -> (the per-task cost, how the tasks' values combine).
+RUN_COST_COLUMNS = {
+    "trainable_parameters": ("trainable_parameters", max),  # MoE-Adapters freezes experts as it goes
+    "stored_parameters": ("stored_parameters", max),
+    "extra_storage_mib": ("extra_storage_mib", max),
+    "peak_memory_mib": ("peak_memory_mib", max),
+    "wall_time_per_task_s": ("wall_time_s", _mean),
+    "device_hours": ("device_hours", sum),
+    "images_seen": ("images_seen", sum),
+    "forward_passes_per_step": ("forward_passes_per_step", _mean),
+    "teacher_forward_passes_per_step": ("teacher_forward_passes_per_step", _mean),
+    "backward_passes_per_step": ("backward_passes_per_step", _mean),
+}
+
+
+def task_costs(client: Any, run_id: str) -> dict[str, float | None]:
+    """What a run's tasks cost (RUN_COST_COLUMNS; None for a cost it did not log): the most any
+    task held, the mean over tasks of a task's wall time and passes per step, and the sums of
+    device-hours and images seen over the tasks the run trained. Runs logged before the cost
+    group have their first costs under ``task/``."""
+    def history(name: str) -> list[float]:
+        for group in (COST_GROUP, LEGACY_TASK_GROUP):
+            points = client.get_metric_history(run_id, metric_name(name, group))
+            if points:
+                return [point.value for point in points]
+        return []
+
+    costs = {}
+    for column, (name, combine) in RUN_COST_COLUMNS.items():
+        values = history(name)
+        costs[column] = combine(values) if values else None
+    return costs
 
 
 def trained_seed(run: Any) -> str | None:

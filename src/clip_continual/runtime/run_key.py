@@ -24,9 +24,11 @@ logger = logging.getLogger(__name__)
 # Parameters that change how a run is shown, where it is tracked or what it runs on, not what it
 # computes (at any depth, so every benchmark's block too). ``distributed`` only splits the same
 # global batch over workers: a run resumed with another worker count reuses its finished tasks.
-# The command line's --params are already in the values they change.
+# The command line's --params are already in the values they change. ``evaluate_checkpoints``
+# trains nothing: its settings leave the training runs' keys as they are.
 NON_SCIENTIFIC_KEYS = frozenset({"progress", "device", "log_every", "tracking", "compare", "reporting",
-                                 "runtime_overrides", "distributed", "pin_memory", "persistent_workers"})
+                                 "runtime_overrides", "distributed", "pin_memory", "persistent_workers",
+                                 "evaluate_checkpoints"})
 DEFAULT_RUN_KEY = "default"
 
 _current: str | None = None

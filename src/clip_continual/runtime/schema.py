@@ -203,6 +203,19 @@ def _check_sizes(params: Mapping[str, Any]) -> None:
         raise ValueError(f"'data_preparation.digits.test_fraction' must be between 0 and 1, got {fraction!r}")
 
 
+def _check_evaluation_protocols(params: Mapping[str, Any]) -> None:
+    """``evaluation.task_identity`` and ``label_space`` of every benchmark's block."""
+    from clip_continual.evaluation.protocols import EvaluationProtocol, ProtocolError
+
+    blocks = [(name, block.get("evaluation")) for name, block in params.items() if isinstance(block, Mapping)]
+    for name, evaluation in [("", params.get("evaluation")), *blocks]:
+        if isinstance(evaluation, Mapping):
+            try:
+                EvaluationProtocol.from_params(evaluation)
+            except ProtocolError as error:
+                raise ValueError(f"{name + '.' if name else ''}{error}") from error
+
+
 # Block name -> check of the whole parameter tree; raises ValueError naming the setting. Run
 # in order, up to the first failure (a bad method would fail every block that depends on it).
 BLOCK_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
@@ -211,6 +224,7 @@ BLOCK_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "pretraining": _check_pretraining,
     "vocabulary_replay": _check_vocabulary,
     "sizes": _check_sizes,
+    "evaluation": _check_evaluation_protocols,
 }
 
 

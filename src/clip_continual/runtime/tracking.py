@@ -286,9 +286,16 @@ def close_abandoned_runs(uri: str, experiment_name: str) -> list[str]:
 
 # --- what a run logs ---------------------------------------------------------------------------
 
-CONTINUAL_GROUP, PRETRAINING_GROUP, TASK_GROUP = "continual", "pretraining", "task"
-# What a task costs, per method (from its training summary), logged beside its metrics.
-TASK_COSTS = ("trainable_parameters", "wall_time_s", "median_step_time_s")
+CONTINUAL_GROUP, PRETRAINING_GROUP, LEGACY_TASK_GROUP = "continual", "pretraining", "task"
+# What a task cost (its training summary, training/costs.py), logged as ``cost/<name>`` at
+# step = task index; runs logged before the cost group have the first three as ``task/<name>``.
+TASK_COSTS = ("trainable_parameters", "wall_time_s", "median_step_time_s", "device_hours", "peak_memory_mib",
+              "stored_parameters", "extra_storage_mib", "images_seen", "forward_passes_per_step",
+              "teacher_forward_passes_per_step", "backward_passes_per_step")
+# What the whole sequence cost (the sums over the tasks this run trained), at the last step.
+RUN_COSTS = {"total_wall_time_s": "wall_time_s", "total_device_hours": "device_hours",
+             "total_images_seen": "images_seen"}
+TRAINED_IN = "mlflow_run_id"  # a training summary's key: the MLflow run that trained the task
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # Parameters that say how a run is tracked, not what it computes: not logged as run parameters.
 UNLOGGED_PARAMETERS = frozenset({"tracking", "runtime_overrides"})
@@ -361,6 +368,28 @@ def metric_history(values: dict[str, Any], group: str, step: int) -> dict[str, d
         if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
         and math.isfinite(value)
     }
+
+
+def active_run_id() -> str | None:
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
+
+
+def paid_costs(summary: dict[str, Any] | None) -> dict[str, Any]:
+    """A task's TASK_COSTS when the active run trained it (``TRAINED_IN``); none when the run
+    only took the task from disk (``--only-missing-outputs``): a cost is charged only to the
+    run that paid it."""
+    if not summary or summary.get(TRAINED_IN) != active_run_id():
+        return {}
+    return {name: summary[name] for name in TASK_COSTS if name in summary}
+
+
+def run_costs(summaries: list[dict[str, Any]]) -> dict[str, float]:
+    """RUN_COSTS over the tasks the active run trained (none when it trained none)."""
+    paid = [costs for costs in map(paid_costs, summaries) if costs]
+    return {total: sum(costs.get(name, 0.0) for costs in paid) for total, name in RUN_COSTS.items()} if paid else {}
 
 
 def parameters_to_log(inputs: dict[str, Any]) -> dict[str, Any]:

@@ -2,11 +2,11 @@
 
 ``train`` reads top to bottom: build once what the task needs (the student copy, its teacher,
 what the method sees, the optimiser), then the steps (batch -> loss terms -> backward -> clip ->
-step -> log), then hand back the trained copy with a summary. ``fine_tune`` is the same from
-plain arguments. A method (``methods/``) only turns a batch into named loss terms and may hook
-the steps. Everything that varies with the step (batch order, augmentation, the replayed
-vocabulary, the learning rate) is a pure function of ``(seed, task_index, step)``, so a step can
-be recomputed exactly.
+step -> log; a method without gradient steps fits each batch instead), then hand back the
+trained copy with a summary. ``fine_tune`` is the same from plain arguments. A method
+(``methods/``) only turns a batch into named loss terms and may hook the steps. Everything
+that varies with the step (batch order, augmentation, the replayed vocabulary, the learning
+rate) is a pure function of ``(seed, task_index, step)``, so a step can be recomputed exactly.
 
 Plain Python and PyTorch; no Kedro import.
 """
@@ -25,8 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from clip_continual.data.loading import TrainBatch
-from clip_continual.methods.base import evaluation_mode
+from clip_continual.methods.base import Batch, ContinualMethod, TaskContext, evaluation_mode
 from clip_continual.model.clip import ClipModel, full_precision, resolve_device
+from clip_continual.training.costs import PassCounter, PeakMemory, measured_costs, stored_costs, teacher_models
 from clip_continual.training.replica import Replica
 from clip_continual.training.schedule import (
     autocast_for, build_optimizer, global_batch_size, resolve_precision, step_learning_rate,
@@ -49,15 +50,16 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
     ``on_step(step, values)`` follows every optimizer step (1-based step, the loss terms, their
     sum ``loss``, ``lr``); ``replica`` is this process's part of a data-parallel run."""
     config, method, plan, replica = task.config, task.method, task.plan, replica or Replica()
-    record = RunRecord(task, on_step)
     device = resolve_device(config.device)
+    record = RunRecord(task, on_step, device, replica.world_size)
     precision = resolve_precision(config.precision, device)
     student = build_student(task, device)
     model, teacher = student.model, build_teacher(task, device)
     context = task_context(task, student, teacher, device, autocast_for(precision, device))
     method.prepare_for_task(model, context)
     trainable = trainable_parameters(task, student)
-    optimizer = build_optimizer(trainable, config)
+    # A method solved in closed form (RAIL) gets no optimiser: it fits each batch instead.
+    optimizer = build_optimizer(trainable, config) if method.gradient_steps else None
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_terms = replica.loss_terms(model, method, context)
     record.started(trainable, device, precision)
@@ -65,10 +67,14 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
         precompute_teacher_features(task, context, student)
         method.before_task(context)
         record.set_up()
+        passes = PassCounter(model, teacher_models(context))
         try:
             for step, train_batch in record.steps(task_batches(task, student, device, replica)):
                 lr = step_learning_rate(config, plan, step)
                 batch = make_batch(task, step, train_batch, device)
+                if optimizer is None:
+                    record.step(step, lr, fit_batch(method, model, batch, context))
+                    continue
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with context.autocast():
@@ -94,8 +100,17 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
                 numbers = full_precision(torch.stack([loss.detach()] + [t.detach() for t in terms.values()]))
                 record.step(step, lr, dict(zip(["loss", *terms], replica.reduce(numbers).tolist())))
         finally:
+            passes.remove()
             method.after_task(context, model)
-    return finish(task, student, trainable, record, device)
+    return finish(task, student, trainable, record, device, costs=(context, passes))
+
+
+def fit_batch(method: ContinualMethod, model: nn.Module, batch: Batch, context: TaskContext) -> dict[str, float]:
+    """One batch of a method without gradient steps: no graph, no step; its numbers and their
+    sum as ``loss``, logged as a step's loss terms are."""
+    with torch.no_grad(), context.autocast():
+        numbers = method.fit_batch(model, batch, context)
+    return {"loss": float(sum(numbers.values())), **numbers}
 
 
 def fine_tune(start: ClipModel, *args: Any, on_step: StepCallback | None = None,
@@ -122,8 +137,10 @@ class RunRecord:
     """What a task's run records: every step's numbers (history, progress bar, log lines,
     ``on_step``), the time of each step (waiting for its batch included) and of the set-up."""
 
-    def __init__(self, task: TrainingTask, on_step: StepCallback | None) -> None:
+    def __init__(self, task: TrainingTask, on_step: StepCallback | None, device: torch.device,
+                 world_size: int = 1) -> None:
         self.task, self.on_step = task, on_step
+        self.memory, self.world_size = PeakMemory(device), world_size  # the peak from here on
         self.history: dict[str, list[float]] = {}
         self.window: dict[str, list[float]] = {}
         self.step_times: list[float] = []
@@ -172,10 +189,12 @@ class RunRecord:
 
 
 def finish(task: TrainingTask, student: ClipModel, trainable: list[nn.Parameter], record: RunRecord,
-           device: torch.device) -> tuple[ClipModel, dict[str, Any]]:
+           device: torch.device, costs: tuple[TaskContext, PassCounter]) -> tuple[ClipModel, dict[str, Any]]:
     """Hand back a plain model (eval mode, every parameter trainable again, as CLIP loads) and
-    the task's summary."""
+    the task's summary, with what the task cost (``training.costs``)."""
     method, config, plan, history = task.method, task.config, task.plan, record.history
+    context, passes = costs
+    wall_time = time.perf_counter() - record.wall_started
     student.model.eval()
     for parameter in student.model.parameters():
         parameter.requires_grad_(True)
@@ -192,7 +211,9 @@ def finish(task: TrainingTask, student: ClipModel, trainable: list[nn.Parameter]
         "median_step_time_s": statistics.median(record.step_times),
         "train_time_s": float(sum(record.step_times)),
         "setup_time_s": record.setup_time,
-        "wall_time_s": time.perf_counter() - record.wall_started,
+        "wall_time_s": wall_time,
+        **measured_costs(plan, passes, record.memory, record.world_size, wall_time),
+        **stored_costs(method, context, student.model),
         "final_losses": {name: values[-1] for name, values in history.items()},
         "mean_losses": {name: float(np.mean(values)) for name, values in history.items()},
         "final_lr": step_learning_rate(config, plan, plan.total_steps - 1),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -93,10 +93,18 @@ def training_task(
     if missing:
         raise ValueError(f"method '{method.name}' needs the input(s) {missing}; pass them in `extras`")
     return TrainingTask(
-        start, source, list(class_prompts), current, seen, config, method, plan_training(config, len(source)),
+        start, source, list(class_prompts), current, seen, config, method, _plan(config, method, len(source)),
         _checked_vocabulary(method, vocabulary, start), _checked_teacher(method, start, teacher, config),
         task_index, extras, dict(previous_state or {}),
     )
+
+
+def _plan(config: TrainingConfig, method: ContinualMethod, num_images: int) -> TrainingPlan:
+    """The task's length; a method without gradient steps sees every image ``method.passes``
+    times, whatever steps and epochs say (a closed-form solution needs all of them)."""
+    if not method.gradient_steps:
+        config = replace(config, steps=None, epochs=method.passes)
+    return plan_training(config, num_images)
 
 
 def _class_ids(name: str, classes: Sequence[int] | None, default: list[int]) -> list[int]:
@@ -172,13 +180,13 @@ def _checked_teacher(method: ContinualMethod, start: ClipModel, teacher: ClipMod
 # --- built once per task, on the training device ---------------------------------------------
 
 def build_student(task: TrainingTask, device: torch.device) -> ClipModel:
-    """A copy of the start model on ``device`` in training mode, changed by the method where it
-    adapts the architecture."""
+    """A copy of the start model on ``device`` in training mode (eval mode for a method without
+    gradient steps), changed by the method where it adapts the architecture."""
     torch.manual_seed(task.seed)  # what the method draws for the student (adapters) is the task's
     student = task.start.clone()
     student.model.to(device)
     task.method.prepare_student(student.model, task.config.parts)
-    student.model.train()
+    student.model.train(task.method.gradient_steps)  # frozen features are read in eval mode
     return student
 
 
@@ -186,7 +194,11 @@ def trainable_parameters(task: TrainingTask, student: ClipModel) -> list[nn.Para
     """The student's trainable parameters, the only ones left requiring gradients; chosen once
     the method has fitted the student to the task (``prepare_for_task``)."""
     config = task.config
-    trainable = set_trainable_parts(student.model, config.parts)
+    if task.method.gradient_steps:
+        trainable = set_trainable_parts(student.model, config.parts)
+    else:  # solved in closed form on a frozen model (RAIL): nothing takes a gradient
+        student.model.requires_grad_(False)
+        trainable = []
     if not config.train_logit_scale and hasattr(student.model, "logit_scale"):
         # ZSCL mtil/src/models/finetune.py: exclude_params_name = ["logit_scale"]
         student.model.logit_scale.requires_grad_(False)
@@ -233,6 +245,7 @@ def task_context(task: TrainingTask, student: ClipModel, teacher: ClipModel | No
         tokenize=lambda texts: student.tokenize(list(texts)).to(device),
         extras=task.extras,
         previous_state=task.previous_state,
+        class_names=tuple(str(name) for name in source.class_names),
     )
 
 

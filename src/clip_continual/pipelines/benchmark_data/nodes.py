@@ -22,7 +22,7 @@ from clip_continual.data.torchvision_sets import SPECS, load_split
 from clip_continual.methods import method_class
 from clip_continual.model.clip import ClipModel, ModelSpec
 from clip_continual.model.sources import build_model, resolve_pretrained
-from clip_continual.pipelines.continual_learning.nodes import task_recipe
+from clip_continual.pipelines.continual_learning.nodes import evaluation_protocol, task_recipe
 from clip_continual.runtime.benchmarks import Benchmark
 
 logger = logging.getLogger(__name__)
@@ -98,12 +98,14 @@ def check_reference(reference: dict[str, Any], method: str, owner: str) -> Refer
 def check_inputs(
     data: dict[str, Any], continual: dict[str, Any], loader: dict[str, Any], model: dict[str, Any],
     preparation: dict[str, Any], reference: dict[str, Any], method: str, seed: int,
-    overrides: dict[str, Any] | None = None, *, splits: tuple[str, ...], benchmark: Benchmark,
+    evaluation: dict[str, Any], overrides: dict[str, Any] | None = None, *, splits: tuple[str, ...],
+    benchmark: Benchmark,
 ) -> tuple[ImageIndex | ReferenceSource, ...]:
     """Every setting and raw-data layout of the benchmark, checked before anything spends
     minutes; returns the raw splits (indices: file lists, boxes, labels), in ``splits`` order,
     then the reference set's source. A bad input raises one error naming the file or setting
     and how to fix it."""
+    evaluation_protocol(evaluation, method, benchmark)  # e.g. a method that needs the task id, hidden
     for task in benchmark.task_names:
         task_recipe(method, continual, seed, benchmark, task, overrides).training_config().build_method().check_files()
     LoaderConfig.from_params(loader)

@@ -27,7 +27,7 @@ def create_pipeline(benchmark: Benchmark, **kwargs) -> Pipeline:
         bind(nodes.check_inputs, splits=splits, benchmark=benchmark),
         inputs=[block("data"), block("continual_learning"), block("loader"), block("model"),
                 block("preparation"), block("reference"), "params:method", block("seed"),
-                f"params:{RUNTIME_OVERRIDES}"],
+                block("evaluation"), f"params:{RUNTIME_OVERRIDES}"],
         outputs=[*(f"{benchmark.name}.raw_{split}" for split in splits), f"{benchmark.name}.raw_reference"],
         name=f"check_{benchmark.name}_inputs",
     )

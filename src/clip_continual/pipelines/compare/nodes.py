@@ -13,14 +13,15 @@ from clip_continual.runtime.results import latest_finished_runs
 from clip_continual.runtime.tracking import probe_store
 
 
-def compare_methods(params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Figure]:
-    """Mean and standard deviation over seeds per method variant, every run's own row, and the
-    plot; the log says which runs make each row and which were left out and why
-    (``runtime/results.py``)."""
+def compare_methods(params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Figure, Figure]:
+    """Mean and standard deviation over seeds per method variant (accuracies and costs), every
+    run's own row, and the plots of UT-Acc against ZS-Acc and of A-Acc against cost; the log
+    says which runs make each row and which were left out and why (``runtime/results.py``)."""
     # The store of conf/<env>/mlflow.yml, set up by kedro-mlflow when the session started.
     uri = mlflow.get_tracking_uri()
     probe_store(uri)
     runs = latest_finished_runs(uri, params["experiment_name"], params.get("benchmark"))
     table = reporting.comparison_table(runs)
     what = f"{params.get('benchmark') or 'every benchmark'}: latest finished run of each method and seed"
-    return table, reporting.comparison_runs_table(runs), reporting.comparison_figure(table, what)
+    return (table, reporting.comparison_runs_table(runs), reporting.comparison_figure(table, what),
+            reporting.cost_accuracy_figure(table, what))

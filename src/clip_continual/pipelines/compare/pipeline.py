@@ -10,7 +10,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 nodes.compare_methods,
                 inputs="params:compare",
-                outputs=["method_comparison", "method_comparison_runs", "method_comparison_plot"],
+                outputs=["method_comparison", "method_comparison_runs", "method_comparison_plot",
+                         "method_comparison_costs_plot"],
                 name="compare_methods",
             )
         ],

@@ -12,15 +12,17 @@ from clip_continual.data.common import ImageSet
 from clip_continual.data.index import ImageIndex
 from clip_continual.data.loading import LoaderConfig
 from clip_continual.data.mtil import few_shot_positions
+from clip_continual.evaluation.protocols import EvaluationProtocol
 from clip_continual.evaluation.sequences import evaluate_class_incremental_step, evaluate_datasets_step
 from clip_continual.evaluation.step import evaluate_step
 from clip_continual.evaluation.zero_shot import fill_template
+from clip_continual.methods import method_class
 from clip_continual.methods.vocabulary import ReplayVocabulary
 from clip_continual.model.clip import ClipModel
 from clip_continual.runtime.benchmarks import Benchmark
 from clip_continual.runtime.recipe import TaskRecipe, block_path_of, overridden, resolve_task, seed_path_of
 from clip_continual.runtime.tracking import (
-    TASK_COSTS, TASK_GROUP, BatchedMetrics, metric_history, step_metric_history,
+    COST_GROUP, TRAINED_IN, BatchedMetrics, active_run_id, metric_history, paid_costs, step_metric_history,
 )
 from clip_continual.training.config import TrainingConfig
 from clip_continual.training.distributed import DistributedConfig, train_on
@@ -84,10 +86,11 @@ def fine_tune_task(
     classes = task.classes or tuple(range(len(train_set.class_names)))  # empty: the whole dataset
     # Task 1 starts from the pretrained model, which the pipeline hands in only as start_model.
     pretrained = start_model if pretrained_model is None else pretrained_model
+    templates = templates_for(prompts, task.prompt_key or benchmark.suite.updated_prompt_key)
     training = training_task(
         start_model,
         few_shot_train_set(train_set.restrict_to_classes(classes), recipe.settings),
-        class_prompts(train_set, templates_for(prompts, task.prompt_key or benchmark.suite.updated_prompt_key)[0]),
+        class_prompts(train_set, templates[0]),
         current_classes=list(classes),
         seen_classes=sorted({c for phase in benchmark.phases[:task_index - 1] for c in phase} | set(classes)),
         config=config,
@@ -96,13 +99,16 @@ def fine_tune_task(
         task_index=task_index,
         method=config.build_method(),
         loader=LoaderConfig.from_params(loader),
-        extras={"reference_set": reference_set, "pretrained_model": pretrained},
+        extras={"reference_set": reference_set, "pretrained_model": pretrained,
+                # every template's prompts, one list per template (ConDU's prototypes)
+                "prompt_sets": [class_prompts(train_set, template) for template in templates]},
         previous_state=previous_method_state,
     )
     offset = _steps_before(config, train_set.labels, benchmark, task_index)
     with BatchedMetrics() as metrics:
         model, summary = train_on(distributed, training, _loss_logger(metrics, tracking, offset))
     model.metadata.update({"method": method, "task_index": task_index, "classes": list(classes)})
+    summary[TRAINED_IN] = active_run_id()  # who paid for the task (see step_metrics_for_mlflow)
     return model, summary, training.method.export_state()
 
 
@@ -154,6 +160,7 @@ def evaluate_model(
     carrying the accuracy rows so far. ``eval_sets`` are ``zero_shot_<i>`` and ``retrieval_<i>``
     in the order of the suite."""
     suite = benchmark.suite
+    evaluation_protocol(params, model.metadata.get("method"), benchmark)  # no task id reaches the model here
     earlier = list(previous_evaluation["acc_rows"]) if previous_evaluation else []
     default_folds = params.get("retrieval_folds", 1)
     result = evaluate_step(
@@ -181,13 +188,13 @@ def evaluate_model(
 def step_metrics_for_mlflow(evaluation: dict[str, Any],
                             training_summary: dict[str, Any] | None = None) -> dict[str, Any]:
     """A step's metrics as MLflow metrics ``continual/<name>`` and ``retrieval/<recall>`` (each
-    once, see ``step_metric_names``) at ``step`` = task index, and what
-    the task cost (``task/<cost>``, the same step). A node of its own: a resumed run
+    once, see ``step_metric_names``) at ``step`` = task index, and what the task cost
+    (``cost/<name>``, the same step). A node of its own: a resumed run
     (``--only-missing-outputs``) logs the finished tasks' stored evaluations again without
-    evaluating their models again, so it holds the whole sequence."""
+    evaluating their models again, so it holds the whole sequence; their costs it did not pay,
+    and does not log."""
     step = evaluation["step"]
-    costs = {k: training_summary[k] for k in TASK_COSTS if k in training_summary} if training_summary else {}
-    return step_metric_history(evaluation, step) | metric_history(costs, TASK_GROUP, step)
+    return step_metric_history(evaluation, step) | metric_history(paid_costs(training_summary), COST_GROUP, step)
 
 
 def evaluate_datasets_model(
@@ -199,14 +206,26 @@ def evaluate_datasets_model(
     classes with all its templates; the accuracy rows so far and Transfer / Avg / Last."""
     sets = {t.name: (test_sets[f"test_{i}"], templates_for(prompts, t.prompt_key))
             for i, t in enumerate(benchmark.tasks)}
+    protocol = evaluation_protocol(params, model.metadata.get("method"), benchmark)
     result = evaluate_datasets_step(
         model, step, task, sets, params["batch_size"], params.get("device", "auto"),
         previous_rows=previous_evaluation["acc_rows"] if previous_evaluation else None,
-        loader=LoaderConfig.from_params(loader),
+        loader=LoaderConfig.from_params(loader), protocol=protocol,
     )
+    result.update({"task_identity": protocol.task_identity, "label_space": protocol.label_space})
     logger.info("step %d (%s): Transfer %s  Avg %s  Last %s", step, task, result["transfer"], result["avg"],
                 result["last"])
     return result
+
+
+def evaluation_protocol(params: dict[str, Any], method: str | None, benchmark: Benchmark) -> EvaluationProtocol:
+    """The benchmark's evaluation protocol (``evaluation.task_identity``, ``label_space``), with
+    ``method`` (None: the starting model) checked to run under it."""
+    protocol = EvaluationProtocol.from_params(params)
+    protocol.check_evaluation(benchmark.name, benchmark.evaluation)
+    if method is not None:
+        protocol.check_method(method, method_class(method).task_identity, benchmark.evaluation)
+    return protocol
 
 
 def evaluate_class_incremental_model(
@@ -215,6 +234,7 @@ def evaluate_class_incremental_model(
     *, step: int, task: str, benchmark: Benchmark,
 ) -> dict[str, Any]:
     """Class-incremental learning after ``step``: the seen classes' test images among them."""
+    evaluation_protocol(params, model.metadata.get("method"), benchmark)  # no task id reaches the model here
     result = evaluate_class_incremental_step(
         model, step, task, updated_test, templates_for(prompts, benchmark.suite.updated_prompt_key),
         benchmark.phases, params["batch_size"], params.get("device", "auto"),

@@ -5,6 +5,8 @@ evaluated once as step 0 (``<benchmark>.pretrained``)."""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from kedro.pipeline import Node, Pipeline
 
 from clip_continual.pipelines import bind
@@ -25,49 +27,30 @@ def _namespaced(template: Pipeline, namespace: str, shared: set[str]) -> Pipelin
     )
 
 
-def _sequence_evaluate_node(benchmark: Benchmark, step: int, task: str, model: str,
-                            previous: str | None) -> Node:
-    """MTIL (every task's own test set) or class-incremental evaluation."""
-    inputs = {"model": model}
-    if benchmark.evaluation == "class_incremental":
-        inputs["updated_test"] = benchmark.suite.updated_test
-    inputs.update({"prompts": benchmark.params_block("prompts"), "params": benchmark.params_block("evaluation"),
-                   "loader": benchmark.params_block("loader")})
-    if previous is not None:
-        inputs["previous_evaluation"] = previous
-    function = nodes.evaluate_class_incremental_model
+def suite_evaluation(benchmark: Benchmark) -> tuple[Callable[..., dict[str, Any]], dict[str, str]]:
+    """The node function that evaluates a model after a step on the benchmark's evaluation
+    suite (phases of one updated task, MTIL's datasets, or class-incremental learning), and its
+    inputs other than ``model`` and ``previous_evaluation``."""
+    inputs = {"updated_test": benchmark.suite.updated_test} if benchmark.suite.updated_test else {}
+    inputs.update({"prompts": benchmark.params_block("prompts"), "params": benchmark.params_block("evaluation")})
+    if benchmark.params or benchmark.evaluation != "phases":
+        inputs["loader"] = benchmark.params_block("loader")
     if benchmark.evaluation == "datasets":
-        function = nodes.evaluate_datasets_model
         inputs.update({f"test_{i}": t.test_set for i, t in enumerate(benchmark.tasks)})
-    return Node(bind(function, step=step, task=task, benchmark=benchmark), inputs=inputs,
-                outputs="evaluation", name=_evaluate_name(step, task), tags=["evaluation"])
+        return nodes.evaluate_datasets_model, inputs
+    if benchmark.evaluation == "class_incremental":
+        return nodes.evaluate_class_incremental_model, inputs
+    inputs.update({f"zero_shot_{i}": s.dataset for i, s in enumerate(benchmark.suite.zero_shot)})
+    inputs.update({f"retrieval_{i}": s.dataset for i, s in enumerate(benchmark.suite.retrieval)})
+    return nodes.evaluate_model, inputs
 
 
 def _evaluate_node(benchmark: Benchmark, step: int, task: str, model: str,
                    previous: str | None) -> Node:
-    if benchmark.evaluation != "phases":
-        return _sequence_evaluate_node(benchmark, step, task, model, previous)
-    suite = benchmark.suite
-    inputs = {
-        "model": model,
-        "updated_test": suite.updated_test,
-        "prompts": benchmark.params_block("prompts"),
-        "params": benchmark.params_block("evaluation"),
-    }
-    # In the order of the node's signature: Kedro's parameter check maps inputs by position.
-    if benchmark.params:
-        inputs["loader"] = benchmark.params_block("loader")
-    if previous is not None:
-        inputs["previous_evaluation"] = previous
-    inputs.update({f"zero_shot_{i}": s.dataset for i, s in enumerate(suite.zero_shot)})
-    inputs.update({f"retrieval_{i}": s.dataset for i, s in enumerate(suite.retrieval)})
-    return Node(
-        bind(nodes.evaluate_model, step=step, task=task, benchmark=benchmark),
-        inputs=inputs,
-        outputs="evaluation",
-        name=_evaluate_name(step, task),
-        tags=["evaluation"],
-    )
+    function, suite = suite_evaluation(benchmark)
+    inputs = {"model": model, **suite, **({"previous_evaluation": previous} if previous is not None else {})}
+    return Node(bind(function, step=step, task=task, benchmark=benchmark), inputs=inputs,
+                outputs="evaluation", name=_evaluate_name(step, task), tags=["evaluation"])
 
 
 def _evaluate_name(step: int, task: str) -> str:

@@ -7,7 +7,8 @@ def create_pipeline(**kwargs) -> Pipeline:
     inputs = ["params:data_preparation", "params:seed"]
     return Pipeline(
         [
-            Node(nodes.generate_shapes_corpus, inputs, "shapes_corpus", name="generate_shapes_corpus"),
+            Node(nodes.generate_pretraining_corpus, inputs, "pretraining_corpus",
+                 name="generate_pretraining_corpus"),
             Node(nodes.generate_shapes_zero_shot_set, inputs, "shapes_zero_shot",
                  name="generate_shapes_zero_shot_set"),
             Node(nodes.generate_shapes_retrieval_set, inputs, "shapes_retrieval",

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from clip_continual.evaluation import reporting
 from clip_continual.methods import METHODS, effective_alpha
 from clip_continual.runtime.run_key import run_name
-from clip_continual.runtime.tracking import CONTINUAL_GROUP, metric_history
+from clip_continual.runtime.tracking import COST_GROUP, CONTINUAL_GROUP, metric_history, run_costs
 
 # Whole-run metrics of the summary, logged as ``continual/<name>`` at the last step.
 SUMMARY_METRICS = ("mean_learning_acc",)
@@ -31,17 +31,22 @@ def report_continual_run(
 def report_dataset_run(
     method: str, params: dict[str, Any], seed: int, *evaluations: dict[str, Any], benchmark: str,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], Figure, Figure, pd.DataFrame]:
-    """The reports of a sequence of whole datasets (MTIL), whose columns name the datasets."""
-    return _reports(method, params, seed, list(evaluations), benchmark, None)
+    """The reports of a sequence of whole datasets (MTIL), whose columns name the datasets; the
+    summary names the evaluation protocol (``evaluation.protocols``) the numbers were taken under."""
+    protocol = {key: evaluations[-1][key] for key in PROTOCOL_KEYS if key in evaluations[-1]}
+    return _reports(method, params, seed, list(evaluations), benchmark, None, protocol)
+
+
+PROTOCOL_KEYS = ("task_identity", "label_space")
 
 
 def _reports(method: str, params: dict[str, Any], seed: int, steps: list[dict[str, Any]], benchmark: str,
-             task_classes: list[list[str]] | None):
+             task_classes: list[list[str]] | None, protocol: dict[str, str] | None = None):
     table = reporting.metrics_table(steps)
     matrix = reporting.accuracy_matrix(steps)
     alpha = effective_alpha(method, params.get("alpha")) if method in METHODS else params.get("alpha")
     summary = reporting.summary(
-        steps, {"benchmark": benchmark, "method": method, "alpha": alpha, "seed": seed}
+        steps, {"benchmark": benchmark, "method": method, "alpha": alpha, "seed": seed, **(protocol or {})}
     )
     title = run_name(benchmark, method, alpha, seed)
     return (
@@ -54,7 +59,9 @@ def _reports(method: str, params: dict[str, Any], seed: int, steps: list[dict[st
     )
 
 
-def summary_metrics_for_mlflow(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary's whole-run metrics (SUMMARY_METRICS) as MLflow metrics at the last step."""
-    return metric_history({k: summary[k] for k in SUMMARY_METRICS if k in summary},
-                          CONTINUAL_GROUP, summary["num_tasks"])
+def summary_metrics_for_mlflow(summary: dict[str, Any], *training_summaries: dict[str, Any]) -> dict[str, Any]:
+    """The summary's whole-run metrics (SUMMARY_METRICS) as MLflow metrics at the last step,
+    and what the tasks this run trained cost together (``cost/total_<name>``)."""
+    step = summary["num_tasks"]
+    return (metric_history({k: summary[k] for k in SUMMARY_METRICS if k in summary}, CONTINUAL_GROUP, step)
+            | metric_history(run_costs(list(training_summaries)), COST_GROUP, step))

@@ -5,7 +5,7 @@ from clip_continual.pipelines.evaluation import nodes
 from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, Benchmark
 
 
-def _report_function(benchmark: Benchmark):
+def report_function(benchmark: Benchmark):
     """Tasks that are phases of one updated task name their classes under the matrix; MTIL's
     tasks are whole datasets, named by their columns."""
     if benchmark.suite.updated_test:
@@ -18,7 +18,7 @@ def create_pipeline(benchmark: Benchmark | None = None, **kwargs) -> Pipeline:
     benchmark = benchmark or BENCHMARKS[DEFAULT_BENCHMARK]
     steps = ("pretrained", *benchmark.task_names)
     report = Node(
-        _report_function(benchmark),
+        report_function(benchmark),
         inputs=["params:method", benchmark.params_block("continual_learning"), benchmark.params_block("seed"),
                 *([benchmark.suite.updated_test] if benchmark.suite.updated_test else []),
                 *(f"{step}_evaluation" for step in steps)],
@@ -28,13 +28,15 @@ def create_pipeline(benchmark: Benchmark | None = None, **kwargs) -> Pipeline:
     )
     track = Node(
         nodes.summary_metrics_for_mlflow,
-        inputs="continual_summary",
+        inputs=["continual_summary", *(f"{task}_training_summary" for task in benchmark.task_names)],
         outputs="continual_summary_mlflow_metrics",
         name="track_continual_summary",
         tags=["tracking"],
     )
     return Pipeline(
         [report, track],
-        inputs={f"{step}_evaluation": f"{benchmark.name}.{step}.evaluation" for step in steps},
+        inputs={**{f"{step}_evaluation": f"{benchmark.name}.{step}.evaluation" for step in steps},
+                **{f"{task}_training_summary": f"{benchmark.name}.{task}.training_summary"
+                   for task in benchmark.task_names}},
         tags=["evaluation", benchmark.name],
     )

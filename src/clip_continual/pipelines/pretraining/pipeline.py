@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 nodes.pretrain_clip,
-                inputs=["shapes_corpus", "pretrained_model_cache", "params:model", "params:pretraining",
+                inputs=["pretraining_corpus", "pretrained_model_cache", "params:model", "params:pretraining",
                         "params:data_preparation", "params:seed"],
                 outputs="pretrained_model",
                 name="pretrain_clip",
