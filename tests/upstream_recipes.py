@@ -235,6 +235,7 @@ UPSTREAM: dict[str, dict[str, dict[str, tuple]]] = {
 UPSTREAM["mtil_order1"]["moe_adapters"] = dict(_MOE_MTIL)
 UPSTREAM["mtil_order1"]["diki"] = dict(_DIKI_MTIL)
 UPSTREAM["mtil_order1"]["dpw"] = dict(_DPW_MTIL)
+UPSTREAM["mtil_order2"]["diki"] = dict(_DIKI_MTIL)  # configs/MTIL-order-II.yaml: MTIL.yaml with MTIL_order_2 True
 UPSTREAM["mtil_order2"]["moe_adapters"] = dict(_MOE_MTIL)  # no order-II script: the rates go with the dataset
 UPSTREAM["mtil_order1"]["rail"] = dict(_RAIL)
 UPSTREAM["mtil_order2"]["rail"] = dict(_RAIL)
