@@ -43,10 +43,11 @@ def job_folder(out: Path, job: int) -> Path:
     """A Kedro project folder of its own (the project's conf and code, its own data and store)."""
     folder = out / f"job-{job}"
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("conf", "src", "pyproject.toml"):
+    for name in ("conf", "pyproject.toml"):
         link = folder / name
         if not link.exists():
             link.symlink_to(PROJECT / name)
+    (folder / "src").mkdir(exist_ok=True)  # Kedro wants a source folder inside; the code is installed
     return folder
 
 

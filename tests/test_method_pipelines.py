@@ -70,7 +70,7 @@ def test_icarl_memory_is_handed_on_within_budget_and_a_resumed_run_continues_exa
 # The parameter-efficient methods and ZSCL; small MoE settings keep it to seconds (DDAS's AlexNet
 # needs 31 px, the micro CLIP has 16: tests/test_ddas.py covers it).
 ADAPTED_OPTIONS = {"rkr": {}, "moe_adapters": {"experts": 4, "bottleneck": 8, "ddas": False},
-                   "zscl": {"average_every": 1}, "lora": {"rank": 4}}
+                   "zscl": {"average_every": 1}, "lora": {"rank": 4}, "diki": {}, "dpw": {}}
 
 
 @pytest.mark.parametrize("method", sorted(ADAPTED_OPTIONS))
@@ -78,9 +78,13 @@ def test_adapters_and_zscl_run_one_task_through_the_pipeline(project, method):
     from clip_continual.model.adapters import adapter_recipe
     from clip_continual.io import CheckpointDataset
 
+    matrix = project / "data" / "08_reporting" / "accuracy_matrix.csv"
+    matrix.unlink(missing_ok=True)
     run_pipeline(project, ["digits_ost"], params={
         "method": method, "continual_learning": {"methods": {method: ADAPTED_OPTIONS[method]}},
     })
+    rows = matrix.read_text().splitlines()  # this run's accuracy matrix: the start model, then task 1
+    assert [row.split(",")[0] for row in rows[1:]] == ["pretrained", "task_1"]
     (models,) = [f for f in run_folders(project, benchmark="digits_ost") if f.name.startswith(f"{method}-")]
     outputs = project / "data" / "07_model_output" / "digits_ost" / models.name
     summary = json.loads((outputs / "task_1_training.json").read_text())
@@ -93,7 +97,7 @@ def test_adapters_and_zscl_run_one_task_through_the_pipeline(project, method):
         assert adapter_recipe(model.model) is None and summary["trainable_parameters"] == total
         assert {"zscl_image", "zscl_text", "l2"} <= set(summary["final_losses"])
     else:  # the checkpoint loads back adapted, with the backbone of the pretrained model
-        assert adapter_recipe(model.model)["kind"] == {"rkr": "rkr", "moe_adapters": "moe", "lora": "lora"}[method]
+        assert adapter_recipe(model.model)["kind"] == {"rkr": "rkr", "moe_adapters": "moe"}.get(method, method)
         assert 0 < summary["trainable_parameters"] < total
         plain, adapted = pretrained.model.state_dict(), model.model.state_dict()
         assert torch.equal(adapted["token_embedding.weight"], plain["token_embedding.weight"])

@@ -5,6 +5,7 @@ with this table. A value that holds for one task only is keyed ``<task>/<setting
 ZSCL = Thunderbeee/ZSCL (mtil/, cil/); MoE = JiazuoYu/MoE-Adapters4CL; CL-CLIP = yxding95/CL-CLIP;
 RAIL = linghan1997/Regression-based-Analytic-Incremental-Learning.
 ConDU = zhangzicong518/ConDU.
+DIKI = lloongx/DIKI; DPW = YonseiML/dpw.
 """
 
 from __future__ import annotations
@@ -74,6 +75,49 @@ _MOE_MTIL = {
     "method.router_per_task": (True, "MoE mtil/clip/model.py: one router per task"),
     "method.eval_noise": (False, "MoE mtil/clip/model.py: noise only with --is_train"),
     "seed": (42, "MoE mtil/src/args.py --seed 42"),
+}
+
+# DIKI configs/MTIL.yaml over DIKI/setup_cfg.py's defaults, DIKI/DIKI.py and DIKI/utils.py.
+_DIKI_MTIL = {
+    "training.optimizer": ("sgd", "DIKI configs/MTIL.yaml optim.name SGD; DIKI.py torch.optim.SGD"),
+    "training.lr": (5.0, "DIKI configs/MTIL.yaml optim.lr 5.0"),
+    "training.weight_decay": (0.0, "DIKI configs/MTIL.yaml optim.weight_decay 0"),
+    "training.batch_size": (128, "DIKI configs/MTIL.yaml optim.batch_size 128"),
+    "training.epochs": (10, "DIKI configs/MTIL.yaml optim.max_epoch 10"),
+    "training.steps": (None, "DIKI DIKI.py: epochs, no iteration count"),
+    "training.schedule": ("cosine", "DIKI configs/MTIL.yaml lr_scheduler cosine"),
+    "training.warmup_steps": (0, "DIKI configs/MTIL.yaml warmup_epoch 0"),
+    "training.final_lr_ratio": (1e-3, "DIKI DIKI/utils.py build_cosine_scheduler final_lr = lr * 1e-3"),
+    "training.augment": ("none", "DIKI DIKI/utils.py get_transform: clip._transform for training too"),
+    "training.grad_clip_norm": (None, "DIKI DIKI.py train_one_task: no clipping"),
+    "method.label_smoothing": (0.0, "DIKI DIKI.py F.cross_entropy"),
+    "method.depth": (8, "DIKI configs/MTIL.yaml prompt_depth_vision / _text 8"),
+    "method.length": (8, "DIKI configs/MTIL.yaml n_ctx_vision / _text 8"),
+    "method.batchwise": (True, "DIKI configs/MTIL.yaml batchwise_prompt True"),
+    "method.vote_batch": (256, "DIKI DIKI.py get_dataloader: test batch 2 x 128"),
+    "seed": (42, "DIKI configs/MTIL.yaml seed 42"),
+}
+
+# DPW configs/mtil.yaml over DPW/setup_cfg.py's defaults, DPW/DPW.py, DPW/utils.py, clip/attention.py.
+_DPW_MTIL = {
+    "training.optimizer": ("sgd", "DPW configs/mtil.yaml optim.name SGD; DPW.py torch.optim.SGD"),
+    "training.lr": (1.25, "DPW configs/mtil.yaml optim.lr 1.25"),
+    "training.weight_decay": (0.0, "DPW configs/mtil.yaml optim.weight_decay 0"),
+    "training.batch_size": (32, "DPW configs/mtil.yaml optim.batch_size 32"),
+    "training.epochs": (10, "DPW configs/mtil.yaml optim.max_epoch 10"),
+    "training.steps": (None, "DPW DPW.py: epochs, no iteration count"),
+    "training.schedule": ("cosine", "DPW configs/mtil.yaml lr_scheduler cosine"),
+    "training.warmup_steps": (0, "DPW configs/mtil.yaml warmup_epoch 0"),
+    "training.final_lr_ratio": (1e-3, "DPW DPW/utils.py build_cosine_scheduler final_lr = lr * 1e-3"),
+    "training.augment": ("none", "DPW main.py get_transform: clip._transform for training too"),
+    "training.grad_clip_norm": (None, "DPW DPW.py train_one_task: no clipping"),
+    "method.label_smoothing": (0.0, "DPW DPW.py F.cross_entropy"),
+    "method.depth": (12, "DPW configs/mtil.yaml prompt_depth_vision / _text 12"),
+    "method.length": (8, "DPW configs/mtil.yaml n_ctx_vision / _text 8"),
+    "method.bottleneck": (64, "DPW clip/attention.py Adapter(bottleneck=64)"),
+    "method.adapter_basis": ("initial", "DPW clip/attention.py: Adapter built before the weights load"),
+    "method.batchwise": (True, "DPW configs/mtil.yaml batchwise_prompt True"),
+    "method.vote_batch": (256, "DPW DPW.py get_dataloader: test batch 256"),
 }
 
 # RAIL = linghan1997/Regression-based-Analytic-Incremental-Learning: configs/analytic_clip.yaml (X-TAIL,
@@ -189,6 +233,9 @@ UPSTREAM: dict[str, dict[str, dict[str, tuple]]] = {
                     for method, own in _CL_CLIP_METHODS.items()},
 }
 UPSTREAM["mtil_order1"]["moe_adapters"] = dict(_MOE_MTIL)
+UPSTREAM["mtil_order1"]["diki"] = dict(_DIKI_MTIL)
+UPSTREAM["mtil_order1"]["dpw"] = dict(_DPW_MTIL)
+UPSTREAM["mtil_order2"]["diki"] = dict(_DIKI_MTIL)  # configs/MTIL-order-II.yaml: MTIL.yaml with MTIL_order_2 True
 UPSTREAM["mtil_order2"]["moe_adapters"] = dict(_MOE_MTIL)  # no order-II script: the rates go with the dataset
 UPSTREAM["mtil_order1"]["rail"] = dict(_RAIL)
 UPSTREAM["mtil_order2"]["rail"] = dict(_RAIL)

@@ -10,6 +10,8 @@ from typing import Any
 from clip_continual.methods.agem import AveragedGEM
 from clip_continual.methods.base import ContinualMethod, MethodConfigError
 from clip_continual.methods.condu import ConDULoRA, ContinualDecouplingUnifying
+from clip_continual.methods.diki import DIKI
+from clip_continual.methods.dpw import DynamicPrefixWeighting
 from clip_continual.methods.ewc import ElasticWeightConsolidation
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.gem import GradientEpisodicMemory
@@ -47,6 +49,8 @@ METHODS: dict[str, type[ContinualMethod]] = {
     ZeroShotContinualLearning.name: ZeroShotContinualLearning,
     ContinualDecouplingUnifying.name: ContinualDecouplingUnifying,
     ConDULoRA.name: ConDULoRA,
+    DIKI.name: DIKI,
+    DynamicPrefixWeighting.name: DynamicPrefixWeighting,
 }
 
 

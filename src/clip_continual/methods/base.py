@@ -293,6 +293,10 @@ class ContinualMethod(ABC):
         """Change the student's architecture before its parameters are chosen for training
         (e.g. add adapters, ``model.adapters``); ``parts`` is the loop's setting."""
 
+    def prepare_for_task(self, student: nn.Module, task: TaskContext) -> None:
+        """Fit the student to the task's data before its trainable parameters are chosen (e.g.
+        DPW's prefix heads sized from the task's features, DIKI's task Gaussian)."""
+
     def before_task(self, task: TaskContext) -> None:
         """Prepare per-task state (called once, after the teacher is ready)."""
 

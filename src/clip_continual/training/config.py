@@ -13,14 +13,14 @@ from typing import Any, Mapping, Sequence
 from clip_continual.methods import ContinualMethod, MethodConfigError, get_method
 from clip_continual.model.clip import TRAINABLE_PARTS
 
-OPTIMIZERS = ("adam", "adamw")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "step", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AUGMENTATIONS = ("none", "crop_flip", "zscl")
 TEACHERS = ("pretrained", "previous")
 
-_FLOAT_FIELDS = ("alpha", "lr", "weight_decay", "eps", "epochs", "lr_gamma", "grad_clip_norm")
+_FLOAT_FIELDS = ("alpha", "lr", "weight_decay", "eps", "epochs", "lr_gamma", "grad_clip_norm", "final_lr_ratio")
 
 
 class TrainingConfigError(ValueError):
@@ -33,7 +33,9 @@ class TrainingConfig:
     clip 1.0, seed 10). ``steps`` and ``epochs`` may both be set: the run stops at whichever
     comes first (handy to cap a long run). ``lr_milestones`` are in epochs and only apply to
     ``schedule: step`` (paper OST: lr x0.1 after epoch 10 of 15). ``schedule: cosine`` decays to 0
-    over the task after ``warmup_steps`` of linear warm-up (ZSCL's). ``train_logit_scale: false``
+    over the task after ``warmup_steps`` of linear warm-up (ZSCL's); to ``final_lr_ratio`` x lr
+    where that is set (DIKI's 1e-3). ``optimizer``: adam, adamw, or sgd (plain, no momentum:
+    DIKI's and DPW's; ``betas`` and ``eps`` unused). ``train_logit_scale: false``
     keeps CLIP's temperature fixed (ZSCL). ``augment``: none, crop_flip (the paper's resize 256,
     random crop 224, flip) or zscl (ZSCL's random resized crop, scale 0.9-1). ``alpha`` and
     ``method_options`` are the method's hyper-parameters; None/absent keeps its default.
@@ -57,6 +59,7 @@ class TrainingConfig:
     lr_milestones: tuple[float, ...] = (10,)
     lr_gamma: float = 0.1
     warmup_steps: int = 0
+    final_lr_ratio: float = 0.0
     train_logit_scale: bool = True
     grad_clip_norm: float | None = 1.0
     precision: str = "auto"
@@ -85,6 +88,8 @@ class TrainingConfig:
             raise TrainingConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise TrainingConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise TrainingConfigError(f"final_lr_ratio must lie in [0, 1], got {self.final_lr_ratio}")
         _positive_int("batch_size", self.batch_size)
         _positive_int("log_every", self.log_every)
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:

@@ -34,7 +34,7 @@ from clip_continual.training.schedule import (
 )
 from clip_continual.training.task import (
     TrainingTask, build_student, build_teacher, make_batch, precompute_teacher_features, task_batches,
-    task_context, training_task,
+    task_context, trainable_parameters, training_task,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,9 +53,11 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
     device = resolve_device(config.device)
     record = RunRecord(task, on_step, device, replica.world_size)
     precision = resolve_precision(config.precision, device)
-    student, trainable = build_student(task, device)
+    student = build_student(task, device)
     model, teacher = student.model, build_teacher(task, device)
     context = task_context(task, student, teacher, device, autocast_for(precision, device))
+    method.prepare_for_task(model, context)
+    trainable = trainable_parameters(task, student)
     # A method solved in closed form (RAIL) gets no optimiser: it fits each batch instead.
     optimizer = build_optimizer(trainable, config) if method.gradient_steps else None
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -27,18 +27,20 @@ logger = logging.getLogger(__name__)
 def learning_rate_at(
     step: int, base_lr: float, schedule: str = "constant",
     milestone_steps: Sequence[int] = (), gamma: float = 0.1,
-    warmup_steps: int = 0, total_steps: int | None = None,
+    warmup_steps: int = 0, total_steps: int | None = None, final_lr_ratio: float = 0.0,
 ) -> float:
     """The learning rate of (0-based) ``step``: constant, times ``gamma`` at each milestone
-    already reached, or cosine. The first ``warmup_steps`` rise linearly to ``base_lr``. A
-    function of the step alone, so a resumed run gets the same rates."""
+    already reached, or cosine from ``base_lr`` towards ``final_lr_ratio * base_lr``. The first
+    ``warmup_steps`` rise linearly to ``base_lr``. A function of the step alone, so a resumed run
+    gets the same rates."""
     if step < warmup_steps:  # ZSCL mtil/src/utils.py _warmup_lr: base_lr * (step + 1) / warmup
         return base_lr * (step + 1) / warmup_steps
     if schedule == "cosine":  # ZSCL mtil/src/utils.py cosine_lr, to 0 at total_steps
         if total_steps is None:
             raise TrainingConfigError("the cosine schedule needs the task's total number of steps")
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * progress)) * base_lr
+        final = final_lr_ratio * base_lr  # DIKI/utils.py:21-25 decays to lr * 1e-3
+        return final + 0.5 * (1.0 + math.cos(math.pi * progress)) * (base_lr - final)
     if schedule == "constant":
         return base_lr
     if schedule == "step":
@@ -57,7 +59,7 @@ class TrainingPlan:
 
 def step_learning_rate(config: TrainingConfig, plan: TrainingPlan, step: int) -> float:
     return learning_rate_at(step, config.lr, config.schedule, plan.milestone_steps, config.lr_gamma,
-                            config.warmup_steps, plan.total_steps)
+                            config.warmup_steps, plan.total_steps, config.final_lr_ratio)
 
 
 def plan_training(config: TrainingConfig, num_images: int) -> TrainingPlan:
@@ -123,6 +125,8 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
 
 
 def build_optimizer(parameters: list[torch.nn.Parameter], config: TrainingConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":  # DIKI/DIKI.py:346-347: torch.optim.SGD(lr, weight_decay), no momentum
+        return torch.optim.SGD(parameters, lr=config.lr, weight_decay=config.weight_decay)
     kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
     # The fused kernel halves a whole-model step on CPU (6.9 M parameters, mostly the token
     # embedding): benchmarks/step_time.py, ft 141.8 -> 70.3 ms (README).

@@ -179,14 +179,21 @@ def _checked_teacher(method: ContinualMethod, start: ClipModel, teacher: ClipMod
 
 # --- built once per task, on the training device ---------------------------------------------
 
-def build_student(task: TrainingTask, device: torch.device) -> tuple[ClipModel, list[nn.Parameter]]:
-    """A copy of the start model on ``device``, changed by the method where it adapts the
-    architecture, and its trainable parameters (the only ones requiring gradients)."""
-    config = task.config
+def build_student(task: TrainingTask, device: torch.device) -> ClipModel:
+    """A copy of the start model on ``device`` in training mode (eval mode for a method without
+    gradient steps), changed by the method where it adapts the architecture."""
     torch.manual_seed(task.seed)  # what the method draws for the student (adapters) is the task's
     student = task.start.clone()
     student.model.to(device)
-    task.method.prepare_student(student.model, config.parts)
+    task.method.prepare_student(student.model, task.config.parts)
+    student.model.train(task.method.gradient_steps)  # frozen features are read in eval mode
+    return student
+
+
+def trainable_parameters(task: TrainingTask, student: ClipModel) -> list[nn.Parameter]:
+    """The student's trainable parameters, the only ones left requiring gradients; chosen once
+    the method has fitted the student to the task (``prepare_for_task``)."""
+    config = task.config
     if task.method.gradient_steps:
         trainable = set_trainable_parts(student.model, config.parts)
     else:  # solved in closed form on a frozen model (RAIL): nothing takes a gradient
@@ -196,8 +203,7 @@ def build_student(task: TrainingTask, device: torch.device) -> tuple[ClipModel, 
         # ZSCL mtil/src/models/finetune.py: exclude_params_name = ["logit_scale"]
         student.model.logit_scale.requires_grad_(False)
         trainable = [p for p in trainable if p is not student.model.logit_scale]
-    student.model.train(task.method.gradient_steps)  # frozen features are read in eval mode
-    return student, trainable
+    return trainable
 
 
 def build_teacher(task: TrainingTask, device: torch.device) -> ClipModel | None:

@@ -1,0 +1,135 @@
+"""DIKI's residual prefix attention and the Gaussian task choice it shares with DPW: the model
+starts as the frozen CLIP, each test image takes its likeliest task's slot, and an adapted
+model (slots and Gaussians) loads back from its checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clip_continual.methods import get_method
+from clip_continual.model.adapters import adapter_recipe, image_routing
+from clip_continual.model.checkpoints import load_checkpoint, save_checkpoint
+from clip_continual.model.clip import encode_images, encode_text
+from clip_continual.model.prefix_attention import GaussianTaskSelector
+from clip_continual.training.config import TrainingConfig
+from clip_continual.training.loop import fine_tune
+
+METHODS = ["diki", "dpw"]
+
+
+@pytest.fixture(scope="module")
+def inputs(micro):
+    pixels = torch.randn(6, 3, micro.image_size, micro.image_size, generator=torch.Generator().manual_seed(1))
+    return pixels, micro.tokenize(["a red circle", "a small blue square"])
+
+
+def features(clip, pixels, tokens):
+    with torch.no_grad():
+        return encode_images(clip.model, pixels), encode_text(clip.model, tokens)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_adapted_model_starts_as_the_frozen_clip(micro, inputs, method):
+    adapted = micro.clone()
+    get_method(method).prepare_student(adapted.model, "wm")
+    adapted.model.eval()  # no task learnt: no image is routed, no branch runs
+    assert image_routing(adapted.model) is None
+    for plain, ours in zip(features(micro, *inputs), features(adapted, *inputs)):
+        torch.testing.assert_close(ours, plain, rtol=0, atol=1e-6)
+    if method == "diki":  # training reads DIKI's fresh slot: zero values, a zero branch
+        assert adapter_recipe(adapted.model)["slots"] == 1
+        adapted.model.train()
+        for plain, ours in zip(features(micro, *inputs), features(adapted, *inputs)):
+            torch.testing.assert_close(ours, plain, rtol=0, atol=1e-6)
+
+
+def test_each_image_takes_its_likeliest_task_and_a_batch_votes():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.eye(3, 8) * 3.0
+    selector = GaussianTaskSelector(8, batchwise=False, vote_batch=4)
+    for centre in centres:
+        selector.add_task(centre + 0.1 * torch.randn(200, 8, generator=generator))
+    truth = torch.tensor([2, 0, 1, 1, 0, 2])
+    test = centres[truth] + 0.1 * torch.randn(6, 8, generator=generator)
+    route = selector.select(test)
+    assert torch.equal(route.slots, truth)
+    # The weight: sigmoid(log p / D - 1) of the chosen task's density (DIKI.py:171-172).
+    best = torch.distributions.MultivariateNormal(selector.means[truth], selector.covariances[truth]).log_prob(test)
+    torch.testing.assert_close(route.weights, torch.sigmoid(best / 8 - 1), rtol=0, atol=1e-6)
+    selector.batchwise = True  # chunks of 4 then 2: each takes its most frequent task (ties: the lower)
+    assert selector.select(test).slots.tolist() == [1, 1, 1, 1, 0, 0]
+    assert selector.select(test[[0, 5, 5, 1]]).slots.tolist() == [2] * 4
+    # An image's route names its slot and its batch's mean weight, for the text tower.
+    slot, text_weight = selector.table[int(selector.last_routes[0])]
+    assert slot == 2 and text_weight == pytest.approx(float(selector.choose(test[[0, 5, 5, 1]]).weights.mean()))
+
+
+def train(start, train_set, method, task_index=1):
+    config = TrainingConfig(method=method, steps=3, epochs=None, batch_size=8, lr=0.5, optimizer="sgd",
+                            device="cpu", progress=False)
+    prompts = [f"a photo of {name} ." for name in train_set.class_names]
+    return fine_tune(start, train_set, prompts, config=config, task_index=task_index)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_tasks_route_and_load_back_with_their_gaussians(micro, random_image_set, inputs, tmp_path, method):
+    train_set = random_image_set(micro, 40, 4)
+    first, summary = train(micro, train_set, method)
+    assert 0 < summary["trainable_parameters"] < sum(p.numel() for p in micro.model.parameters()) / 5
+    second, _ = train(first, train_set, method, task_index=2)
+    recipe = adapter_recipe(second.model)
+    assert (recipe["slots"], recipe["tasks"]) == (2, 2)
+    assert second.model.visual.task_selector.means.shape == (2, micro.model.visual.output_dim)
+    path = tmp_path / "model.pt"
+    save_checkpoint(second, path)
+    loaded = load_checkpoint(path)
+    assert adapter_recipe(loaded.model) == recipe
+    state, again = second.model.state_dict(), loaded.model.state_dict()
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+    second.model.eval(), loaded.model.eval()
+    images = [encode_images(model, inputs[0]).detach() for model in (second.model, loaded.model)]
+    assert torch.equal(*images)
+    routing = image_routing(loaded.model)
+    slots = {routing.table[int(route)][0] for route in routing.last_routes}
+    assert slots <= {0, 1}
+    # Text under a route reads that route's slot: it differs from the frozen CLIP's once trained.
+    with torch.no_grad(), routing.text_route(loaded.model, int(routing.last_routes[0])):
+        routed_text = encode_text(loaded.model, inputs[1])
+    assert not torch.allclose(routed_text, encode_text(micro.model, inputs[1]).detach(), atol=1e-6)
+
+
+def test_dpw_gates_normalise_only_past_one_and_the_adapter_takes_the_excess(float64):
+    from clip_continual.methods.dpw import GatedValuePrefix
+    from clip_continual.model.prefix_attention import PrefixRoute
+
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    branch = GatedValuePrefix(attn, "text", length=4, positions=5, bottleneck=8, basis="pretrained", heads=[])
+    branch.add_slot(attn, heads={"text": 2})
+    branch.eval()
+    slot, tokens = branch.slots[0], torch.randn(3, 5, 16)
+    values = slot.values.view(4, 2, 8).transpose(0, 1)  # (heads, prefixes, head width)
+    with torch.no_grad():
+        slot.gate_bias.fill_(-40.0)  # gates ~0: no normalisation, no adapter (rt = 0)
+        quiet = branch.branch(tokens, attn, PrefixRoute(0))
+        assert quiet.abs().max() < 1e-12
+        slot.gate_bias.fill_(40.0)  # every gate 1: divided by their sum 4, the adapter times 4 - 1
+        full = branch.branch(tokens, attn, PrefixRoute(0))
+        adapter = slot.up(tokens @ branch.down) * 0.05
+        expected = values.mean(dim=1).reshape(1, 1, 16) + adapter * 3
+        torch.testing.assert_close(full, expected, rtol=0, atol=1e-12)
+        # Weighted at evaluation: the whole branch scales with the route's weight.
+        torch.testing.assert_close(branch.branch(tokens, attn, PrefixRoute(0, 0.9, 0.9)), 0.9 * full, rtol=0, atol=1e-12)
+
+
+def test_dpw_prefix_heads_follow_the_fine_grained_score():
+    from clip_continual.methods.dpw import fine_grained_score, prefix_heads
+
+    assert [prefix_heads(12, s, 8, 768) for s in (0.01, 0.7, 3.0)] == [1, 8, 32]  # 2^round(log2(int(12 s)))
+    assert prefix_heads(2, 10.0, 8, 32) == 4  # capped where 20 -> 16 heads would not fit a width of 32
+    images = torch.nn.functional.normalize(torch.eye(3, 4).repeat_interleave(2, 0) + 0.01, dim=1)
+    texts = torch.nn.functional.normalize(torch.eye(3, 4), dim=1)
+    labels = torch.arange(3).repeat_interleave(2)
+    # Orthogonal classes, identical images within each, all recognised: (1 + 1) / 2 / (~0 + 10 / 3).
+    assert fine_grained_score(images, labels, texts) == pytest.approx(0.3, rel=0.02)
