@@ -296,10 +296,10 @@ def test_teacher_gets_no_gradient_and_stays_unchanged(models, data):
 def test_registry_and_hyper_parameter_errors():
     assert set(METHODS) == {"ft", "lwf", "lwf_zscl", "vr_lwf", "vr_lwf_zscl", "geodl", "imm", "wise_ft", "ewc", "agem",
                             "gem", "icarl", "rkr", "moe_adapters", "zscl", "rail", "lora", "condu",
-                            "condu_lora"}
+                            "condu_lora", "diki", "dpw"}
     assert get_method("vr_lwf").alpha == 0.5 and get_method("vr_lwf_zscl").alpha == 1.0
     assert get_method("lwf", alpha=None).alpha == 0.5
-    with pytest.raises(MethodConfigError, match="unknown method 'bogus'; known methods: agem, condu, condu_lora, ewc, ft, gem"):
+    with pytest.raises(MethodConfigError, match="unknown method 'bogus'; known methods: agem, condu, condu_lora, diki, dpw, ewc"):
         get_method("bogus")
     with pytest.raises(MethodConfigError, match="has no hyper-parameter.*temperature"):
         get_method("vr_lwf", temperature=2)
