@@ -69,7 +69,9 @@ def sweep(folder: Path, pipeline: str | None, spec: str, seed: int) -> bool:
     """One run through ``clip_continual.sweep`` in the job's folder; True when it finished."""
     command = [sys.executable, "-m", "clip_continual.sweep", "--methods", spec, "--seeds", str(seed),
                "--project-path", str(folder)] + (["--pipeline", pipeline] if pipeline else [])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store_of(folder), "OMP_NUM_THREADS": "1"}
+    # The job folder links the project's pyproject.toml: Kedro's telemetry must not write into it.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store_of(folder), "OMP_NUM_THREADS": "1",
+           "KEDRO_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
     print(f"[{folder.name}] seed {seed}, {pipeline or 'digits_mst'}: {spec}", flush=True)
     with open(folder / "sweep.log", "a") as log:
         return subprocess.run(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT).returncode == 0
