@@ -17,6 +17,7 @@ import logging
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -62,6 +63,7 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
     optimizer = build_optimizer(trainable, config) if method.gradient_steps else None
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_terms = replica.loss_terms(model, method, context)
+    stepper = GradientStepper(task, model, trainable, optimizer, scaler, loss_terms, context, replica)
     record.started(trainable, device, precision)
     with evaluation_mode(None if teacher is None else teacher.model):
         precompute_teacher_features(task, context, student)
@@ -75,34 +77,52 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
                 if optimizer is None:
                     record.step(step, lr, fit_batch(method, model, batch, context))
                     continue
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with context.autocast():
-                    terms = loss_terms(batch)
-                # Batch-mean terms weighted by this replica's share of the global batch: averaged
-                # over replicas (DDP), the gradient is the global batch's. 1 in a one-process run.
-                share = len(batch.indices) * replica.world_size / global_batch_size(plan, step)
-                terms = {name: term * share for name, term in terms.items()}
-                loss = torch.stack(list(terms.values())).sum()
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)  # a no-op without fp16 loss scaling
-                # The method's gradient hook sees unscaled gradients before any clipping (A-GEM
-                # projects before clipping, as the paper's agem.py does not clip).
-                method.before_optimizer_step(model, batch, context)
-                if config.grad_clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                clamp_logit_scale(model)
-                method.after_optimizer_step(model, step + 1, context)
-                # One device sync per step: all terms and the total come back together.
-                numbers = full_precision(torch.stack([loss.detach()] + [t.detach() for t in terms.values()]))
-                record.step(step, lr, dict(zip(["loss", *terms], replica.reduce(numbers).tolist())))
+                record.step(step, lr, stepper.step(step, lr, batch))
         finally:
             passes.remove()
             method.after_task(context, model)
     return finish(task, student, trainable, record, device, costs=(context, passes))
+
+
+@dataclass
+class GradientStepper:
+    """One optimiser step of a task on a batch (loss, backward, the method's hooks, clipping)."""
+
+    task: TrainingTask
+    model: nn.Module
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_terms: Callable[[Batch], dict[str, torch.Tensor]]
+    context: TaskContext
+    replica: Replica
+
+    def step(self, step: int, lr: float, batch: Batch) -> dict[str, float]:
+        """The step's loss terms and their sum ``loss``, averaged over the replicas."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.context.autocast():
+            terms = self.loss_terms(batch)
+        # Batch-mean terms weighted by this replica's share of the global batch: averaged
+        # over replicas (DDP), the gradient is the global batch's. 1 in a one-process run.
+        share = len(batch.indices) * self.replica.world_size / global_batch_size(self.task.plan, step)
+        terms = {name: term * share for name, term in terms.items()}
+        loss = torch.stack(list(terms.values())).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)  # a no-op without fp16 loss scaling
+        # The method's gradient hook sees unscaled gradients before any clipping (A-GEM
+        # projects before clipping, as the paper's agem.py does not clip).
+        self.task.method.before_optimizer_step(self.model, batch, self.context)
+        if self.task.config.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.task.config.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        clamp_logit_scale(self.model)
+        self.task.method.after_optimizer_step(self.model, step + 1, self.context)
+        # One device sync per step: all terms and the total come back together.
+        numbers = full_precision(torch.stack([loss.detach()] + [t.detach() for t in terms.values()]))
+        return dict(zip(["loss", *terms], self.replica.reduce(numbers).tolist()))
 
 
 def fit_batch(method: ContinualMethod, model: nn.Module, batch: Batch, context: TaskContext) -> dict[str, float]:
