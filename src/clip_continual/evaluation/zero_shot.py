@@ -73,7 +73,8 @@ def template_class_features(
     per_class = features.view(len(class_names), len(templates), -1).mean(dim=1)
     # Features of several models side by side (ConDU's experts): each renormalised alone.
     blocks = features.shape[-1] // int(clip.model_config["embed_dim"])
-    per_class = F.normalize(per_class.view(len(class_names), blocks, -1), dim=-1).flatten(1)
+    if blocks > 1:
+        per_class = F.normalize(per_class.view(len(class_names), blocks, -1), dim=-1).flatten(1)
     return F.normalize(per_class, dim=-1)
 
 
