@@ -7,7 +7,8 @@ Stages (``--stages``, all by default):
   224 px) through the real loop, without a speed switch and with each alone (``step_time.py``);
 - ``evaluation``: images/s of the image features of a prepared test split (``eval_throughput.py``);
 - ``loader``: images/s of the training DataLoader from prepared shards (``loader_throughput.py``);
-- ``kedro_run``: the embedded default pipeline, 50 steps per task, through the Kedro session
+- ``kedro_run``: the embedded default pipeline, 50 pretraining steps and 50 steps per task,
+  through the Kedro session
   ``kedro run`` starts, in a temporary project (its wall time);
 - the extrapolated time of MTIL order I: 11 tasks x 1,000 steps at the measured step time, plus 11
   evaluations of ``--mtil-test-images`` images at the measured evaluation rate.
@@ -71,7 +72,7 @@ class Scale:
 SCALES = {
     "full": Scale("ViT-B-16", "cuda", 64, 20, 5, 512, "inductor", 4096, 256, 8, 1024, (500, 375), {
         "continual_learning": {"training": {"steps": 50, "batch_size": 64, "progress": False}},
-        "pretraining": {"progress": False},
+        "pretraining": {"steps": 50, "progress": False},
     }),
     # The same code in seconds on CPU: the micro model, a couple of steps, compile only traced.
     "small": Scale("clip-continual-micro", "cpu", 8, 2, 1, 16, "eager", 16, 8, 0, 16, (64, 48), {
@@ -163,7 +164,8 @@ def mtil_estimate(training: list[dict[str, Any]], evaluation: dict[str, Any] | N
 
 def print_table(report: dict[str, Any]) -> None:
     print(f"{report['scale']['architecture']} on {report['device']}, batch {report['scale']['batch_size']}")
-    print(f"  {'method':<8} {'switch':<26} {'ms/step':>9} {'x base':>7} {'images/s':>9} {'peak MiB':>9}")
+    if report.get("training"):
+        print(f"  {'method':<8} {'switch':<26} {'ms/step':>9} {'x base':>7} {'images/s':>9} {'peak MiB':>9}")
     for row in report.get("training", []):
         print(f"  {row['method']:<8} {row['switch']:<26} {row['ms_per_step']:9.1f} {row['ratio']:6.2f}x "
               f"{row['images_per_s']:9.0f} {row['peak_memory_mib']:9.0f}")
