@@ -159,12 +159,16 @@ def test_the_run_key_ignores_the_worker_count_and_the_device(parameters, name):
     one_worker = compute_run_key(base)
     changes = [f"{block}.training.distributed.workers=2", f"{block}.training.distributed.backend=torch",
                f"{block}.training.device=cpu", "continual_learning.training.distributed.use_gpu=true",
-               f"{block}.methods.lwf.training.distributed.workers=4"]
+               f"{block}.methods.lwf.training.distributed.workers=4",
+               # speed switches that change the rounding only
+               f"{block}.training.compile=true", f"{block}.training.channels_last=true",
+               f"{block}.training.fused=false", f"{block}.training.activation_checkpointing=true"]
     if BENCHMARKS[name].params:
         changes += [f"{name}.loader.pin_memory=false", f"{name}.evaluation.device=cuda"]
     for change in changes:
         assert compute_run_key(sweep.merge_params(base, sweep.parse_params(change))) == one_worker, change
     # What a run computes still changes it.
     assert compute_run_key(sweep.merge_params(base, sweep.parse_params(f"{block}.training.lr=0.5"))) != one_worker
+    assert compute_run_key(sweep.merge_params(base, sweep.parse_params(f"{block}.training.tf32=true"))) != one_worker
     assert compute_run_key(sweep.merge_params(base, sweep.parse_params(f"{seed_path_of(BENCHMARKS[name])}=7"))) \
         != one_worker

@@ -25,10 +25,13 @@ logger = logging.getLogger(__name__)
 # computes (at any depth, so every benchmark's block too). ``distributed`` only splits the same
 # global batch over workers: a run resumed with another worker count reuses its finished tasks.
 # The command line's --params are already in the values they change. ``evaluate_checkpoints``
-# trains nothing: its settings leave the training runs' keys as they are.
+# trains nothing: its settings leave the training runs' keys as they are. The speed switches of
+# ``training/speed.py`` change the floating-point rounding only (tf32, which drops precision as
+# ``precision`` does, stays in the key).
+SPEED_SWITCHES = frozenset({"compile", "compile_backend", "channels_last", "fused", "activation_checkpointing"})
 NON_SCIENTIFIC_KEYS = frozenset({"progress", "device", "log_every", "tracking", "compare", "reporting",
                                  "runtime_overrides", "distributed", "pin_memory", "persistent_workers",
-                                 "evaluate_checkpoints"})
+                                 "evaluate_checkpoints", *SPEED_SWITCHES})
 DEFAULT_RUN_KEY = "default"
 
 _current: str | None = None

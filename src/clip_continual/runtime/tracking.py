@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from clip_continual.runtime.run_key import SPEED_SWITCHES
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_STORE_FILE = "mlflow.db"
@@ -442,7 +444,7 @@ def mark_experiment_kind(uri: str, experiment_name: str) -> None:
 # --- variants: a method with the settings a run changed ----------------------------------------
 
 # Settings that change how a run is shown or where it runs, not what it computes.
-_NOT_A_VARIANT = frozenset({"alpha", "progress", "log_every", "device", "distributed"})
+_NOT_A_VARIANT = frozenset({"alpha", "progress", "log_every", "device", "distributed", *SPEED_SWITCHES})
 
 
 def _leaves(tree: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

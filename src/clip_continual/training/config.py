@@ -19,6 +19,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AUGMENTATIONS = ("none", "crop_flip", "zscl")
 TEACHERS = ("pretrained", "previous")
+# torch.compile backends: inductor generates kernels (the fast one); aot_eager and eager only
+# trace (checks that a model compiles, in seconds rather than a minute on CPU).
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+_SWITCHES = ("tf32", "compile", "channels_last", "activation_checkpointing")
 
 _FLOAT_FIELDS = ("alpha", "lr", "weight_decay", "eps", "epochs", "lr_gamma", "grad_clip_norm", "final_lr_ratio")
 
@@ -41,6 +45,14 @@ class TrainingConfig:
     ``method_options`` are the method's hyper-parameters; None/absent keeps its default.
     ``teacher`` says which model the caller hands in as teacher; with "previous" and no teacher
     given, the start model itself is the teacher.
+
+    Speed switches (README, "Speed switches"), none changing the results beyond rounding:
+    ``tf32`` TF32 matmuls and convolutions in fp32 work on CUDA (off: PyTorch's own default; a
+    no-op elsewhere); ``compile`` torch.compile of the student's towers with
+    ``compile_backend`` (one of ``COMPILE_BACKENDS``); ``channels_last`` images and the image
+    tower in channels-last memory order; ``fused`` Adam/AdamW's fused kernel (null: where every
+    trainable parameter is a float on CPU or CUDA; false: the multi-tensor foreach kernel);
+    ``activation_checkpointing`` open_clip's ``set_grad_checkpointing`` (less memory, more time).
     """
 
     method: str = "ft"
@@ -69,6 +81,12 @@ class TrainingConfig:
     augment: str = "none"
     progress: bool = True
     log_every: int = 50
+    tf32: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    channels_last: bool = False
+    fused: bool | None = None
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method_options", dict(self.method_options or {}))
@@ -81,6 +99,7 @@ class TrainingConfig:
         check_choice("parts", self.parts, TRAINABLE_PARTS)
         check_choice("augment", self.augment, AUGMENTATIONS)
         check_choice("teacher", self.teacher, TEACHERS)
+        self._check_speed_switches()
         _positive("lr", self.lr)
         _positive("eps", self.eps)
         _positive("lr_gamma", self.lr_gamma)
@@ -112,6 +131,14 @@ class TrainingConfig:
             self.build_method()
         except MethodConfigError as error:
             raise TrainingConfigError(str(error)) from error
+
+    def _check_speed_switches(self) -> None:
+        for name in _SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise TrainingConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.fused is not None and not isinstance(self.fused, bool):
+            raise TrainingConfigError(f"fused must be true, false or null (where possible), got {self.fused!r}")
+        check_choice("compile_backend", self.compile_backend, COMPILE_BACKENDS)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> TrainingConfig:

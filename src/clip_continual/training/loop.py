@@ -33,6 +33,7 @@ from clip_continual.training.replica import Replica
 from clip_continual.training.schedule import (
     autocast_for, build_optimizer, global_batch_size, resolve_precision, step_learning_rate,
 )
+from clip_continual.training.speed import training_speed
 from clip_continual.training.task import (
     TrainingTask, build_student, build_teacher, make_batch, precompute_teacher_features, task_batches,
     task_context, trainable_parameters, training_task,
@@ -65,7 +66,7 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
     loss_terms = replica.loss_terms(model, method, context)
     stepper = GradientStepper(task, model, trainable, optimizer, scaler, loss_terms, context, replica)
     record.started(trainable, device, precision)
-    with evaluation_mode(None if teacher is None else teacher.model):
+    with evaluation_mode(None if teacher is None else teacher.model), training_speed(model, config, device):
         precompute_teacher_features(task, context, student)
         method.before_task(context)
         record.set_up()

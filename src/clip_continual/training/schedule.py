@@ -128,8 +128,21 @@ def build_optimizer(parameters: list[torch.nn.Parameter], config: TrainingConfig
     if config.optimizer == "sgd":  # DIKI/DIKI.py:346-347: torch.optim.SGD(lr, weight_decay), no momentum
         return torch.optim.SGD(parameters, lr=config.lr, weight_decay=config.weight_decay)
     kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    # The fused kernel halves a whole-model step on CPU (6.9 M parameters, mostly the token
-    # embedding): benchmarks/step_time.py, ft 141.8 -> 70.3 ms (README).
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
+    fused = use_fused_kernel(parameters, config.fused)
+    # fused=False is the multi-tensor (foreach) kernel: the fallback where the fused one cannot run.
     return kind(parameters, lr=config.lr, betas=config.betas, eps=config.eps,
-                weight_decay=config.weight_decay, fused=fused)
+                weight_decay=config.weight_decay, fused=fused, foreach=None if fused else True)
+
+
+def use_fused_kernel(parameters: list[torch.nn.Parameter], setting: bool | None) -> bool:
+    """Whether Adam/AdamW take the fused kernel. It halves a whole-model step on CPU (6.9 M
+    parameters, mostly the token embedding): benchmarks/step_time.py, ft 141.8 -> 70.3 ms
+    (README). It needs every parameter to be a float on CPU or CUDA; None uses it then."""
+    possible = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
+    if setting is True and not possible:
+        devices = sorted({p.device.type for p in parameters})
+        raise TrainingConfigError(
+            f"fused Adam needs float parameters on cpu or cuda, these are on {devices}; "
+            f"set continual_learning.training.fused to null or false"
+        )
+    return possible if setting is None else setting

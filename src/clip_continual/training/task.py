@@ -28,6 +28,7 @@ from clip_continual.training.augment import AUGMENT_STREAM, augment_crop_flip, a
 from clip_continual.training.config import TrainingConfig
 from clip_continual.training.replica import Replica
 from clip_continual.training.schedule import BatchOrder, TrainingPlan, plan_training
+from clip_continual.training.speed import channels_last_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ def make_batch(task: TrainingTask, step: int, train_batch: TrainBatch, device: t
         step=step,
         indices=torch.from_numpy(indices).to(device),
         labels=torch.from_numpy(task.source.labels[indices]).long().to(device),
-        pixels=train_batch.pixels,
-        clean_pixels=train_batch.clean_pixels,
+        pixels=channels_last_pixels(train_batch.pixels, task.config),
+        clean_pixels=channels_last_pixels(train_batch.clean_pixels, task.config),
         vocab_tokens=None if vocabulary is None else vocabulary.tokens(task.task_index, step).to(device),
     )
