@@ -14,7 +14,6 @@ puts each kind of data-parallel bug in on purpose and checks that the comparison
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -242,29 +241,6 @@ def test_each_replica_augments_its_part_as_the_global_batch_does(micro, augment)
     parts = torch.cat([draw(slice(0, 3)), draw(slice(3, 5))])
     torch.testing.assert_close(parts, draw(), atol=0, rtol=0)
     assert not torch.equal(parts[0], parts[1])
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install -e ".[ray]"')
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-def test_two_ray_workers_match_one_process(local_ray, micro64, task, one_process, tmp_path):
-    # Ray's workers do not have the tests folder on their path: the recording method travels
-    # by value (cloudpickle), as a method defined in a user's own script would.
-    from ray import cloudpickle
-
-    settings = {"backend": "ray", "workers": 2, "use_gpu": False, "storage_path": str(tmp_path / "ray")}
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        result = train(micro64, task, tmp_path / "gradients", settings)
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    assert_same_run(result, one_process, workers=2)
-    assert result[1]["backend"] == "ray"
 
 
 def test_methods_not_checked_for_data_parallelism_are_refused_before_any_work(micro, task):
