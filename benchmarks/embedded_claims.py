@@ -41,7 +41,7 @@ START_ROW, JOINT_ROW = "start model (zero-shot)", "joint (all sessions at once)"
 
 def job_folder(out: Path, job: int) -> Path:
     """A Kedro project folder of its own (the project's conf and code, its own data and store)."""
-    folder = out / f"job-{job}"
+    folder = (out / f"job-{job}").resolve()  # the runs start inside it
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("conf", "pyproject.toml"):
         link = folder / name
@@ -168,7 +168,7 @@ def table(results: dict) -> str:
         params = values(results, label, "params")
         lines.append(f"| `{label}` | {len(results[label])} | " + " | ".join(
             cell(values(results, label, key), 1 if key == "s_task" else 3) for key, _ in COLUMNS)
-            + f" | {int(params.max()) if len(params) else '–':,} |".replace("–,", "–"))
+            + f" | {f'{int(params.max()):,}' if len(params) else '–'} |")
     return "\n".join(lines)
 
 
@@ -176,11 +176,14 @@ def paired(results: dict, high: str, low: str, key: str, low_key: str | None = N
     """``high``'s ``key`` above ``low``'s on every seed of both, by more than twice the larger
     seed standard deviation."""
     a, b = values(results, high, key), values(results, low, low_key or key)
+    missing = [label for label, numbers in ((high, a), (low, b)) if not len(numbers)]
+    if missing:
+        return None, f"not run: {', '.join(missing)}"
     if len(a) != len(b) or len(a) < 2:
         return False, f"needs the same seeds (>= 2) on both sides, got {len(a)} and {len(b)}"
     difference, margin = a.mean() - b.mean(), 2 * max(a.std(ddof=1), b.std(ddof=1))
     every_seed = bool((a > b).all())
-    return every_seed and difference > margin, (
+    return bool(every_seed and difference > margin), (
         f"{cell(a)} against {cell(b)}: difference {difference:+.3f}, 2 sd {margin:.3f}, "
         f"higher on {int((a > b).sum())} of {len(a)} seeds")
 
@@ -205,6 +208,8 @@ def every_method_learns(results: dict) -> tuple[bool, str]:
 
 def above_all(results: dict, best: str, key: str, excluded: Sequence[str]) -> tuple[bool, str]:
     """``best`` above every other row (not ``excluded``) by the paired margin."""
+    if best not in results:
+        return None, f"not run: {best}"
     failing = []
     for label in results:
         if label in (best, START_ROW, *excluded):
@@ -240,8 +245,11 @@ def check(results: dict) -> list[dict[str, Any]]:
     for claim, test in CLAIMS:
         holds, why = test(results)
         outcomes.append({"claim": claim, "pass": holds, "detail": why})
-        print(f"{'PASS' if holds else 'FAIL'}  {claim}: {why}")
+        print(f"{VERDICTS[holds]}  {claim}: {why}")
     return outcomes
+
+
+VERDICTS = {True: "PASS", False: "FAIL", None: "NOT RUN"}  # None: a row the claim reads was not run
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -259,7 +267,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = {label: seeds for label, seeds in results.items() if seeds}
     print(table(results))
     outcomes = check(results)
-    print(f"{sum(o['pass'] for o in outcomes)} of {len(outcomes)} claims pass")
+    checked = [o for o in outcomes if o["pass"] is not None]
+    print(f"{sum(o['pass'] for o in checked)} of {len(checked)} claims checked pass "
+          f"({len(outcomes) - len(checked)} not run)")
     (args.out / "claims.json").write_text(json.dumps({"results": results, "claims": outcomes}, indent=2))
 
 

@@ -1,0 +1,58 @@
+"""benchmarks/embedded_claims.py: the claims about the embedded default pass only with a margin
+larger than the seed spread, on every seed, and fail otherwise (the instrument can fail)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from project_helpers import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def claims():
+    spec = importlib.util.spec_from_file_location("embedded_claims", REPO_ROOT / "benchmarks" / "embedded_claims.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["embedded_claims"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def results(**rows: list[float]) -> dict:
+    """label -> seed -> {"zs": value}, seeds 0.. in order."""
+    return {label: {seed: {"zs": value, "learning": value} for seed, value in enumerate(values)}
+            for label, values in rows.items()}
+
+
+def test_a_difference_passes_only_beyond_twice_the_seed_spread_on_every_seed(claims):
+    clear = results(a=[0.90, 0.91, 0.92], b=[0.50, 0.52, 0.51])
+    assert claims.paired(clear, "a", "b", "zs")[0]
+    within_noise = results(a=[0.90, 0.60, 0.92], b=[0.50, 0.80, 0.51])  # a higher on average only
+    holds, why = claims.paired(within_noise, "a", "b", "zs")
+    assert not holds and "higher on 2 of 3 seeds" in why
+    small = results(a=[0.52, 0.62, 0.42], b=[0.50, 0.60, 0.40])  # higher on every seed, by less than 2 sd
+    assert not claims.paired(small, "a", "b", "zs")[0]
+    assert not claims.paired(results(a=[0.9, 0.9], b=[0.1]), "a", "b", "zs")[0]  # unequal seeds
+
+
+def test_ranges_and_learning_above_chance(claims):
+    assert claims.within(results(s=[0.3, 0.7]), "s", "zs", 0.25, 0.75)[0]
+    assert not claims.within(results(s=[0.3, 0.8]), "s", "zs", 0.25, 0.75)[0]
+    learnt = results(ft=[0.8, 0.85, 0.9], moe=[0.12, 0.4, 0.1])
+    holds, why = claims.every_method_learns(learnt)
+    assert not holds and why.startswith("below: moe")
+
+
+def test_the_table_names_every_row_with_its_seeds(claims):
+    rows = results(ft=[0.5, 0.7])
+    rows[claims.START_ROW] = {0: {"zs": 0.99}, 1: {"zs": 0.98}}
+    table = claims.table(rows).splitlines()
+    assert table[2].startswith(f"| `{claims.START_ROW}` | 2 | ") and "0.985 ± 0.007" in table[2]
+    assert table[3].startswith("| `ft` | 2 | ") and "0.600 ± 0.141" in table[3]
+
+
+def test_a_claim_on_a_row_not_run_says_so(claims):
+    assert claims.paired(results(a=[0.9, 0.8]), "a", "b", "zs") == (None, "not run: b")
+    assert claims.above_all(results(a=[0.9, 0.8]), "gem", "zs", ())[0] is None
