@@ -180,7 +180,7 @@ def paired(results: dict, high: str, low: str, key: str, low_key: str | None = N
     if missing:
         return None, f"not run: {', '.join(missing)}"
     if len(a) != len(b) or len(a) < 2:
-        return False, f"needs the same seeds (>= 2) on both sides, got {len(a)} and {len(b)}"
+        return None, f"not comparable: {len(a)} and {len(b)} seeds (the same 2 or more on both sides)"
     difference, margin = a.mean() - b.mean(), 2 * max(a.std(ddof=1), b.std(ddof=1))
     every_seed = bool((a > b).all())
     return bool(every_seed and difference > margin), (
@@ -201,23 +201,31 @@ def every_method_learns(results: dict) -> tuple[bool, str]:
         if label == START_ROW:
             continue
         numbers = values(results, label, "learning")
-        if not len(numbers) or numbers.mean() - 2 * numbers.std(ddof=1) <= CHANCE:
+        if len(numbers) < 2:
+            continue  # a spread needs two seeds
+        if numbers.mean() - 2 * numbers.std(ddof=1) <= CHANCE:
             below.append(f"{label} {cell(numbers)}")
-    return not below, "below: " + "; ".join(below) if below else f"all {len(results) - 1} rows above {CHANCE}"
+    checked = sum(len(values(results, label, "learning")) >= 2 for label in results if label != START_ROW)
+    return not below, "below: " + "; ".join(below) if below else f"all {checked} rows of 2+ seeds above {CHANCE}"
 
 
 def above_all(results: dict, best: str, key: str, excluded: Sequence[str]) -> tuple[bool, str]:
     """``best`` above every other row (not ``excluded``) by the paired margin."""
     if best not in results:
         return None, f"not run: {best}"
-    failing = []
+    failing, skipped = [], []
     for label in results:
         if label in (best, START_ROW, *excluded):
             continue
         holds, why = paired(results, best, label, key)
-        if not holds:
+        if holds is False:
             failing.append(f"{label}: {why}")
-    return not failing, "; ".join(failing) or "above every other method"
+        elif holds is None:
+            skipped.append(label)
+    if len(skipped) == len(results) - 1 - (START_ROW in results) - sum(x in results for x in excluded):
+        return None, f"not comparable with any row: {', '.join(skipped)}"
+    left = f" (not comparable: {', '.join(skipped)})" if skipped else ""
+    return not failing, ("; ".join(failing) or "above every other method") + left
 
 
 CLAIMS: tuple[tuple[str, Callable[[dict], tuple[bool, str]]], ...] = (
