@@ -7,17 +7,7 @@ from __future__ import annotations
 import pytest
 
 import test_distributed
-from test_distributed import assert_same_run, make_task, train
-
-
-@pytest.fixture(scope="module")
-def task(micro64):
-    return make_task(micro64)
-
-
-@pytest.fixture(scope="module")
-def one_process(micro64, task, tmp_path_factory):
-    return train(micro64, task, tmp_path_factory.mktemp("one") / "gradients")
+from test_distributed import assert_same_run, one_process, task, train  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
