@@ -95,7 +95,6 @@ def evaluate_datasets_step(
     (all), bwt, and transfer / avg / last over the rows so far."""
     step = int(step)
     rows = _checked_rows(previous_rows, step, len(test_sets))
-    accuracies = {}
     with evaluating(clip, device) as target:
         pooled = pooled_predictions(clip, step, list(test_sets.values()), protocol or EvaluationProtocol(),
                                     batch_size, target, loader)

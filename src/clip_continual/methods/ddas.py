@@ -21,7 +21,6 @@ Plain PyTorch; no Kedro import.
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
