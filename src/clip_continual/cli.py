@@ -103,7 +103,7 @@ def recipe(benchmark: str | None, method: str | None, params: dict, env: str | N
     with warnings.catch_warnings():  # OmegaConf's deprecation notices, not the user's concern here
         warnings.simplefilter("ignore", UserWarning)
         loader, folders = _config_loader(env, params)
-        parameters, defaults = loader["parameters"], _base_parameters(loader)
+        parameters, defaults = loader["parameters"], loader.base_parameters()
     try:
         check_parameters({**parameters, **({"method": method} if method else {})}, defaults)
         resolved = resolve_recipe(BENCHMARKS[name], parameters, method, parameters[RUNTIME_OVERRIDES])
@@ -132,13 +132,6 @@ def _config_loader(env: str | None, runtime_params: dict):
     env = env or args.get("default_run_env") or "local"
     loader = settings.CONFIG_LOADER_CLASS(conf_source=str(conf), env=env, runtime_params=runtime_params, **args)
     return loader, [conf / args.get("base_env", "base"), conf / env]
-
-
-def _base_parameters(loader):
-    """conf/base's parameters alone: the schema of known keys."""
-    base = loader.base_env or "base"
-    return type(loader)(conf_source=str(loader.conf_source), base_env=base, default_run_env=base,
-                        merge_strategy={"parameters": "soft"})["parameters"]
 
 
 @cli.group(name="data")

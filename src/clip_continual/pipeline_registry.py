@@ -36,7 +36,21 @@ def _checkpoints_pipeline(benchmark: Benchmark) -> Pipeline:
     return test_data + evaluate
 
 
+_BUILT: dict[tuple, dict[str, Pipeline]] = {}
+
+
 def register_pipelines() -> dict[str, Pipeline]:
+    """The project's pipelines, built once per set of benchmarks: Kedro asks again for every
+    session, and building a pipeline per benchmark takes over a second. They depend on the
+    code alone (the benchmarks in ``BENCHMARKS``), not on any setting."""
+    registered = tuple((name, id(benchmark)) for name, benchmark in BENCHMARKS.items())
+    if registered not in _BUILT:
+        _BUILT.clear()
+        _BUILT[registered] = _build_pipelines()
+    return dict(_BUILT[registered])
+
+
+def _build_pipelines() -> dict[str, Pipeline]:
     """``__default__`` runs the embedded default end to end: data, pretraining, vocabulary,
     the continual sequence of the default benchmark with its evaluation and reports.
     Every benchmark is also a pipeline of its own: the embedded ones start from the prepared

@@ -1,10 +1,12 @@
 """Kedro project settings."""
 
+import copy
 import warnings
 from pathlib import Path
 
 from kedro.config import OmegaConfigLoader
 from kedro.utils import find_kedro_project
+from omegaconf import OmegaConf
 
 from clip_continual.runtime.recipe import RUNTIME_OVERRIDES
 from clip_continual.pipelines.hooks import MlflowTrackingHook, RunKeyHook, SettingsCheckHook
@@ -37,10 +39,33 @@ class ProjectConfigLoader(OmegaConfigLoader):
     (``clip_continual.runtime.recipe``), not only over the key they name."""
 
     def __getitem__(self, key: str):
-        config = super().__getitem__(key)
-        if key == "parameters":
-            config = {**config, RUNTIME_OVERRIDES: dict(self.runtime_params or {})}
-        return config
+        if key != "parameters":
+            return super().__getitem__(key)
+        parameters = super().__getitem__(key) if key in self else self._parameters_read_once()
+        return {**parameters, RUNTIME_OVERRIDES: dict(self.runtime_params or {})}
+
+    def _parameters_read_once(self) -> dict:
+        """Kedro asks for the parameters several times while it starts a run, and parsing every
+        benchmark's file takes about a second each time: they are read once per loader (per
+        session) and a copy is handed out, so a caller that changes it changes nothing for the
+        next. The catalog is read each time: its ``${run_key:}`` depends on the parameters."""
+        self._read_parameters()
+        return copy.deepcopy(self.__dict__["_parameters"])
+
+    def base_parameters(self) -> dict:
+        """The parameters of conf/base alone, without --params: every known key with its
+        default (the schema). From the same reading of the files as the parameters."""
+        self._read_parameters()
+        return {**copy.deepcopy(self.__dict__["_base_parameters"]), RUNTIME_OVERRIDES: {}}
+
+    def _read_parameters(self) -> None:
+        if "_parameters" in self.__dict__:
+            return
+        base, env, base_path, env_path, files = self._read_raw_config("parameters")
+        # merge, not unsafe_merge: the files' configs are merged again below
+        base_only = OmegaConf.to_container(OmegaConf.merge(*base.values()), resolve=True) if base else {}
+        self.__dict__["_base_parameters"] = base_only
+        self.__dict__["_parameters"] = self._resolve_from_raw_config("parameters", base, env, base_path, env_path, files)
 
 
 CONFIG_LOADER_CLASS = ProjectConfigLoader

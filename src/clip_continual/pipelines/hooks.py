@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -46,16 +45,6 @@ class RunKeyHook:
         set_current_source_key(compute_source_key(context.params))
 
 
-def _base_parameters(context) -> dict[str, Any]:
-    """The parameters of conf/base alone: every known key with its default (the schema)."""
-    loader = context.config_loader
-    base = loader.base_env or "base"
-    with warnings.catch_warnings():  # OmegaConf's deprecation notices, already shown once
-        warnings.simplefilter("ignore", UserWarning)
-        return dict(type(loader)(conf_source=str(loader.conf_source), base_env=base,
-                                 default_run_env=base, merge_strategy={"parameters": "soft"})["parameters"])
-
-
 def _output_files(pipeline, catalog, project_path: Path) -> list[Path]:
     """The local files the pipeline's nodes will write."""
     paths = []
@@ -86,7 +75,7 @@ class SettingsCheckHook:
     @hook_impl
     def after_context_created(self, context) -> None:
         self._params = dict(context.params)
-        self._defaults = _base_parameters(context)
+        self._defaults = context.config_loader.base_parameters()
         self._project_path = Path(context.project_path)
 
     @hook_impl(tryfirst=True)
@@ -173,7 +162,7 @@ class MlflowTrackingHook(MlflowHook):
         # A variant is what the command changed (--params, a sweep's variant); conf/local is
         # every run's setting.
         self._overrides = tracking.variant_overrides(getattr(context.config_loader, "runtime_params", None) or {},
-                                                     _base_parameters(context), self._params.get("method"))
+                                                     context.config_loader.base_parameters(), self._params.get("method"))
         store = _configured_store(context)
         tracking.probe_store(store)
         self._store_busy = None
