@@ -116,9 +116,11 @@ def seed_results(folder: Path) -> dict[str, dict[int, dict[str, float]]]:
         for row in finished_rows(folder, benchmark):
             label = JOINT_ROW if benchmark == JOINT[0] else row["method"]
             learning = _history(client, row["run_id"], "continual/learning_acc")
+            own = list(_history(client, row["run_id"], "continual/learning_acc_own").values())
             results.setdefault(label, {})[row["seed"]] = {
                 "digits": row["ut_acc"], "zs": row["zs_acc"], "a_acc": row["a_acc"], "bwt": row["bwt"],
                 "learning": row["mean_learning_acc"], "min_learning": min(learning.values(), default=None),
+                "learning_own": float(np.mean(own)) if own else None, "min_own": min(own, default=None),
                 "i2t": row["i2t_r1"], "t2i": row["t2i_r1"], "params": row["trainable_parameters"],
                 "s_task": row["wall_time_per_task_s"]}
             if label == "ft":
@@ -145,7 +147,8 @@ def gather(out: Path) -> dict[str, dict[int, dict[str, float]]]:
 # --- the table and the claims --------------------------------------------------------------------
 
 COLUMNS = (("digits", "digits"), ("zs", "ZS-Acc"), ("a_acc", "A-Acc"), ("bwt", "BWT"), ("learning", "learning"),
-           ("min_learning", "min session"), ("i2t", "I→T R@1"), ("t2i", "T→I R@1"), ("s_task", "s / task"))
+           ("min_learning", "min session"), ("learning_own", "learning (own)"), ("min_own", "min own"),
+           ("i2t", "I→T R@1"), ("t2i", "T→I R@1"), ("s_task", "s / task"))
 
 
 def values(results: dict, label: str, key: str) -> np.ndarray:
@@ -232,7 +235,12 @@ CLAIMS: tuple[tuple[str, Callable[[dict], tuple[bool, str]]], ...] = (
     ("start model: digits zero-shot (UT-Acc over all 10 digits) within 0.25-0.75",
      lambda r: within(r, START_ROW, "digits", 0.25, 0.75)),
     ("start model: shapes-world zero-shot >= 0.85", lambda r: within(r, START_ROW, "zs", 0.85, 1.0)),
-    ("FT learns every session: learning accuracy >= 0.9 on each", lambda r: within(r, "ft", "min_learning", 0.9, 1.0)),
+    # What a session's loss trains: its digits among themselves (the paper's MST masks the
+    # cross-entropy to the session's classes, CL-CLIP methods/ft.py text_fmask).
+    ("FT learns every session: its digits among themselves >= 0.9 on each",
+     lambda r: within(r, "ft", "min_own", 0.9, 1.0)),
+    ("FT learns every session among all ten digits: >= 0.9 on each",
+     lambda r: within(r, "ft", "min_learning", 0.9, 1.0)),
     ("every method learns: mean learning accuracy - 2 sd above chance (0.1)", every_method_learns),
     ("FT forgets: the start model's zero-shot above FT's final",
      lambda r: paired(r, START_ROW, "ft", "zs")),

@@ -56,3 +56,9 @@ def test_the_table_names_every_row_with_its_seeds(claims):
 def test_a_claim_on_a_row_not_run_says_so(claims):
     assert claims.paired(results(a=[0.9, 0.8]), "a", "b", "zs") == (None, "not run: b")
     assert claims.above_all(results(a=[0.9, 0.8]), "gem", "zs", ())[0] is None
+
+
+def test_ft_learns_every_session_is_checked_among_its_own_digits_and_among_all_ten(claims):
+    rows = {"ft": {0: {"min_own": 0.95, "min_learning": 0.3}, 1: {"min_own": 0.97, "min_learning": 0.4}}}
+    verdicts = [test(rows)[0] for claim, test in claims.CLAIMS if claim.startswith("FT learns every session")]
+    assert verdicts == [True, False]

@@ -331,8 +331,8 @@ def test_evaluate_step_smoke(clip):
                               {"zs": (zero_shot, ["a photo of a {}."])}, {"ret": (retrieval, 2)},
                               batch_size=3, device="cpu")
 
-    expected_keys = {"step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc", "seen_acc",
-                     *RETRIEVAL_KEYS, "ut_top1", "acc_row",
+    expected_keys = {"step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc", "learning_acc_own",
+                     "seen_acc", *RETRIEVAL_KEYS, "ut_top1", "acc_row",
                      "zs_acc/zs", *(f"retrieval/ret/{key}" for key in RETRIEVAL_KEYS)}
     assert set(result) == expected_keys
     assert result["zs_acc"] == result["zs_acc/zs"] and result["i2t_r1"] == result["retrieval/ret/i2t_r1"]
@@ -365,11 +365,13 @@ def test_evaluate_step_known_answer_and_bwt(clip):
     assert start["ut_acc"] == pytest.approx(1 / 6)   # step 0: mean over phases of (1/3, 0)
     assert sorted(start["acc_row"]) == pytest.approx([0.0, 1 / 3])
     assert start["i2t_r1"] is None
-    assert start["learning_acc"] is None and start["seen_acc"] == pytest.approx(1 / 6)
+    assert start["learning_acc"] is None and start["learning_acc_own"] is None
+    assert start["seen_acc"] == pytest.approx(1 / 6)
     # after step 1 the three identical images of classes 0-2 get one class among 0-2: 1/3
     first = evaluate_step(clip, 1, "task_1", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])})
     assert first["learning_acc"] == pytest.approx(first["acc_row"][0])
     assert first["seen_acc"] == pytest.approx(1 / 3)
+    assert first["learning_acc_own"] == pytest.approx(1 / 3)  # classes 0-2 among themselves
 
     earlier = [start["acc_row"], [0.9, 0.1]]
     result = evaluate_step(clip, 2, "task_2", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])},
@@ -377,6 +379,10 @@ def test_evaluate_step_known_answer_and_bwt(clip):
     assert result["acc_row"] == pytest.approx(start["acc_row"])
     assert result["bwt"] == pytest.approx(result["acc_row"][0] - 0.9)
     assert result["ut_acc"] == pytest.approx(1 / 6)  # mean over both phases after step 2
+    # Among all six classes one phase gets nothing right (p is in the other); among its own
+    # three classes each phase gets its one class right.
+    assert result["learning_acc_own"] == pytest.approx(1 / 3)
+    assert min(result["acc_row"]) == 0.0
 
     with pytest.raises(ValueError, match="acc rows of steps 0..1"):
         evaluate_step(clip, 2, "task_2", updated, prompts, phases, {"zs": (zero_shot, ["a {}."])})

@@ -15,7 +15,7 @@ from project_helpers import (
     run_folders, run_pipeline, store_uri,
 )
 
-METRIC_COLUMNS = ["step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc", "seen_acc",
+METRIC_COLUMNS = ["step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc", "learning_acc_own", "seen_acc",
                   "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -23,7 +23,7 @@ from clip_continual.evaluation.metrics import continual_metrics, learning_accura
 from clip_continual.evaluation.retrieval import RETRIEVAL_KEYS
 from clip_continual.evaluation.sequences import class_incremental_summary
 
-METRIC_COLUMNS = ("step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc", "seen_acc",
+METRIC_COLUMNS = ("step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc", "learning_acc_own", "seen_acc",
                   *RETRIEVAL_KEYS)
 SEQUENCE_COLUMNS = ("transfer", "avg", "last", "cil_acc")  # MTIL / class-incremental runs only
 FINAL_KEYS = ("ut_acc", "zs_acc", "a_acc", "bwt", "seen_acc", *RETRIEVAL_KEYS, "ut_top1")
@@ -113,6 +113,9 @@ def summary(step_results: Sequence[dict[str, Any]], method_info: dict[str, Any] 
     metrics["start_zs_acc"] = _json_number(_number(first.get("zs_acc")))
     metrics.update({key: _json_number(value) for key, value in continual_metrics(matrix).items()})
     metrics["learning_accs"] = [_json_number(value) for value in learning_accuracies(matrix)]
+    own = [result["learning_acc_own"] for result in ordered[1:] if result.get("learning_acc_own") is not None]
+    if own:  # the tasks just learnt among their own classes (class-split benchmarks)
+        metrics["mean_learning_acc_own"] = _json_number(float(np.mean(own)))
     if all("cil_acc" in result for result in ordered):
         # class-incremental (ZSCL cil/main.py): Avg and Last of the accuracy on the seen classes
         metrics.update({**class_incremental_summary(ordered), "transfer": None})
@@ -230,6 +233,7 @@ def metric_curves_figure(table: pd.DataFrame, run: str | None = None) -> Figure:
     accuracy_axes, bwt_axes = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     curves = (("ut_acc", "UT-Acc", "-"), ("zs_acc", "ZS-Acc", "-"), ("a_acc", "A-Acc", "-"),
               ("learning_acc", "learning acc (task just learnt)", ":"),
+              ("learning_acc_own", "learning acc (among its own classes)", ":"),
               ("seen_acc", "seen-class acc", ":"))
     for column, label, style in curves:
         if column in table:

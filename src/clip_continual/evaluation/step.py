@@ -18,7 +18,7 @@ from clip_continual.evaluation.features import DEFAULT_BATCH_SIZE, class_feature
 from clip_continual.evaluation.metrics import bwt_at, ut_acc
 from clip_continual.evaluation.retrieval import RETRIEVAL_KEYS, evaluate_retrieval
 from clip_continual.evaluation.zero_shot import (
-    check_phases, phase_accuracies, predictions_all_and_seen, seen_accuracy, seen_classes, top1_accuracy,
+    check_phases, phase_accuracies, predictions_among, seen_accuracy, seen_classes, top1_accuracy,
     zero_shot_accuracy,
 )
 from clip_continual.model.clip import ClipModel
@@ -83,7 +83,8 @@ def evaluate_step(
     read through DataLoader workers as ``loader`` says).
 
     Keys: step, task, ut_acc, zs_acc (mean over the zero-shot sets), a_acc, bwt, learning_acc
-    (R[step][step], the accuracy on the task just learnt; None at step 0), seen_acc (the classes
+    (R[step][step], the accuracy on the task just learnt; None at step 0), learning_acc_own
+    (the same images among the task's own classes only; None at step 0), seen_acc (the classes
     learnt so far, classified among themselves; every class at step 0), i2t_r1..t2i_r10
     (the first retrieval set; None without one), ut_top1 (plain top-1 over all updated-task test
     images, the paper's OST UT-Acc), acc_row (accuracy on each phase 1..T), and each set alone
@@ -97,12 +98,16 @@ def evaluate_step(
         # with its own classifier (RAIL).
         class_feats = class_features(clip, lambda: text_features(clip, class_prompts, batch_size, target),
                                      updated_test.class_names)
-        ut_predictions, ut_seen_predictions = predictions_all_and_seen(
-            clip, updated_test, class_feats, seen_classes(phases, step), batch_size, loader)
+        # The session just learnt among its own classes too: what its loss trained (the paper's
+        # MST masks the cross-entropy to them, CL-CLIP methods/ft.py text_fmask).
+        own = [phases[step - 1]] if step > 0 else []
+        ut_predictions, ut_seen_predictions, *own_predictions = predictions_among(
+            clip, updated_test, class_feats, [None, seen_classes(phases, step), *own], batch_size, loader)
         acc_row = phase_accuracies(ut_predictions, updated_test.labels, phases)
         suite = _suite_metrics(clip, zero_shot_sets, retrieval_sets or {}, batch_size, target, loader)
+    learning_own = seen_accuracy(own_predictions[0], updated_test.labels, own[0]) if own else None
     return _step_record(step, task, updated_test.labels, phases, earlier, acc_row, ut_predictions,
-                        ut_seen_predictions, suite)
+                        ut_seen_predictions, suite, learning_own)
 
 
 def _checked_step(step: int, updated_test: Any, class_prompts: Sequence[str], phases: Sequence[Sequence[int]],
@@ -122,7 +127,7 @@ def _checked_step(step: int, updated_test: Any, class_prompts: Sequence[str], ph
 
 def _step_record(step: int, task: str, labels: np.ndarray, phases: list[list[int]], earlier: list[list[float]],
                  acc_row: list[float], ut_predictions: np.ndarray, ut_seen_predictions: np.ndarray,
-                 suite: dict[str, Any]) -> dict[str, Any]:
+                 suite: dict[str, Any], learning_own: float | None) -> dict[str, Any]:
     """The step's JSON-ready record (keys in the order ``evaluate_step`` documents)."""
     # Before step 2 neither UT-Acc nor BWT reads an earlier row: stand-ins keep the shapes.
     rows = np.asarray(earlier + [acc_row]) if step >= 2 else np.asarray([acc_row] * (step + 1))
@@ -135,6 +140,7 @@ def _step_record(step: int, task: str, labels: np.ndarray, phases: list[list[int
         "a_acc": (ut + suite["zs_acc"]) / 2.0,
         "bwt": bwt_at(rows, step),
         "learning_acc": float(acc_row[step - 1]) if step > 0 else None,
+        "learning_acc_own": learning_own,
         "seen_acc": seen_accuracy(ut_seen_predictions, labels, seen_classes(phases, step)),
         **{key: suite[key] for key in RETRIEVAL_KEYS},
         "ut_top1": top1_accuracy(ut_predictions, labels),

@@ -200,23 +200,23 @@ def seen_class_accuracy(image_feats: torch.Tensor, labels: np.ndarray, class_fea
     return seen_accuracy(seen[among_seen], labels, seen)
 
 
-def predictions_all_and_seen(
-    clip: ClipModel, images: EvalImages, class_feats: ClassFeatures, seen: Sequence[int],
+def predictions_among(
+    clip: ClipModel, images: EvalImages, class_feats: ClassFeatures, subsets: Sequence[Sequence[int] | None],
     batch_size: int, loader: LoaderConfig | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each image's class among all classes and among the ``seen`` ones, in one streaming pass
-    (no (N, D) feature matrix kept); the caller holds eval mode."""
-    seen = np.asarray(sorted(seen), dtype=np.int64)
-    every, among_seen = [], []
+) -> list[np.ndarray]:
+    """Each image's class among each subset of the classes (None: all of them), in one
+    streaming pass (no (N, D) feature matrix kept); the caller holds eval mode."""
+    chosen = [None if subset is None else np.asarray(sorted(subset), dtype=np.int64) for subset in subsets]
+    predicted: list[list[np.ndarray]] = [[] for _ in chosen]
     with torch.inference_mode():
         classes = _on_device(class_feats, clip.device)
-        seen_classes_feats = class_rows(classes, seen)
+        rows = [classes if subset is None else class_rows(classes, subset) for subset in chosen]
         for batch, routes in routed_feature_batches(clip, images, batch_size, loader):
-            every.append(predict(batch, classes, routes))
-            among_seen.append(seen[predict(batch, seen_classes_feats, routes)])
+            for found, subset, subset_feats in zip(predicted, chosen, rows):
+                indices = predict(batch, subset_feats, routes)
+                found.append(indices if subset is None else subset[indices])
     empty = np.empty(0, dtype=np.int64)
-    return (np.concatenate(every) if every else empty,
-            np.concatenate(among_seen) if among_seen else empty)
+    return [np.concatenate(found) if found else empty for found in predicted]
 
 
 def zero_shot_accuracy(

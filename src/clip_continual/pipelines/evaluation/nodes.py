@@ -13,7 +13,7 @@ from clip_continual.runtime.run_key import run_name
 from clip_continual.runtime.tracking import COST_GROUP, CONTINUAL_GROUP, metric_history, run_costs
 
 # Whole-run metrics of the summary, logged as ``continual/<name>`` at the last step.
-SUMMARY_METRICS = ("mean_learning_acc",)
+SUMMARY_METRICS = ("mean_learning_acc", "mean_learning_acc_own")
 
 
 def report_continual_run(
