@@ -32,7 +32,8 @@ EXPERIMENT = "clip-continual"
 CHANCE = 0.1  # ten digits
 # The variants of the table (sweep syntax); the joint bound runs the one-session benchmark.
 VARIANTS = ("ft", "lwf", "vr_lwf", "vr_lwf:continual_learning.alpha=0.5", "vr_lwf_zscl", "lwf_zscl",
-            "geodl", "imm", "wise_ft", "ewc", "agem", "gem", "icarl", "rkr", "moe_adapters", "zscl")
+            "geodl", "imm", "wise_ft", "ewc", "agem", "gem", "icarl", "rkr", "moe_adapters", "zscl",
+            "rail", "lora", "condu", "condu_lora", "diki", "dpw")
 JOINT = ("digits_ost", "ft:continual_learning.training.steps=250")  # 5 sessions x 50 steps at once
 START_ROW, JOINT_ROW = "start model (zero-shot)", "joint (all sessions at once)"
 
