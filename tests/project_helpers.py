@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
+from kedro.io import MemoryDataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK = "digits_mst"
@@ -203,3 +204,30 @@ def compared_project(tmp_path_factory: pytest.TempPathFactory) -> ComparedProjec
             run_pipeline(project, ["compare"], cwd=subfolder)
         _BUILT["compared"] = ComparedProject(project, checkpoints, folder.name, runs)
     return _BUILT["compared"]
+
+
+# --- a pipeline's nodes on an in-memory catalog (no session, no files, no tracking) ---------------
+
+def base_parameters() -> dict[str, Any]:
+    """conf/base's parameters, as a run without overrides reads them."""
+    import warnings
+
+    from kedro.config import OmegaConfigLoader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dict(OmegaConfigLoader(str(REPO_ROOT / "conf"), base_env="base", default_run_env="base",
+                                      merge_strategy={"parameters": "soft"})["parameters"])
+
+
+class KeptDataset(MemoryDataset):
+    """Kept after its last reader has run (the runner releases what no node reads again) and
+    handed on as it is, never copied (the project's catalog stores models as files)."""
+
+    def __init__(self, *data: Any) -> None:
+        super().__init__(copy_mode="assign")
+        if data:
+            self._data = data[0]  # None too (a method without a reference set)
+
+    def _release(self) -> None:
+        pass

@@ -133,3 +133,66 @@ def test_dpw_prefix_heads_follow_the_fine_grained_score():
     labels = torch.arange(3).repeat_interleave(2)
     # Orthogonal classes, identical images within each, all recognised: (1 + 1) / 2 / (~0 + 10 / 3).
     assert fine_grained_score(images, labels, texts) == pytest.approx(0.3, rel=0.02)
+
+
+def test_dpw_odcl_cil_scales_each_learnt_tasks_block_by_its_confidence(micro):
+    """DPW.py:209-233 (``is_CIL``): each image alone takes its likeliest task's slot at that
+    confidence; task t's classes are encoded with slot t at the image's confidence c_t and their
+    logits multiplied by c_t, concatenated over the learnt tasks. Computed here by hand."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from clip_continual.data.common import ImageSet
+    from clip_continual.evaluation.features import evaluating, routed_feature_batches, routed_scores
+    from clip_continual.evaluation.protocols import EvaluationProtocol
+    from clip_continual.evaluation.sequences import _pooled_classifier, pooled_predictions
+    from clip_continual.model.adapters import EvaluatedTask, evaluating_task
+    from clip_continual.model.prefix_attention import PrefixRoute, add_slot, frozen_image_features, set_route
+
+    clip = micro.clone()
+    get_method("dpw").prepare_student(clip.model, "wm")
+    rng = np.random.default_rng(3)
+    sets = [ImageSet(rng.integers(0, 256, (6, micro.image_size, micro.image_size, 3), dtype=np.uint8),
+                     np.arange(6) % k, tuple(f"{word} {i}" for i in range(k)))
+            for word, k in (("circle", 3), ("square", 2))]
+    selector, template = clip.model.visual.task_selector, ["a photo of a {}."]
+    clip.model.eval()
+    with torch.no_grad():
+        for shift in (-0.5, 0.5):  # two learnt tasks: a slot (SVD-initialised, non-zero) and a Gaussian each
+            add_slot(clip.model, heads={"visual": 1, "text": 1})
+            pixels = torch.randn(80, 3, micro.image_size, micro.image_size) + shift
+            selector.add_task(frozen_image_features(clip.model.visual, pixels))
+        pixels = [clip.preprocess(s.images, "cpu") for s in sets]
+        frozen = torch.cat([frozen_image_features(clip.model.visual, p) for p in pixels])
+        log_p = torch.distributions.MultivariateNormal(selector.means, selector.covariances).log_prob(frozen.unsqueeze(1))
+    selector.scale = float(log_p.abs().max())  # confidences well inside (0, 1)
+    confidence = torch.sigmoid(log_p / selector.scale - 1)
+    assert (confidence[:, 0] - confidence[:, 1]).abs().min() > 1e-3
+    selector.pooled_inference = "task_confidence"
+
+    told = EvaluatedTask(images=None, label_space="learned_tasks", candidates=(0, 1))
+    with evaluating(clip, "cpu") as target, torch.no_grad(), evaluating_task(clip.model, told):
+        classes = _pooled_classifier(clip, [(s, template) for s in sets], (0, 1), None, 64, target, "learned_tasks")
+        scores = torch.cat([routed_scores(f, routes, classes) for s in sets
+                            for f, routes in routed_feature_batches(clip, s, 64)])
+    with evaluating(clip, "cpu") as target:
+        got = pooled_predictions(clip, 2, [(s, template) for s in sets], EvaluationProtocol("hidden", "learned_tasks"),
+                                 64, target)
+    expected = []
+    with torch.no_grad():
+        for image, c in zip(torch.cat(pixels), confidence):
+            weight, slot = c.max(dim=0)
+            set_route(clip.model.visual, PrefixRoute(slot.view(1), weight.view(1), weight.view(1)))
+            features = F.normalize(clip.model.visual.forward(image.unsqueeze(0)), dim=-1)
+            set_route(clip.model.visual, None)
+            logits = []
+            for task, images in enumerate(sets):
+                set_route(clip.model.transformer, PrefixRoute(task, float(c[task]), float(c[task])))
+                texts = F.normalize(encode_text(clip.model, clip.tokenize([f"a photo of a {n}." for n in images.class_names])), dim=-1)
+                set_route(clip.model.transformer, None)
+                logits.append(float(c[task]) * features @ texts.t())
+            expected.append(torch.cat(logits, dim=1))
+    torch.testing.assert_close(scores, torch.cat(expected), rtol=0, atol=1e-5)
+    assert np.concatenate([predictions for predictions, _ in got]).tolist() == torch.cat(expected).argmax(1).tolist()
+    assert [labels.tolist() for _, labels in got] == [[0, 1, 2, 0, 1, 2], [3, 4, 3, 4, 3, 4]]  # union index
+    assert len({selector.table[r][0] for r in selector.table}) == 1  # each image a route of its own (no slot)

@@ -9,7 +9,6 @@ import logging
 
 import numpy as np
 import pytest
-from kedro.io import MemoryDataset
 
 import mtil_fixtures as fx
 from clip_continual.data.loading import LoaderConfig
@@ -24,6 +23,7 @@ from clip_continual.methods.ft import FineTuning
 from clip_continual.model.adapters import EvaluatedTask, evaluated_task
 from clip_continual.pipelines.continual_learning.nodes import evaluation_protocol
 from clip_continual.runtime.benchmarks import BENCHMARKS
+from project_helpers import base_parameters, KeptDataset
 
 DOMAINS = ("aircraft", "eurosat", "mnist")  # 4, 10 and 10 classes in the fixtures
 TEMPLATE = ["a photo of a {}."]
@@ -139,31 +139,6 @@ def test_a_method_that_needs_the_task_id_is_refused_where_it_is_hidden(monkeypat
         _check_evaluation_protocols({"xtail": {"evaluation": {"task_identity": "hiden"}}})
 
 
-def _base_parameters() -> dict:
-    import warnings
-
-    from kedro.config import OmegaConfigLoader
-
-    from project_helpers import REPO_ROOT
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return dict(OmegaConfigLoader(str(REPO_ROOT / "conf"), base_env="base", default_run_env="base",
-                                      merge_strategy={"parameters": "soft"})["parameters"])
-
-
-class _Kept(MemoryDataset):
-    """Kept after its last reader has run (the runner releases what no node reads again)."""
-
-    def __init__(self, *data) -> None:
-        super().__init__(copy_mode="assign")
-        if data:
-            self._data = data[0]  # None too (a method without a reference set)
-
-    def _release(self) -> None:
-        pass
-
-
 def test_a_tiny_xtail_runs_through_its_pipeline(tmp_path, micro, caplog):
     """Two domains of X-TAIL's order, one shot per class, through the xtail pipeline's nodes (a
     Kedro runner on an in-memory catalog: the `kedro run` of the project costs far more): the
@@ -175,7 +150,7 @@ def test_a_tiny_xtail_runs_through_its_pipeline(tmp_path, micro, caplog):
     from clip_continual.runtime.benchmarks import dataset_sequence
 
     benchmark = dataset_sequence("xtail", ("aircraft", "mnist"), "X-TAIL's first and seventh domains")
-    xtail = _base_parameters()["xtail"]
+    xtail = base_parameters()["xtail"]
     xtail["continual_learning"]["few_shot"] = 1
     xtail["continual_learning"]["training"].update(steps=1, batch_size=4, warmup_steps=0, precision="fp32",
                                                    progress=False, device="cpu")
@@ -190,7 +165,7 @@ def test_a_tiny_xtail_runs_through_its_pipeline(tmp_path, micro, caplog):
                  for key in ("aircraft", "mnist") for split in ("train", "test")}}
     pipeline = continual_learning.create_pipeline(benchmark) + evaluation.create_pipeline(benchmark)
     # Models handed on as they are, never deep-copied (the project's catalog stores them as files).
-    catalog = DataCatalog({name: _Kept(*([inputs[name]] if name in inputs else [])) for name in pipeline.datasets()})
+    catalog = DataCatalog({name: KeptDataset(*([inputs[name]] if name in inputs else [])) for name in pipeline.datasets()})
     caplog.set_level(logging.WARNING, logger="kedro")  # Kedro's line per load and save costs seconds here
     SequentialRunner().run(pipeline, catalog)
 

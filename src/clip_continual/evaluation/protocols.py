@@ -82,9 +82,17 @@ class EvaluationProtocol:
             raise ProtocolError(f"evaluation.label_space {self.label_space!r} pools the classes of a sequence "
                                 f"of datasets; '{benchmark}' is evaluated by '{evaluation}': use label_space: own")
 
-    def check_method(self, method: str, declared: str, evaluation: str = "datasets") -> None:
+    def check_method(self, method: str, declared: str, evaluation: str = "datasets",
+                     label_spaces: Sequence[str] = LABEL_SPACES) -> None:
         """Refuse a method that needs the task of its test images where none reaches it: under
-        ``hidden``, or on an evaluation that never tells it (``phases``, ``class_incremental``)."""
+        ``hidden``, or on an evaluation that never tells it (``phases``, ``class_incremental``);
+        and one whose inference rule defines no classification among ``label_space``'s classes
+        (``label_spaces``: those it defines)."""
+        if self.label_space not in label_spaces:
+            raise ProtocolError(
+                f"method '{method}' defines no inference among the classes of evaluation.label_space: "
+                f"{self.label_space} (it defines {', '.join(label_spaces)}); evaluate it under one of "
+                "those, or choose a method that does")
         if declared not in METHOD_TASK_IDENTITIES:
             raise ProtocolError(f"method '{method}' declares task_identity {declared!r}; use one of "
                                 f"{', '.join(METHOD_TASK_IDENTITIES)}")

@@ -37,7 +37,7 @@ from clip_continual.evaluation.protocols import EvaluationProtocol, candidate_da
 from clip_continual.evaluation.zero_shot import (
     check_class_prompts, predict, predict_images, template_class_features, top1_accuracy, zero_shot_classifier,
 )
-from clip_continual.model.adapters import EvaluatedTask, evaluating_task
+from clip_continual.model.adapters import EvaluatedTask, class_block_weight, evaluating_task
 from clip_continual.model.clip import ClipModel
 
 
@@ -121,8 +121,10 @@ def pooled_predictions(
         blocks = candidate_datasets(protocol.label_space, step, dataset, len(sets))
         image_task = protocol.image_task(dataset)
         if (blocks, image_task) not in classifiers:  # shared by the datasets with the same candidates
-            classifiers[blocks, image_task] = _pooled_classifier(clip, sets, blocks, image_task, batch_size, target)
-        with evaluating_task(clip.model, EvaluatedTask(images=image_task)):
+            classifiers[blocks, image_task] = _pooled_classifier(clip, sets, blocks, image_task, batch_size, target,
+                                                                 protocol.label_space)
+        told = EvaluatedTask(images=image_task, label_space=protocol.label_space, candidates=blocks)
+        with evaluating_task(clip.model, told):
             picks = predict_images(clip, images, classifiers[blocks, image_task], batch_size, target, loader)
         # the candidates are consecutive pooled rows, from the first candidate dataset's on
         pooled.append((offsets[blocks[0]] + picks, offsets[dataset] + np.asarray(images.labels)))
@@ -130,9 +132,11 @@ def pooled_predictions(
 
 
 def _pooled_classifier(clip: ClipModel, sets: Sequence[tuple[Any, Sequence[str]]], blocks: tuple[int, ...],
-                       image_task: int | None, batch_size: int, target: torch.device) -> ClassFeatures:
+                       image_task: int | None, batch_size: int, target: torch.device,
+                       label_space: str = "own") -> ClassFeatures:
     """The classes of datasets ``blocks`` (consecutive, in task order) stacked, each dataset's
-    from its own templates while the model may read whose class names they are."""
+    from its own templates while the model may read whose class names they are, times the
+    weight the model's text route gives that dataset's block (``adapters.class_block_weight``)."""
     for dataset in blocks:
         check_class_prompts(sets[dataset][0].class_names, sets[dataset][1])
 
@@ -140,8 +144,10 @@ def _pooled_classifier(clip: ClipModel, sets: Sequence[tuple[Any, Sequence[str]]
         features = []
         for dataset in blocks:
             images, templates = sets[dataset]
-            with evaluating_task(clip.model, EvaluatedTask(images=image_task, classes=dataset)):
-                features.append(template_class_features(clip, images.class_names, templates, batch_size, target))
+            told = EvaluatedTask(images=image_task, classes=dataset, label_space=label_space, candidates=blocks)
+            with evaluating_task(clip.model, told):
+                block = template_class_features(clip, images.class_names, templates, batch_size, target)
+                features.append(block * class_block_weight(clip.model, dataset))
         return torch.cat(features)
     names = [name for dataset in blocks for name in sets[dataset][0].class_names]
     return class_features(clip, compute, names)

@@ -240,6 +240,8 @@ class ContinualMethod(ABC):
                                 (``model.adapters.evaluated_task``): "unused", "optional" (uses
                                 it when given) or "required" (refused under
                                 ``evaluation.task_identity: hidden``)
+      label_spaces              the ``evaluation.label_space`` values its inference rule
+                                defines (``evaluation.protocols``); others are refused
 
     A method with ``gradient_steps = False`` (RAIL: a classifier solved in closed form on frozen
     features) gets no optimizer and no backward: the loop shows it every training image
@@ -263,6 +265,7 @@ class ContinualMethod(ABC):
     gradient_steps: ClassVar[bool] = True  # False: fit_batch instead of loss, backward and step
     passes: int = 1  # epochs of a method without gradient steps (whatever the training length says)
     task_identity: ClassVar[str] = "unused"
+    label_spaces: ClassVar[tuple[str, ...]] = ("own", "learned_tasks", "all_tasks")
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         if not 0.0 <= float(label_smoothing) < 1.0:

@@ -18,7 +18,18 @@ copy); nothing here names a device, the modules follow the model.
 Not taken over: the best epoch on a validation split (as ``diki``); the gate statistics of the
 image tower (the Normal of each head's class-token gate score) come from one pass over the task's
 training images after training, where DPW accumulates them over the last epoch's batches while
-training (attention.py:412-426); the ODCL-CIL branch (``is_CIL``) of ``CustomCLIP.forward``.
+training (attention.py:412-426).
+
+ODCL-CIL (``evaluation.label_space: learned_tasks``, configs/odcl-cil.yaml ``is_CIL: True``):
+``pooled_inference: task_confidence`` follows ``CustomCLIP.forward``'s ``is_CIL`` branch
+(DPW.py:209-233) on a learnt dataset's test images: each image alone (DPW evaluates them one per
+batch, DPW.py:706-713) takes its most likely task's slot at that task's confidence
+``sigmoid(log p_t / 512 - 1)``; task t's class texts are encoded with slot t at the image's
+confidence in t, and their logits multiplied by it; the blocks are concatenated over the learnt
+tasks (``GaussianTaskSelector.select_confident``). ``routed`` (a named variant, not DPW's) gives
+all pooled classes the image's chosen slot and its batch's mean weight, the MTIL rule. Datasets
+not learnt yet keep their own classes and the MTIL rule, as DPW. DPW defines no inference among
+all domains' classes (X-TAIL): ``label_space: all_tasks`` is refused before the run starts.
 """
 
 from __future__ import annotations
@@ -180,7 +191,8 @@ def prefix_heads(layer_heads: int, score: float, length: int, width: int) -> int
 
 
 # Recipe entries that may change between tasks.
-SETTINGS = ("slots", "tasks", "heads", "batchwise", "vote_batch", "likelihood_scale")
+SETTINGS = ("slots", "tasks", "heads", "batchwise", "vote_batch", "likelihood_scale", "pooled_inference")
+POOLED_INFERENCE = ("task_confidence", "routed")
 
 
 def add_dpw(model: nn.Module, recipe: dict[str, Any]) -> None:
@@ -269,10 +281,12 @@ class DynamicPrefixWeighting(DIKI):
     slot per task: ``length`` value prefixes over that task's number of prefix heads, their
     per-token gates, and the saturation adapter (``bottleneck``; its fixed basis from
     ``adapter_basis``: ``initial``, as published, or ``pretrained``). The task choice at
-    evaluation is DIKI's (``batchwise``, ``vote_batch``, ``likelihood_scale``: see ``diki``).
+    evaluation is DIKI's (``batchwise``, ``vote_batch``, ``likelihood_scale``: see ``diki``);
+    among the classes of every learnt task (ODCL-CIL) it is ``pooled_inference``'s (module doc).
     """
 
     name = "dpw"
+    label_spaces = ("own", "learned_tasks")  # DPW.py: the MTIL and ODCL-CIL branches only
 
     def __init__(
         self,
@@ -284,14 +298,22 @@ class DynamicPrefixWeighting(DIKI):
         vote_batch: int = 256,           # DPW.py:709-713 (test batch 256)
         likelihood_scale: float | None = None,  # DPW.py:240 (/512); null: the feature width
         label_smoothing: float = 0.0,    # DPW.py:603 F.cross_entropy
+        pooled_inference: str = "task_confidence",  # DPW.py:209-233 (is_CIL); routed: a variant
     ) -> None:
         super().__init__(depth=depth, length=length, batchwise=batchwise, vote_batch=vote_batch,
                          likelihood_scale=likelihood_scale, label_smoothing=label_smoothing)
+        if pooled_inference not in POOLED_INFERENCE:
+            raise MethodConfigError(f"pooled_inference must be one of {', '.join(POOLED_INFERENCE)}, "
+                                    f"got {pooled_inference!r}")
+        self.pooled_inference = pooled_inference
         if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
             raise MethodConfigError(f"bottleneck must be a positive integer, got {bottleneck!r}")
         if adapter_basis not in ("initial", "pretrained"):
             raise MethodConfigError(f"adapter_basis must be initial or pretrained, got {adapter_basis!r}")
         self.bottleneck, self.adapter_basis = bottleneck, adapter_basis
+
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "pooled_inference": self.pooled_inference}
 
     def prepare_student(self, student: nn.Module, parts: str) -> None:
         """The branches without a slot: a task's slot is sized from its data (``prepare_for_task``)."""

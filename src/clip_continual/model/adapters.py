@@ -174,6 +174,11 @@ class EvaluatedTask:
 
     images: int | None = None
     classes: int | None = None
+    # The label space the images are classified in (``evaluation.protocols``) and the datasets
+    # whose classes are the candidates: what the protocol states, known under every protocol
+    # (DPW's ODCL-CIL rule depends on it).
+    label_space: str = "own"
+    candidates: tuple[int, ...] = ()
 
 
 def evaluated_task(model: nn.Module) -> EvaluatedTask:
@@ -187,10 +192,22 @@ def evaluated_task(model: nn.Module) -> EvaluatedTask:
 
 @contextlib.contextmanager
 def evaluating_task(model: nn.Module, task: EvaluatedTask) -> Iterator[None]:
-    """``evaluated_task(model)`` is ``task`` for the block, and back to what it was after."""
-    previous = getattr(model, EVALUATED_TASK_ATTRIBUTE, None)
-    setattr(model, EVALUATED_TASK_ATTRIBUTE, task)
+    """``evaluated_task(model)`` is ``task`` for the block, and back to what it was after; the
+    image tower reads it too (its routing hooks see the tower alone)."""
+    owners = [model, *([model.visual] if isinstance(getattr(model, "visual", None), nn.Module) else [])]
+    previous = [getattr(owner, EVALUATED_TASK_ATTRIBUTE, None) for owner in owners]
+    for owner in owners:
+        setattr(owner, EVALUATED_TASK_ATTRIBUTE, task)
     try:
         yield
     finally:
-        setattr(model, EVALUATED_TASK_ATTRIBUTE, previous)
+        for owner, value in zip(owners, previous):
+            setattr(owner, EVALUATED_TASK_ATTRIBUTE, value)
+
+
+def class_block_weight(model: nn.Module, dataset: int) -> Any:
+    """The factor of dataset ``dataset``'s class features in a pooled classifier under the text
+    route in force (DPW's ODCL-CIL: that task's Gaussian confidence); 1 for any other model."""
+    routing = image_routing(model)
+    weight = getattr(routing, "class_weight", None)
+    return 1.0 if weight is None else weight(dataset)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from clip_continual.model.adapters import AdapterError, tower_transformers
+from clip_continual.model.adapters import AdapterError, evaluated_task, tower_transformers
 
 COVARIANCE_RIDGE = 1e-7  # DIKI/DIKI.py:373 (covar += eye * 1e-7)
 
@@ -194,14 +194,17 @@ class GaussianTaskSelector(nn.Module):
     text tower's weight is the batch's mean (class texts are encoded once per route)."""
 
     def __init__(self, features: int, tasks: int = 0, batchwise: bool = True, vote_batch: int = 256,
-                 scale: float | None = None) -> None:
+                 scale: float | None = None, pooled_inference: str = "routed") -> None:
         super().__init__()
         self.features = features
         self.register_buffer("means", torch.zeros(tasks, features))
         self.register_buffer("covariances", torch.eye(features).repeat(tasks, 1, 1))
         self.batchwise, self.vote_batch, self.scale = bool(batchwise), int(vote_batch), scale
-        self.table: dict[int, tuple[int, float]] = {}
+        self.pooled_inference = pooled_inference
+        # route -> (slot, text weight), or for a task-confidence route (None, each task's confidence)
+        self.table: dict[int, tuple[int | None, Any]] = {}
         self.last_routes: torch.Tensor | None = None
+        self.class_weights: torch.Tensor | None = None  # the confidences of the text route in force
 
     @property
     def active(self) -> bool:
@@ -229,10 +232,13 @@ class GaussianTaskSelector(nn.Module):
                                  "training images for the feature width") from error
             return gaussians.log_prob(features.float().unsqueeze(1))
 
+    def confidences(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, T) ``sigmoid(log p / scale - 1)`` of each image under each task (DIKI.py:171-172)."""
+        return torch.sigmoid(self.log_likelihoods(features) / (self.scale or self.features) - 1.0)
+
     def choose(self, features: torch.Tensor) -> PrefixRoute:
         """Each image's slot and weight, and its batch's mean weight, for one test batch."""
-        best, slots = self.log_likelihoods(features).max(dim=1)
-        weights = torch.sigmoid(best / (self.scale or self.features) - 1.0)  # DIKI.py:171-172
+        weights, slots = self.confidences(features).max(dim=1)  # sigmoid is monotone: the most likely task
         if self.batchwise:  # DIKI.py:176-180: the batch's most frequent task (ties: the lower)
             slots = torch.full_like(slots, int(torch.bincount(slots).argmax()))
         batch = weights.mean().expand(len(weights))
@@ -250,23 +256,64 @@ class GaussianTaskSelector(nn.Module):
         return PrefixRoute(*(torch.cat([getattr(r, key) for r in chosen])
                              for key in ("slots", "weights", "batch_weights")))
 
-    def _route_id(self, slot: int, text_weight: float) -> int:
+    def select_confident(self, features: torch.Tensor) -> PrefixRoute:
+        """DPW's ODCL-CIL rule (DPW/DPW.py:209-233, ``is_CIL`` on a learnt task's test images, one
+        image per batch, ``get_dataloader``): each image alone takes its most likely task's slot
+        at that task's confidence, and a route of its own that keeps every task's confidence, by
+        which the text tower encodes task t's classes with slot t and the classifier scales their
+        block (``text_route``, ``class_weight``)."""
+        confidences = self.confidences(features)
+        weights, slots = confidences.max(dim=1)
+        self.last_routes = torch.tensor([self._route_id(None, row) for row in confidences.cpu()],
+                                        dtype=torch.long, device=features.device)
+        return PrefixRoute(slots, weights, weights)
+
+    def _route_id(self, slot: int | None, text_weight: Any) -> int:
         route = len(self.table)
         self.table[route] = (slot, text_weight)
         return route
+
+    def class_weight(self, task: int) -> Any:
+        """The factor of task ``task``'s class block under the text route in force: its
+        confidence under a task-confidence route (DPW.py:230 ``logit *= task_confidence``), else 1."""
+        return 1.0 if self.class_weights is None else float(self.class_weights[task])
 
     def routes(self) -> list[int]:
         return list(self.table)
 
     @contextlib.contextmanager
     def text_route(self, model: nn.Module, route: int) -> Iterator[None]:
-        """Encode text with the route's slot, scaled by its batch's mean weight (DIKI.py:173)."""
+        """Encode text with the route's slot, scaled by its batch's mean weight (DIKI.py:173); under
+        a task-confidence route, task t's class names with slot t at its confidence (DPW.py:224-227)."""
         slot, weight = self.table[route]
-        set_route(model.transformer, PrefixRoute(slot, weight, weight))
+        if slot is not None:
+            set_route(model.transformer, PrefixRoute(slot, weight, weight))
+            hook = None
+        else:
+            self.class_weights = weight
+            hook = model.token_embedding.register_forward_pre_hook(
+                lambda *_: set_route(model.transformer, self._class_task_route(model)))
         try:
             yield
         finally:
             set_route(model.transformer, None)
+            self.class_weights = None
+            if hook is not None:
+                hook.remove()
+
+    def _class_task_route(self, model: nn.Module) -> PrefixRoute | None:
+        """The slot of the task whose class names the text tower is encoding, at its confidence."""
+        task = evaluated_task(model).classes
+        if task is None or task >= len(self.class_weights):
+            return None
+        confidence = float(self.class_weights[task])
+        return PrefixRoute(task, confidence, confidence)
+
+    def confident_rule_applies(self, told: Any) -> bool:
+        """DPW's rule is for a learnt dataset's images among the classes of every learnt task."""
+        learnt = tuple(range(len(self.means)))
+        return (self.pooled_inference == "task_confidence" and told.label_space == "learned_tasks"
+                and told.candidates == learnt)
 
 
 def add_task_selector(model: nn.Module, recipe: dict[str, Any]) -> GaussianTaskSelector:
@@ -282,6 +329,7 @@ def add_task_selector(model: nn.Module, recipe: dict[str, Any]) -> GaussianTaskS
 
 def configure_selector(selector: GaussianTaskSelector, recipe: dict[str, Any]) -> None:
     selector.batchwise = bool(recipe.get("batchwise", True))
+    selector.pooled_inference = str(recipe.get("pooled_inference") or "routed")
     selector.vote_batch = int(recipe.get("vote_batch", 256))
     scale = recipe.get("likelihood_scale")
     selector.scale = None if scale is None else float(scale)
@@ -325,8 +373,9 @@ def _route_images(visual: nn.Module, args: tuple) -> None:
     selector.last_routes = None
     if visual.training or not selector.active:
         return
-    route = selector.select(frozen_image_features(visual, args[0]))
-    set_route(visual, route)
+    features = frozen_image_features(visual, args[0])
+    confident = selector.confident_rule_applies(evaluated_task(visual))
+    set_route(visual, selector.select_confident(features) if confident else selector.select(features))
 
 
 def _forget_routes(visual: nn.Module, args: tuple, output: torch.Tensor) -> None:

@@ -90,7 +90,14 @@ class SettingsCheckHook:
             partial(check_before_run, self._params, run_params.get("pipeline_names"), self._project_path),
             lambda: preflight.check_disk_space(self._checkpoints(pipeline, catalog)),
             *self._checkpoint_list(pipeline, run_params),
+            *self._protocol(pipeline, run_params),
         ])
+
+    def _protocol(self, pipeline, run_params: dict[str, Any]) -> list[Callable[[], Any]]:
+        """The evaluation protocol against the method, where the pipeline trains one."""
+        if not any("training" in node.tags for node in pipeline.nodes):
+            return []
+        return [partial(preflight.check_protocol, self._params, run_params.get("pipeline_names"))]
 
     def _checkpoint_list(self, pipeline, run_params: dict[str, Any]) -> list[Callable[[], Any]]:
         """``evaluate_checkpoints``' files (one per task of its benchmark, each there), checked

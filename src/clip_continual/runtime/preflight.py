@@ -73,3 +73,19 @@ def check_disk_space(writes: dict[Path, int]) -> None:
                 f"not enough disk space for the run's checkpoints: {count} files of about "
                 f"{_megabytes(needed)} in all under '{where}', which has {_megabytes(free)} free. Free some "
                 f"space (or make data/06_models a link to a larger disk) and rerun")
+
+
+def check_protocol(params: dict, pipeline_names: list[str] | None) -> None:
+    """The benchmark's evaluation protocol against the run's method (``evaluation.protocols``):
+    a method whose inference rule the protocol withholds or does not define is refused here,
+    before its first task trains, not at its first evaluation."""
+    from clip_continual.evaluation.protocols import EvaluationProtocol
+    from clip_continual.methods import method_class
+    from clip_continual.runtime.benchmarks import benchmark_in_force
+
+    benchmark = benchmark_in_force(pipeline_names)
+    block = params.get(benchmark.params) if benchmark.params else params
+    protocol = EvaluationProtocol.from_params((block or {}).get("evaluation"))
+    protocol.check_evaluation(benchmark.name, benchmark.evaluation)
+    method = method_class(str(params["method"]))
+    protocol.check_method(str(params["method"]), method.task_identity, benchmark.evaluation, method.label_spaces)

@@ -224,7 +224,8 @@ def evaluation_protocol(params: dict[str, Any], method: str | None, benchmark: B
     protocol = EvaluationProtocol.from_params(params)
     protocol.check_evaluation(benchmark.name, benchmark.evaluation)
     if method is not None:
-        protocol.check_method(method, method_class(method).task_identity, benchmark.evaluation)
+        declared = method_class(method)
+        protocol.check_method(method, declared.task_identity, benchmark.evaluation, declared.label_spaces)
     return protocol
 
 
