@@ -353,9 +353,19 @@ class MoEAdapters(FineTuning):
             recipe["routers"] += 1
         if self.ddas:  # fail now, not after the task's training, when AlexNet cannot be had
             self.check_files()
+        self._usage_before = [mixture.usage.clone() for mixture in visual_mixtures(student)]
+
+    def _count_usage_of_all_workers(self, task: TaskContext, student: nn.Module) -> None:
+        """Data-parallel, each worker's image tower routed its own part of the batch: the
+        task's counts there are the sum of the workers'. The text tower encoded the same
+        prompts on every worker, so its counts are already the task's."""
+        for mixture, before in zip(visual_mixtures(student), self._usage_before):
+            mixture.usage.copy_(before + task.workers.sum(mixture.usage - before))
 
     def after_task(self, task: TaskContext, student: nn.Module) -> None:
         with torch.no_grad():
+            if task.workers.world_size > 1:
+                self._count_usage_of_all_workers(task, student)
             for mixture in mixtures(student):
                 count = min(self.frozen_per_task, len(mixture.experts))
                 if count:
