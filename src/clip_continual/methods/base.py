@@ -215,9 +215,9 @@ class TaskContext:
 class Batch:
     """One training step's data. ``clean_pixels`` is the un-augmented version of ``pixels``
     when the loop augments, else None (then ``pixels`` are already clean). ``global_size`` is
-    the size of the step's global batch, of which this is ``part`` (the whole batch in a
-    one-process run): a method that replays a batch "as large as the training batch" draws
-    ``global_size`` rows, the same on every worker, and keeps its ``part`` of them."""
+    the size of the step's global batch, of which this is a worker's part in a data-parallel
+    run (all of it alone): a method that replays a batch "as large as the training batch" draws
+    ``global_size`` rows, the same on every worker, and keeps its ``TaskContext.workers.part``."""
 
     step: int
     indices: torch.Tensor
@@ -226,13 +226,10 @@ class Batch:
     clean_pixels: torch.Tensor | None = None
     vocab_tokens: torch.Tensor | None = None
     global_size: int | None = None
-    part: slice | None = None
 
     def __post_init__(self) -> None:
         if self.global_size is None:
             self.global_size = len(self.labels)
-        if self.part is None:
-            self.part = slice(0, self.global_size)
 
     @property
     def distillation_pixels(self) -> torch.Tensor:

@@ -323,6 +323,7 @@ class MoEAdapters(FineTuning):
             raise MethodConfigError("DDAS picks a task's router, but router_per_task: false shares one "
                                     "router; set ddas: false (as MoE-Adapters' class-incremental setup)")
         self.experts, self.top_k, self.bottleneck = experts, top_k, bottleneck
+        self._usage_before: list[torch.Tensor] = []  # the image tower's counts as the task starts
         self.frozen_per_task, self.router_per_task = frozen_per_task, bool(router_per_task)
         self.eval_noise, self.ddas, self.ddas_steps = bool(eval_noise), bool(ddas), ddas_steps
         self.ddas_threshold, self.ddas_batch = float(ddas_threshold), ddas_batch

@@ -16,16 +16,45 @@ Kedro runs a pipeline in one process, so the training node itself starts the wor
 - the model is wrapped in ``DistributedDataParallel`` around the method's loss, which averages
   gradients in backward; gradient clipping then acts on that global gradient.
 
-Which loss terms need care: every term of ``ft``, ``lwf``, ``vr_lwf`` and ``vr_lwf_zscl`` (the
-methods allowed here, ``DATA_PARALLEL_METHODS``) is a mean over the rows of the batch (cross-entropy, KL with ``batchmean``, soft-target CE), so each
-rank's term on its part, weighted by its share of the global batch (the loop does this),
-averages to the global batch's term exactly, also when a batch does not split evenly. A term
-that normalises over the whole batch (a contrastive loss with in-batch negatives, batch
-statistics, MoE routing balance) would NOT: it would have to gather features across ranks
-first. Methods with optimizer hooks (A-GEM/GEM gradient projection, ZSCL weight averaging),
-exported state (EWC, iCaRL) or architecture changes (adapters) are refused until each is checked
-against its one-process run. The teacher's image
-table is computed on every rank (the same work N times, once per task).
+Why every method is exact here. A loss term that is a mean over the rows of the batch
+(cross-entropy, KL with ``batchmean``, soft-target CE of image rows) splits: each rank's term on
+its part, weighted by its share of the global batch (the loop does this), averages to the global
+batch's term, also when a batch does not split evenly. A term computed identically on every rank
+(the same value everywhere: an L2 anchor, a penalty on the weights, a term over gathered rows)
+is also exact under that weighting, since the shares sum to the number of ranks. What a method
+needs beyond its part it asks of ``TaskContext.workers`` (``methods.base.Workers``, here the
+``DataParallelReplica``): ``gather`` the global batch's rows (differentiable: each rank's rows
+get the gradient of every rank's copy of the term, summed) or ``sum`` a statistic over the
+ranks' shares. Per method:
+
+- ``ft``, ``lwf``, ``vr_lwf``, ``wise_ft``, ``imm``, ``rkr``, ``lora``, ``diki``, ``dpw``,
+  ``condu``, ``condu_lora``: row means only. What they do before and after the steps (DIKI's and
+  DPW's task Gaussians and prefix sizes, DPW's gate statistics, the weight interpolations,
+  ConDU's unification and prototypes) reads the whole task on every rank, from identical
+  weights: identical everywhere (rank 0's is the one handed back).
+- ``vr_lwf_zscl``, ``lwf_zscl``: the text -> image direction is a softmax over the batch's
+  images, so both sides' image features are gathered.
+- ``zscl``, ``icarl``: the replayed batch (reference images, exemplars) has the global batch's
+  size, drawn alike on every rank; each rank encodes its part and the features are gathered.
+- ``geodl``: the geodesic flow kernel is spanned by the batch's features: gathered.
+- ``agem``, ``gem``: every rank computes the replay gradient of the whole replayed batch (a
+  contrastive loss, which does not split) and projects the averaged gradient: the same on all.
+- ``ewc``: each rank computes the per-image gradients of its share of the Fisher images; the
+  sums are summed over the ranks (``sum``).
+- ``moe_adapters``: each rank counts the routes of its part in the image tower; the counts that
+  choose the experts to freeze are summed. Not every expert gets a gradient every step, hence
+  ``find_unused_parameters``; buffers are not broadcast from rank 0 (the counts would be lost).
+- ``rail`` (no gradient steps): each rank encodes its part and the classifier is updated with
+  the gathered global batch on every rank.
+
+Random draws inside the forward (adapter dropout in ``moe_adapters`` and ``dpw``, MoE's routing
+noise) are each rank's own (``begin_steps``): a data-parallel run of those is an equally likely
+draw, not the one-process run's. ``NOT_DATA_PARALLEL`` would name a method that cannot train
+here, with the reason; none is left. The teacher's image table is computed on every rank (the
+same work N times, once per task), and so is the work a method does once per task.
+
+What a method hands to the next task (``export_state``) is rank 0's: it comes back with the
+model, and the node reads it from ``ContinualMethod.handed_on``.
 
 Rank 0 alone hands back the model, the summary and the per-step losses; the node writes the
 checkpoint (through the catalog) and the MLflow metrics from them. A worker that fails ends the

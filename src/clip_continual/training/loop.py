@@ -75,7 +75,7 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
         try:
             for step, train_batch in record.steps(task_batches(task, student, device, replica)):
                 lr = step_learning_rate(config, plan, step)
-                batch = make_batch(task, step, train_batch, device, replica)
+                batch = make_batch(task, step, train_batch, device)
                 if optimizer is None:
                     record.step(step, lr, fit_batch(method, model, batch, context))
                     continue

@@ -291,12 +291,10 @@ def task_batches(task: TrainingTask, student: ClipModel, device: torch.device,
                                      need_clean)
 
 
-def make_batch(task: TrainingTask, step: int, train_batch: TrainBatch, device: torch.device,
-               replica: Replica | None = None) -> Batch:
+def make_batch(task: TrainingTask, step: int, train_batch: TrainBatch, device: torch.device) -> Batch:
     """The step's ``Batch`` as the method reads it: the loaded pixels with labels and the
-    replayed vocabulary's rows of this step, this replica's part of the global batch."""
+    replayed vocabulary's rows of this step (this replica's part of the global batch)."""
     indices, vocabulary = train_batch.indices, task.vocabulary
-    global_size = global_batch_size(task.plan, step)
     return Batch(
         step=step,
         indices=torch.from_numpy(indices).to(device),
@@ -304,6 +302,5 @@ def make_batch(task: TrainingTask, step: int, train_batch: TrainBatch, device: t
         pixels=channels_last_pixels(train_batch.pixels, task.config),
         clean_pixels=channels_last_pixels(train_batch.clean_pixels, task.config),
         vocab_tokens=None if vocabulary is None else vocabulary.tokens(task.task_index, step).to(device),
-        global_size=global_size,
-        part=(replica or Replica()).part(global_size),
+        global_size=global_batch_size(task.plan, step),
     )
