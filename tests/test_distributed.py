@@ -1,5 +1,6 @@
 """Data-parallel training: 2 or 3 workers compute the 1-process run's gradients and end with its
-weights; failures surface.
+weights, for every method (one launch of 2 workers runs them all: ``distributed_methods.py``);
+failures surface.
 
 The equivalence runs are in float64, so that a tolerance can be both strict and the same on
 every CPU. Workers sum their gradients in another order than one process; in float32 that
@@ -8,7 +9,8 @@ rounding noise (~1e-7 relative) is amplified by Adam on parameters whose true gr
 float64 the same noise is ~1e-15 relative. The first step's gradients are compared before the
 optimiser can amplify anything, so a gradient that is summed instead of averaged is caught
 even where Adam's scale invariance would hide it in the weights. ``test_breakages_are_caught``
-puts each kind of data-parallel bug in on purpose and checks that the comparison fails.
+puts each kind of data-parallel bug in on purpose (in the same launch) and checks that the
+comparison fails.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ from clip_continual.training.distributed import (
     DataParallelReplica, DistributedConfig, DistributedConfigError, WorkerFailedError,
     fine_tune_distributed,
 )
+from clip_continual.methods import METHODS
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
 from clip_continual.methods.vr_lwf import VocabularyReplayLwF
 from clip_continual.training.augment import augment_crop_flip, augment_zscl
 from clip_continual.training.config import TrainingConfig
 from clip_continual.training.replica import Replica
-from clip_continual.methods import METHODS
 from distributed_methods import Case, make_inputs, run_case, run_on_workers
 
 NUM_CLASSES = 4

@@ -270,6 +270,8 @@ def _torch_worker(task: TrainingTask, entry: Callable[[Any, int, int], Any] = No
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if _on_cuda(task):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:  # the workers share this machine's cores (as torchrun's OMP_NUM_THREADS default does)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     dist.init_process_group("nccl" if _on_cuda(task) else "gloo")
     # On failure the group is left open: ``record`` writes this worker's error before the process
     # exits and its peers lose the connection, so the first error is the real one.
