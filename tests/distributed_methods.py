@@ -164,8 +164,10 @@ def _no_forward_draws():
         MixtureOfAdapters.routing, dpw_module.ADAPTER_DROPOUT = routing, dropout
 
 
-def _task(case: Case, inputs: dict, task_index: int, start, state):
+def training_case_task(case: Case, inputs: dict, task_index: int, start=None, state=None):
+    """The case's task ``task_index`` (1 or 2) from ``start`` (default: the model) and the state handed on."""
     model, phase = inputs["model"], inputs["phases"][task_index - 1]
+    start = model if start is None else start
     method = get_method(case.method, **SMALL[case.method])
     config = TrainingConfig(method=case.method, steps=STEPS, epochs=None, batch_size=4, lr=1e-3, device="cpu",
                             progress=False, augment="crop_flip", grad_clip_norm=0.5, teacher="previous")
@@ -189,7 +191,7 @@ def run_case(case: Case, inputs: dict, replica: Replica) -> dict:
     numbers, and at the end the weights (buffers included) and the state handed on."""
     start, state, record = inputs["model"], {}, {"tasks": []}
     for task_index in case.tasks:
-        task = _task(case, inputs, task_index, start, state)
+        task = training_case_task(case, inputs, task_index, start, state)
         folder: dict = {}
         task.method = _recording(task.method, folder)
         steps = []

@@ -15,6 +15,7 @@ comparison fails.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -279,3 +280,31 @@ def test_every_method_trains_on_two_workers_as_in_one_process(methods_on_workers
 def test_breakages_are_caught(methods_on_workers, methods_alone, case):
     with pytest.raises(AssertionError):
         assert_same_record(methods_on_workers[case.name], methods_alone[case.method])
+
+
+def test_the_state_handed_on_is_the_first_workers(method_inputs, monkeypatch, tmp_path):
+    """The node reads what the method hands on from the method it built (``handed_on``); in a
+    data-parallel run the trained copy is the first worker's, whose export comes back with the
+    model. A one-worker group in this process stands for the launch."""
+    from clip_continual.training import distributed
+    from clip_continual.training.loop import train as loop_train
+    from distributed_methods import training_case_task
+
+    task = training_case_task(Case("ewc"), method_inputs, 1)
+    alone = copy.deepcopy(task)
+    loop_train(alone)
+    expected = alone.method.export_state()
+    # The worker trains its own copy of the task, as a launched process does.
+    monkeypatch.setattr(distributed, "_launch_torch",
+                        lambda task, settings: distributed._train_rank(copy.deepcopy(task), 0, 1))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        distributed.train_on({"backend": "torch", "workers": 2}, task)
+    finally:
+        dist.destroy_process_group()
+    assert task.method.export_state() == {}  # this copy did not train
+    handed_on = task.method.handed_on()
+    assert sorted(handed_on) == sorted(expected) and len(handed_on) > 1
+    for name, value in handed_on.items():
+        assert isinstance(value, np.ndarray)
+        np.testing.assert_allclose(value, expected[name], rtol=0, atol=1e-6 * float(np.abs(expected[name]).max()))

@@ -66,6 +66,7 @@ Plain Python and PyTorch; no Kedro import. Ray is optional (``pip install -e ".[
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import tempfile
 import uuid
@@ -181,6 +182,13 @@ class _GatherRows(torch.autograd.Function):
         return gradient[start : start + ctx.counts[ctx.rank]], None, None, None
 
 
+# torch 2.14 renames broadcast_buffers (deprecated) forward_sync_buffers; both keep the initial sync.
+_NO_BUFFER_SYNC_EACH_FORWARD = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    else {"broadcast_buffers": False})
+
+
 class DataParallelReplica(Replica):
     """Rank ``rank`` of ``world_size`` in an initialised default process group. The methods'
     ``gather`` and ``sum`` run on a group of their own, so that they never interleave with the
@@ -215,7 +223,7 @@ class DataParallelReplica(Replica):
         # they start equal everywhere, and a method's counters (MoE's expert usage) count this
         # worker's rows until the method sums them (``sum``).
         return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True,
-                                                   broadcast_buffers=False)
+                                                   **_NO_BUFFER_SYNC_EACH_FORWARD)
 
     def reduce(self, values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
