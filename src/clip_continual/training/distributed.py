@@ -272,7 +272,7 @@ def _on_cuda(task: Any) -> bool:
 
 
 @record
-def _torch_worker(task: TrainingTask, entry: Callable[[Any, int, int], Any] = None) -> Any:
+def _torch_worker(task: TrainingTask, entry: Callable[[Any, int, int], Any] | None = None) -> Any:
     """Entry point of one process started by the elastic launcher (env:// rendezvous): ``entry``
     (``_train_rank``; tests run several tasks in one launch) of ``task`` on this rank."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
