@@ -1,5 +1,6 @@
 """Data-parallel training: 2 or 3 workers compute the 1-process run's gradients and end with its
-weights; failures surface.
+weights, for every method (one launch of 2 workers runs them all: ``distributed_methods.py``);
+failures surface.
 
 The equivalence runs are in float64, so that a tolerance can be both strict and the same on
 every CPU. Workers sum their gradients in another order than one process; in float32 that
@@ -8,11 +9,13 @@ rounding noise (~1e-7 relative) is amplified by Adam on parameters whose true gr
 float64 the same noise is ~1e-15 relative. The first step's gradients are compared before the
 optimiser can amplify anything, so a gradient that is summed instead of averaged is caught
 even where Adam's scale invariance would hide it in the weights. ``test_breakages_are_caught``
-puts each kind of data-parallel bug in on purpose and checks that the comparison fails.
+puts each kind of data-parallel bug in on purpose (in the same launch) and checks that the
+comparison fails.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -25,11 +28,14 @@ from clip_continual.training.distributed import (
     DataParallelReplica, DistributedConfig, DistributedConfigError, WorkerFailedError,
     fine_tune_distributed,
 )
+from clip_continual.methods import METHODS
 from clip_continual.methods.ft import FineTuning
 from clip_continual.methods.vocabulary import VocabularyConfig, build_vocabulary
 from clip_continual.methods.vr_lwf import VocabularyReplayLwF
 from clip_continual.training.augment import augment_crop_flip, augment_zscl
 from clip_continual.training.config import TrainingConfig
+from clip_continual.training.replica import Replica
+from distributed_methods import Case, make_inputs, run_case, run_on_workers
 
 NUM_CLASSES = 4
 STEPS = 3
@@ -47,57 +53,13 @@ LATER_STEP_TOLERANCE = 1e-6
 WEIGHT_TOLERANCE = 1e-7
 
 
-def _break_averaging() -> None:
-    """Gradients summed over the workers instead of averaged."""
-    original = DataParallelReplica.loss_terms
-
-    def summed(self, model, method, context):
-        wrapped = original(self, model, method, context)
-        wrapped.register_comm_hook(None, lambda state, bucket: dist.all_reduce(
-            bucket.buffer(), async_op=True).get_future().then(lambda future: future.value()[0]))
-        return wrapped
-
-    DataParallelReplica.loss_terms = summed
-
-
-def _see_a_sample_twice() -> None:
-    """Worker 1's part of each global batch starts one image early (one image in both parts)."""
-    original = DataParallelReplica.part
-    DataParallelReplica.part = lambda self, size: (
-        slice(original(self, size).start - (self.rank == 1), original(self, size).stop))
-
-
-def _drop_a_workers_batch() -> None:
-    """Worker 1's images contribute nothing to the gradient (its losses are zeroed)."""
-    original = DataParallelReplica.loss_terms
-
-    def dropping(self, model, method, context):
-        wrapped = original(self, model, method, context)
-        if self.rank != 1:
-            return wrapped
-        return lambda batch: {name: term * 0 for name, term in wrapped(batch).items()}
-
-    DataParallelReplica.loss_terms = dropping
-
-
-BREAKAGES = {"gradients summed": _break_averaging, "a sample seen twice": _see_a_sample_twice,
-             "a worker's batch dropped": _drop_a_workers_batch}
-
-
 class RecordingVRLwF(VocabularyReplayLwF):
     """vr_lwf that saves every step's gradients (the averaged ones, on rank 0) to ``folder``
-    before clipping and the optimiser step. Unpickled in a worker, it first puts ``breakage``
-    into that worker's data-parallel code."""
+    before clipping and the optimiser step."""
 
-    def __init__(self, folder: str | os.PathLike, breakage: str | None = None, **options) -> None:
+    def __init__(self, folder: str | os.PathLike, **options) -> None:
         super().__init__(**options)
         self.folder = str(folder)
-        self.breakage = breakage
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self.breakage is not None:
-            BREAKAGES[self.breakage]()
 
     def before_optimizer_step(self, student, batch, task) -> None:
         if dist.is_initialized() and dist.get_rank() != 0:
@@ -129,12 +91,12 @@ def make_task(micro64) -> dict:
     )
 
 
-def train(micro64, task, folder, settings=None, breakage=None):
+def train(micro64, task, folder, settings=None):
     """One run (one process when ``settings`` is None); its model, summary, logged steps and
     the folder of its recorded gradients."""
     folder.mkdir()
     steps = []
-    method = RecordingVRLwF(folder, breakage, alpha=1.0)
+    method = RecordingVRLwF(folder, alpha=1.0)
     model, summary = fine_tune_distributed(settings, micro64, teacher=micro64, method=method,
                                            on_step=lambda s, v: steps.append((s, v)), **task)
     return model, summary, steps, folder
@@ -198,13 +160,6 @@ def test_three_gloo_workers_match_one_process(micro64, task, one_process, tmp_pa
     assert all(torch.equal(v, before[k]) for k, v in micro64.model.state_dict().items())
 
 
-@pytest.mark.parametrize("breakage", sorted(BREAKAGES))
-def test_breakages_are_caught(micro64, task, one_process, breakage, tmp_path):
-    result = train(micro64, task, tmp_path / "gradients", {"backend": "torch", "workers": 2}, breakage)
-    with pytest.raises(AssertionError, match="gradient of"):
-        assert_same_run(result, one_process, workers=2)
-
-
 class CrashOnRankOne(FineTuning):
     def loss_terms(self, student, batch, task):
         if dist.get_rank() == 1:
@@ -243,9 +198,113 @@ def test_each_replica_augments_its_part_as_the_global_batch_does(micro, augment)
     assert not torch.equal(parts[0], parts[1])
 
 
-def test_methods_not_checked_for_data_parallelism_are_refused_before_any_work(micro, task):
+def test_a_method_that_cannot_train_data_parallel_is_refused_before_any_work(micro, task, monkeypatch):
     from clip_continual.methods import get_method
+    from clip_continual.training import distributed
 
-    with pytest.raises(DistributedConfigError, match="method 'ewc' is not yet supported.*use backend 'none'"):
+    monkeypatch.setitem(distributed.NOT_DATA_PARALLEL, "ewc", "its reason")
+    with pytest.raises(DistributedConfigError, match="method 'ewc' cannot train.*its reason; use backend 'none'"):
         fine_tune_distributed({"backend": "torch", "workers": 2}, micro, teacher=micro,
                               method=get_method("ewc"), **task)
+
+
+# --- every method: one launch of 2 workers runs each method's short tasks in turn ------------------
+
+CASES = [Case(name) for name in METHODS]
+# Each kind of data-parallel bug put in on purpose, on a method it shows in.
+BROKEN = [Case("vr_lwf", "gradients summed"), Case("vr_lwf", "a sample seen twice"),
+          Case("vr_lwf", "a worker's batch dropped"), Case("ewc", "statistics not summed"),
+          Case("rail", "rows not gathered"), Case("vr_lwf_zscl", "rows not gathered")]
+
+
+@pytest.fixture(scope="module")
+def method_inputs(micro64):
+    return make_inputs(micro64)
+
+
+@pytest.fixture(scope="module")
+def methods_on_workers(method_inputs):
+    return run_on_workers(CASES + BROKEN, method_inputs)
+
+
+@pytest.fixture(scope="module")
+def methods_alone(method_inputs):
+    return {case.method: run_case(case, method_inputs, Replica()) for case in CASES}
+
+
+def assert_same_record(record, reference) -> None:
+    """Each task's first-step gradients (the first task's exact in principle, a later one's from
+    weights that already differ by rounding), every logged number, then the final weights
+    (buffers too: MoE's usage counts) and the state handed on."""
+    for index, (task, ref_task) in enumerate(zip(record["tasks"], reference["tasks"], strict=True)):
+        tolerance = FIRST_STEP_TOLERANCE if index == 0 else LATER_STEP_TOLERANCE
+        gradients, ref_gradients = task["gradients"], ref_task["gradients"]
+        assert sorted(gradients) == sorted(ref_gradients)
+        scale = max((float(g.abs().max()) for g in ref_gradients.values()), default=0.0)
+        for name, gradient in gradients.items():
+            torch.testing.assert_close(gradient, ref_gradients[name], rtol=0, atol=tolerance * scale,
+                                       msg=lambda m, index=index, name=name: f"task {index}, gradient of {name}: {m}")
+        for step, (values, ref_values) in enumerate(zip(task["steps"], ref_task["steps"], strict=True)):
+            assert sorted(values) == sorted(ref_values)
+            for name, value in values.items():
+                bound = (tolerance if step == 0 else LATER_STEP_TOLERANCE) * max(abs(ref_values["loss"]), 1.0)
+                assert value == pytest.approx(ref_values[name], rel=0, abs=bound), (index, step, name)
+    assert_close_tensors(masked(record["weights"]), masked(reference["weights"]), WEIGHT_TOLERANCE, "weight")
+    assert_close_tensors(record["state"], reference["state"], LATER_STEP_TOLERANCE, "handed-on state")
+
+
+def masked(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ConDU's task masks as the experts use them, ``unified * mask``: a mask element follows
+    the sign of its task's delta, which is rounding noise where the delta is (near) zero."""
+    weights = dict(weights)
+    for name in [n for n in weights if ".mask_" in n]:
+        prefix, (_, _, part) = name.rsplit(".", 1)[0], name.rsplit("_", 2)
+        weights[name] = weights[f"{prefix}.unified_{part}"] * weights[name]
+    return weights
+
+
+def assert_close_tensors(tensors, reference, tolerance, what) -> None:
+    assert sorted(tensors) == sorted(reference)
+    for name, value in tensors.items():
+        scale = max(float(reference[name].abs().max()), 1.0) if reference[name].is_floating_point() else 0
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=tolerance * scale,
+                                   msg=lambda m, name=name: f"{what} {name}: {m}")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_trains_on_two_workers_as_in_one_process(methods_on_workers, methods_alone, method):
+    assert_same_record(methods_on_workers[method], methods_alone[method])
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=lambda case: case.name)
+def test_breakages_are_caught(methods_on_workers, methods_alone, case):
+    with pytest.raises(AssertionError):
+        assert_same_record(methods_on_workers[case.name], methods_alone[case.method])
+
+
+def test_the_state_handed_on_is_the_first_workers(method_inputs, monkeypatch, tmp_path):
+    """The node reads what the method hands on from the method it built (``handed_on``); in a
+    data-parallel run the trained copy is the first worker's, whose export comes back with the
+    model. A one-worker group in this process stands for the launch."""
+    from clip_continual.training import distributed
+    from clip_continual.training.loop import train as loop_train
+    from distributed_methods import training_case_task
+
+    task = training_case_task(Case("ewc"), method_inputs, 1)
+    alone = copy.deepcopy(task)
+    loop_train(alone)
+    expected = alone.method.export_state()
+    # The worker trains its own copy of the task, as a launched process does.
+    monkeypatch.setattr(distributed, "_launch_torch",
+                        lambda task, settings: distributed._train_rank(copy.deepcopy(task), 0, 1))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        distributed.train_on({"backend": "torch", "workers": 2}, task)
+    finally:
+        dist.destroy_process_group()
+    assert task.method.export_state() == {}  # this copy did not train
+    handed_on = task.method.handed_on()
+    assert sorted(handed_on) == sorted(expected) and len(handed_on) > 1
+    for name, value in handed_on.items():
+        assert isinstance(value, np.ndarray)
+        np.testing.assert_allclose(value, expected[name], rtol=0, atol=1e-6 * float(np.abs(expected[name]).max()))

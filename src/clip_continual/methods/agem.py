@@ -122,7 +122,7 @@ class AveragedGEM(FineTuning):
         """The replayed batch of this step: a pure function of (seed, step, group)."""
         _, _, groups = self._pairs
         pool = np.arange(len(groups)) if group is None else np.flatnonzero(groups == group)
-        size = self.reference_batch_size or len(batch.labels)
+        size = self.reference_batch_size or batch.global_size  # every worker replays the whole batch
         return pool[draw_indices(len(pool), size, replay_rng(task.seed, batch.step, stream))]
 
     def before_optimizer_step(self, student: nn.Module, batch: Batch, task: TaskContext) -> None:

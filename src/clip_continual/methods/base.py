@@ -50,6 +50,33 @@ def soft_target_cross_entropy(
 
 # --- the context a method sees ------------------------------------------------------------
 
+class Workers:
+    """The processes a task trains on, as a method sees them; this one is a process alone.
+
+    In a data-parallel run (``training.distributed``) every worker holds the same model and
+    method state and trains its ``part`` of every global batch; a method whose loss term or
+    statistics need more than its part asks here: ``gather`` (the global batch's rows of a
+    tensor, differentiable: the gradient reaches each worker's own rows), ``sum`` (a statistic
+    summed over the workers' parts, e.g. a Fisher estimate split over them). Alone, each is the
+    identity, so a method's code is the same in both runs."""
+
+    rank = 0
+    world_size = 1
+
+    def part(self, global_size: int) -> slice:
+        """This worker's contiguous rows of ``global_size`` (all of them alone)."""
+        return slice(0, global_size)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every worker's ``rows`` concatenated in rank order: the global batch's."""
+        return rows
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the workers (the same on each of them afterwards)."""
+        return values
+
+
+
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module | None):
     """Put ``model`` in eval mode and restore every submodule's own mode afterwards, so a
@@ -133,7 +160,8 @@ class TaskContext:
     ``reference_set``); ``previous_state`` is the arrays the method exported after the previous
     task (empty for the first task); ``seed`` is the task's seed, so that whatever a method
     draws (replay batches) is a pure function of ``(seed, step)``; ``class_names`` names every
-    class of the updated task (index = global label).
+    class of the updated task (index = global label); ``workers`` the processes the task is
+    trained on (``Workers``: one alone, several in a data-parallel run).
     """
 
     task_index: int
@@ -152,6 +180,7 @@ class TaskContext:
     extras: Mapping[str, Any] = field(default_factory=dict)
     previous_state: Mapping[str, np.ndarray] = field(default_factory=dict)
     class_names: tuple[str, ...] = ()
+    workers: Workers = field(default_factory=Workers)
     label_to_current: torch.Tensor = field(init=False)
     current_in_seen: torch.Tensor = field(init=False)
 
@@ -185,7 +214,10 @@ class TaskContext:
 @dataclass
 class Batch:
     """One training step's data. ``clean_pixels`` is the un-augmented version of ``pixels``
-    when the loop augments, else None (then ``pixels`` are already clean)."""
+    when the loop augments, else None (then ``pixels`` are already clean). ``global_size`` is
+    the size of the step's global batch, of which this is a worker's part in a data-parallel
+    run (all of it alone): a method that replays a batch "as large as the training batch" draws
+    ``global_size`` rows, the same on every worker, and keeps its ``TaskContext.workers.part``."""
 
     step: int
     indices: torch.Tensor
@@ -193,6 +225,11 @@ class Batch:
     pixels: torch.Tensor
     clean_pixels: torch.Tensor | None = None
     vocab_tokens: torch.Tensor | None = None
+    global_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.global_size is None:
+            self.global_size = len(self.labels)
 
     @property
     def distillation_pixels(self) -> torch.Tensor:
@@ -323,6 +360,16 @@ class ContinualMethod(ABC):
         """Arrays to hand on to the next task (stored without pickle between tasks); called
         after ``after_task``. Default: nothing."""
         return {}
+
+    def handed_on(self) -> dict[str, np.ndarray]:
+        """What the next task receives: ``export_state()``, or, once a data-parallel run has
+        trained this method in its workers, what the first worker's copy exported there."""
+        adopted = getattr(self, "_adopted_state", None)
+        return self.export_state() if adopted is None else dict(adopted)
+
+    def adopt_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Take over the state another copy of this method exported (the first worker's)."""
+        self._adopted_state = dict(state)
 
     def extra_storage_bytes(self, task: TaskContext, student: nn.Module) -> dict[str, int]:
         """What the method keeps beyond the weights of the architecture it trains, by kind, in

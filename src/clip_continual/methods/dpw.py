@@ -260,7 +260,8 @@ def record_gate_statistics(student: nn.Module, task: TaskContext, batch_size: in
     try:
         images = task.train_images
         for _, arrays in images.arrays(torch.arange(len(images)).numpy(), batch_size, "gate statistics"):
-            student.visual.forward(task.preprocess(arrays))
+            # float32 pixels; a float64 tower (exact equivalence checks) takes them as float64
+            student.visual.forward(task.preprocess(arrays).to(next(student.visual.parameters()).dtype))
         for branch in branches:
             scores = torch.cat(branch.recording)
             slot = branch.slots[-1]

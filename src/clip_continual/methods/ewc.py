@@ -93,8 +93,10 @@ class ElasticWeightConsolidation(FineTuning):
         images = task.train_images
         rows = draw_indices(len(images), self.fisher_samples, replay_rng(task.seed, 0, stream=2))
         tokens = task.class_tokens[task.current_classes]
+        workers = task.workers  # each worker sums its share of the images; the shares are summed
+        mine = rows[workers.rank::workers.world_size]
         with torch.enable_grad():
-            for chunk, arrays in images.arrays(rows, FISHER_BATCH, "ewc fisher"):
+            for chunk, arrays in images.arrays(mine, FISHER_BATCH, "ewc fisher") if len(mine) else ():
                 labels = torch.as_tensor(images.labels[chunk], device=task.device).long()
                 batch_pixels = task.preprocess(arrays)
                 for i in range(len(chunk)):
@@ -103,7 +105,7 @@ class ElasticWeightConsolidation(FineTuning):
                     for name, grad in zip(parameters, grads):
                         if grad is not None:
                             fisher[name] += grad.float() ** 2
-        return {name: value / len(rows) for name, value in fisher.items()}
+        return {name: workers.sum(value) / len(rows) for name, value in fisher.items()}
 
     @staticmethod
     def _log_likelihood_gradient(student: nn.Module, parameters: dict[str, torch.Tensor], pixels: torch.Tensor,

@@ -128,7 +128,9 @@ class GeodesicDistillation(ContinualMethod):
         logits = student.logit_scale.exp() * image @ text[task.current_in_seen].t()
         return {
             "ce": class_cross_entropy(logits, batch.labels, task, self.label_smoothing),
-            "geodl_image": self.alpha * gfk_distance(image, task.teacher.image_features_for(batch)),
+            # The geodesic flow kernel is spanned by the global batch's features (its PCA).
+            "geodl_image": self.alpha * gfk_distance(task.workers.gather(image),
+                                                     task.workers.gather(task.teacher.image_features_for(batch))),
             "geodl_text": self.alpha * gfk_distance(text, self._teacher_text),
         }
 

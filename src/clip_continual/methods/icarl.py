@@ -130,11 +130,14 @@ class ICaRL(FineTuning):
         if not len(self.memory):  # a budget below one exemplar per class leaves nothing to replay
             zero = terms["ce"] * 0.0
             return {**terms, "icarl_image": zero, "icarl_text": zero}
-        rows = draw_indices(len(self.memory), len(batch.labels), replay_rng(task.seed, batch.step))
-        pixels = task.preprocess(self.memory.images[rows])
+        # As many exemplars as the global batch has; each worker encodes its part, the logits are
+        # the whole replayed batch's (the text term is a softmax over its images).
+        rows = draw_indices(len(self.memory), batch.global_size, replay_rng(task.seed, batch.step))
+        pixels = task.preprocess(self.memory.images[rows[task.workers.part(len(rows))]])
         scale = student.logit_scale.exp()
-        logits = scale * image_features(student, pixels) @ self._teacher_text.t()
-        teacher_logits = scale.detach() * task.teacher.image_features(pixels) @ self._teacher_text.t()
+        workers = task.workers
+        logits = scale * workers.gather(image_features(student, pixels)) @ self._teacher_text.t()
+        teacher_logits = scale.detach() * workers.gather(task.teacher.image_features(pixels)) @ self._teacher_text.t()
         weight, temperature = self.distillation_weight, self.temperature
         terms["icarl_image"] = weight * soft_target_cross_entropy(logits, teacher_logits, temperature)
         terms["icarl_text"] = weight * soft_target_cross_entropy(logits.t(), teacher_logits.t(), temperature)

@@ -323,6 +323,7 @@ class MoEAdapters(FineTuning):
             raise MethodConfigError("DDAS picks a task's router, but router_per_task: false shares one "
                                     "router; set ddas: false (as MoE-Adapters' class-incremental setup)")
         self.experts, self.top_k, self.bottleneck = experts, top_k, bottleneck
+        self._usage_before: list[torch.Tensor] = []  # the image tower's counts as the task starts
         self.frozen_per_task, self.router_per_task = frozen_per_task, bool(router_per_task)
         self.eval_noise, self.ddas, self.ddas_steps = bool(eval_noise), bool(ddas), ddas_steps
         self.ddas_threshold, self.ddas_batch = float(ddas_threshold), ddas_batch
@@ -353,9 +354,19 @@ class MoEAdapters(FineTuning):
             recipe["routers"] += 1
         if self.ddas:  # fail now, not after the task's training, when AlexNet cannot be had
             self.check_files()
+        self._usage_before = [mixture.usage.clone() for mixture in visual_mixtures(student)]
+
+    def _count_usage_of_all_workers(self, task: TaskContext, student: nn.Module) -> None:
+        """Data-parallel, each worker's image tower routed its own part of the batch: the
+        task's counts there are the sum of the workers'. The text tower encoded the same
+        prompts on every worker, so its counts are already the task's."""
+        for mixture, before in zip(visual_mixtures(student), self._usage_before):
+            mixture.usage.copy_(before + task.workers.sum(mixture.usage - before))
 
     def after_task(self, task: TaskContext, student: nn.Module) -> None:
         with torch.no_grad():
+            if task.workers.world_size > 1:
+                self._count_usage_of_all_workers(task, student)
             for mixture in mixtures(student):
                 count = min(self.frozen_per_task, len(mixture.experts))
                 if count:

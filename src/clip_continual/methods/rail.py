@@ -325,8 +325,10 @@ class Rail(ContinualMethod):
         return torch.from_numpy(np.asarray(stored)).to(task.device, self.head.weight.dtype)
 
     def fit_batch(self, student: nn.Module, batch: Batch, task: TaskContext) -> dict[str, float]:
-        features = image_features(student, batch.pixels)  # frozen CLIP, normalised (primal_RAIL.py:36-39)
-        columns = self.label_columns[batch.labels]
+        # Frozen CLIP, normalised (primal_RAIL.py:36-39); each worker encodes its part and the
+        # classifier is updated with the global batch on every worker.
+        features = task.workers.gather(image_features(student, batch.pixels))
+        columns = task.workers.gather(self.label_columns[batch.labels])
         self.batches += 1
         if self.variant == "dual":
             self.features.append(features.detach().to(self.head.memory.dtype))

@@ -74,6 +74,8 @@ class ZsclVocabularyReplay(ContinualMethod):
         distil_image = image if batch.clean_pixels is None else image_features(student, batch.clean_pixels)
         teacher = task.teacher
         teacher_image = teacher.image_features_for(batch, clean=True)
+        if self.transposed:  # the text -> image direction is a softmax over the global batch's images
+            distil_image, teacher_image = task.workers.gather(distil_image), task.workers.gather(teacher_image)
         texts = self.distillation_texts(batch, task)
         logits = scale * distil_image @ texts.t()
         teacher_logits = scale.detach() * teacher_image @ texts.t()

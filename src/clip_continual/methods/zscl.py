@@ -130,7 +130,8 @@ class ZeroShotContinualLearning(FineTuning):
             "teacher": teacher,
             "texts": texts,
             # A fixed set's teacher features, each computed once; a stream's change every step.
-            "images": None if streamed else torch.zeros(len(reference), texts.shape[1], device=task.device),
+            "images": None if streamed else torch.zeros(len(reference), texts.shape[1], device=task.device,
+                                                        dtype=texts.dtype),
             "known": None if streamed else torch.zeros(len(reference), dtype=torch.bool),
             "stream": None,
             "seed": torch.initial_seed(),
@@ -200,11 +201,15 @@ class ZeroShotContinualLearning(FineTuning):
     def loss_terms(self, student: nn.Module, batch: Batch, task: TaskContext) -> dict[str, torch.Tensor]:
         terms = super().loss_terms(student, batch, task)
         state = self._state
-        rows, images = self._reference_batch(batch.step, len(batch.labels))
-        pixels = task.preprocess(images)
+        # As many reference images as the global batch has; each worker encodes its part and
+        # the logits are the whole reference batch's (the text term is a softmax over its images).
+        rows, images = self._reference_batch(batch.step, batch.global_size)
+        part = task.workers.part(len(rows))
+        pixels = task.preprocess(images[part])
         scale = student.logit_scale.exp()
-        logits = scale * image_features(student, pixels) @ state["texts"].t()
-        targets = scale.detach() * self._teacher_images(rows, pixels) @ state["texts"].t()
+        logits = scale * task.workers.gather(image_features(student, pixels)) @ state["texts"].t()
+        teacher = task.workers.gather(self._teacher_images(rows[part], pixels))
+        targets = scale.detach() * teacher @ state["texts"].t()
         if self.image_loss:
             terms["zscl_image"] = self.image_loss * soft_target_cross_entropy(logits, targets, self.temperature)
         if self.text_loss:

@@ -338,6 +338,8 @@ def configure_selector(selector: GaussianTaskSelector, recipe: dict[str, Any]) -
 @torch.no_grad()
 def frozen_image_features(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """The frozen CLIP's normalised features: the image tower with every branch off."""
+    if next(visual.parameters()).dtype == torch.float64:  # as encode_images: a float64 tower's checks
+        pixels = pixels.double()
     with branches_off(visual):
         return F.normalize(visual.forward(pixels).float(), dim=-1)
 

@@ -16,16 +16,45 @@ Kedro runs a pipeline in one process, so the training node itself starts the wor
 - the model is wrapped in ``DistributedDataParallel`` around the method's loss, which averages
   gradients in backward; gradient clipping then acts on that global gradient.
 
-Which loss terms need care: every term of ``ft``, ``lwf``, ``vr_lwf`` and ``vr_lwf_zscl`` (the
-methods allowed here, ``DATA_PARALLEL_METHODS``) is a mean over the rows of the batch (cross-entropy, KL with ``batchmean``, soft-target CE), so each
-rank's term on its part, weighted by its share of the global batch (the loop does this),
-averages to the global batch's term exactly, also when a batch does not split evenly. A term
-that normalises over the whole batch (a contrastive loss with in-batch negatives, batch
-statistics, MoE routing balance) would NOT: it would have to gather features across ranks
-first. Methods with optimizer hooks (A-GEM/GEM gradient projection, ZSCL weight averaging),
-exported state (EWC, iCaRL) or architecture changes (adapters) are refused until each is checked
-against its one-process run. The teacher's image
-table is computed on every rank (the same work N times, once per task).
+Why every method is exact here. A loss term that is a mean over the rows of the batch
+(cross-entropy, KL with ``batchmean``, soft-target CE of image rows) splits: each rank's term on
+its part, weighted by its share of the global batch (the loop does this), averages to the global
+batch's term, also when a batch does not split evenly. A term computed identically on every rank
+(the same value everywhere: an L2 anchor, a penalty on the weights, a term over gathered rows)
+is also exact under that weighting, since the shares sum to the number of ranks. What a method
+needs beyond its part it asks of ``TaskContext.workers`` (``methods.base.Workers``, here the
+``DataParallelReplica``): ``gather`` the global batch's rows (differentiable: each rank's rows
+get the gradient of every rank's copy of the term, summed) or ``sum`` a statistic over the
+ranks' shares. Per method:
+
+- ``ft``, ``lwf``, ``vr_lwf``, ``wise_ft``, ``imm``, ``rkr``, ``lora``, ``diki``, ``dpw``,
+  ``condu``, ``condu_lora``: row means only. What they do before and after the steps (DIKI's and
+  DPW's task Gaussians and prefix sizes, DPW's gate statistics, the weight interpolations,
+  ConDU's unification and prototypes) reads the whole task on every rank, from identical
+  weights: identical everywhere (rank 0's is the one handed back).
+- ``vr_lwf_zscl``, ``lwf_zscl``: the text -> image direction is a softmax over the batch's
+  images, so both sides' image features are gathered.
+- ``zscl``, ``icarl``: the replayed batch (reference images, exemplars) has the global batch's
+  size, drawn alike on every rank; each rank encodes its part and the features are gathered.
+- ``geodl``: the geodesic flow kernel is spanned by the batch's features: gathered.
+- ``agem``, ``gem``: every rank computes the replay gradient of the whole replayed batch (a
+  contrastive loss, which does not split) and projects the averaged gradient: the same on all.
+- ``ewc``: each rank computes the per-image gradients of its share of the Fisher images; the
+  sums are summed over the ranks (``sum``).
+- ``moe_adapters``: each rank counts the routes of its part in the image tower; the counts that
+  choose the experts to freeze are summed. Not every expert gets a gradient every step, hence
+  ``find_unused_parameters``; buffers are not broadcast from rank 0 (the counts would be lost).
+- ``rail`` (no gradient steps): each rank encodes its part and the classifier is updated with
+  the gathered global batch on every rank.
+
+Random draws inside the forward (adapter dropout in ``moe_adapters`` and ``dpw``, MoE's routing
+noise) are each rank's own (``begin_steps``): a data-parallel run of those is an equally likely
+draw, not the one-process run's. ``NOT_DATA_PARALLEL`` would name a method that cannot train
+here, with the reason; none is left. The teacher's image table is computed on every rank (the
+same work N times, once per task), and so is the work a method does once per task.
+
+What a method hands to the next task (``export_state``) is rank 0's: it comes back with the
+model, and the node reads it from ``ContinualMethod.handed_on``.
 
 Rank 0 alone hands back the model, the summary and the per-step losses; the node writes the
 checkpoint (through the catalog) and the MLflow metrics from them. A worker that fails ends the
@@ -37,26 +66,30 @@ Plain Python and PyTorch; no Kedro import. Ray is optional (``pip install -e ".[
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import tempfile
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from clip_continual.methods.base import Batch, ContinualMethod, TaskContext
+from clip_continual.methods.vocabulary import derive_seed
 from clip_continual.model.clip import ClipModel, resolve_device
 from clip_continual.training.loop import StepCallback, train
 from clip_continual.training.replica import LossTerms, Replica
 from clip_continual.training.task import TrainingTask, training_task
 
 BACKENDS = ("none", "torch", "ray")
-# Methods whose data-parallel run is checked against the one-process run (the module docstring).
-DATA_PARALLEL_METHODS = ("ft", "lwf", "vr_lwf", "vr_lwf_zscl")
+# Methods that cannot train data-parallel, with the reason (the module docstring): none.
+NOT_DATA_PARALLEL: dict[str, str] = {}
+FORWARD_STREAM = 23  # the random stream of a worker's forward draws (``begin_steps``)
 RESULT_FILE = "result.pt"
 
 
@@ -128,12 +161,43 @@ class _LossOfBatch(nn.Module):
         return self._loss_terms(self.model, batch)
 
 
+class _GatherRows(torch.autograd.Function):
+    """All workers' rows (padded to the longest part) in rank order; backward hands each worker
+    the gradient its own rows got on every worker, summed (what one process's backward gives)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, counts: list[int], rank: int, group) -> torch.Tensor:
+        ctx.counts, ctx.rank, ctx.group = counts, rank, group
+        padded = rows.new_zeros(max(counts), *rows.shape[1:])
+        padded[: len(rows)] = rows
+        pieces = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(pieces, padded.contiguous(), group=group)
+        return torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor):
+        gradient = gradient.contiguous().clone()
+        dist.all_reduce(gradient, op=dist.ReduceOp.SUM, group=ctx.group)
+        start = sum(ctx.counts[: ctx.rank])
+        return gradient[start : start + ctx.counts[ctx.rank]], None, None, None
+
+
+# torch 2.14 renames broadcast_buffers (deprecated) forward_sync_buffers; both keep the initial sync.
+_NO_BUFFER_SYNC_EACH_FORWARD = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    else {"broadcast_buffers": False})
+
+
 class DataParallelReplica(Replica):
-    """Rank ``rank`` of ``world_size`` in an initialised default process group."""
+    """Rank ``rank`` of ``world_size`` in an initialised default process group. The methods'
+    ``gather`` and ``sum`` run on a group of their own, so that they never interleave with the
+    gradient averaging that ``DistributedDataParallel`` runs during backward."""
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank = rank
         self.world_size = world_size
+        self._group = dist.new_group() if dist.is_initialized() else None
 
     def part(self, global_size: int) -> slice:
         if global_size < self.world_size:
@@ -147,17 +211,42 @@ class DataParallelReplica(Replica):
         return slice(start, start + base + (self.rank < extra))
 
     def loss_terms(self, model: nn.Module, method: ContinualMethod, context: TaskContext) -> LossTerms:
+        if not method.gradient_steps:  # nothing to average (RAIL gathers what it fits from)
+            return super().loss_terms(model, method, context)
         module = _LossOfBatch(model, lambda model, batch: method.loss_terms(model, batch, context))
         device_ids = None
         if context.device.type == "cuda":  # 'cuda' is the current device, which the worker set to its own
             device = context.device
             device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
-        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+        # Unused parameters: a step may not reach every trainable one (MoE experts no sample is
+        # routed to, routers of other tasks). Buffers are not broadcast from rank 0 each step:
+        # they start equal everywhere, and a method's counters (MoE's expert usage) count this
+        # worker's rows until the method sums them (``sum``).
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True,
+                                                   **_NO_BUFFER_SYNC_EACH_FORWARD)
 
     def reduce(self, values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values / self.world_size
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        count = torch.tensor([len(rows)], device=rows.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+        dist.all_gather(counts, count, group=self._group)
+        return _GatherRows.apply(rows, [int(c) for c in counts], self.rank, self._group)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self._group)
+        return values
+
+    def begin_steps(self, seed: int) -> None:
+        """What the forward draws (dropout, MoE routing noise) is drawn per worker, for its own
+        rows: each worker but the first gets a stream of its own, so that the workers' rows are
+        not given the same draws (the first keeps the one-process run's stream)."""
+        if self.rank:
+            torch.manual_seed(derive_seed(seed, FORWARD_STREAM, self.rank))
 
 
 def _train_rank(task: TrainingTask, rank: int, world_size: int) -> dict[str, Any] | None:
@@ -170,23 +259,31 @@ def _train_rank(task: TrainingTask, rank: int, world_size: int) -> dict[str, Any
     if rank != 0:
         return None
     state = {name: tensor.detach().cpu() for name, tensor in model.model.state_dict().items()}
-    return {"state": state, "summary": summary, "metadata": model.metadata, "steps": steps}
+    # What the method hands to the next task, as tensors (the Ray result loads weights only).
+    handed_on = {name: torch.from_numpy(np.ascontiguousarray(value))
+                 for name, value in task.method.export_state().items()}
+    return {"state": state, "summary": summary, "metadata": model.metadata, "steps": steps,
+            "handed_on": handed_on}
 
 
-def _on_cuda(task: TrainingTask) -> bool:
-    return resolve_device(task.config.device).type == "cuda"
+def _on_cuda(task: Any) -> bool:
+    config = getattr(task, "config", None)
+    return config is not None and resolve_device(config.device).type == "cuda"
 
 
 @record
-def _torch_worker(task: TrainingTask) -> dict[str, Any] | None:
-    """Entry point of one process started by the elastic launcher (env:// rendezvous)."""
+def _torch_worker(task: TrainingTask, entry: Callable[[Any, int, int], Any] | None = None) -> Any:
+    """Entry point of one process started by the elastic launcher (env:// rendezvous): ``entry``
+    (``_train_rank``; tests run several tasks in one launch) of ``task`` on this rank."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if _on_cuda(task):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:  # the workers share this machine's cores (as torchrun's OMP_NUM_THREADS default does)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     dist.init_process_group("nccl" if _on_cuda(task) else "gloo")
     # On failure the group is left open: ``record`` writes this worker's error before the process
     # exits and its peers lose the connection, so the first error is the real one.
-    result = _train_rank(task, rank, world_size)
+    result = (entry or _train_rank)(task, rank, world_size)
     dist.destroy_process_group()
     return result
 
@@ -204,7 +301,8 @@ def _failures_message(error: ChildFailedError, workers: int) -> str:
     return "training failed; nothing was written. " + "; ".join(lines)
 
 
-def _launch_torch(task: TrainingTask, settings: DistributedConfig) -> dict[str, Any]:
+def _launch_torch(task: TrainingTask, settings: DistributedConfig,
+                  entry: Callable[[Any, int, int], Any] | None = None) -> Any:
     if _on_cuda(task) and settings.workers > torch.cuda.device_count():
         raise DistributedConfigError(
             f"training.distributed.workers is {settings.workers} but this machine has "
@@ -217,7 +315,7 @@ def _launch_torch(task: TrainingTask, settings: DistributedConfig) -> dict[str, 
         start_method="spawn",
     )
     try:
-        results = elastic_launch(launch, _torch_worker)(task)
+        results = elastic_launch(launch, _torch_worker)(task, entry)
     except ChildFailedError as error:
         raise WorkerFailedError(_failures_message(error, settings.workers)) from None
     return results[0]
@@ -291,11 +389,10 @@ def _result_model(start: ClipModel, result: dict[str, Any]) -> ClipModel:
 
 
 def _check_method(method, settings: DistributedConfig) -> None:
-    if method.name not in DATA_PARALLEL_METHODS:
+    if method.name in NOT_DATA_PARALLEL:
         raise DistributedConfigError(
-            f"method '{method.name}' is not yet supported with training.distributed.backend "
-            f"'{settings.backend}' (data-parallel runs are checked for {', '.join(DATA_PARALLEL_METHODS)}); "
-            f"use backend 'none'")
+            f"method '{method.name}' cannot train with training.distributed.backend "
+            f"'{settings.backend}': {NOT_DATA_PARALLEL[method.name]}; use backend 'none'")
 
 
 def train_on(settings: DistributedConfig | Mapping[str, Any] | None, task: TrainingTask,
@@ -313,6 +410,7 @@ def train_on(settings: DistributedConfig | Mapping[str, Any] | None, task: Train
         if on_step is not None:
             on_step(step, values)
     summary = {**result["summary"], "backend": settings.backend, "workers": settings.workers}
+    task.method.adopt_state({name: value.numpy() for name, value in result["handed_on"].items()})
     return _result_model(task.start, result), summary
 
 

@@ -57,7 +57,7 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
     precision = resolve_precision(config.precision, device)
     student = build_student(task, device)
     model, teacher = student.model, build_teacher(task, device)
-    context = task_context(task, student, teacher, device, autocast_for(precision, device))
+    context = task_context(task, student, teacher, device, autocast_for(precision, device), replica)
     method.prepare_for_task(model, context)
     trainable = trainable_parameters(task, student)
     # A method solved in closed form (RAIL) gets no optimiser: it fits each batch instead.
@@ -70,6 +70,7 @@ def train(task: TrainingTask, on_step: StepCallback | None = None,
         precompute_teacher_features(task, context, student)
         method.before_task(context)
         record.set_up()
+        replica.begin_steps(task.seed)
         passes = PassCounter(model, teacher_models(context))
         try:
             for step, train_batch in record.steps(task_batches(task, student, device, replica)):

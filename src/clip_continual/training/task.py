@@ -27,7 +27,7 @@ from clip_continual.model.clip import ClipModel, set_trainable_parts
 from clip_continual.training.augment import AUGMENT_STREAM, augment_crop_flip, augment_zscl
 from clip_continual.training.config import TrainingConfig
 from clip_continual.training.replica import Replica
-from clip_continual.training.schedule import BatchOrder, TrainingPlan, plan_training
+from clip_continual.training.schedule import BatchOrder, TrainingPlan, global_batch_size, plan_training
 from clip_continual.training.speed import channels_last_pixels
 
 logger = logging.getLogger(__name__)
@@ -227,8 +227,9 @@ def _same_device(first: torch.device, second: torch.device) -> bool:
 
 
 def task_context(task: TrainingTask, student: ClipModel, teacher: ClipModel | None, device: torch.device,
-                 autocast: Callable[[], ContextManager]) -> TaskContext:
-    """What the method sees of the task for all its steps (see ``TaskContext``)."""
+                 autocast: Callable[[], ContextManager], replica: Replica | None = None) -> TaskContext:
+    """What the method sees of the task for all its steps (see ``TaskContext``); ``replica``
+    is this process's part of a data-parallel run (its ``workers``)."""
     source = task.source
     return TaskContext(
         task_index=task.task_index,
@@ -247,6 +248,7 @@ def task_context(task: TrainingTask, student: ClipModel, teacher: ClipModel | No
         extras=task.extras,
         previous_state=task.previous_state,
         class_names=tuple(str(name) for name in source.class_names),
+        workers=replica or Replica(),
     )
 
 
@@ -291,7 +293,7 @@ def task_batches(task: TrainingTask, student: ClipModel, device: torch.device,
 
 def make_batch(task: TrainingTask, step: int, train_batch: TrainBatch, device: torch.device) -> Batch:
     """The step's ``Batch`` as the method reads it: the loaded pixels with labels and the
-    replayed vocabulary's rows of this step."""
+    replayed vocabulary's rows of this step (this replica's part of the global batch)."""
     indices, vocabulary = train_batch.indices, task.vocabulary
     return Batch(
         step=step,
@@ -300,4 +302,5 @@ def make_batch(task: TrainingTask, step: int, train_batch: TrainBatch, device: t
         pixels=channels_last_pixels(train_batch.pixels, task.config),
         clean_pixels=channels_last_pixels(train_batch.clean_pixels, task.config),
         vocab_tokens=None if vocabulary is None else vocabulary.tokens(task.task_index, step).to(device),
+        global_size=global_batch_size(task.plan, step),
     )

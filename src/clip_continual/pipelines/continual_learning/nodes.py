@@ -109,7 +109,7 @@ def fine_tune_task(
         model, summary = train_on(distributed, training, _loss_logger(metrics, tracking, offset))
     model.metadata.update({"method": method, "task_index": task_index, "classes": list(classes)})
     summary[TRAINED_IN] = active_run_id()  # who paid for the task (see step_metrics_for_mlflow)
-    return model, summary, training.method.export_state()
+    return model, summary, training.method.handed_on()
 
 
 def _loss_logger(metrics: BatchedMetrics, tracking: dict[str, Any], offset: int) -> StepCallback:
