@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 EXPERIMENT = "clip-continual"
-START_TIMEOUT_S = 180.0  # the MLflow UI takes ~30 s to start on 2 cores, kedro-viz as long
+START_TIMEOUT_S = 480.0  # ~30 s each on 2 idle cores; minutes on a loaded machine
 WIDE = {"width": 2200, "height": 1400}  # the compare page's artifact list needs a wide window
 GROUPS = {"continual", "retrieval", "cost", "train"}
 LAYERS = ("03_primary", "05_model_input", "06_models", "08_reporting")  # top to bottom
@@ -84,7 +84,8 @@ def servers(project: Path, logs: Path) -> Iterator[dict[str, str]]:
     ports = {"mlflow": _free_port(), "viz": _free_port()}
     commands = {
         "mlflow": [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                   f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(ports["mlflow"])],
+                   f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(ports["mlflow"]),
+                   "--workers", "1"],  # uvicorn's supervisor restarts busy workers in a loop on a loaded machine
         "viz": [sys.executable, "-m", "kedro", "viz", "run", "--host", "127.0.0.1", "--port", str(ports["viz"]),
                 "--no-browser"],
     }
@@ -132,8 +133,25 @@ class Checks:
 def _open(page: Any, url: str, shot: Path, wait_ms: int = 6000) -> str:
     page.goto(url)
     page.wait_for_timeout(wait_ms)  # the pages draw after their first load event
+    _close_overlays(page)
     page.screenshot(path=str(shot))
     return page.inner_text("body")
+
+
+# What the UIs open over the page on a first visit (MLflow's assistant panel, kedro-viz's tour and
+# its "what's new" banner); closed, so the screenshots show the page.
+OVERLAYS = ("[aria-label='Close'] >> visible=true", "text=Dismiss >> visible=true")
+
+
+def _close_overlays(page: Any) -> None:
+    for selector in OVERLAYS:
+        for _ in range(3):
+            found = page.locator(selector)
+            if not found.count():
+                break
+            with contextlib.suppress(Exception):
+                found.first.click(timeout=2000)
+            page.wait_for_timeout(500)
 
 
 def _sections(text: str) -> dict[str, int]:
@@ -148,6 +166,8 @@ def look_at_mlflow(page: Any, url: str, project: Path, out: Path, checks: Checks
     text = _open(page, f"{url}/#/experiments/{experiment}/runs", out / "mlflow_runs_table.png")
     checks.that("Training runs" in text and all(run.info.run_name in text for run in runs),
                 "the README's link (#/experiments/<id>/runs) lands on the runs table, every run listed")
+    hidden = [name for name in (run.info.run_name for run in runs) if not _shows(page, name, name.partition(" on ")[0])]
+    checks.that(not hidden, f"the run-name column shows what tells runs apart (method, alpha, seed){hidden or ''}")
     run = max(runs, key=lambda r: len(r.data.metrics))
     page_of_run = f"{url}/#/experiments/{experiment}/runs/{run.info.run_id}"
     text = _open(page, page_of_run, out / "mlflow_run_overview.png")
@@ -165,6 +185,29 @@ def look_at_mlflow(page: Any, url: str, project: Path, out: Path, checks: Checks
     page.screenshot(path=str(out / "mlflow_train_lr.png"))
     checks.that(_sections(page.inner_text("body")).get("train") == 1, "train/lr has its chart")
     look_at_compare(page, url, experiment, runs, out, checks)
+
+
+def _shows(page: Any, text: str, prefix: str) -> bool:
+    """``text`` is drawn with at least ``prefix`` (and the ellipsis) in view: measured in the
+    font the page draws it in, against the width the table gives it."""
+    found = page.get_by_text(text, exact=True)
+    return bool(found.count()) and found.first.evaluate(
+        """(element, prefix) => {
+            const context = document.createElement('canvas').getContext('2d');
+            context.font = getComputedStyle(element).font;
+            return context.measureText(prefix + '…').width <= element.getBoundingClientRect().width + 1;
+        }""", prefix)
+
+
+def _columns_aligned(page: Any, runs: int) -> bool:
+    """Every row with a cell per run puts its cells at the same places, after scrolling (the
+    compare page draws its header and its rows apart)."""
+    page.mouse.wheel(0, 2500)
+    page.wait_for_timeout(1000)
+    rows = page.evaluate("""() => Array.from(document.querySelectorAll('tr')).map(
+        row => Array.from(row.cells).slice(1).map(cell => Math.round(cell.getBoundingClientRect().left)))""")
+    places = {tuple(row) for row in rows if len(row) == runs}
+    return len(places) == 1
 
 
 def look_at_compare(page: Any, url: str, experiment: str, runs: list[Any], out: Path, checks: Checks) -> None:
@@ -186,12 +229,16 @@ def look_at_compare(page: Any, url: str, experiment: str, runs: list[Any], out: 
     width = listed.first.evaluate("e => e.closest('ul') ? e.closest('ul').getBoundingClientRect().width : 0") \
         if listed.count() else 0
     checks.that(width > 50, f"the compare page's artifact list is visible ({width:.0f} px wide)")
+    aligned = _columns_aligned(page, len(runs))
+    page.screenshot(path=str(out / "mlflow_compare_scrolled.png"))
+    checks.that(aligned, "the compare tables' columns stay aligned on scroll")
+    page.mouse.wheel(0, -5000)
     listed.first.click(force=True) if listed.count() else None
     page.wait_for_timeout(3000)
     page.screenshot(path=str(out / "mlflow_compare_artifacts.png"), full_page=True)
 
 
-def look_at_viz(page: Any, url: str, out: Path, checks: Checks) -> None:
+def look_at_viz(page: Any, url: str, project: Path, out: Path, checks: Checks) -> None:
     page.set_viewport_size(WIDE)
     text = _open(page, f"{url}/", out / "kedro_viz_default.png", wait_ms=8000)
     checks.that("pretrain_clip" in text, "kedro-viz draws the default pipeline")
@@ -199,13 +246,47 @@ def look_at_viz(page: Any, url: str, out: Path, checks: Checks) -> None:
     text = _open(page, f"{url}/?pid=digits_mst&expandAllPipelines=true", out / "kedro_viz_digits_mst.png",
                  wait_ms=8000)
     checks.that("digits_mst" in text and "fine_tune" in text, "the README's kedro-viz link shows the per-task nodes")
+    # kedro-viz's tag filter lists the whole project's tags in every pipeline (its API sends one
+    # registry-wide list: kedro_viz/api/rest/responses/pipelines.py, get_pipeline_response);
+    # what the project controls is that a pipeline's nodes carry no other benchmark's tag.
+    foreign = _foreign_tags(url, "digits_mst")
+    checks.that(not foreign, f"digits_mst's nodes carry only their own benchmark's tag {sorted(foreign) or ''}")
     _open(page, f"{url}/?pid=digits_ost", out / "kedro_viz_digits_ost.png", wait_ms=8000)
     heights = [_top(page, layer) for layer in LAYERS]
     drawn = [h for h in heights if h is not None]
     checks.that(len(drawn) >= 3 and drawn == sorted(drawn), f"digits_ost's layers run down as the data flows {heights}")
-    # kedro-viz records a run's node statuses for a whole `kedro run` from the command line only.
-    text = _open(page, f"{url}/workflow", out / "kedro_viz_workflow.png", wait_ms=8000)
-    checks.that("Kedro run not found" not in text, "the workflow view shows the last `kedro run`")
+    # kedro-viz draws the last run's node statuses on the pipeline it opens (__default__ unless
+    # `pid` names one): the nodes of a pipeline that did not run show as "Skipped".
+    ran = _last_run_pipeline(project)
+    text = _open(page, f"{url}/workflow?pid={ran}&expandAllPipelines=true", out / "kedro_viz_workflow.png",
+                 wait_ms=8000)
+    skipped = text.count("Skipped")
+    checks.that("completed successfully" in text and not skipped,
+                f"the workflow view of the pipeline just run ({ran}) shows it completed, no node skipped "
+                f"({skipped} skipped)")
+
+
+def _last_run_pipeline(project: Path) -> str:
+    """The benchmark whose nodes the last `kedro run` ran (from kedro-viz's record of it: a
+    benchmark's nodes live in its namespace, ``digits_mst.task_1.fine_tune_task_1``), else
+    ``__default__``."""
+    import json
+
+    events = json.loads((project / ".viz" / "kedro_pipeline_events.json").read_text())
+    ran = [event["node"] for event in events if event.get("event") == "after_node_run"]
+    return next((node.partition(".")[0] for node in ran if "." in node), "__default__")
+
+
+def _foreign_tags(url: str, pipeline: str) -> set[str]:
+    """The tags of ``pipeline``'s nodes that name another benchmark."""
+    import json
+
+    from clip_continual.runtime.benchmarks import BENCHMARKS
+
+    with urllib.request.urlopen(f"{url}/api/pipelines/{pipeline}", timeout=60) as answer:
+        graph = json.load(answer)
+    tags = {tag for node in graph["nodes"] for tag in node.get("tags") or ()}
+    return tags & (set(BENCHMARKS) - {pipeline})
 
 
 def _top(page: Any, text: str) -> float | None:
@@ -226,7 +307,7 @@ def look(project: Path, out: Path) -> list[str]:
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             look_at_mlflow(page, urls["mlflow"], project, out, checks)
-            look_at_viz(page, urls["viz"], out, checks)
+            look_at_viz(page, urls["viz"], project, out, checks)
         finally:
             browser.close()
     return checks.failed
