@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -140,7 +141,8 @@ def _open(page: Any, url: str, shot: Path, wait_ms: int = 6000) -> str:
 
 # What the UIs open over the page on a first visit (MLflow's assistant panel, kedro-viz's tour and
 # its "what's new" banner); closed, so the screenshots show the page.
-OVERLAYS = ("[aria-label='Close'] >> visible=true", "text=Dismiss >> visible=true")
+OVERLAYS = ("[aria-label='Close'] >> visible=true", "text=Dismiss >> visible=true",
+            r":text-matches('^\d+ of \d+$') >> xpath=.. >> button >> visible=true")  # the tour's step, its close
 
 
 def _close_overlays(page: Any) -> None:
@@ -247,23 +249,46 @@ def look_at_viz(page: Any, url: str, project: Path, out: Path, checks: Checks) -
                  wait_ms=8000)
     checks.that("digits_mst" in text and "fine_tune" in text, "the README's kedro-viz link shows the per-task nodes")
     # kedro-viz's tag filter lists the whole project's tags in every pipeline (its API sends one
-    # registry-wide list: kedro_viz/api/rest/responses/pipelines.py, get_pipeline_response);
-    # what the project controls is that a pipeline's nodes carry no other benchmark's tag.
+    # registry-wide list: kedro_viz/api/rest/responses/pipelines.py, get_pipeline_response), and
+    # a dataset or parameter shared by pipelines is one node carrying the tags of every node
+    # that reads or writes it, in any pipeline (kedro_viz/data_access/managers.py, tags.update).
+    # What the project controls: a pipeline's own nodes carry no other benchmark's tag.
     foreign = _foreign_tags(url, "digits_mst")
-    checks.that(not foreign, f"digits_mst's nodes carry only their own benchmark's tag {sorted(foreign) or ''}")
+    checks.that(not foreign, f"digits_mst's task nodes carry only their own benchmark's tag {sorted(foreign) or ''}")
     _open(page, f"{url}/?pid=digits_ost", out / "kedro_viz_digits_ost.png", wait_ms=8000)
     heights = [_top(page, layer) for layer in LAYERS]
     drawn = [h for h in heights if h is not None]
     checks.that(len(drawn) >= 3 and drawn == sorted(drawn), f"digits_ost's layers run down as the data flows {heights}")
     # kedro-viz draws the last run's node statuses on the pipeline it opens (__default__ unless
     # `pid` names one): the nodes of a pipeline that did not run show as "Skipped".
+    # The workflow view draws the last run's statuses on __default__ (it reads no `pid`, nor the
+    # flowchart's choice): the nodes of a pipeline that did not run show as "Skipped". Chosen in
+    # its own pipeline list, the pipeline that ran shows completed.
     ran = _last_run_pipeline(project)
-    text = _open(page, f"{url}/workflow?pid={ran}&expandAllPipelines=true", out / "kedro_viz_workflow.png",
-                 wait_ms=8000)
+    _open(page, f"{url}/workflow", out / "kedro_viz_workflow.png", wait_ms=8000)
+    _choose_pipeline(page, ran)
+    page.screenshot(path=str(out / "kedro_viz_workflow.png"))
+    text = page.inner_text("body")
     skipped = text.count("Skipped")
-    checks.that("completed successfully" in text and not skipped,
+    checks.that(_chosen_pipeline(page) == ran and "completed successfully" in text and not skipped,
                 f"the workflow view of the pipeline just run ({ran}) shows it completed, no node skipped "
-                f"({skipped} skipped)")
+                f"({skipped} skipped on {_chosen_pipeline(page)!r})")
+
+
+def _chosen_pipeline(page: Any) -> str:
+    label = page.locator(".pipeline-list .dropdown__label span, .pipeline-list .dropdown__label").first
+    return label.inner_text().strip() if label.count() else ""
+
+
+def _choose_pipeline(page: Any, name: str) -> None:
+    """Pick ``name`` in kedro-viz's pipeline list (the drop-down at the top of the side bar)."""
+    if _chosen_pipeline(page) == name:
+        return
+    page.locator(".pipeline-list .dropdown__label").first.click()
+    page.wait_for_timeout(1000)
+    options = page.locator(".pipeline-list .menu-option").filter(has_text=re.compile(f"^\\s*{re.escape(name)}\\s*$"))
+    options.first.click() if options.count() else None
+    page.wait_for_timeout(6000)
 
 
 def _last_run_pipeline(project: Path) -> str:
@@ -278,14 +303,14 @@ def _last_run_pipeline(project: Path) -> str:
 
 
 def _foreign_tags(url: str, pipeline: str) -> set[str]:
-    """The tags of ``pipeline``'s nodes that name another benchmark."""
+    """The tags of ``pipeline``'s task nodes that name another benchmark."""
     import json
 
     from clip_continual.runtime.benchmarks import BENCHMARKS
 
     with urllib.request.urlopen(f"{url}/api/pipelines/{pipeline}", timeout=60) as answer:
         graph = json.load(answer)
-    tags = {tag for node in graph["nodes"] for tag in node.get("tags") or ()}
+    tags = {tag for node in graph["nodes"] if node.get("type") == "task" for tag in node.get("tags") or ()}
     return tags & (set(BENCHMARKS) - {pipeline})
 
 
