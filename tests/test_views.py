@@ -46,17 +46,3 @@ def test_kedro_viz_layers_sort_in_data_flow_order():
               if isinstance(entry, dict) and "kedro-viz" in entry.get("metadata", {})}
     assert sorted(layers) == DATA_FLOW
 
-
-def test_the_workflow_view_opens_on_the_pipeline_that_ran(tmp_path):
-    """kedro-viz marks every node of the pipeline it opens that the last run did not run as
-    "Skipped": the script opens the workflow on the benchmark the run's nodes belong to."""
-    import json
-
-    (tmp_path / ".viz").mkdir()
-    events = tmp_path / ".viz" / "kedro_pipeline_events.json"
-    ran = [{"event": "before_pipeline_run"}, {"event": "after_node_run", "node": "build_replay_vocabulary"},
-           {"event": "after_node_run", "node": "coco_mst.task_1.fine_tune_task_1"}]
-    events.write_text(json.dumps(ran))
-    assert LOOK._last_run_pipeline(tmp_path) == "coco_mst"
-    events.write_text(json.dumps(ran[:2]))
-    assert LOOK._last_run_pipeline(tmp_path) == "__default__"
