@@ -2,7 +2,8 @@
 opened in headless Chromium (playwright), with screenshots and checks of what the README's
 "Looking at runs" promises: the runs table at the README's link, one name per metric in groups,
 no bookkeeping tags on the run page, ``ft`` apart from the alphas in the compare plot, the
-compare page's artifact list visible, and kedro-viz drawing the project's pipelines.
+compare page's artifact list visible, and kedro-viz drawing the project's pipelines, and, started
+on the benchmark of the newest run (``kedro viz run --pipeline``), that run's workflow and tags.
 
     pip install playwright   # and a Chromium: apt-get install chromium, or `playwright install chromium`
     python benchmarks/look_at_views.py PROJECT [--out FOLDER]
@@ -78,10 +79,11 @@ def _wait_for(url: str, process: subprocess.Popen, name: str) -> None:
 
 
 @contextlib.contextmanager
-def servers(project: Path, logs: Path) -> Iterator[dict[str, str]]:
-    """The MLflow UI on the project's store and ``kedro viz run``, both on 127.0.0.1 and started
+def servers(project: Path, logs: Path, pipeline: str) -> Iterator[dict[str, str]]:
+    """The MLflow UI on the project's store, ``kedro viz run`` and ``kedro viz run --pipeline
+    PIPELINE`` (as the README opens it after a run of one benchmark), all on 127.0.0.1 and started
     together (each takes tens of seconds); stopped on leaving, whatever happened."""
-    ports = {"mlflow": _free_port(), "viz": _free_port()}
+    ports = {"mlflow": _free_port(), "viz": _free_port(), "viz_run": _free_port()}
     commands = {
         "mlflow": [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
                    f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(ports["mlflow"]),
@@ -89,6 +91,7 @@ def servers(project: Path, logs: Path) -> Iterator[dict[str, str]]:
         "viz": [sys.executable, "-m", "kedro", "viz", "run", "--host", "127.0.0.1", "--port", str(ports["viz"]),
                 "--no-browser"],
     }
+    commands["viz_run"] = [*commands["viz"][:-2], str(ports["viz_run"]), "--no-browser", "--pipeline", pipeline]
     logs.mkdir(parents=True, exist_ok=True)
     started: dict[str, subprocess.Popen] = {}
     try:
@@ -141,7 +144,7 @@ def _open(page: Any, url: str, shot: Path, wait_ms: int = 6000) -> str:
 # What the UIs open over the page on a first visit (MLflow's assistant panel, kedro-viz's tour and
 # its "what's new" banner); closed, so the screenshots show the page.
 OVERLAYS = ("[aria-label='Close'] >> visible=true", "text=Dismiss >> visible=true",
-            r":text-matches('^\d+ of \d+$') >> xpath=.. >> button >> visible=true")  # the tour's step, its close
+            "xpath=//*[text()='Workflow run status']/ancestor::*[.//button][1]//button[1]")  # kedro-viz's tour
 
 
 def _close_overlays(page: Any) -> None:
@@ -258,26 +261,37 @@ def look_at_viz(page: Any, url: str, out: Path, checks: Checks) -> None:
     heights = [_top(page, layer) for layer in LAYERS]
     drawn = [h for h in heights if h is not None]
     checks.that(len(drawn) >= 3 and drawn == sorted(drawn), f"digits_ost's layers run down as the data flows {heights}")
-    # kedro-viz draws the last run's node statuses on the pipeline it opens (__default__ unless
-    # `pid` names one): the nodes of a pipeline that did not run show as "Skipped".
-    # kedro-viz 12.5's workflow view draws the last `kedro run` on __default__ only (its pipeline
-    # list is disabled there), and a node without a recorded event is drawn "Skipped": after
-    # `kedro run --pipeline digits_mst`, the data preparation and pretraining nodes show Skipped,
-    # after a benchmark outside __default__ every node does. What it must show: the run completed.
+
+
+def look_at_run_in_viz(page: Any, url: str, pipeline: str, out: Path, checks: Checks) -> None:
+    """``kedro viz run --pipeline PIPELINE``. kedro-viz 12.5's workflow view draws the last
+    `kedro run` on the default pipeline only (its pipeline list is disabled there) and draws a node
+    with no recorded event "Skipped", and its tag filter lists every registered pipeline's tags:
+    started on the benchmark that ran, the workflow shows that run alone and the filter its tags."""
     text = _open(page, f"{url}/workflow", out / "kedro_viz_workflow.png", wait_ms=8000)
-    checks.that("Run execution completed successfully" in text,
-                f"the workflow view shows the last run completed ({text.count('Skipped')} nodes outside it "
-                f"drawn Skipped)")
+    skipped = text.count("Skipped")
+    checks.that("Run execution completed successfully" in text and not skipped,
+                f"`kedro viz run --pipeline {pipeline}`: the workflow shows the run completed, no node "
+                f"skipped ({skipped} drawn Skipped)")
+    graph = _api(url, "main")
+    listed = {tag["id"] for tag in graph["tags"]}
+    own = {tag for node in graph["nodes"] if node.get("type") == "task" for tag in node.get("tags") or ()}
+    checks.that(listed == own, f"`kedro viz run --pipeline {pipeline}`: the tag filter lists its own tags only "
+                               f"{sorted(listed - own) or ''}")
+
+
+def _api(url: str, path: str) -> dict[str, Any]:
+    import json
+
+    with urllib.request.urlopen(f"{url}/api/{path}", timeout=60) as answer:
+        return json.load(answer)
 
 
 def _foreign_tags(url: str, pipeline: str) -> set[str]:
     """The tags of ``pipeline``'s task nodes that name another benchmark."""
-    import json
-
     from clip_continual.runtime.benchmarks import BENCHMARKS
 
-    with urllib.request.urlopen(f"{url}/api/pipelines/{pipeline}", timeout=60) as answer:
-        graph = json.load(answer)
+    graph = _api(url, f"pipelines/{pipeline}")
     tags = {tag for node in graph["nodes"] if node.get("type") == "task" for tag in node.get("tags") or ()}
     return tags & (set(BENCHMARKS) - {pipeline})
 
@@ -295,12 +309,15 @@ def look(project: Path, out: Path) -> list[str]:
 
     out.mkdir(parents=True, exist_ok=True)
     checks = Checks()
-    with servers(project, out / "logs") as urls, sync_playwright() as playwright:
+    _, runs = _runs(project)
+    benchmark = max(runs, key=lambda run: run.info.start_time).data.tags.get("benchmark", "__default__")
+    with servers(project, out / "logs", benchmark) as urls, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             look_at_mlflow(page, urls["mlflow"], project, out, checks)
             look_at_viz(page, urls["viz"], out, checks)
+            look_at_run_in_viz(page, urls["viz_run"], benchmark, out, checks)
         finally:
             browser.close()
     return checks.failed
