@@ -2,7 +2,8 @@
 opened in headless Chromium (playwright), with screenshots and checks of what the README's
 "Looking at runs" promises: the runs table at the README's link, one name per metric in groups,
 no bookkeeping tags on the run page, ``ft`` apart from the alphas in the compare plot, the
-compare page's artifact list visible, and kedro-viz drawing the project's pipelines.
+compare page's artifact list visible, and kedro-viz drawing the project's pipelines, and, started
+on the benchmark of the newest run (``kedro viz run --pipeline``), that run's workflow and tags.
 
     pip install playwright   # and a Chromium: apt-get install chromium, or `playwright install chromium`
     python benchmarks/look_at_views.py PROJECT [--out FOLDER]
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 EXPERIMENT = "clip-continual"
-START_TIMEOUT_S = 180.0  # the MLflow UI takes ~30 s to start on 2 cores, kedro-viz as long
+START_TIMEOUT_S = 480.0  # ~30 s each on 2 idle cores; minutes on a loaded machine
 WIDE = {"width": 2200, "height": 1400}  # the compare page's artifact list needs a wide window
 GROUPS = {"continual", "retrieval", "cost", "train"}
 LAYERS = ("03_primary", "05_model_input", "06_models", "08_reporting")  # top to bottom
@@ -78,16 +79,19 @@ def _wait_for(url: str, process: subprocess.Popen, name: str) -> None:
 
 
 @contextlib.contextmanager
-def servers(project: Path, logs: Path) -> Iterator[dict[str, str]]:
-    """The MLflow UI on the project's store and ``kedro viz run``, both on 127.0.0.1 and started
+def servers(project: Path, logs: Path, pipeline: str) -> Iterator[dict[str, str]]:
+    """The MLflow UI on the project's store, ``kedro viz run`` and ``kedro viz run --pipeline
+    PIPELINE`` (as the README opens it after a run of one benchmark), all on 127.0.0.1 and started
     together (each takes tens of seconds); stopped on leaving, whatever happened."""
-    ports = {"mlflow": _free_port(), "viz": _free_port()}
+    ports = {"mlflow": _free_port(), "viz": _free_port(), "viz_run": _free_port()}
     commands = {
         "mlflow": [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                   f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(ports["mlflow"])],
+                   f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(ports["mlflow"]),
+                   "--workers", "1"],  # uvicorn's supervisor restarts busy workers in a loop on a loaded machine
         "viz": [sys.executable, "-m", "kedro", "viz", "run", "--host", "127.0.0.1", "--port", str(ports["viz"]),
                 "--no-browser"],
     }
+    commands["viz_run"] = [*commands["viz"][:-2], str(ports["viz_run"]), "--no-browser", "--pipeline", pipeline]
     logs.mkdir(parents=True, exist_ok=True)
     started: dict[str, subprocess.Popen] = {}
     try:
@@ -132,8 +136,25 @@ class Checks:
 def _open(page: Any, url: str, shot: Path, wait_ms: int = 6000) -> str:
     page.goto(url)
     page.wait_for_timeout(wait_ms)  # the pages draw after their first load event
+    _close_overlays(page)
     page.screenshot(path=str(shot))
     return page.inner_text("body")
+
+
+# What the UIs open over the page on a first visit (MLflow's assistant panel, kedro-viz's "what's
+# new" banner); closed, so the screenshots show the page. kedro-viz's tour stays (no close to find).
+OVERLAYS = ("[aria-label='Close'] >> visible=true", "text=Dismiss >> visible=true")
+
+
+def _close_overlays(page: Any) -> None:
+    for selector in OVERLAYS:
+        for _ in range(3):
+            found = page.locator(selector)
+            if not found.count():
+                break
+            with contextlib.suppress(Exception):
+                found.first.click(timeout=2000)
+            page.wait_for_timeout(500)
 
 
 def _sections(text: str) -> dict[str, int]:
@@ -148,6 +169,8 @@ def look_at_mlflow(page: Any, url: str, project: Path, out: Path, checks: Checks
     text = _open(page, f"{url}/#/experiments/{experiment}/runs", out / "mlflow_runs_table.png")
     checks.that("Training runs" in text and all(run.info.run_name in text for run in runs),
                 "the README's link (#/experiments/<id>/runs) lands on the runs table, every run listed")
+    hidden = [name for name in (run.info.run_name for run in runs) if not _shows(page, name, name.partition(" on ")[0])]
+    checks.that(not hidden, f"the run-name column shows what tells runs apart (method, alpha, seed){hidden or ''}")
     run = max(runs, key=lambda r: len(r.data.metrics))
     page_of_run = f"{url}/#/experiments/{experiment}/runs/{run.info.run_id}"
     text = _open(page, page_of_run, out / "mlflow_run_overview.png")
@@ -165,6 +188,29 @@ def look_at_mlflow(page: Any, url: str, project: Path, out: Path, checks: Checks
     page.screenshot(path=str(out / "mlflow_train_lr.png"))
     checks.that(_sections(page.inner_text("body")).get("train") == 1, "train/lr has its chart")
     look_at_compare(page, url, experiment, runs, out, checks)
+
+
+def _shows(page: Any, text: str, prefix: str) -> bool:
+    """``text`` is drawn with at least ``prefix`` (and the ellipsis) in view: measured in the
+    font the page draws it in, against the width the table gives it."""
+    found = page.get_by_text(text, exact=True)
+    return bool(found.count()) and found.first.evaluate(
+        """(element, prefix) => {
+            const context = document.createElement('canvas').getContext('2d');
+            context.font = getComputedStyle(element).font;
+            return context.measureText(prefix + '…').width <= element.getBoundingClientRect().width + 1;
+        }""", prefix)
+
+
+def _columns_aligned(page: Any, runs: int) -> bool:
+    """Every row with a cell per run puts its cells at the same places, after scrolling (the
+    compare page draws its header and its rows apart)."""
+    page.mouse.wheel(0, 2500)
+    page.wait_for_timeout(1000)
+    rows = page.evaluate("""() => Array.from(document.querySelectorAll('tr')).map(
+        row => Array.from(row.cells).slice(1).map(cell => Math.round(cell.getBoundingClientRect().left)))""")
+    places = {tuple(row) for row in rows if len(row) == runs}
+    return len(places) == 1
 
 
 def look_at_compare(page: Any, url: str, experiment: str, runs: list[Any], out: Path, checks: Checks) -> None:
@@ -186,6 +232,10 @@ def look_at_compare(page: Any, url: str, experiment: str, runs: list[Any], out: 
     width = listed.first.evaluate("e => e.closest('ul') ? e.closest('ul').getBoundingClientRect().width : 0") \
         if listed.count() else 0
     checks.that(width > 50, f"the compare page's artifact list is visible ({width:.0f} px wide)")
+    aligned = _columns_aligned(page, len(runs))
+    page.screenshot(path=str(out / "mlflow_compare_scrolled.png"))
+    checks.that(aligned, "the compare tables' columns stay aligned on scroll")
+    page.mouse.wheel(0, -5000)
     listed.first.click(force=True) if listed.count() else None
     page.wait_for_timeout(3000)
     page.screenshot(path=str(out / "mlflow_compare_artifacts.png"), full_page=True)
@@ -199,13 +249,50 @@ def look_at_viz(page: Any, url: str, out: Path, checks: Checks) -> None:
     text = _open(page, f"{url}/?pid=digits_mst&expandAllPipelines=true", out / "kedro_viz_digits_mst.png",
                  wait_ms=8000)
     checks.that("digits_mst" in text and "fine_tune" in text, "the README's kedro-viz link shows the per-task nodes")
+    # kedro-viz's tag filter lists the whole project's tags in every pipeline (its API sends one
+    # registry-wide list: kedro_viz/api/rest/responses/pipelines.py, get_pipeline_response), and
+    # a dataset or parameter shared by pipelines is one node carrying the tags of every node
+    # that reads or writes it, in any pipeline (kedro_viz/data_access/managers.py, tags.update).
+    # What the project controls: a pipeline's own nodes carry no other benchmark's tag.
+    foreign = _foreign_tags(url, "digits_mst")
+    checks.that(not foreign, f"digits_mst's task nodes carry only their own benchmark's tag {sorted(foreign) or ''}")
     _open(page, f"{url}/?pid=digits_ost", out / "kedro_viz_digits_ost.png", wait_ms=8000)
     heights = [_top(page, layer) for layer in LAYERS]
     drawn = [h for h in heights if h is not None]
     checks.that(len(drawn) >= 3 and drawn == sorted(drawn), f"digits_ost's layers run down as the data flows {heights}")
-    # kedro-viz records a run's node statuses for a whole `kedro run` from the command line only.
+
+
+def look_at_run_in_viz(page: Any, url: str, pipeline: str, out: Path, checks: Checks) -> None:
+    """``kedro viz run --pipeline PIPELINE``. kedro-viz 12.5's workflow view draws the last
+    `kedro run` on the default pipeline only (its pipeline list is disabled there) and draws a node
+    with no recorded event "Skipped", and its tag filter lists every registered pipeline's tags:
+    started on the benchmark that ran, the workflow shows that run alone and the filter its tags."""
     text = _open(page, f"{url}/workflow", out / "kedro_viz_workflow.png", wait_ms=8000)
-    checks.that("Kedro run not found" not in text, "the workflow view shows the last `kedro run`")
+    skipped = text.count("Skipped")
+    checks.that("Run execution completed successfully" in text and not skipped,
+                f"`kedro viz run --pipeline {pipeline}`: the workflow shows the run completed, no node "
+                f"skipped ({skipped} drawn Skipped)")
+    graph = _api(url, "main")
+    listed = {tag["id"] for tag in graph["tags"]}
+    own = {tag for node in graph["nodes"] if node.get("type") == "task" for tag in node.get("tags") or ()}
+    checks.that(listed == own, f"`kedro viz run --pipeline {pipeline}`: the tag filter lists its own tags only "
+                               f"{sorted(listed - own) or ''}")
+
+
+def _api(url: str, path: str) -> dict[str, Any]:
+    import json
+
+    with urllib.request.urlopen(f"{url}/api/{path}", timeout=60) as answer:
+        return json.load(answer)
+
+
+def _foreign_tags(url: str, pipeline: str) -> set[str]:
+    """The tags of ``pipeline``'s task nodes that name another benchmark."""
+    from clip_continual.runtime.benchmarks import BENCHMARKS
+
+    graph = _api(url, f"pipelines/{pipeline}")
+    tags = {tag for node in graph["nodes"] if node.get("type") == "task" for tag in node.get("tags") or ()}
+    return tags & (set(BENCHMARKS) - {pipeline})
 
 
 def _top(page: Any, text: str) -> float | None:
@@ -221,12 +308,15 @@ def look(project: Path, out: Path) -> list[str]:
 
     out.mkdir(parents=True, exist_ok=True)
     checks = Checks()
-    with servers(project, out / "logs") as urls, sync_playwright() as playwright:
+    _, runs = _runs(project)
+    benchmark = max(runs, key=lambda run: run.info.start_time).data.tags.get("benchmark", "__default__")
+    with servers(project, out / "logs", benchmark) as urls, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             look_at_mlflow(page, urls["mlflow"], project, out, checks)
             look_at_viz(page, urls["viz"], out, checks)
+            look_at_run_in_viz(page, urls["viz_run"], benchmark, out, checks)
         finally:
             browser.close()
     return checks.failed

@@ -322,7 +322,7 @@ def test_a_benchmark_defined_in_code_is_a_pipeline_of_its_own(project, monkeypat
     assert list(matrix.columns) == ["after", "task_1", "task_2"]
     assert matrix["after"].tolist() == ["pretrained", "task_1", "task_2"]
     (run,) = mlflow_runs(store_uri(project))
-    assert run.info.run_name == "digits_two/vr_lwf/alpha=1.0/seed=0"
+    assert run.info.run_name == "vr_lwf alpha=1 seed=0 on digits_two"
 
 
 # --- clear errors -----------------------------------------------------------------------------

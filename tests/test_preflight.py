@@ -113,17 +113,64 @@ def test_an_offline_mtil_run_without_data_lists_every_missing_input_at_once(defa
     assert len(missing) == 11, message
 
 
-def test_the_checkpoints_must_fit_on_the_disk_before_the_run(tmp_path, monkeypatch):
+GIB = 1024 ** 3
+
+
+def test_what_the_run_writes_is_summed_per_disk_in_one_message(tmp_path, monkeypatch):
+    """Checkpoints, prepared data and reports on one disk add up (each fits alone); the start
+    model on another disk with room is not named."""
     import shutil
     from collections import namedtuple
 
     from clip_continual.runtime import preflight
 
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.mkdir(), large.mkdir()
+
+    def device(path):
+        return next((n for n, disk in ((1, small), (2, large)) if path.absolute().is_relative_to(disk)), 0)
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(preflight, "_device", device)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(1, 1, 2 * GIB if device(path) == 1 else 100 * GIB))
     size = preflight.model_bytes("clip-continual-micro")
     assert 1_000_000 < size < 50_000_000  # float32 weights of the micro CLIP
-    writes = {tmp_path / "06_models" / f"task_{n}.pt": size for n in range(5)}
-    preflight.check_disk_space(writes)
-    Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(1, 1, size))
-    with pytest.raises(OSError, match=r"5 files of about .* MB in all under .* which has .* MB free"):
+    writes = [*(preflight.Write("checkpoints", small / "06_models" / f"task_{n}.pt", GIB // 4) for n in range(4)),
+              preflight.Write("prepared data", small / "04_feature", GIB),
+              preflight.Write("reports", small / "08_reporting" / "metrics.csv", preflight.REPORT_BYTES),
+              preflight.Write("start model", large / "model.pt", size)]
+    preflight.check_disk_space(writes[1:])  # 1.75 GiB fit in 2
+    with pytest.raises(OSError) as error:
         preflight.check_disk_space(writes)
+    assert str(error.value).startswith(
+        f"not enough disk space for the run: needs about 2.0 GiB on '{small}' (checkpoints 1.0 GiB, "
+        f"prepared data 1.0 GiB, reports 1.06 MB), 2.0 GiB free. Free some space")
+    assert "start model" not in str(error.value)
+
+
+def test_the_disk_check_counts_prepared_data_reports_and_their_mlflow_copies(defaults, tmp_path):
+    from kedro.io import DataCatalog
+    from kedro.pipeline import Node, Pipeline
+    from kedro_datasets.json import JSONDataset
+    from kedro_mlflow.io.artifacts import MlflowArtifactDataset
+
+    from clip_continual.io import CheckpointDataset
+    from clip_continual.pipelines import hooks
+    from clip_continual.runtime.preflight import REPORT_BYTES, model_bytes
+
+    hook = hooks.SettingsCheckHook()
+    hook._params, hook._project_path, hook._artifacts = defaults, tmp_path, tmp_path / "mlartifacts"
+    (tmp_path / "done.pt").write_bytes(b"a finished task's checkpoint, reused on resume")
+    catalog = DataCatalog({
+        "digits_mst.task_1.model": CheckpointDataset(filepath=str(tmp_path / "done.pt")),
+        "digits_mst.task_2.model": CheckpointDataset(filepath=str(tmp_path / "task_2.pt")),
+        "digits_mst.task_2.evaluation": JSONDataset(filepath=str(tmp_path / "evaluation.json")),
+        "accuracy_matrix": MlflowArtifactDataset(dataset={"type": "json.JSONDataset",
+                                                          "filepath": str(tmp_path / "matrix.json")}),
+    })
+    pipeline = Pipeline([Node(lambda: (1, 2, 3, 4), inputs=None, outputs=list(catalog.keys()), name="writes")])
+    writes = hook._writes(pipeline, catalog, ["mtil_order1"])
+    sizes = {what: sum(w.size for w in writes if w.what == what) for what in {w.what for w in writes}}
+    assert sizes.pop("prepared data") > 10 * GIB  # MTIL's eleven datasets, none prepared yet
+    assert sizes == {"checkpoints": model_bytes(defaults["model"]["architecture"]), "reports": 2 * REPORT_BYTES,
+                     "MLflow artifacts": REPORT_BYTES}

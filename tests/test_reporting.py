@@ -187,7 +187,7 @@ def test_accuracy_matrix_figures_keep_room_for_their_axes(tasks, classes_per_tas
     a few lines, so constrained layout never collapses the axes (matplotlib warns when it does)."""
     matrix = pd.DataFrame(np.full((tasks + 1, tasks), 0.5), columns=[f"task_{i + 1}" for i in range(tasks)])
     classes = [[f"class name {task}.{i}" for i in range(classes_per_task)] for task in range(tasks)]
-    figure = reporting.accuracy_matrix_figure(matrix, "coco_ost/vr_lwf/alpha=1.0/seed=0", classes)
+    figure = reporting.accuracy_matrix_figure(matrix, "vr_lwf alpha=1 seed=0 on coco_ost", classes)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         figure.savefig(tmp_path / "matrix.png")
@@ -198,7 +198,7 @@ def test_accuracy_matrix_figures_keep_room_for_their_axes(tasks, classes_per_tas
 
 def test_figures_name_the_run_the_task_classes_and_one_accuracy_unit():
     results = _step_results()
-    run = "digits_mst/vr_lwf/alpha=1.0/seed=0"
+    run = "vr_lwf alpha=1 seed=0 on digits_mst"
     classes = [["zero", "one"], ["two", "three"], ["four", "five"]][: reporting.accuracy_matrix(results).shape[1]]
     matrix = reporting.accuracy_matrix_figure(reporting.accuracy_matrix(results), run, classes)
     curves = reporting.metric_curves_figure(reporting.metrics_table(results), run)

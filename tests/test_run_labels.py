@@ -46,7 +46,9 @@ def test_run_name_and_logged_params_are_the_benchmarks_own(parameters, name):
     recipe = resolve_recipe(benchmark, base, "lwf")
     logged = recipe.params_to_log()
     assert (logged["benchmark"], logged["method"], logged["alpha"], logged["seed"]) == (name, "lwf", alpha, seed)
-    assert run_name_of(recipe, [name], base) == f"{name}/lwf/alpha={alpha}/seed={seed}"
+    assert run_name_of(recipe, [name], base) == f"lwf alpha={alpha:g} seed={seed} on {name}"
+    # What tells runs apart comes first and fits MLflow's run-name column (about 22 characters).
+    assert len(run_name_of(resolve_recipe(benchmark, base, "moe_adapters"), [name], base).partition(" on ")[0]) <= 22
     assert variant_label("lwf", logged["alpha"], {}) == f"lwf (alpha={alpha})"
 
 
@@ -54,7 +56,7 @@ def test_the_issues_examples_are_labelled_as_they_train(parameters):
     _, base = parameters
     for name, alpha, seed in (("eurosat_mst", 2.0, 10), ("coco_mst", 0.5, 10)):
         recipe = resolve_recipe(BENCHMARKS[name], base, "lwf")
-        assert run_name_of(recipe, [name], base) == f"{name}/lwf/alpha={alpha}/seed={seed}"
+        assert run_name_of(recipe, [name], base) == f"lwf alpha={alpha:g} seed={seed} on {name}"
         assert {k: recipe.params_to_log()[k] for k in ("alpha", "seed")} == {"alpha": alpha, "seed": seed}
 
 
@@ -74,9 +76,9 @@ def test_a_sweep_sets_the_seed_and_overrides_where_the_benchmark_reads_them(para
         assert {t.settings["seed"] for t in recipe.tasks} == {seed}
         assert {t.settings["training.steps"] for t in recipe.tasks} == {2}
         overrides = variant_overrides(run, base, method)  # what the tracking hook names a variant by
-        alpha = "/alpha=0.5" if method == "vr_lwf" else ""
+        alpha = " alpha=0.5" if method == "vr_lwf" else ""
         assert run_name_of(recipe, ["eurosat_mst"], params, overrides) == (
-            f"eurosat_mst/{method}{alpha}/eurosat_mst.steps=2/seed={seed}")  # the setting the sweep changed
+            f"{method}{alpha} eurosat_mst.steps=2 seed={seed} on eurosat_mst")  # the setting the sweep changed
     # The embedded default reads the top-level seed.
     assert sweep.planned_runs([sweep.Variant("ft")], [1], None, BENCHMARKS["digits_mst"], base) == [
         {"method": "ft", "seed": 1}]

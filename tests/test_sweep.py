@@ -87,7 +87,7 @@ def test_each_method_and_seed_is_one_finished_run(swept):
     assert all(run.info.status == "FINISHED" for run in runs)
     # The variant's own setting names it, so compare keeps it apart from plain lwf.
     assert {run.data.tags["variant"] for run in runs} == {"ft", "lwf (alpha=1.0, lr=0.001)"}
-    assert "digits_mst/lwf/alpha=1.0/lr=0.001/seed=1" in {run.info.run_name for run in runs}
+    assert "lwf alpha=1 lr=0.001 seed=1 on digits_mst" in {run.info.run_name for run in runs}
 
 
 def test_pretraining_runs_once_per_new_seed(swept):

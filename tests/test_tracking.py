@@ -32,7 +32,7 @@ REPORT_ARTIFACTS = {
     "continual_metrics.csv", "accuracy_matrix.csv", "continual_summary.json",
     "accuracy_matrix.png", "metric_curves.png", "pretraining_metrics.json",
 }
-RUN_NAME = f"{BENCHMARK}/vr_lwf/alpha=1.0/seed=0"
+RUN_NAME = f"vr_lwf alpha=1 seed=0 on {BENCHMARK}"
 
 
 @pytest.fixture(scope="session")
@@ -192,7 +192,7 @@ def test_mlflow_tracking_uri_overrides_the_project_store(finished, tmp_path, mon
     run_pipeline(project, ["evaluation"])
     assert report.is_file()
     (run,) = mlflow_runs(elsewhere)
-    assert run.info.run_name == "evaluation/seed=0"  # no training: named after its pipelines
+    assert run.info.run_name == "evaluation seed=0"  # no training: named after its pipelines
     assert mlflow_runs(store_uri(project)) == []
 
 
@@ -237,7 +237,7 @@ def test_compare_tables_the_latest_run_of_each_method(compared):
     # found them; compare itself opened no run.
     runs = mlflow_runs(store_uri(compared.path))
     assert len(runs) == compared.runs_before_compare == 2
-    assert {run.info.run_name for run in runs} == {f"{BENCHMARK}/ft/seed=0", RUN_NAME}
+    assert {run.info.run_name for run in runs} == {f"ft seed=0 on {BENCHMARK}", RUN_NAME}
     ft_run = next(run for run in runs if run.data.tags["method"] == "ft")
     # ft has no distillation weight: "none", not a number MLflow's compare plot would draw at 1.01.
     assert ft_run.data.params["recipe.alpha"] == "none"

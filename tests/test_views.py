@@ -45,3 +45,4 @@ def test_kedro_viz_layers_sort_in_data_flow_order():
     layers = {entry["metadata"]["kedro-viz"]["layer"] for entry in catalog.values()
               if isinstance(entry, dict) and "kedro-viz" in entry.get("metadata", {})}
     assert sorted(layers) == DATA_FLOW
+

@@ -5,7 +5,7 @@ derive ourselves, and the free disk space against what preparation will write.
 Everything works at index level (folder listings and annotation files, never an image decoded),
 so a check of MTIL's eleven datasets takes seconds. The published counts live in
 ``published_counts.csv`` and the pinned split checksums in ``pinned_splits.csv``, both beside this
-module. ``require_present`` is the cheap part (folders and disk space) that ``kedro run`` runs
+module. ``require_present`` is the cheap part (folders) that ``kedro run`` runs
 before its first node.
 
 Plain Python; no Kedro import.
@@ -148,15 +148,12 @@ def _fix(key: str) -> str:
     return how_to_get(key)
 
 
-def require_present(raw_splits: Iterable[str], data: dict[str, Any], prepared_root: Path) -> None:
-    """The cheap check before a run's first node: every dataset folder there, room on disk.
-    Raises one ``DataCheckError`` listing every problem and its fix."""
-    items = needs(raw_splits, data)
+def require_present(raw_splits: Iterable[str], data: dict[str, Any]) -> None:
+    """The cheap check before a run's first node: every dataset folder there (the room on disk
+    is checked with all else the run writes, ``clip_continual.runtime.preflight``). Raises one
+    ``DataCheckError`` listing every missing folder and its fix."""
     problems = [f"{need.key}: no folder at '{need.folder}'. {_fix(need.key)}"
-                for need in items if not need.folder.is_dir()]
-    disk = disk_problem(items, prepared_root)
-    if disk:
-        problems.append(disk)
+                for need in needs(raw_splits, data) if not need.folder.is_dir()]
     if problems:
         raise DataCheckError("the benchmark's data is not ready (`kedro data check` tells more): "
                              + " | ".join(problems))

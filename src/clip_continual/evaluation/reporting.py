@@ -3,7 +3,7 @@
 Plain Python, pandas and matplotlib; no Kedro import. Figures are built on the Agg canvas
 directly (never through pyplot), so nothing is left in a global figure registry. Accuracies are
 fractions in [0, 1] everywhere: tables, JSON, MLflow and the figures' axes. Every figure is
-titled with the run it shows (``run_key.run_name``: benchmark/method/alpha/seed).
+titled with the run it shows (``run_key.run_name``: method, alpha, seed, benchmark).
 """
 
 from __future__ import annotations

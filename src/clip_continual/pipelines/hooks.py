@@ -9,6 +9,7 @@ import os
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
@@ -24,7 +25,7 @@ from clip_continual.model.sources import check_model_source
 from clip_continual.runtime import preflight, store_lock, tracking
 from clip_continual.runtime.benchmarks import BENCHMARKS, benchmark_in_force
 from clip_continual.runtime.checkpoint_sequence import SETTINGS as CHECKPOINTS_SETTINGS, CheckpointSequence
-from clip_continual.runtime.data_commands import check_before_run
+from clip_continual.runtime.data_commands import PREPARED, check_before_run, preparation_size
 from clip_continual.runtime.recipe import RUNTIME_OVERRIDES, resolve_recipe
 from clip_continual.runtime.run_key import (
     compute_run_key, compute_source_key, current_run_key, run_name_of, set_current_run_key,
@@ -45,18 +46,30 @@ class RunKeyHook:
         set_current_source_key(compute_source_key(context.params))
 
 
+def _local_path(dataset, project_path: Path) -> Path | None:
+    """The local file a dataset writes, or None (memory datasets, remote stores)."""
+    try:
+        described = dataset._describe()
+    except Exception:  # memory datasets and the like: nothing on disk
+        return None
+    filepath, protocol = described.get("filepath"), described.get("protocol", "file")
+    if not filepath or protocol not in (None, "file"):
+        return None
+    path = Path(str(filepath))
+    return path if path.is_absolute() else project_path / path
+
+
 def _output_files(pipeline, catalog, project_path: Path) -> list[Path]:
     """The local files the pipeline's nodes will write."""
     paths = []
     for name in sorted(pipeline.all_outputs()):
         try:
-            described = catalog.get(name)._describe()
-        except Exception:  # memory datasets and the like: nothing on disk
+            dataset = catalog.get(name)
+        except Exception:
             continue
-        filepath, protocol = described.get("filepath"), described.get("protocol", "file")
-        if filepath and protocol in (None, "file"):
-            path = Path(str(filepath))
-            paths.append(path if path.is_absolute() else project_path / path)
+        path = _local_path(dataset, project_path)
+        if path is not None:
+            paths.append(path)
     return paths
 
 
@@ -71,12 +84,14 @@ class SettingsCheckHook:
         self._params: dict[str, Any] = {}
         self._defaults: dict[str, Any] = {}
         self._project_path = Path.cwd()
+        self._artifacts: Path | None = None  # the local folder of MLflow's artifacts, if any
 
     @hook_impl
     def after_context_created(self, context) -> None:
         self._params = dict(context.params)
         self._defaults = context.config_loader.base_parameters()
         self._project_path = Path(context.project_path)
+        self._artifacts = _artifact_folder(context) if (self._params.get("tracking") or {}).get("enabled", True) else None
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -88,7 +103,7 @@ class SettingsCheckHook:
             partial(check_writable, outputs),
             # The cheap part of `kedro data check`: missing dataset folders, room to prepare them.
             partial(check_before_run, self._params, run_params.get("pipeline_names"), self._project_path),
-            lambda: preflight.check_disk_space(self._checkpoints(pipeline, catalog)),
+            lambda: preflight.check_disk_space(self._writes(pipeline, catalog, run_params.get("pipeline_names"))),
             *self._checkpoint_list(pipeline, run_params),
             *self._protocol(pipeline, run_params),
         ])
@@ -120,17 +135,31 @@ class SettingsCheckHook:
         return [(ModelSpec(m["architecture"], m.get("pretrained"), m.get("cache_dir")), setting)
                 for setting, m in sources]
 
-    def _checkpoints(self, pipeline, catalog) -> dict[Path, int]:
-        """The model checkpoints the pipeline writes, each the size of its architecture's weights."""
-        writes = {}
+    def _writes(self, pipeline, catalog, pipeline_names: list[str] | None) -> list[preflight.Write]:
+        """What the run writes, estimated: the benchmark's prepared splits not prepared yet, each
+        checkpoint not on disk yet (a resumed run reuses those), and each report with its copy
+        among the MLflow artifacts. Generated arrays (the embedded data, method states) are a
+        few MB and not counted."""
+        writes = [preflight.Write("prepared data", self._project_path / PREPARED,
+                                  preparation_size(self._params, pipeline_names, self._project_path))]
         for name in sorted(pipeline.all_outputs()):
-            if not isinstance(catalog.get(name) if name in catalog else None, CheckpointDataset):
+            dataset = catalog.get(name) if name in catalog else None
+            path = _local_path(dataset, self._project_path) if dataset is not None else None
+            if path is None:
                 continue
-            owner = BENCHMARKS.get(name.partition(".")[0])
-            model = self._params[owner.params]["model"] if owner and owner.params else self._params["model"]
-            path = Path(str(catalog.get(name)._describe()["filepath"]))
-            writes[path if path.is_absolute() else self._project_path / path] = preflight.model_bytes(model["architecture"])
+            if isinstance(dataset, CheckpointDataset):
+                if not path.exists():
+                    what = "start model" if name.endswith("pretrained_model") else "checkpoints"
+                    writes.append(preflight.Write(what, path, preflight.model_bytes(self._architecture(name))))
+            elif path.suffix in (".json", ".csv", ".png"):
+                writes.append(preflight.Write("reports", path, preflight.REPORT_BYTES))
+                if hasattr(dataset, "_logging_activated") and self._artifacts is not None:  # MlflowArtifactDataset
+                    writes.append(preflight.Write("MLflow artifacts", self._artifacts, preflight.REPORT_BYTES))
         return writes
+
+    def _architecture(self, dataset_name: str) -> str:
+        owner = BENCHMARKS.get(dataset_name.partition(".")[0])
+        return (self._params[owner.params] if owner and owner.params else self._params)["model"]["architecture"]
 
 
 def _configured_store(context) -> str:
@@ -143,6 +172,18 @@ def _configured_store(context) -> str:
     except MissingConfigException:
         server = {}
     return server.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or "mlruns"
+
+
+def _artifact_folder(context) -> Path | None:
+    """Where a local store keeps the runs' artifacts (``mlartifacts`` beside a SQLite file, the
+    folder of a file store); None for a server's store."""
+    uri = _configured_store(context)
+    location = tracking.default_artifact_location(uri)
+    if location:
+        return Path(urlparse(location).path)
+    if "://" in uri:
+        return None
+    return Path(uri) if Path(uri).is_absolute() else Path(context.project_path) / uri
 
 
 class MlflowTrackingHook(MlflowHook):

@@ -85,9 +85,15 @@ def fetch_lines(benchmark: str | None, datasets: tuple[str, ...], params: dict[s
 
 def check_before_run(params: dict[str, Any], pipeline_names: list[str] | None, project: Path) -> None:
     """The cheap part of ``kedro data check`` before a benchmark's first node: its folders are
-    there and the disk can hold what preparation writes."""
+    there (the room for what preparation writes: ``preparation_size``)."""
     for name in pipeline_names or ():
         needs = benchmark_needs(name, params, project) if name in BENCHMARKS else []
         if needs:
-            check.require_present([raw for need in needs for raw in need.raw_splits], needs[0].data,
-                                  project / PREPARED)
+            check.require_present([raw for need in needs for raw in need.raw_splits], needs[0].data)
+
+
+def preparation_size(params: dict[str, Any], pipeline_names: list[str] | None, project: Path) -> int:
+    """The bytes preparing the benchmarks' splits not prepared yet will write under ``PREPARED``."""
+    needs = [need for name in pipeline_names or () if name in BENCHMARKS
+             for need in benchmark_needs(name, params, project)]
+    return check.preparation_bytes(needs, project / PREPARED)

@@ -1,6 +1,7 @@
 """What the check before a run's first node adds to the single checks: every problem found
 gathered into one message (an offline ``mtil_order1`` without data names the weights and all
-eleven datasets at once, not one per try), and the disk space the run's checkpoints need.
+eleven datasets at once, not one per try), and the disk space for all the run writes (its
+checkpoints, start model, prepared data, reports and their MLflow copies), summed per disk.
 
 Plain Python; no Kedro import.
 """
@@ -10,11 +11,24 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from clip_continual.files import FORMAT_OVERHEAD, _megabytes
 
+GIB = 1024 ** 3
+REPORT_BYTES = 1024 ** 2  # a report (CSV, JSON, a plot's PNG) stays well under a MiB
 MODEL_BYTES: dict[str, int] = {}  # architecture -> bytes of its weights (computed once)
+
+
+@dataclass(frozen=True)
+class Write:
+    """A file (or folder) the run will write, its estimated size, and what it is, as the disk
+    check names it ("checkpoints", "prepared data", ...)."""
+
+    what: str
+    path: Path
+    size: int
 
 
 class PreflightError(RuntimeError):
@@ -52,27 +66,46 @@ def model_bytes(architecture: str) -> int:
 
 
 def _disk_of(path: Path) -> Path:
+    """The nearest existing folder of ``path`` (what will hold it)."""
     path = path.absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
 
 
-def check_disk_space(writes: dict[Path, int]) -> None:
-    """``writes`` (file -> estimated bytes) fit on their disks, each disk counted once."""
-    per_disk: dict[int, tuple[Path, int, int]] = {}
-    for path, size in writes.items():
-        where = _disk_of(path)
-        device = os.stat(where).st_dev
-        first, total, count = per_disk.get(device, (where, 0, 0))
-        per_disk[device] = (first, total + size + FORMAT_OVERHEAD, count + 1)
-    for where, needed, count in per_disk.values():
-        free = shutil.disk_usage(where).free
+def _device(path: Path) -> int:
+    return os.stat(path).st_dev
+
+
+def _mount_of(path: Path) -> Path:
+    """The top folder of ``path``'s filesystem, as messages name the disk."""
+    device = _device(path)
+    while path != path.parent and _device(path.parent) == device:
+        path = path.parent
+    return path
+
+
+def _amount(size: int) -> str:
+    return f"{size / GIB:.1f} GiB" if size >= GIB // 10 else _megabytes(size)
+
+
+def check_disk_space(writes: Iterable[Write]) -> None:
+    """What the run writes fits on each disk: the estimates of every file on one filesystem
+    summed (checkpoints and prepared data on one disk compete for its space)."""
+    disks: dict[int, tuple[Path, dict[str, int]]] = {}
+    for write in writes:
+        where = _disk_of(write.path)
+        mount, sizes = disks.setdefault(_device(where), (_mount_of(where), {}))
+        sizes[write.what] = sizes.get(write.what, 0) + write.size + FORMAT_OVERHEAD
+    short = []
+    for mount, sizes in disks.values():
+        needed, free = sum(sizes.values()), shutil.disk_usage(mount).free
         if free < needed:
-            raise OSError(
-                f"not enough disk space for the run's checkpoints: {count} files of about "
-                f"{_megabytes(needed)} in all under '{where}', which has {_megabytes(free)} free. Free some "
-                f"space (or make data/06_models a link to a larger disk) and rerun")
+            parts = ", ".join(f"{what} {_amount(size)}" for what, size in sizes.items())
+            short.append(f"needs about {_amount(needed)} on '{mount}' ({parts}), {_amount(free)} free")
+    if short:
+        raise OSError(f"not enough disk space for the run: {'; '.join(short)}. Free some space, or make the "
+                      f"largest folder (data/06_models, data/04_feature) a link to a larger disk, and rerun")
 
 
 def check_protocol(params: dict, pipeline_names: list[str] | None) -> None:

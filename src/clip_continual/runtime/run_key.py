@@ -156,14 +156,22 @@ def project_parameters(start: Path | None = None) -> dict[str, Any]:
 
 def run_name(what: str, method: str | None = None, alpha: Any = None, seed: Any = None,
              settings: dict[str, Any] | None = None) -> str:
-    """What a run ran, as MLflow names it and the plots title it, e.g.
-    ``digits_mst/vr_lwf/alpha=1.0/seed=0``; ``what`` is the benchmark, or the pipelines of a
-    run without a continual sequence (``data_preparation+pretraining/seed=0``). A method
+    """What a run ran, as MLflow names it and the plots title it, e.g. ``vr_lwf alpha=1 seed=0 on
+    digits_mst``: what tells runs apart first, so that MLflow's runs table, whose run-name column
+    shows about 22 characters, shows it; ``what`` (the benchmark) last. A run without a continual
+    sequence is named by its pipelines (``data_preparation+pretraining seed=0``). A method
     without a distillation weight (``ft``) gets no ``alpha``."""
-    parts = [what, method, None if alpha is None else f"alpha={alpha}",
-             *(f"{key}={value}" for key, value in sorted((settings or {}).items())),
-             None if seed is None else f"seed={seed}"]
-    return "/".join(str(part) for part in parts if part is not None)
+    if method is None:
+        return " ".join(part for part in (what, None if seed is None else f"seed={seed}") if part)
+    parts = [method, None if alpha is None else f"alpha={_short(alpha)}",
+             *(f"{key}={_short(value)}" for key, value in sorted((settings or {}).items())),
+             None if seed is None else f"seed={seed}", f"on {what}"]
+    return " ".join(str(part) for part in parts if part is not None)
+
+
+def _short(value: Any) -> str:
+    """A number as short as it reads: 1.0 -> 1, 0.5 -> 0.5."""
+    return format(value, "g") if isinstance(value, float) else str(value)
 
 
 def run_name_of(recipe: Any, pipeline_names: list[str] | None, params: dict[str, Any],
