@@ -44,7 +44,7 @@ def test_metrics_table_columns_and_order():
     results = _step_results()
     table = reporting.metrics_table(list(reversed(results)))
     assert list(table.columns) == ["step", "task", "ut_acc", "zs_acc", "a_acc", "bwt", "learning_acc",
-                                   "seen_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
+                                   "learning_acc_own", "seen_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
     assert np.isnan(table.loc[0, "learning_acc"]) and table.loc[2, "learning_acc"] == pytest.approx(0.8)
     assert table["step"].tolist() == [0, 1, 2, 3]
     assert table["task"].tolist() == TASKS
