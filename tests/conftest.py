@@ -6,6 +6,7 @@ import torch
 # Tests must never reach the project's own MLflow store, nor the network.
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("KEDRO_LOGGING_CONFIG", os.path.join(os.path.dirname(__file__), "logging.yml"))
 # Tiny models run fastest single-threaded (and CI machines are small and shared). OMP_NUM_THREADS
 # changes it, e.g. to check that no tolerance depends on the order of a float sum.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
