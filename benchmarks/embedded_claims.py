@@ -123,7 +123,7 @@ def seed_results(folder: Path) -> dict[str, dict[int, dict[str, float]]]:
                 "learning": row["mean_learning_acc"], "min_learning": min(learning.values(), default=None),
                 "learning_own": float(np.mean(own)) if own else None, "min_own": min(own, default=None),
                 "i2t": row["i2t_r1"], "t2i": row["t2i_r1"], "params": row["trainable_parameters"],
-                "s_task": row["wall_time_per_task_s"]}
+                "s_task": row["wall_time_per_task_s"], **{key: row.get(key) for _, key, _ in COST_COLUMNS}}
             if label == "ft":
                 results.setdefault(START_ROW, {})[row["seed"]] = _start_model(client, row["run_id"])
     return results
@@ -152,6 +152,15 @@ COLUMNS = (("digits", "digits"), ("zs", "ZS-Acc"), ("a_acc", "A-Acc"), ("bwt", "
            ("i2t", "I→T R@1"), ("t2i", "T→I R@1"), ("s_task", "s / task"))
 
 
+# What each row cost (compare's cost columns, runtime/results.py); the wall time and the peak
+# memory depend on the machine and its load.
+COST_COLUMNS = (("params stored", "stored_parameters", "{:,.0f}"), ("extra storage MiB", "extra_storage_mib", "{:.2f}"),
+                ("peak memory MiB", "peak_memory_mib", "{:,.0f}"), ("device-hours", "device_hours", "{:.4f}"),
+                ("images seen", "images_seen", "{:,.0f}"), ("fwd / step", "forward_passes_per_step", "{:g}"),
+                ("teacher fwd / step", "teacher_forward_passes_per_step", "{:g}"),
+                ("bwd / step", "backward_passes_per_step", "{:g}"))
+
+
 def values(results: dict, label: str, key: str) -> np.ndarray:
     seeds = results.get(label, {})
     return np.array([seeds[s][key] for s in sorted(seeds) if seeds[s].get(key) is not None], dtype=float)
@@ -173,6 +182,17 @@ def table(results: dict) -> str:
         lines.append(f"| `{label}` | {len(results[label])} | " + " | ".join(
             cell(values(results, label, key), 1 if key == "s_task" else 3) for key, _ in COLUMNS)
             + f" | {f'{int(params.max()):,}' if len(params) else '–'} |")
+    return "\n".join(lines)
+
+
+def cost_table(results: dict) -> str:
+    """The rows' costs, mean over their seeds (what a row keeps and passes per step do not vary)."""
+    lines = ["| method | " + " | ".join(title for title, _, _ in COST_COLUMNS) + " |",
+             "|---|" + "---|" * len(COST_COLUMNS)]
+    for label in (label for label in results if label != START_ROW):
+        means = [values(results, label, key) for _, key, _ in COST_COLUMNS]
+        lines.append(f"| `{label}` | " + " | ".join(
+            form.format(v.mean()) if len(v) else "–" for v, (_, _, form) in zip(means, COST_COLUMNS)) + " |")
     return "\n".join(lines)
 
 
@@ -283,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                for label, seeds in gather(args.out).items()}
     results = {label: seeds for label, seeds in results.items() if seeds}
     print(table(results))
+    print()
+    print(cost_table(results))
+    print()
     outcomes = check(results)
     checked = [o for o in outcomes if o["pass"] is not None]
     print(f"{sum(o['pass'] for o in checked)} of {len(checked)} claims checked pass "

@@ -62,3 +62,10 @@ def test_ft_learns_every_session_is_checked_among_its_own_digits_and_among_all_t
     rows = {"ft": {0: {"min_own": 0.95, "min_learning": 0.3}, 1: {"min_own": 0.97, "min_learning": 0.4}}}
     verdicts = [test(rows)[0] for claim, test in claims.CLAIMS if claim.startswith("FT learns every session")]
     assert verdicts == [True, False]
+
+
+def test_the_cost_table_shows_each_rows_mean_cost(claims):
+    rows = {"ft": {0: {"stored_parameters": 100.0, "device_hours": 0.001}, 1: {"stored_parameters": 100.0,
+                                                                               "device_hours": 0.003}}}
+    line = claims.cost_table(rows).splitlines()[2]
+    assert line.startswith("| `ft` | 100 | – | – | 0.0020 |")
