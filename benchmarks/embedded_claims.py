@@ -137,9 +137,9 @@ def _start_model(client: Any, run_id: str) -> dict[str, float]:
     return {**at_start, "a_acc": (at_start["digits"] + at_start["zs"]) / 2, "params": 0}
 
 
-def gather(out: Path) -> dict[str, dict[int, dict[str, float]]]:
+def gather(*outs: Path) -> dict[str, dict[int, dict[str, float]]]:
     merged: dict[str, dict[int, dict[str, float]]] = {}
-    for folder in sorted(out.glob("job-*")):
+    for folder in sorted(folder for out in outs for folder in out.glob("job-*")):
         for label, seeds in seed_results(folder).items():
             merged.setdefault(label, {}).update(seeds)
     return merged
@@ -296,11 +296,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(VARIANTS), help="sweep variants to run")
     parser.add_argument("--out", type=Path, default=PROJECT / "data" / "09_benchmarks" / "embedded_claims")
     parser.add_argument("--check-only", action="store_true", help="check the runs already made")
+    parser.add_argument("--also", nargs="+", type=Path, default=[],
+                        help="more output folders (of other --out runs) whose runs join the table")
     args = parser.parse_args(argv)
     if not args.check_only:
         run_all(args.out, args.seeds, args.jobs, args.methods)
     results = {label: {seed: row for seed, row in seeds.items() if seed in args.seeds}
-               for label, seeds in gather(args.out).items()}
+               for label, seeds in gather(args.out, *args.also).items()}
     results = {label: seeds for label, seeds in results.items() if seeds}
     print(table(results))
     print()
