@@ -76,7 +76,6 @@ class Workers:
         return values
 
 
-
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module | None):
     """Put ``model`` in eval mode and restore every submodule's own mode afterwards, so a
