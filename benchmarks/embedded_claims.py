@@ -123,10 +123,33 @@ def seed_results(folder: Path) -> dict[str, dict[int, dict[str, float]]]:
                 "learning": row["mean_learning_acc"], "min_learning": min(learning.values(), default=None),
                 "learning_own": float(np.mean(own)) if own else None, "min_own": min(own, default=None),
                 "i2t": row["i2t_r1"], "t2i": row["t2i_r1"], "params": row["trainable_parameters"],
-                "s_task": row["wall_time_per_task_s"], **{key: row.get(key) for _, key, _ in COST_COLUMNS}}
+                "s_task": row["wall_time_per_task_s"], "gain": _learning_gain(client, row["run_id"]),
+                **{key: row.get(key) for _, key, _ in COST_COLUMNS}}
             if label == "ft":
                 results.setdefault(START_ROW, {})[row["seed"]] = _start_model(client, row["run_id"])
     return results
+
+
+def learning_gain(matrix: Any) -> float:
+    """Mean over the sessions of R[t][t] - R[0][t]: how much better each session's digits are
+    read right after learning them than the start model read them (all ten prompts). A method
+    whose sessions do not move the model scores about 0, however well the start model reads."""
+    rows = matrix.set_index("after")
+    return float(np.mean([rows.loc[task, task] - rows.iloc[0][task] for task in rows.columns]))
+
+
+def _learning_gain(client: Any, run_id: str) -> float | None:
+    import tempfile
+
+    import pandas as pd
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run otherwise
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(run_id, "accuracy_matrix.csv", folder)
+        except Exception:  # a run without its report artifacts: no gain to show
+            return None
+        return learning_gain(pd.read_csv(path))
 
 
 def _start_model(client: Any, run_id: str) -> dict[str, float]:
@@ -148,7 +171,8 @@ def gather(*outs: Path) -> dict[str, dict[int, dict[str, float]]]:
 # --- the table and the claims --------------------------------------------------------------------
 
 COLUMNS = (("digits", "digits"), ("zs", "ZS-Acc"), ("a_acc", "A-Acc"), ("bwt", "BWT"), ("learning", "learning"),
-           ("min_learning", "min session"), ("learning_own", "learning (own)"), ("min_own", "min own"),
+           ("min_learning", "min session"), ("gain", "gain"), ("learning_own", "learning (own)"),
+           ("min_own", "min own"),
            ("i2t", "I→T R@1"), ("t2i", "T→I R@1"), ("s_task", "s / task"))
 
 

@@ -69,3 +69,13 @@ def test_the_cost_table_shows_each_rows_mean_cost(claims):
                                                                                "device_hours": 0.003}}}
     line = claims.cost_table(rows).splitlines()[2]
     assert line.startswith("| `ft` | 100 | – | – | 0.0020 |")
+
+
+def test_a_method_whose_sessions_do_not_move_the_model_gains_nothing(claims):
+    import pandas as pd
+
+    still = pd.DataFrame({"after": ["pretrained", "task_1", "task_2"], "task_1": [0.4, 0.4, 0.4],
+                          "task_2": [0.5, 0.5, 0.5]})
+    learnt = still.assign(task_1=[0.4, 0.9, 0.6], task_2=[0.5, 0.5, 0.8])
+    assert claims.learning_gain(still) == 0.0
+    assert claims.learning_gain(learnt) == pytest.approx((0.5 + 0.3) / 2)
