@@ -185,12 +185,13 @@ def test_the_runtime_overrides_reach_the_parameters():
         assert loader["parameters"][RUNTIME_OVERRIDES] == {"method": "ft"}
 
 
-@pytest.mark.parametrize("method", ["moe_adapters", "rkr"])
+@pytest.mark.parametrize("method", ["moe_adapters", "rkr", "lora", "condu_lora"])
 def test_frozen_backbone_methods_train_at_their_own_rate_on_the_embedded_default(base_params, method):
-    """Why moe_adapters and rkr learnt at chance on the embedded default: their modules start as
-    the identity (MoE experts: zero up-projection, output x 0.1; RKR: zero low-rank term), so at
-    the rate every other method shares there (Adam 1e-4, 50 steps) they hardly moved and the
-    model stayed the start model. Each takes its own rate there (MoE-Adapters' 1e-3)."""
+    """Why moe_adapters and rkr learnt at chance on the embedded default, and lora stayed where it
+    started: their modules start as the identity (MoE experts: zero up-projection, output x 0.1;
+    RKR: zero low-rank term; LoRA: zero up-projection), so at the rate every other method shares
+    there (Adam 1e-4, 50 steps) they hardly moved and the model stayed the start model. Each
+    takes its own rate there (MoE-Adapters' 1e-3, ConDU's LoRA rate for MNIST, 1e-3)."""
     shared = resolve_recipe(BENCHMARKS["digits_mst"], base_params, "ft").tasks[0].settings["training.lr"]
     (task, *_) = resolve_recipe(BENCHMARKS["digits_mst"], base_params, method).tasks
     assert task.settings["training.lr"] >= 10 * shared
