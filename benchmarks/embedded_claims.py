@@ -161,8 +161,9 @@ def _start_model(client: Any, run_id: str) -> dict[str, float]:
 
 
 def gather(*outs: Path) -> dict[str, dict[int, dict[str, float]]]:
+    """Every job's rows; where two output folders ran a row for the same seed, the later's."""
     merged: dict[str, dict[int, dict[str, float]]] = {}
-    for folder in sorted(folder for out in outs for folder in out.glob("job-*")):
+    for folder in (folder for out in outs for folder in sorted(out.glob("job-*"))):
         for label, seeds in seed_results(folder).items():
             merged.setdefault(label, {}).update(seeds)
     return merged
@@ -321,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=PROJECT / "data" / "09_benchmarks" / "embedded_claims")
     parser.add_argument("--check-only", action="store_true", help="check the runs already made")
     parser.add_argument("--also", nargs="+", type=Path, default=[],
-                        help="more output folders (of other --out runs) whose runs join the table")
+                        help="more output folders (of other --out runs) whose runs join the table; "
+                             "a row and seed run in several folders is taken from the last")
     args = parser.parse_args(argv)
     if not args.check_only:
         run_all(args.out, args.seeds, args.jobs, args.methods)
