@@ -15,7 +15,7 @@ from typing import Any
 from kedro.io import DatasetError
 from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
 
-MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+from clip_continual.runtime.tracking import BatchedMetrics
 
 
 class BatchedMlflowMetricsHistoryDataset(MlflowMetricsHistoryDataset):
@@ -33,5 +33,6 @@ class BatchedMlflowMetricsHistoryDataset(MlflowMetricsHistoryDataset):
         items = chain.from_iterable(self._build_args_list_from_metric_item(k, v) for k, v in data.items())
         metrics = [Metric(key, float(value), timestamp, int(step or 0)) for key, value, step in items]
         client = MlflowClient()
-        for start in range(0, len(metrics), MAX_BATCH):
-            client.log_batch(run_id, metrics=metrics[start:start + MAX_BATCH])
+        step = BatchedMetrics.MAX_BATCH  # MLflow's limit of metrics per log_batch call
+        for start in range(0, len(metrics), step):
+            client.log_batch(run_id, metrics=metrics[start:start + step])
