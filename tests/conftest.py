@@ -12,6 +12,21 @@ os.environ.setdefault("KEDRO_LOGGING_CONFIG", os.path.join(os.path.dirname(__fil
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
+# The files that take longest, longest first (``pytest --durations=0`` summed per file). xdist
+# hands out whole files in collection order (``--dist loadfile --no-loadscope-reorder`` in
+# pyproject.toml): a long file started last would keep one worker busy while the other idles.
+SLOWEST_FILES = (
+    "test_distributed.py", "test_distributed_ray.py", "test_notebook.py", "test_sweep.py",
+    "test_method_pipelines.py", "test_benchmark_pipelines.py", "test_pipelines.py",
+    "test_adapted_method_pipelines.py", "test_mtil_pipelines.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -17,13 +17,15 @@ only; a test that changes a project works on its own ``copy_project``):
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
@@ -147,9 +149,9 @@ def run_folders(project: Path, layer: str = "06_models", benchmark: str = BENCHM
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
-def file_state(path: Path) -> tuple[int, bytes]:
-    """What tells an untouched file: its modification time (ns) and its bytes."""
-    return path.stat().st_mtime_ns, path.read_bytes()
+def file_state(path: Path) -> tuple[int, str]:
+    """What tells an untouched file: its modification time (ns) and a digest of its bytes."""
+    return path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def mlflow_runs(uri: str) -> list[Any]:
@@ -165,22 +167,40 @@ def mlflow_runs(uri: str) -> list[Any]:
 
 # --- the shared, finished projects ----------------------------------------------------------
 
-_BUILT: dict[str, Any] = {}
+def _shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session's shared projects are built: under pytest-xdist, the folder that every
+    worker's temporary folder lies in, so that one worker builds each and the others reuse it."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+
+
+def _built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+                build: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+    """The project ``name`` and what its ``build`` recorded (JSON), built by the first process
+    of the session that asks for it while the others wait for it."""
+    from filelock import FileLock
+
+    root = _shared_root(tmp_path_factory)
+    project, record = root / name / "project", root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not record.exists():
+            shutil.rmtree(project.parent, ignore_errors=True)  # what a failed build left
+            record.write_text(json.dumps(build(project)))
+    return project, json.loads(record.read_text())
 
 
 def finished_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A temporary project after one tiny default ``kedro run`` (built once per session)."""
-    if "finished" not in _BUILT:
-        project = make_project(tmp_path_factory.mktemp("finished") / "project")
-        run_pipeline(project)
-        _BUILT["finished"] = project
-    return _BUILT["finished"]
+    def build(project: Path) -> dict[str, Any]:
+        run_pipeline(make_project(project))
+        return {}
+    return _built_once(tmp_path_factory, "finished", build)[0]
 
 
 @dataclass(frozen=True)
 class ComparedProject:
     path: Path
-    vr_lwf_checkpoints: dict[str, tuple[int, bytes]]  # task -> file_state before the ft run
+    vr_lwf_checkpoints: dict[str, tuple[int, str]]  # task -> file_state before the ft run
     vr_lwf_folder: str
     runs_before_compare: int
 
@@ -189,21 +209,23 @@ def compared_project(tmp_path_factory: pytest.TempPathFactory) -> ComparedProjec
     """A copy of the finished project, without a local mlflow.yml nor ``MLFLOW_TRACKING_URI`` (so
     the project's default store), that ran ``digits_mst`` with ``vr_lwf``, then with ``ft`` and
     ``only_missing_outputs``, then ``compare`` from a subfolder (built once per session)."""
-    if "compared" not in _BUILT:
-        project = copy_project(finished_project(tmp_path_factory),
-                               tmp_path_factory.mktemp("compared") / "project", own_store=False)
+    def build(project: Path) -> dict[str, Any]:
+        copy_project(finished_project(tmp_path_factory), project, own_store=False)
         with pytest.MonkeyPatch.context() as patch:
             patch.delenv("MLFLOW_TRACKING_URI", raising=False)
             run_pipeline(project, [BENCHMARK])
             (folder,) = run_folders(project)
-            checkpoints = {task: file_state(folder / f"{task}.pt") for task in TASKS}
+            checkpoints = {task: list(file_state(folder / f"{task}.pt")) for task in TASKS}
             run_pipeline(project, [BENCHMARK], params={"method": "ft"}, only_missing_outputs=True)
             runs = len(mlflow_runs(store_uri(project)))
             subfolder = project / "notebooks"
             subfolder.mkdir(exist_ok=True)
             run_pipeline(project, ["compare"], cwd=subfolder)
-        _BUILT["compared"] = ComparedProject(project, checkpoints, folder.name, runs)
-    return _BUILT["compared"]
+        return {"checkpoints": checkpoints, "folder": folder.name, "runs": runs}
+
+    project, built = _built_once(tmp_path_factory, "compared", build)
+    checkpoints = {task: tuple(state) for task, state in built["checkpoints"].items()}
+    return ComparedProject(project, checkpoints, built["folder"], built["runs"])
 
 
 # --- a pipeline's nodes on an in-memory catalog (no session, no files, no tracking) ---------------

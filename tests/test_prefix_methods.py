@@ -11,7 +11,7 @@ from clip_continual.methods import get_method
 from clip_continual.model.adapters import adapter_recipe, image_routing
 from clip_continual.model.checkpoints import load_checkpoint, save_checkpoint
 from clip_continual.model.clip import encode_images, encode_text
-from clip_continual.model.prefix_attention import GaussianTaskSelector
+from clip_continual.model.prefix_attention import GaussianTaskSelector, branches_off, prefix_branches
 from clip_continual.training.config import TrainingConfig
 from clip_continual.training.loop import fine_tune
 
@@ -63,6 +63,36 @@ def test_each_image_takes_its_likeliest_task_and_a_batch_votes():
     # An image's route names its slot and its batch's mean weight, for the text tower.
     slot, text_weight = selector.table[int(selector.last_routes[0])]
     assert slot == 2 and text_weight == pytest.approx(float(selector.choose(test[[0, 5, 5, 1]]).weights.mean()))
+
+
+def test_where_test_batches_mix_tasks_each_image_decides_alone():
+    """A batch vote assumes a batch of one task's images (DIKI's MTIL test loader); on a test set
+    that mixes the phases' images it would give most images another task's slot."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.eye(3, 8) * 3.0
+    selector = GaussianTaskSelector(8, batchwise=True, vote_batch=256)
+    for centre in centres:
+        selector.add_task(centre + 0.1 * torch.randn(200, 8, generator=generator))
+    truth = torch.tensor([2, 0, 1, 1, 0, 2, 2])
+    test = centres[truth] + 0.1 * torch.randn(len(truth), 8, generator=generator)
+    assert selector.select(test).slots.tolist() == [2] * len(truth)
+    route = selector.select(test, mixed_batches=True)
+    assert torch.equal(route.slots, truth)
+    torch.testing.assert_close(route.batch_weights, route.weights, rtol=0, atol=0)  # a batch of one
+    texts = [selector.table[int(r)] for r in selector.last_routes]
+    assert [slot for slot, _ in texts] == truth.tolist()
+    assert [weight for _, weight in texts] == pytest.approx(route.weights.tolist())
+
+
+def test_branches_off_restores_what_it_found_when_nested(micro):
+    adapted = micro.clone()
+    get_method("diki").prepare_student(adapted.model, "wm")
+    branches = prefix_branches(adapted.model)
+    with branches_off(adapted.model):
+        with branches_off(adapted.model.visual):  # as the routing hook does inside a caller's block
+            pass
+        assert all(branch.bypass for branch in branches)
+    assert not any(branch.bypass for branch in branches)
 
 
 def train(start, train_set, method, task_index=1):
@@ -196,3 +226,27 @@ def test_dpw_odcl_cil_scales_each_learnt_tasks_block_by_its_confidence(micro):
     assert np.concatenate([predictions for predictions, _ in got]).tolist() == torch.cat(expected).argmax(1).tolist()
     assert [labels.tolist() for _, labels in got] == [[0, 1, 2, 0, 1, 2], [3, 4, 3, 4, 3, 4]]  # union index
     assert len({selector.table[r][0] for r in selector.table}) == 1  # each image a route of its own (no slot)
+
+
+def test_phase_evaluations_tell_the_routing_that_their_batches_mix_tasks(micro, random_image_set, monkeypatch):
+    """The digits' and class-incremental CIFAR-100's test sets hold every phase's images: their
+    images are routed one by one; a zero-shot set of the suite keeps the batch vote."""
+    from clip_continual.evaluation.sequences import evaluate_class_incremental_step
+    from clip_continual.evaluation.step import evaluate_step
+
+    train_set = random_image_set(micro, 40, 4)
+    second, _ = train(train(micro, train_set, "diki")[0], train_set, "diki", task_index=2)
+    told: list[bool] = []
+    original = GaussianTaskSelector.select
+    monkeypatch.setattr(GaussianTaskSelector, "select",
+                        lambda self, features, mixed_batches=False: told.append(mixed_batches)
+                        or original(self, features, mixed_batches))
+    prompts = [f"a photo of {name} ." for name in train_set.class_names]
+    evaluate_step(second, 2, "task_2", train_set, prompts, [[0, 1], [2, 3]],
+                  {"zs": (random_image_set(micro, 6, 3), ["a {}."])}, batch_size=16, device="cpu",
+                  previous_rows=[[0.0, 0.0], [0.0, 0.0]])
+    assert told == [True] * 3 + [False]  # 40 test images in batches of 16, then the zero-shot set
+    told.clear()
+    evaluate_class_incremental_step(second, 2, "task_2", train_set, ["a {}."], [[0, 1], [2, 3]], 16, "cpu",
+                                    previous_rows=[[0.0, 0.0], [0.0, 0.0]])
+    assert told == [True] * 3

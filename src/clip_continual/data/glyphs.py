@@ -67,6 +67,15 @@ def _placed(strokes: tuple[list[tuple[float, float]], ...], rng: np.random.Gener
              for x, y in line] for line in strokes]
 
 
+def block_means(image: np.ndarray, block: int, dtype: type) -> np.ndarray:
+    """Means of ``block`` x ``block`` squares of a uint8 (H x W [x C]) image, in ``dtype``. The
+    sums are whole numbers far below 2**24, exact in any order, so this is bit for bit numpy's
+    mean in that dtype, without its cost on small arrays."""
+    rows, columns = image.shape[0] // block, image.shape[1] // block
+    squares = image.reshape(rows, block, columns, block, *image.shape[2:]).astype(np.int32)
+    return squares.sum(axis=(1, 3)).astype(dtype) / dtype(block * block)
+
+
 def draw_glyph(digit: int, ink: tuple[float, ...], paper: float, height: float, thickness: float,
                rng: np.random.Generator, image_size: int) -> np.ndarray:
     """One numeral (uint8, S x S x 3): ``ink`` RGB on a grey ``paper``; ``thickness`` in pixels."""
@@ -76,8 +85,7 @@ def draw_glyph(digit: int, ink: tuple[float, ...], paper: float, height: float, 
     stroke = max(1, int(round(thickness * SUPERSAMPLE)))
     for line in _placed(STROKES[digit], rng, fine, height):
         pen.line(line, fill=255, width=stroke, joint="curve")
-    coverage = np.asarray(canvas, dtype=np.float32).reshape(
-        image_size, SUPERSAMPLE, image_size, SUPERSAMPLE).mean(axis=(1, 3)) / 255.0
+    coverage = block_means(np.asarray(canvas), SUPERSAMPLE, np.float32) / 255.0
     pixels = paper + coverage[..., None] * (np.asarray(ink, dtype=np.float32) - paper)
     pixels += rng.normal(0, 3.0, pixels.shape)
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
@@ -87,7 +95,7 @@ def scanned(image: np.ndarray) -> np.ndarray:
     """The look of a low-resolution scan: reduced to 8x8 by area, enlarged back bilinearly
     (as the handwritten digits of the updated task are stored)."""
     size = image.shape[0]
-    coarse = image.reshape(8, size // 8, 8, size // 8, 3).mean(axis=(1, 3)) / 16.0
+    coarse = block_means(image, size // 8, np.float64) / 16.0
     return upscale(coarse[..., 0][None], size)[0]
 
 

@@ -7,6 +7,8 @@ the edges. Everything is deterministic given the seed.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,13 +116,43 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape '{shape}'")
 
 
-def draw(attributes: ShapeAttributes, rng: np.random.Generator, image_size: int = 32) -> np.ndarray:
-    """Draw the images (uint8, N x S x S x 3) for the given attributes."""
-    count = len(attributes)
-    fine = image_size * SUPERSAMPLE
-    # Pixel centres in output-pixel units.
-    grid = (np.arange(fine) + 0.5) / SUPERSAMPLE
+def supersampled_coverage(inside: np.ndarray) -> np.ndarray:
+    """The fraction of each output pixel's SUPERSAMPLE x SUPERSAMPLE samples that are ``inside``
+    (bool, N x S*k x S*k) as float32. Counts of 0/1 are exact in any order, so this is bit for bit
+    the float32 mean of the samples, in a fraction of its time."""
+    count, fine = inside.shape[0], inside.shape[1] // SUPERSAMPLE
+    counts = inside.view(np.uint8).reshape(count, fine, SUPERSAMPLE, fine, SUPERSAMPLE)
+    counts = counts.sum(axis=4, dtype=np.uint8).sum(axis=2, dtype=np.uint8)
+    return counts.astype(np.float32) / np.float32(SUPERSAMPLE * SUPERSAMPLE)
+
+
+@dataclass(frozen=True)
+class _Placement:
+    shape: np.ndarray
+    radius: np.ndarray
+    centre_x: np.ndarray
+    centre_y: np.ndarray
+    image_size: int
+
+    def coverage(self, part: np.ndarray) -> np.ndarray:
+        """Anti-aliased coverage (N x S x S, float32) of the images ``part``; no randomness, so
+        chunks can be drawn in any order and on several threads."""
+        size = self.image_size
+        grid = ((np.arange(size * SUPERSAMPLE) + 0.5) / SUPERSAMPLE).astype(np.float32)
+        coverage = np.empty((len(part), size, size), dtype=np.float32)
+        for shape_index in np.unique(self.shape[part]):
+            rows = part[self.shape[part] == shape_index]
+            scale = (1.0 / self.radius[rows]).astype(np.float32)[:, None, None]
+            u = (grid[None, None, :] - self.centre_x[rows, None, None].astype(np.float32)) * scale
+            v = (grid[None, :, None] - self.centre_y[rows, None, None].astype(np.float32)) * scale
+            u, v = np.broadcast_arrays(u, v)
+            coverage[rows - part[0]] = supersampled_coverage(_shape_mask(SHAPES[shape_index], u, v))
+        return coverage
+
+
+def _placement(attributes: ShapeAttributes, rng: np.random.Generator, image_size: int) -> _Placement:
     # Sizes and offsets as fractions of the image, so any resolution draws the same scene.
+    count = len(attributes)
     radius = image_size * np.where(
         attributes.size == 0, rng.uniform(0.25, 0.3, count), rng.uniform(0.36, 0.44, count)
     )
@@ -128,30 +160,29 @@ def draw(attributes: ShapeAttributes, rng: np.random.Generator, image_size: int 
     jitter = image_size * 0.05
     centre_x = np.clip(column + rng.uniform(-jitter, jitter, count), radius, image_size - radius)
     centre_y = np.clip(image_size / 2 + rng.uniform(-jitter, jitter, count), radius, image_size - radius)
+    return _Placement(attributes.shape, radius, centre_x, centre_y, image_size)
+
+
+def draw(attributes: ShapeAttributes, rng: np.random.Generator, image_size: int = 32) -> np.ndarray:
+    """Draw the images (uint8, N x S x S x 3) for the given attributes."""
+    count = len(attributes)
+    placement = _placement(attributes, rng, image_size)
     grey = np.where(attributes.background == 0, rng.uniform(25, 85, count), rng.uniform(165, 225, count))
     palette = np.array(list(COLOURS.values()), dtype=np.float64)
     colour = np.clip(palette[attributes.colour] + rng.normal(0, 10, (count, 3)), 0, 255)
 
-    images = np.empty((count, image_size, image_size, 3), dtype=np.uint8)
-    grid = grid.astype(np.float32)
-    chunk = 512
-    for start in range(0, count, chunk):
-        part = np.arange(start, min(start + chunk, count))
-        coverage = np.empty((len(part), image_size, image_size), dtype=np.float32)
-        for shape_index in np.unique(attributes.shape[part]):
-            rows = part[attributes.shape[part] == shape_index]
-            scale = (1.0 / radius[rows]).astype(np.float32)[:, None, None]
-            u = (grid[None, None, :] - centre_x[rows, None, None].astype(np.float32)) * scale
-            v = (grid[None, :, None] - centre_y[rows, None, None].astype(np.float32)) * scale
-            u, v = np.broadcast_arrays(u, v)
-            mask = _shape_mask(SHAPES[shape_index], u, v).astype(np.float32)
-            coverage[rows - start] = mask.reshape(
-                len(rows), image_size, SUPERSAMPLE, image_size, SUPERSAMPLE
-            ).mean(axis=(2, 4))
+    def noiseless(part: np.ndarray) -> np.ndarray:
         background = grey[part, None, None, None]
-        pixels = background + coverage[..., None] * (colour[part, None, None, :] - background)
-        pixels += rng.normal(0, 3.0, pixels.shape)  # sensor noise, so no two images are identical
-        images[part] = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+        return background + placement.coverage(part)[..., None] * (colour[part, None, None, :] - background)
+
+    images = np.empty((count, image_size, image_size, 3), dtype=np.uint8)
+    parts = [np.arange(start, min(start + 512, count)) for start in range(0, count, 512)]
+    # Most of the work on every core (numpy releases the GIL); the noise is drawn chunk after
+    # chunk in order, so the images do not depend on the number of threads.
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        for part, pixels in zip(parts, pool.map(noiseless, parts)):
+            pixels += rng.normal(0, 3.0, pixels.shape)  # sensor noise, so no two images are identical
+            images[part] = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
     return images
 
 

@@ -27,7 +27,9 @@ is the top-1 accuracy on dataset i after step t, so Transfer / Avg / Last are ZS
 Test batches hold one dataset's images under every protocol, as upstream evaluates them: a
 method that votes over a batch (MoE-Adapters' DDAS chunks, DIKI's and DPW's batch-wise prompt)
 still sees a batch of one domain; DPW evaluates ODCL-CIL's learnt tasks one image at a time
-(``get_dataloader``, ``CIL_flag``) for that reason.
+(``get_dataloader``, ``CIL_flag``) for that reason. A phase evaluation (the embedded digits,
+class-incremental CIFAR-100) has one test set over every phase's classes, whose batches mix the
+tasks: it says so (``EvaluatedTask.mixed_batches``), and a batch-wise rule decides per image.
 
 Plain Python; no Kedro import.
 """

@@ -178,7 +178,7 @@ def evaluate_class_incremental_step(
     step = int(step)
     rows = _checked_rows(previous_rows, step, len(phases))
     labels = np.asarray(test_set.labels)
-    with evaluating(clip, device) as target:
+    with evaluating(clip, device) as target, evaluating_task(clip.model, EvaluatedTask(mixed_batches=True)):
         class_feats = zero_shot_classifier(clip, test_set.class_names, templates, batch_size, target)
         features, routes = image_features_and_routes(clip, test_set, batch_size, target, loader)
         acc_row = [

@@ -21,6 +21,7 @@ from clip_continual.evaluation.zero_shot import (
     check_phases, phase_accuracies, predictions_among, seen_accuracy, seen_classes, top1_accuracy,
     zero_shot_accuracy,
 )
+from clip_continual.model.adapters import EvaluatedTask, evaluating_task
 from clip_continual.model.clip import ClipModel
 
 
@@ -101,8 +102,9 @@ def evaluate_step(
         # The session just learnt among its own classes too: what its loss trained (the paper's
         # MST masks the cross-entropy to them, CL-CLIP methods/ft.py text_fmask).
         own = [phases[step - 1]] if step > 0 else []
-        ut_predictions, ut_seen_predictions, *own_predictions = predictions_among(
-            clip, updated_test, class_feats, [None, seen_classes(phases, step), *own], batch_size, loader)
+        with evaluating_task(clip.model, EvaluatedTask(mixed_batches=True)):  # one test set, every phase
+            ut_predictions, ut_seen_predictions, *own_predictions = predictions_among(
+                clip, updated_test, class_feats, [None, seen_classes(phases, step), *own], batch_size, loader)
         acc_row = phase_accuracies(ut_predictions, updated_test.labels, phases)
         suite = _suite_metrics(clip, zero_shot_sets, retrieval_sets or {}, batch_size, target, loader)
     learning_own = seen_accuracy(own_predictions[0], updated_test.labels, own[0]) if own else None

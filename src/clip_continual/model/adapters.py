@@ -179,6 +179,10 @@ class EvaluatedTask:
     # (DPW's ODCL-CIL rule depends on it).
     label_space: str = "own"
     candidates: tuple[int, ...] = ()
+    # The test batches mix the images of several tasks (one test set over every phase's classes:
+    # the embedded digits, class-incremental CIFAR-100), so a rule that votes over a batch of one
+    # task's images (DIKI's and DPW's batch-wise prompt) must decide for each image alone.
+    mixed_batches: bool = False
 
 
 def evaluated_task(model: nn.Module) -> EvaluatedTask:

@@ -137,15 +137,17 @@ def add_slot(model: nn.Module, **options: Any) -> None:
 
 @contextlib.contextmanager
 def branches_off(module: nn.Module) -> Iterator[None]:
-    """The frozen CLIP within the block: every prefix branch bypassed."""
+    """The frozen CLIP within the block: every prefix branch bypassed. Nested blocks restore what
+    they found (the routing hook computes frozen features inside a caller's block)."""
     branches = prefix_branches(module)
+    found = [branch.bypass for branch in branches]
     for branch in branches:
         branch.bypass = True
     try:
         yield
     finally:
-        for branch in branches:
-            branch.bypass = False
+        for branch, bypass in zip(branches, found):
+            branch.bypass = bypass
 
 
 def set_route(module: nn.Module, route: PrefixRoute | None) -> None:
@@ -244,9 +246,12 @@ class GaussianTaskSelector(nn.Module):
         batch = weights.mean().expand(len(weights))
         return PrefixRoute(slots, weights, batch)
 
-    def select(self, features: torch.Tensor) -> PrefixRoute:
-        """``choose`` per chunk of ``vote_batch`` images; records each image's route."""
-        chosen = [self.choose(chunk) for chunk in features.split(self.vote_batch)]
+    def select(self, features: torch.Tensor, mixed_batches: bool = False) -> PrefixRoute:
+        """``choose`` per chunk of ``vote_batch`` images, or per image where the test batches mix
+        tasks (``EvaluatedTask.mixed_batches``: a batch of one, as DPW evaluates the learnt tasks
+        of its class-incremental protocol, DPW/DPW.py ``get_dataloader``); records each image's
+        route."""
+        chosen = [self.choose(chunk) for chunk in features.split(1 if mixed_batches else self.vote_batch)]
         routes = []
         for route in chosen:
             text_weight = float(route.batch_weights[0])
@@ -376,8 +381,10 @@ def _route_images(visual: nn.Module, args: tuple) -> None:
     if visual.training or not selector.active:
         return
     features = frozen_image_features(visual, args[0])
-    confident = selector.confident_rule_applies(evaluated_task(visual))
-    set_route(visual, selector.select_confident(features) if confident else selector.select(features))
+    told = evaluated_task(visual)
+    confident = selector.confident_rule_applies(told)
+    set_route(visual, selector.select_confident(features) if confident
+              else selector.select(features, told.mixed_batches))
 
 
 def _forget_routes(visual: nn.Module, args: tuple, output: torch.Tensor) -> None:
