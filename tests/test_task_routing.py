@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import numpy as np
 import pytest
 
 from project_helpers import REPO_ROOT, copy_project, run_pipeline
@@ -23,6 +24,13 @@ def routing():
 @pytest.mark.parametrize("method", ["diki", "condu"])
 def test_each_session_is_read_six_ways(routing, finished, tmp_path, method, capsys, monkeypatch):
     project = copy_project(finished, tmp_path / "project")
+    # Six test digits of each class, in the prepared file's own format: DIKI routes each test image
+    # alone here, and the 540 digits of the full split would cost seconds per evaluation.
+    test_file = project / "data" / "03_primary" / "digits_test.npz"
+    arrays = dict(np.load(test_file))
+    keep = np.sort(np.concatenate([np.flatnonzero(arrays["labels"] == label)[:6] for label in range(10)]))
+    np.savez(test_file, images=arrays["images"][keep], labels=arrays["labels"][keep],
+             class_names=arrays["class_names"])
     run_pipeline(project, ["digits_mst"], params={"method": method})
     monkeypatch.setattr(sys, "argv", ["task_routing.py", str(project), method])
     routing.main()
