@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from clip_continual.data.common import ImageSet
@@ -18,11 +19,14 @@ def generate_pretraining_corpus(params: dict[str, Any], seed: int) -> ImageSet:
     total, glyphs = params["shapes"]["corpus_size"], glyph_params.get("count", 0)
     if not 0 <= glyphs <= total:
         raise ValueError(f"data_preparation.glyphs.count must lie in [0, corpus_size={total}], got {glyphs}")
-    shapes = make_corpus(total - glyphs, seed, params["image_size"])
     if not glyphs:
-        return shapes
-    printed = make_glyphs(glyphs, seed, params["image_size"], glyph_params.get("scanned_fraction", 0.0))
-    return mixed_corpus(shapes, printed, seed)
+        return make_corpus(total, seed, params["image_size"])
+    # Two random streams of their own: drawn side by side, they give the same images as in turn.
+    with ThreadPoolExecutor(1) as pool:
+        printed = pool.submit(make_glyphs, glyphs, seed, params["image_size"],
+                              glyph_params.get("scanned_fraction", 0.0))
+        shapes = make_corpus(total - glyphs, seed, params["image_size"])
+        return mixed_corpus(shapes, printed.result(), seed)
 
 
 def generate_shapes_zero_shot_set(params: dict[str, Any], seed: int) -> ImageSet:
