@@ -8,8 +8,10 @@ the edges. Everything is deterministic given the seed.
 from __future__ import annotations
 
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -179,11 +181,25 @@ def draw(attributes: ShapeAttributes, rng: np.random.Generator, image_size: int 
     parts = [np.arange(start, min(start + 512, count)) for start in range(0, count, 512)]
     # Most of the work on every core (numpy releases the GIL); the noise is drawn chunk after
     # chunk in order, so the images do not depend on the number of threads.
-    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        for part, pixels in zip(parts, pool.map(noiseless, parts)):
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        for part, pixels in zip(parts, _in_order(pool, noiseless, parts, ahead=2 * workers)):
             pixels += rng.normal(0, 3.0, pixels.shape)  # sensor noise, so no two images are identical
             images[part] = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
     return images
+
+
+def _in_order(pool: ThreadPoolExecutor, function: Callable[[Any], Any], items: list[Any],
+              ahead: int) -> Iterator[Any]:
+    """``function`` of each item, in order, with at most ``ahead`` results computed but not yet
+    taken (``pool.map`` would hold every chunk's float pixels at once on a large corpus)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def make_corpus(count: int, seed: int, image_size: int = 32, stream: int = 0) -> ImageSet:
