@@ -106,6 +106,9 @@ def test_each_chunk_takes_the_task_that_reconstructs_it_best(small, alexnet_file
     with torch.no_grad():
         routes = selector.select(torch.cat([bright, dark, bright[:2]]))
         assert routes.tolist() == [1] * 4 + [0] * 4 + [1] * 2  # chunks of 4 consecutive images
+        mixed = torch.cat([bright[:1], dark[:2], bright[1:2]])
+        assert len(set(selector.select(mixed).tolist())) == 1  # one chunk: one task for all four
+        assert selector.select(mixed, mixed_batches=True).tolist() == [1, 0, 0, 1]  # a phase evaluation
         plain = small.model.encode_image(dark)
         routed = clip.model.encode_image(dark)
         assert selector.last_routes.tolist() == [0] * 4

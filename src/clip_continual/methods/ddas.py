@@ -176,10 +176,11 @@ class TaskSelector(nn.Module):
             return -1
         return best - (self.reference is not None)
 
-    def select(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B,) each image's task: one per chunk of ``batch`` consecutive images."""
+    def select(self, pixels: torch.Tensor, mixed_batches: bool = False) -> torch.Tensor:
+        """(B,) each image's task: one per chunk of ``batch`` consecutive images, or per image
+        where the test batches mix tasks (``EvaluatedTask.mixed_batches``: a phase evaluation)."""
         routes = [torch.full((len(chunk),), self.choose(self.codes(chunk)), dtype=torch.long)
-                  for chunk in pixels.split(self.batch)]
+                  for chunk in pixels.split(1 if mixed_batches else self.batch)]
         return torch.cat(routes).to(pixels.device)
 
     def routes(self) -> list[int]:

@@ -32,7 +32,8 @@ from clip_continual.methods.ddas import (
 )
 from clip_continual.methods.ft import FineTuning
 from clip_continual.model.adapters import (
-    TOWERS_OF_PARTS, AdapterError, adapter_recipe, add_adapters, register_adapter_kind, tower_transformers,
+    TOWERS_OF_PARTS, AdapterError, adapter_recipe, add_adapters, evaluated_task, register_adapter_kind,
+    tower_transformers,
 )
 
 
@@ -241,7 +242,7 @@ def _route_images(visual: nn.Module, args: tuple) -> None:
     if visual.training or not selector.active:
         return
     with torch.no_grad():
-        routes = selector.select(args[0])
+        routes = selector.select(args[0], evaluated_task(visual).mixed_batches)
     selector.last_routes = routes
     for mixture in visual_mixtures(visual):
         mixture.routes = routes

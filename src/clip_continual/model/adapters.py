@@ -181,7 +181,8 @@ class EvaluatedTask:
     candidates: tuple[int, ...] = ()
     # The test batches mix the images of several tasks (one test set over every phase's classes:
     # the embedded digits, class-incremental CIFAR-100), so a rule that votes over a batch of one
-    # task's images (DIKI's and DPW's batch-wise prompt) must decide for each image alone.
+    # task's images (DIKI's and DPW's batch-wise prompt, MoE-Adapters' DDAS chunks) must decide
+    # for each image alone.
     mixed_batches: bool = False
 
 
