@@ -37,7 +37,7 @@ from clip_continual.evaluation.zero_shot import predictions_among, seen_accuracy
 from clip_continual.methods.condu import rank_tasks
 from clip_continual.model.adapters import EvaluatedTask, evaluating_task
 from clip_continual.model.checkpoints import load_checkpoint
-from clip_continual.model.clip import ClipModel
+from clip_continual.model.clip import ClipModel, encode_images
 from clip_continual.model.prefix_attention import branches_off, frozen_image_features
 from clip_continual.runtime.benchmarks import BENCHMARKS
 
@@ -76,8 +76,8 @@ def routed_right(clip: ClipModel, session: ImageSet, task: int) -> float | None:
             return float((chosen == task).float().mean())
         experts = getattr(clip.model, "task_experts", None)
         if experts is not None:
-            with experts.plain():
-                features = torch.nn.functional.normalize(clip.model.eval().encode_image(pixels).float(), dim=-1)
+            with experts.plain():  # the pretrained features ConDU ranks prototypes by (voters)
+                features = torch.nn.functional.normalize(encode_images(clip.model.eval(), pixels).float(), dim=-1)
             return float((rank_tasks(features, experts.prototypes())[:, 0] == task).float().mean())
     return None
 

@@ -51,6 +51,19 @@ TINY_PARAMETERS: dict[str, Any] = {
 }
 
 
+def benchmark_script(name: str) -> Any:
+    """``benchmarks/<name>.py`` imported as the module ``name`` (registered in ``sys.modules``:
+    dataclasses and pickling look their module up there)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def store_uri(project: Path) -> str:
     return f"sqlite:///{project / STORE_FILE}"
 

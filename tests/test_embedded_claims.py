@@ -3,21 +3,15 @@ larger than the seed spread, on every seed, and fail otherwise (the instrument c
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import pytest
 
-from project_helpers import REPO_ROOT
+from project_helpers import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def claims():
-    spec = importlib.util.spec_from_file_location("embedded_claims", REPO_ROOT / "benchmarks" / "embedded_claims.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["embedded_claims"] = module
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("embedded_claims")
 
 
 def results(**rows: list[float]) -> dict:

@@ -3,25 +3,19 @@ so that the GPU check keeps working between the times it runs on a GPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 import warnings
 
 import pytest
 
 from clip_continual.runtime.schema import check_parameters
-from project_helpers import REPO_ROOT
+from project_helpers import REPO_ROOT, benchmark_script
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO_ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("gpu_check")
 
 
 def test_the_small_check_measures_every_switch_and_writes_one_report(gpu_check, tmp_path):

@@ -3,22 +3,17 @@ columns it prints are the numbers the README quotes on why DIKI, DPW and ConDU l
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import numpy as np
 import pytest
 
-from project_helpers import REPO_ROOT, copy_project, run_pipeline
+from project_helpers import benchmark_script, copy_project, run_pipeline
 
 
 @pytest.fixture(scope="module")
 def routing():
-    spec = importlib.util.spec_from_file_location("task_routing", REPO_ROOT / "benchmarks" / "task_routing.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["task_routing"] = module
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("task_routing")
 
 
 @pytest.mark.parametrize("method", ["diki", "condu"])

@@ -6,23 +6,15 @@ them the test is skipped, before any project is built, saying what is missing.""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 
 import pytest
 import yaml
 
-from project_helpers import REPO_ROOT
+from project_helpers import REPO_ROOT, benchmark_script
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("look_at_views", REPO_ROOT / "benchmarks" / "look_at_views.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-LOOK = _script()
+LOOK = benchmark_script("look_at_views")
 MISSING = LOOK.why_not_runnable()
 
 
