@@ -174,3 +174,66 @@ def test_the_disk_check_counts_prepared_data_reports_and_their_mlflow_copies(def
     assert sizes.pop("prepared data") > 10 * GIB  # MTIL's eleven datasets, none prepared yet
     assert sizes == {"checkpoints": model_bytes(defaults["model"]["architecture"]), "reports": 2 * REPORT_BYTES,
                      "MLflow artifacts": REPORT_BYTES}
+
+
+def test_params_that_no_node_reads_are_refused_with_the_key_to_write():
+    from clip_continual.runtime.preflight import check_overrides_read
+
+    read = ["coco_mst.continual_learning", "coco_mst.seed", "method", "tracking"]
+    check_overrides_read({"method": "ft", "coco_mst": {"continual_learning": {"training": {"lr": 1e-5}}}},
+                         read, "coco_mst")  # read: no complaint
+    check_overrides_read({"coco_mst.continual_learning": {"alpha": 0.5}}, read, "coco_mst")  # dotted, as typed
+    with pytest.raises(ValueError) as error:
+        check_overrides_read({"continual_learning": {"training": {"distributed": {"backend": "torch"}}}, "seed": 3},
+                             read, "coco_mst")
+    message = str(error.value)
+    assert ("'continual_learning.training.distributed.backend' (write "
+            "coco_mst.continual_learning.training.distributed.backend=...)") in message
+    assert "'seed' (write coco_mst.seed=...)" in message and "no node of coco_mst reads them" in message
+
+
+def test_the_parameters_a_pipeline_reads_are_its_nodes_inputs():
+    from kedro.framework.startup import bootstrap_project
+
+    from clip_continual.pipelines.hooks import _parameters_read
+    from project_helpers import REPO_ROOT
+
+    bootstrap_project(REPO_ROOT)
+    coco, embedded = set(_parameters_read(["coco_mst"])), set(_parameters_read(["__default__"]))
+    assert {"coco_mst.continual_learning", "coco_mst.seed", "method"} <= coco
+    assert not {"continual_learning", "seed", "runtime_overrides"} & coco
+    assert {"continual_learning", "pretraining", "seed", "data_preparation"} <= embedded
+    # digits_mst pretrains nothing but loads the start model its settings name (${source_key:})
+    assert {"pretraining", "model", "data_preparation"} <= set(_parameters_read(["digits_mst"]))
+
+
+def _readme_runs() -> list[tuple[list[str], str]]:
+    """(pipelines, --params text) of every `kedro run` with --params in the README's commands."""
+    import re
+    import shlex
+
+    from project_helpers import REPO_ROOT
+
+    runs = []
+    for line in (REPO_ROOT / "README.md").read_text().splitlines():
+        for command in re.findall(r"kedro run [^`#&]*--params [^`#&]*", line):
+            words = shlex.split(command)
+            names = words[words.index("--pipelines") + 1].split(",") if "--pipelines" in words else ["__default__"]
+            runs.append((names, words[words.index("--params") + 1]))
+    return runs
+
+
+def test_every_readme_command_sets_only_what_its_pipelines_read():
+    """A README command whose --params no node reads would run with the settings it claims to change."""
+    from kedro.framework.cli.utils import _split_params
+    from kedro.framework.startup import bootstrap_project
+
+    from clip_continual.pipelines.hooks import _parameters_read
+    from clip_continual.runtime.preflight import check_overrides_read
+    from project_helpers import REPO_ROOT
+
+    bootstrap_project(REPO_ROOT)
+    runs = _readme_runs()
+    assert len(runs) >= 20 and any("coco_mst.continual_learning.training.distributed" in p for _, p in runs)
+    for names, params in runs:
+        check_overrides_read(_split_params(None, None, params), _parameters_read(names), ",".join(names))

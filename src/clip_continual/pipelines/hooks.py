@@ -28,6 +28,7 @@ from clip_continual.runtime.checkpoint_sequence import SETTINGS as CHECKPOINTS_S
 from clip_continual.runtime.data_commands import PREPARED, check_before_run, preparation_size
 from clip_continual.runtime.recipe import RUNTIME_OVERRIDES, resolve_recipe
 from clip_continual.runtime.run_key import (
+    SOURCE_KEY_PARAMETERS,
     compute_run_key, compute_source_key, current_run_key, run_name_of, set_current_run_key,
     set_current_source_key,
 )
@@ -57,6 +58,19 @@ def _local_path(dataset, project_path: Path) -> Path | None:
         return None
     path = Path(str(filepath))
     return path if path.is_absolute() else project_path / path
+
+
+def _parameters_read(pipeline_names: list[str]) -> list[str]:
+    """The parameters the named pipelines' nodes take (dotted), ``--params`` themselves aside;
+    whole pipelines, so that ``--to-nodes`` or a resumed run is not refused what it skips."""
+    from kedro.framework.project import pipelines
+
+    inputs = set().union(*(pipelines[name].inputs() for name in pipeline_names))
+    read = [name.removeprefix("params:") for name in inputs
+            if name.startswith("params:") and name != f"params:{RUNTIME_OVERRIDES}"]
+    if inputs & {"pretrained_model", "pretrained_model_cache"}:  # found by ${source_key:} (catalog.yml)
+        read += SOURCE_KEY_PARAMETERS
+    return read + ["tracking", "method"]  # the hooks': MLflow on or off, the run's label
 
 
 def _output_files(pipeline, catalog, project_path: Path) -> list[Path]:
@@ -106,7 +120,13 @@ class SettingsCheckHook:
             lambda: preflight.check_disk_space(self._writes(pipeline, catalog, run_params.get("pipeline_names"))),
             *self._checkpoint_list(pipeline, run_params),
             *self._protocol(pipeline, run_params),
+            partial(self._overrides_read, run_params.get("pipeline_names") or ["__default__"]),
         ])
+
+    def _overrides_read(self, pipeline_names: list[str]) -> None:
+        overrides = self._params.get(RUNTIME_OVERRIDES)
+        if overrides:
+            preflight.check_overrides_read(overrides, _parameters_read(pipeline_names), ", ".join(pipeline_names))
 
     def _protocol(self, pipeline, run_params: dict[str, Any]) -> list[Callable[[], Any]]:
         """The evaluation protocol against the method, where the pipeline trains one."""
