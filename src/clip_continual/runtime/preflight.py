@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,26 +125,21 @@ def check_protocol(params: dict, pipeline_names: list[str] | None) -> None:
     protocol.check_method(str(params["method"]), method.task_identity, benchmark.evaluation, method.label_spaces)
 
 
-def _dotted_leaves(tree: Mapping[str, Any], path: tuple[str, ...] = ()) -> Iterator[str]:
-    for key, child in tree.items():
-        here = (*path, *str(key).split("."))  # `--params a.b=1` may stay dotted
-        if isinstance(child, Mapping) and child:
-            yield from _dotted_leaves(child, here)
-        else:
-            yield ".".join(here)
-
-
 def _reads(key: str, read: str) -> bool:
     return key == read or key.startswith(read + ".") or read.startswith(key + ".")
 
 
 def check_overrides_read(overrides: Mapping[str, Any] | None, read: Iterable[str], pipelines: str) -> None:
-    """Every ``--params`` key reaches a node of the pipelines run. ``read`` are the parameters
-    their nodes take (``params:`` inputs, dotted). A key of a block the run never reads (the
-    embedded default's ``continual_learning`` on ``coco_mst``, which reads
-    ``coco_mst.continual_learning``) would change nothing, silently."""
+    """Every ``--params`` key reaches the pipelines run. ``read`` are the parameters they read
+    (dotted): their nodes' ``params:`` inputs, the start model's settings where they load it,
+    the hooks'. A key of a block the run never reads (the embedded default's
+    ``continual_learning`` on ``coco_mst``, which reads ``coco_mst.continual_learning``) would
+    change nothing, silently."""
+    from clip_continual.runtime.recipe import setting_leaves
+
     read = sorted(set(read))
-    unread = [key for key in _dotted_leaves(overrides or {}) if not any(_reads(key, r) for r in read)]
+    keys = [".".join(path) for path, _ in setting_leaves(overrides or {})]
+    unread = [key for key in keys if not any(_reads(key, r) for r in read)]
     if not unread:
         return
     fixes = []
@@ -154,5 +149,5 @@ def check_overrides_read(overrides: Mapping[str, Any] | None, read: Iterable[str
         fixes.append(f"'{key}' (write {near[0]}{'.' + rest if rest else ''}=...)" if near else f"'{key}'")
     raise ValueError(
         f"--params {', '.join(fixes)} would change nothing: no node of {pipelines} reads "
-        f"{'it' if len(unread) == 1 else 'them'}. Its nodes read: {', '.join(read)}. Set "
+        f"{'it' if len(unread) == 1 else 'them'}. The run reads: {', '.join(read)}. Set "
         f"the key under one of those, or run the pipeline that reads it, and rerun")

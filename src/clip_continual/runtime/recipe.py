@@ -146,10 +146,10 @@ def _levels(block: Mapping[str, Any], path: str, method: str, task: str) -> Iter
     yield _training_settings(entry, f"{path}.methods.{method}.task_training.{task}")
 
 
-def _leaves(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+def setting_leaves(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
     if isinstance(tree, Mapping) and tree:
         for key, child in tree.items():
-            yield from _leaves(child, (*path, *str(key).split(".")))  # `--params a.b=1` may stay dotted
+            yield from setting_leaves(child, (*path, *str(key).split(".")))  # `--params a.b=1` may stay dotted
     elif path:
         yield path, tree
 
@@ -165,7 +165,7 @@ def _command_line(overrides: Mapping[str, Any] | None, block_path: str, method: 
     """The ``--params`` that reach this task's settings, at the top of the precedence."""
     prefix = tuple(block_path.split("."))
     flat: Flat = {}
-    for path, value in _leaves(overrides or {}):
+    for path, value in setting_leaves(overrides or {}):
         if path[:len(prefix)] != prefix or len(path) == len(prefix):
             continue
         single = _as_tree(path[len(prefix):], value)
@@ -265,7 +265,7 @@ def lookup(params: Mapping[str, Any], dotted: str) -> Any:
 def overridden(overrides: Mapping[str, Any] | None, dotted: str) -> bool:
     """Whether ``--params`` set ``dotted`` (or a block above it)."""
     wanted = tuple(dotted.split("."))
-    return any(path[:len(wanted)] == wanted or wanted[:len(path)] == path for path, _ in _leaves(overrides or {}))
+    return any(path[:len(wanted)] == wanted or wanted[:len(path)] == path for path, _ in setting_leaves(overrides or {}))
 
 
 def resolve_recipe(benchmark: Benchmark, params: Mapping[str, Any], method: str | None = None,
