@@ -195,16 +195,16 @@ def test_params_that_no_node_reads_are_refused_with_the_key_to_write():
 def test_the_parameters_a_pipeline_reads_are_its_nodes_inputs():
     from kedro.framework.startup import bootstrap_project
 
-    from clip_continual.pipelines.hooks import _parameters_read
+    from clip_continual.pipelines.hooks import parameters_read
     from project_helpers import REPO_ROOT
 
     bootstrap_project(REPO_ROOT)
-    coco, embedded = set(_parameters_read(["coco_mst"])), set(_parameters_read(["__default__"]))
+    coco, embedded = set(parameters_read(["coco_mst"])), set(parameters_read(["__default__"]))
     assert {"coco_mst.continual_learning", "coco_mst.seed", "method"} <= coco
     assert not {"continual_learning", "seed", "runtime_overrides"} & coco
     assert {"continual_learning", "pretraining", "seed", "data_preparation"} <= embedded
     # digits_mst pretrains nothing but loads the start model its settings name (${source_key:})
-    assert {"pretraining", "model", "data_preparation"} <= set(_parameters_read(["digits_mst"]))
+    assert {"pretraining", "model", "data_preparation"} <= set(parameters_read(["digits_mst"]))
 
 
 def _readme_runs() -> list[tuple[list[str], str | None]]:
@@ -231,7 +231,7 @@ def test_every_readme_run_names_real_pipelines_and_sets_only_what_they_read():
     from kedro.framework.project import pipelines
     from kedro.framework.startup import bootstrap_project
 
-    from clip_continual.pipelines.hooks import _parameters_read
+    from clip_continual.pipelines.hooks import parameters_read
     from clip_continual.runtime.preflight import check_overrides_read
     from project_helpers import REPO_ROOT
 
@@ -242,4 +242,4 @@ def test_every_readme_run_names_real_pipelines_and_sets_only_what_they_read():
     for names, params in runs:
         assert set(names) <= set(pipelines), names
         if params is not None:
-            check_overrides_read(_split_params(None, None, params), _parameters_read(names), ",".join(names))
+            check_overrides_read(_split_params(None, None, params), parameters_read(names), ",".join(names))

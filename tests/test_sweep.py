@@ -139,3 +139,12 @@ def test_a_variant_is_the_method_and_the_training_settings_its_command_changed()
     assert overrides == {"lr": 1e-3, "coco_ost.lr": 1e-5, "top_k": 4}
     assert variant_label("moe_adapters", None, {"lr": 0.001, "top_k": 4}) == "moe_adapters (lr=0.001, top_k=4)"
     assert variant_label("vr_lwf", 1.0, {}) == "vr_lwf (alpha=1.0)" and variant_label("ft", None, {}) == "ft"
+
+
+def test_an_override_the_pipeline_does_not_read_fails_before_the_first_run(finished, tmp_path):
+    project = copy_project(finished, tmp_path / "project")
+    runs = sweep.planned_runs([sweep.Variant("ft"), sweep.Variant.parse("lwf:coco_mst.continual_learning.alpha=0.5")],
+                              [0])
+    with _running_in(project), pytest.raises(sweep.SweepError, match=r"sweep run 2/2 .*coco_mst\.continual_learning"):
+        sweep.run_sweep(project, runs, pipeline=BENCHMARK)
+    assert mlflow_runs(store_uri(project)) == []  # not even the first run started

@@ -60,7 +60,7 @@ def _local_path(dataset, project_path: Path) -> Path | None:
     return path if path.is_absolute() else project_path / path
 
 
-def _parameters_read(pipeline_names: list[str]) -> list[str]:
+def parameters_read(pipeline_names: list[str]) -> list[str]:
     """The parameters the named pipelines' nodes take (dotted), ``--params`` themselves aside;
     whole pipelines, so that ``--to-nodes`` or a resumed run is not refused what it skips."""
     from kedro.framework.project import pipelines
@@ -126,7 +126,7 @@ class SettingsCheckHook:
     def _overrides_read(self, pipeline_names: list[str]) -> None:
         overrides = self._params.get(RUNTIME_OVERRIDES)
         if overrides:
-            preflight.check_overrides_read(overrides, _parameters_read(pipeline_names), ", ".join(pipeline_names))
+            preflight.check_overrides_read(overrides, parameters_read(pipeline_names), ", ".join(pipeline_names))
 
     def _protocol(self, pipeline, run_params: dict[str, Any]) -> list[Callable[[], Any]]:
         """The evaluation protocol against the method, where the pipeline trains one."""

@@ -160,6 +160,20 @@ def check_runs(runs: Sequence[dict[str, Any]], project: Mapping[str, Any], defau
                              f"{error}") from error
 
 
+def check_runs_read(runs: Sequence[dict[str, Any]], pipeline: str, benchmark: Benchmark) -> None:
+    """Every run's overrides reach ``pipeline`` (the project bootstrapped): a key it does not
+    read fails the sweep before its first run, as `kedro run` would fail that run."""
+    from clip_continual.pipelines.hooks import parameters_read
+    from clip_continual.runtime.preflight import check_overrides_read
+
+    read = parameters_read([pipeline])
+    for number, run in enumerate(runs, start=1):
+        try:
+            check_overrides_read(run, read, pipeline)
+        except ValueError as error:
+            raise SweepError(f"sweep run {number}/{len(runs)} ({describe(run, benchmark)}): {error}") from error
+
+
 def run_sweep(project_path: Path, runs: Sequence[dict[str, Any]], pipeline: str | None = None,
               env: str | None = None) -> None:
     """Each run in its own Kedro session (one MLflow run each), one after the other."""
@@ -168,6 +182,7 @@ def run_sweep(project_path: Path, runs: Sequence[dict[str, Any]], pipeline: str 
 
     bootstrap_project(project_path)
     benchmark = benchmark_in_force([pipeline] if pipeline else None)
+    check_runs_read(runs, pipeline or "__default__", benchmark)
     for number, params in enumerate(runs, start=1):
         logger.info("Sweep run %d/%d on %s: %s", number, len(runs), benchmark.name, describe(params, benchmark))
         with KedroSession.create(project_path=project_path, env=env, runtime_params=params) as session:
