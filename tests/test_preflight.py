@@ -195,7 +195,7 @@ def test_params_that_no_node_reads_are_refused_with_the_key_to_write():
 def test_the_parameters_a_pipeline_reads_are_its_nodes_inputs():
     from kedro.framework.startup import bootstrap_project
 
-    from clip_continual.pipelines.hooks import parameters_read
+    from clip_continual.pipeline_registry import parameters_read
     from project_helpers import REPO_ROOT
 
     bootstrap_project(REPO_ROOT)
@@ -231,7 +231,7 @@ def test_every_readme_run_names_real_pipelines_and_sets_only_what_they_read():
     from kedro.framework.project import pipelines
     from kedro.framework.startup import bootstrap_project
 
-    from clip_continual.pipelines.hooks import parameters_read
+    from clip_continual.pipeline_registry import parameters_read
     from clip_continual.runtime.preflight import check_overrides_read
     from project_helpers import REPO_ROOT
 

@@ -7,6 +7,8 @@ from clip_continual.pipelines import (
     vocabulary_replay,
 )
 from clip_continual.runtime.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, Benchmark
+from clip_continual.runtime.recipe import RUNTIME_OVERRIDES
+from clip_continual.runtime.run_key import SOURCE_KEY_PARAMETERS
 
 
 def _benchmark_pipeline(benchmark: Benchmark, vocabulary: Pipeline) -> Pipeline:
@@ -80,3 +82,19 @@ def _build_pipelines() -> dict[str, Pipeline]:
         + pipelines[DEFAULT_BENCHMARK]
     )
     return pipelines
+
+
+def parameters_read(pipeline_names: list[str]) -> list[str]:
+    """Every parameter (dotted) a run of the named pipelines reads, whole pipelines so that
+    ``--to-nodes`` or a resumed run is not refused what it skips: their nodes' inputs, the
+    start model's source key (``SOURCE_KEY_PARAMETERS``, resolved in catalog.yml where a node
+    takes the pretrained model) and the hooks' ``tracking`` and ``method``; the ``--params``
+    record itself aside."""
+    from kedro.framework.project import pipelines
+
+    inputs = set().union(*(pipelines[name].inputs() for name in pipeline_names))
+    read = [name.removeprefix("params:") for name in inputs
+            if name.startswith("params:") and name != f"params:{RUNTIME_OVERRIDES}"]
+    if inputs & {"pretrained_model", "pretrained_model_cache"}:
+        read += SOURCE_KEY_PARAMETERS
+    return read + ["tracking", "method"]  # MLflow on or off, the run's label

@@ -28,7 +28,6 @@ from clip_continual.runtime.checkpoint_sequence import SETTINGS as CHECKPOINTS_S
 from clip_continual.runtime.data_commands import PREPARED, check_before_run, preparation_size
 from clip_continual.runtime.recipe import RUNTIME_OVERRIDES, resolve_recipe
 from clip_continual.runtime.run_key import (
-    SOURCE_KEY_PARAMETERS,
     compute_run_key, compute_source_key, current_run_key, run_name_of, set_current_run_key,
     set_current_source_key,
 )
@@ -58,19 +57,6 @@ def _local_path(dataset, project_path: Path) -> Path | None:
         return None
     path = Path(str(filepath))
     return path if path.is_absolute() else project_path / path
-
-
-def parameters_read(pipeline_names: list[str]) -> list[str]:
-    """The parameters the named pipelines' nodes take (dotted), ``--params`` themselves aside;
-    whole pipelines, so that ``--to-nodes`` or a resumed run is not refused what it skips."""
-    from kedro.framework.project import pipelines
-
-    inputs = set().union(*(pipelines[name].inputs() for name in pipeline_names))
-    read = [name.removeprefix("params:") for name in inputs
-            if name.startswith("params:") and name != f"params:{RUNTIME_OVERRIDES}"]
-    if inputs & {"pretrained_model", "pretrained_model_cache"}:  # found by ${source_key:} (catalog.yml)
-        read += SOURCE_KEY_PARAMETERS
-    return read + ["tracking", "method"]  # the hooks': MLflow on or off, the run's label
 
 
 def _output_files(pipeline, catalog, project_path: Path) -> list[Path]:
@@ -124,6 +110,8 @@ class SettingsCheckHook:
         ])
 
     def _overrides_read(self, pipeline_names: list[str]) -> None:
+        from clip_continual.pipeline_registry import parameters_read  # the registry imports every pipeline
+
         overrides = self._params.get(RUNTIME_OVERRIDES)
         if overrides:
             preflight.check_overrides_read(overrides, parameters_read(pipeline_names), ", ".join(pipeline_names))

@@ -25,7 +25,7 @@ import argparse
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,29 +149,33 @@ def check_runs(runs: Sequence[dict[str, Any]], project: Mapping[str, Any], defau
     """Every run's parameters (``project`` with the run's own over it, as Kedro merges them)
     against conf/base, and its recipe on ``benchmark``: a bad key fails before the first run,
     not hours later when its run starts."""
-    for number, run in enumerate(runs, start=1):
+    def check(run: dict[str, Any]) -> None:
         params = {**merge_params(dict(project), run), RUNTIME_OVERRIDES: run}
-        try:
-            check_parameters(params, defaults)
-            for task in resolve_recipe(benchmark, params, overrides=run).tasks:
-                task.training_config()
-        except ValueError as error:
-            raise SweepError(f"sweep run {number}/{len(runs)} ({describe(run, benchmark)}) on {benchmark.name}: "
-                             f"{error}") from error
+        check_parameters(params, defaults)
+        for task in resolve_recipe(benchmark, params, overrides=run).tasks:
+            task.training_config()
+
+    _check_each(runs, benchmark, check)
 
 
 def check_runs_read(runs: Sequence[dict[str, Any]], pipeline: str, benchmark: Benchmark) -> None:
     """Every run's overrides reach ``pipeline`` (the project bootstrapped): a key it does not
     read fails the sweep before its first run, as `kedro run` would fail that run."""
-    from clip_continual.pipelines.hooks import parameters_read
+    from clip_continual.pipeline_registry import parameters_read
     from clip_continual.runtime.preflight import check_overrides_read
 
     read = parameters_read([pipeline])
+    _check_each(runs, benchmark, lambda run: check_overrides_read(run, read, pipeline))
+
+
+def _check_each(runs: Sequence[dict[str, Any]], benchmark: Benchmark, check: Callable[[dict[str, Any]], None]) -> None:
+    """``check`` on every run; the first that fails stops the sweep with a message naming it."""
     for number, run in enumerate(runs, start=1):
         try:
-            check_overrides_read(run, read, pipeline)
+            check(run)
         except ValueError as error:
-            raise SweepError(f"sweep run {number}/{len(runs)} ({describe(run, benchmark)}): {error}") from error
+            raise SweepError(f"sweep run {number}/{len(runs)} ({describe(run, benchmark)}) on {benchmark.name}: "
+                             f"{error}") from error
 
 
 def run_sweep(project_path: Path, runs: Sequence[dict[str, Any]], pipeline: str | None = None,
