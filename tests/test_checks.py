@@ -173,6 +173,21 @@ def test_a_wrong_architecture_checkpoint_leaves_the_original_intact(project):
     assert mlflow_runs(store_uri(project)) == []
 
 
+def test_a_pipeline_whose_inputs_are_not_made_yet_names_them_and_the_command_that_makes_them(project):
+    """digits_ost starts from the default pipeline's start model; another seed names another
+    one, not made yet: refused before any node, with no MLflow run opened."""
+    from clip_continual.runtime.preflight import PreflightError
+
+    before = _data_files(project)
+    with pytest.raises(PreflightError) as error:
+        run_pipeline(project, ["digits_ost"], params={"seed": 7})
+    message = str(error.value)
+    assert message.startswith("digits_ost reads 1 file(s) that no node of the run makes"), message
+    assert "pretrained_model (" in message and "They are made by `kedro run`" in message
+    assert _data_files(project) == before
+    assert mlflow_runs(store_uri(project)) == []
+
+
 def test_an_unwritable_output_is_refused_before_the_run(project):
     import shutil
 

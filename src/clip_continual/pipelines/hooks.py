@@ -77,8 +77,9 @@ class SettingsCheckHook:
     """Checks everything a run can know is wrong before any node runs, so that it fails at once
     (not after data preparation and pretraining), opens no MLflow run and writes nothing: every
     parameter against conf/base (see ``clip_continual.runtime.schema``), the start model's source when
-    the pipeline builds it, that the pipeline's outputs can be written, and that a benchmark's
-    dataset folders are there with room on disk to prepare them."""
+    the pipeline builds it, that the files it reads but does not make are there, that the
+    pipeline's outputs can be written, and that a benchmark's dataset folders are there with room
+    on disk to prepare them."""
 
     def __init__(self) -> None:
         self._params: dict[str, Any] = {}
@@ -107,6 +108,7 @@ class SettingsCheckHook:
             *self._checkpoint_list(pipeline, run_params),
             *self._protocol(pipeline, run_params),
             partial(self._overrides_read, run_params.get("pipeline_names") or ["__default__"]),
+            partial(self._inputs_present, pipeline, catalog, run_params.get("pipeline_names") or ["__default__"]),
         ])
 
     def _overrides_read(self, pipeline_names: list[str]) -> None:
@@ -115,6 +117,25 @@ class SettingsCheckHook:
         overrides = self._params.get(RUNTIME_OVERRIDES)
         if overrides:
             preflight.check_overrides_read(overrides, parameters_read(pipeline_names), ", ".join(pipeline_names))
+
+    def _inputs_present(self, pipeline, catalog, pipeline_names: list[str]) -> None:
+        """The run's own inputs on disk (an optional one, ``missing_ok``, aside; a file there but
+        unreadable is left to its load, which says why); where they are not, the pipeline that
+        makes them all, the default one first."""
+        from kedro.framework.project import pipelines
+
+        missing = {}
+        for name in sorted(pipeline.inputs()):
+            dataset = catalog.get(name) if not name.startswith("params:") and name in catalog else None
+            path = _local_path(dataset, self._project_path) if dataset is not None else None
+            if path is not None and not dataset._describe().get("missing_ok") and not path.exists():
+                missing[name] = path
+        if not missing:
+            return
+        makers = [name for name in ["__default__", *sorted(pipelines)]
+                  if name not in pipeline_names and set(missing) <= pipelines[name].all_outputs()]
+        made_by = None if not makers else "kedro run" if makers[0] == "__default__" else f"kedro run --pipelines {makers[0]}"
+        preflight.check_inputs_present(missing, ", ".join(pipeline_names), made_by)
 
     def _protocol(self, pipeline, run_params: dict[str, Any]) -> list[Callable[[], Any]]:
         """The evaluation protocol against the method, where the pipeline trains one."""

@@ -151,3 +151,18 @@ def check_overrides_read(overrides: Mapping[str, Any] | None, read: Iterable[str
         f"--params {', '.join(fixes)} would change nothing: no node of {pipelines} reads "
         f"{'it' if len(unread) == 1 else 'them'}. The run reads: {', '.join(read)}. Set "
         f"the key under one of those, or run the pipeline that reads it, and rerun")
+
+
+def check_inputs_present(missing: Mapping[str, Path], pipelines: str, made_by: str | None) -> None:
+    """The files the run reads and none of its nodes makes are on disk. ``made_by`` is the
+    command whose pipeline makes them all (None: no registered pipeline does). Kedro would load
+    each only when its first node starts, after an MLflow run had opened, with a message that
+    names the file but not how to get it."""
+    if not missing:
+        return
+    listed = "; ".join(f"{name} ({path})" for name, path in missing.items())
+    fix = (f"They are made by `{made_by}`: run it first with the same start-model settings (model, "
+           f"pretraining, data_preparation, seed: they name the start model's file), then this command again"
+           if made_by else "No pipeline of the project makes them: write them there, or run a pipeline that does")
+    raise ValueError(f"{pipelines} reads {len(missing)} file(s) that no node of the run makes and that "
+                     f"are not on disk: {listed}. {fix}")
