@@ -78,13 +78,28 @@ def sweep(folder: Path, pipeline: str | None, spec: str, seed: int) -> bool:
         return subprocess.run(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT).returncode == 0
 
 
+def joint_run(specs: Sequence[str]) -> tuple[str, str]:
+    """The joint bound's pipeline and sweep spec, on the start model the variants share: where
+    every variant sets the same start-model settings (``model``, ``pretraining``,
+    ``data_preparation``), the joint run sets them too, so that it bounds them from the same start."""
+    from clip_continual.runtime.run_key import SOURCE_KEY_PARAMETERS
+
+    def start_settings(spec: str) -> tuple[str, ...]:
+        items = (item.strip() for item in spec.partition(":")[2].split(","))
+        return tuple(sorted(item for item in items if item.partition(".")[0] in SOURCE_KEY_PARAMETERS))
+
+    pipeline, spec = JOINT
+    shared = {start_settings(spec) for spec in specs}
+    return (pipeline, ",".join([spec, *shared.pop()])) if len(shared) == 1 else JOINT
+
+
 def run_job(folder: Path, seeds: Sequence[int], specs: Sequence[str]) -> int:
     """The job's runs not yet finished (``done.json`` lists those that were); failures count."""
     manifest = folder / "done.json"
     done = set(map(tuple, json.loads(manifest.read_text()))) if manifest.exists() else set()
     failures = 0
     for seed in seeds:
-        for pipeline, spec in [(None, spec) for spec in specs] + [JOINT]:
+        for pipeline, spec in [(None, spec) for spec in specs] + [joint_run(specs)]:
             if (pipeline or "", spec, seed) in done:
                 continue
             if sweep(folder, pipeline, spec, seed):

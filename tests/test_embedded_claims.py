@@ -73,3 +73,12 @@ def test_a_method_whose_sessions_do_not_move_the_model_gains_nothing(claims):
     learnt = still.assign(task_1=[0.4, 0.9, 0.6], task_2=[0.5, 0.5, 0.8])
     assert claims.learning_gain(still) == 0.0
     assert claims.learning_gain(learnt) == pytest.approx((0.5 + 0.3) / 2)
+
+
+def test_the_joint_bound_starts_from_the_start_model_every_variant_shares(claims):
+    glyphs = "data_preparation.glyphs.count=6000"
+    pipeline, plain = claims.JOINT
+    assert claims.joint_run(["ft", "lwf:continual_learning.alpha=0.5"]) == claims.JOINT
+    assert claims.joint_run([f"ft:{glyphs}", f"lwf:continual_learning.alpha=0.5,{glyphs}"]) == (
+        pipeline, f"{plain},{glyphs}")
+    assert claims.joint_run(["ft", f"ft:{glyphs}"]) == claims.JOINT  # two start models: the plain one
