@@ -84,6 +84,18 @@ def test_a_sweep_sets_the_seed_and_overrides_where_the_benchmark_reads_them(para
         {"method": "ft", "seed": 1}]
 
 
+def test_a_run_from_another_start_model_is_a_variant_of_its_own(parameters):
+    _, base = parameters
+    run = {"method": "ft", "data_preparation": {"glyphs": {"count": 6000}},
+           "pretraining": {"steps": 10, "progress": False}, "model": {"cache_dir": "/tmp/weights"}}
+    overrides = variant_overrides(run, base, "ft")
+    assert overrides == {"glyphs.count": 6000, "pretraining.steps": 10}  # where it is cached is not one
+    assert variant_label("ft", None, overrides) == "ft (glyphs.count=6000, pretraining.steps=10)"
+    recipe = resolve_recipe(BENCHMARKS["digits_mst"], base, "ft")
+    assert run_name_of(recipe, ["digits_mst"], base, overrides) == (
+        f"ft glyphs.count=6000 pretraining.steps=10 seed={base['seed']} on digits_mst")
+
+
 def test_every_sweep_run_is_checked_before_the_first_starts(parameters, monkeypatch, capsys):
     started = []
     monkeypatch.setattr(sweep, "run_sweep", lambda *args: started.append(args))

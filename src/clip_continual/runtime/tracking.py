@@ -458,7 +458,13 @@ def _leaves(tree: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]
 def _variant_setting(path: tuple[str, ...], method: str | None) -> str | None:
     """``continual_learning.training.lr`` -> ``lr``; ``coco_ost.continual_learning.training.lr``
     -> ``coco_ost.lr``; ``continual_learning.methods.icarl.per_class`` -> ``per_class`` (for
-    icarl only); None for what is not a training setting."""
+    icarl only); the embedded start model's settings (``data_preparation.glyphs.count`` ->
+    ``glyphs.count``, ``pretraining.steps``, ``model.architecture``): a run from another start
+    model is another variant; None for what is not a training setting."""
+    if path[:1] in (("model",), ("pretraining",), ("data_preparation",)):
+        if _NOT_A_VARIANT & set(path) or path[-1] == "cache_dir":
+            return None
+        return ".".join(path[1:] if path[0] == "data_preparation" else path)
     if "continual_learning" in path:
         owner = path[:path.index("continual_learning")]  # a named benchmark's own block
         rest = path[len(owner) + 1:]
@@ -477,10 +483,10 @@ def _variant_setting(path: tuple[str, ...], method: str | None) -> str | None:
 
 def variant_overrides(params: dict[str, Any], defaults: dict[str, Any], method: str | None) -> dict[str, Any]:
     """The training settings of ``params`` (a run's ``--params``) that differ from conf/base, by
-    short name (``lr``, ``steps``, ``per_class``): what makes ``moe_adapters`` at lr 1e-3 a
-    variant of its own in ``compare``. Looks at every ``continual_learning`` block (the
-    benchmarks' own included), the method's own options only, and the replayed vocabulary; the
-    seed, data paths and the like are not variants."""
+    short name (``lr``, ``steps``, ``per_class``, ``glyphs.count``): what makes ``moe_adapters``
+    at lr 1e-3 a variant of its own in ``compare``. Looks at every ``continual_learning`` block
+    (the benchmarks' own included), the method's own options only, the replayed vocabulary and
+    the embedded start model's settings; the seed, data paths and the like are not variants."""
     base, overrides = _leaves(defaults), {}
     for path, value in _leaves(params).items():
         name = _variant_setting(path, method)
