@@ -38,6 +38,11 @@ JOINT = ("digits_ost", "ft:continual_learning.training.steps=250")  # 5 sessions
 START_ROW, JOINT_ROW = "start model (zero-shot)", "joint (all sessions at once)"
 
 
+def is_start(label: str) -> bool:
+    """A start model's row: the default one's, or that of an FT variant from another start model."""
+    return label == START_ROW or label.startswith("start model of ")
+
+
 # --- running ---------------------------------------------------------------------------------
 
 def job_folder(out: Path, job: int) -> Path:
@@ -123,7 +128,8 @@ def _history(client: Any, run_id: str, name: str) -> dict[int, float]:
 
 
 def seed_results(folder: Path) -> dict[str, dict[int, dict[str, float]]]:
-    """label -> seed -> this run's numbers; the start model's come from each seed's ft run."""
+    """label -> seed -> this run's numbers; the start model's come from each seed's ft run (an FT
+    variant's, such as ``ft (glyphs.count=6000)``, as ``start model of <its label>``)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=store_of(folder))
@@ -140,8 +146,9 @@ def seed_results(folder: Path) -> dict[str, dict[int, dict[str, float]]]:
                 "i2t": row["i2t_r1"], "t2i": row["t2i_r1"], "params": row["trainable_parameters"],
                 "s_task": row["wall_time_per_task_s"], "gain": _learning_gain(client, row["run_id"]),
                 **{key: row.get(key) for _, key, _ in COST_COLUMNS}}
-            if label == "ft":
-                results.setdefault(START_ROW, {})[row["seed"]] = _start_model(client, row["run_id"])
+            if label == "ft" or label.startswith("ft ("):  # FT from another start model: a row of its own
+                start = START_ROW if label == "ft" else f"start model of {label}"
+                results.setdefault(start, {})[row["seed"]] = _start_model(client, row["run_id"])
     return results
 
 
@@ -214,7 +221,8 @@ def cell(numbers: np.ndarray, digits: int = 3) -> str:
 
 
 def table(results: dict) -> str:
-    order = [START_ROW, JOINT_ROW] + [label for label in results if label not in (START_ROW, JOINT_ROW)]
+    starts = [label for label in results if is_start(label)]
+    order = [*starts, JOINT_ROW] + [label for label in results if label not in (*starts, JOINT_ROW)]
     lines = ["| method | seeds | " + " | ".join(title for _, title in COLUMNS) + " | params |",
              "|---|---|" + "---|" * (len(COLUMNS) + 1)]
     for label in (label for label in order if label in results):
@@ -229,7 +237,7 @@ def cost_table(results: dict) -> str:
     """The rows' costs, mean over their seeds (what a row keeps and passes per step do not vary)."""
     lines = ["| method | " + " | ".join(title for title, _, _ in COST_COLUMNS) + " |",
              "|---|" + "---|" * len(COST_COLUMNS)]
-    for label in (label for label in results if label != START_ROW):
+    for label in (label for label in results if not is_start(label)):
         means = [values(results, label, key) for _, key, _ in COST_COLUMNS]
         lines.append(f"| `{label}` | " + " | ".join(
             form.format(v.mean()) if len(v) else "–" for v, (_, _, form) in zip(means, COST_COLUMNS)) + " |")
@@ -252,24 +260,28 @@ def paired(results: dict, high: str, low: str, key: str, low_key: str | None = N
         f"higher on {int((a > b).sum())} of {len(a)} seeds")
 
 
-def within(results: dict, label: str, key: str, low: float, high: float) -> tuple[bool, str]:
+def within(results: dict, label: str, key: str, low: float, high: float) -> tuple[bool | None, str]:
     numbers = values(results, label, key)
-    inside = bool(len(numbers)) and bool(((numbers >= low) & (numbers <= high)).all())
+    if not len(numbers):
+        return None, f"not run: {label}"
+    inside = bool(((numbers >= low) & (numbers <= high)).all())
     return inside, f"per seed {', '.join(f'{v:.3f}' for v in numbers)} (within [{low}, {high}])"
 
 
-def every_method_learns(results: dict) -> tuple[bool, str]:
+def every_method_learns(results: dict) -> tuple[bool | None, str]:
     """Mean learning accuracy minus twice its seed sd above chance, for every method."""
     below = []
     for label in results:
-        if label == START_ROW:
+        if is_start(label):
             continue
         numbers = values(results, label, "learning")
         if len(numbers) < 2:
             continue  # a spread needs two seeds
         if numbers.mean() - 2 * numbers.std(ddof=1) <= CHANCE:
             below.append(f"{label} {cell(numbers)}")
-    checked = sum(len(values(results, label, "learning")) >= 2 for label in results if label != START_ROW)
+    checked = sum(len(values(results, label, "learning")) >= 2 for label in results if not is_start(label))
+    if not checked:
+        return None, "not run: no method row with 2+ seeds"
     return not below, "below: " + "; ".join(below) if below else f"all {checked} rows of 2+ seeds above {CHANCE}"
 
 
@@ -279,14 +291,14 @@ def above_all(results: dict, best: str, key: str, excluded: Sequence[str]) -> tu
         return None, f"not run: {best}"
     failing, skipped = [], []
     for label in results:
-        if label in (best, START_ROW, *excluded):
+        if label in (best, *excluded) or is_start(label):
             continue
         holds, why = paired(results, best, label, key)
         if holds is False:
             failing.append(f"{label}: {why}")
         elif holds is None:
             skipped.append(label)
-    if len(skipped) == len(results) - 1 - (START_ROW in results) - sum(x in results for x in excluded):
+    if len(skipped) == len(results) - 1 - sum(map(is_start, results)) - sum(x in results for x in excluded):
         return None, f"not comparable with any row: {', '.join(skipped)}"
     left = f" (not comparable: {', '.join(skipped)})" if skipped else ""
     return not failing, ("; ".join(failing) or "above every other method") + left

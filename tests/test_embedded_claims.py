@@ -82,3 +82,11 @@ def test_the_joint_bound_starts_from_the_start_model_every_variant_shares(claims
     assert claims.joint_run([f"ft:{glyphs}", f"lwf:continual_learning.alpha=0.5,{glyphs}"]) == (
         pipeline, f"{plain},{glyphs}")
     assert claims.joint_run(["ft", f"ft:{glyphs}"]) == claims.JOINT  # two start models: the plain one
+
+
+def test_an_ft_variant_from_another_start_model_brings_its_own_start_row_and_claims_on_ft_are_not_run(claims):
+    rows = results(**{"ft (glyphs.count=6000)": [0.7, 0.72], "start model of ft (glyphs.count=6000)": [0.5, 0.52]})
+    assert claims.within(rows, "ft", "zs", 0.9, 1.0) == (None, "not run: ft")
+    assert claims.every_method_learns(rows)[1] == "all 1 rows of 2+ seeds above 0.1"  # the start row is no method
+    assert claims.table(rows).splitlines()[2].startswith("| `start model of ft (glyphs.count=6000)` | 2 |")
+    assert claims.every_method_learns({}) == (None, "not run: no method row with 2+ seeds")
