@@ -95,19 +95,24 @@ def test_branches_off_restores_what_it_found_when_nested(micro):
     assert not any(branch.bypass for branch in branches)
 
 
-def train(start, train_set, method, task_index=1):
+def train(start, train_set, method, task_index=1, options=None):
     config = TrainingConfig(method=method, steps=3, epochs=None, batch_size=8, lr=0.5, optimizer="sgd",
-                            device="cpu", progress=False)
+                            device="cpu", progress=False, method_options=options or {})
     prompts = [f"a photo of {name} ." for name in train_set.class_names]
     return fine_tune(start, train_set, prompts, config=config, task_index=task_index)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_two_tasks_route_and_load_back_with_their_gaussians(micro, random_image_set, inputs, tmp_path, method):
+DPW_REDUCED = {"gates": "reduced", "bottleneck": 4}  # DPW†: MTIL_reduced_param.sh
+
+
+@pytest.mark.parametrize("method, options", [("diki", None), ("dpw", None), ("dpw", DPW_REDUCED)],
+                         ids=["diki", "dpw", "dpw_reduced"])
+def test_two_tasks_route_and_load_back_with_their_gaussians(micro, random_image_set, inputs, tmp_path, method,
+                                                            options):
     train_set = random_image_set(micro, 40, 4)
-    first, summary = train(micro, train_set, method)
+    first, summary = train(micro, train_set, method, options=options)
     assert 0 < summary["trainable_parameters"] < sum(p.numel() for p in micro.model.parameters()) / 5
-    second, _ = train(first, train_set, method, task_index=2)
+    second, _ = train(first, train_set, method, task_index=2, options=options)
     recipe = adapter_recipe(second.model)
     assert (recipe["slots"], recipe["tasks"]) == (2, 2)
     assert second.model.visual.task_selector.means.shape == (2, micro.model.visual.output_dim)
@@ -124,7 +129,11 @@ def test_two_tasks_route_and_load_back_with_their_gaussians(micro, random_image_
     slots = {routing.table[int(route)][0] for route in routing.last_routes}
     assert slots <= {0, 1}
     # Text under a route reads that route's slot: it differs from the frozen CLIP's once trained.
-    with torch.no_grad(), routing.text_route(loaded.model, int(routing.last_routes[0])):
+    # At full weight: under 0.825 DPW zeroes the gates below 1 - weight, where DPW†'s random
+    # gates still are after three steps.
+    route = int(routing.last_routes[0])
+    routing.table[route] = (routing.table[route][0], 1.0)
+    with torch.no_grad(), routing.text_route(loaded.model, route):
         routed_text = encode_text(loaded.model, inputs[1])
     assert not torch.allclose(routed_text, encode_text(micro.model, inputs[1]).detach(), atol=1e-6)
 
@@ -151,6 +160,33 @@ def test_dpw_gates_normalise_only_past_one_and_the_adapter_takes_the_excess(floa
         torch.testing.assert_close(full, expected, rtol=0, atol=1e-12)
         # Weighted at evaluation: the whole branch scales with the route's weight.
         torch.testing.assert_close(branch.branch(tokens, attn, PrefixRoute(0, 0.9, 0.9)), 0.9 * full, rtol=0, atol=1e-12)
+
+
+def test_dpw_reduced_gates_read_each_heads_slice_through_an_orthogonal_projection(float64):
+    """DPW† (attention_reduced_param.py:324-328, 389-394): head j's gate scores the j-th slice of
+    the token, width E / h, through h random orthogonal (E / h, n) projections."""
+    from clip_continual.methods.dpw import GatedValuePrefix, gate_score
+
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    branch = GatedValuePrefix(attn, "visual", length=3, positions=5, bottleneck=4, basis="pretrained", heads=[],
+                              gates="reduced")
+    branch.add_slot(attn, heads={"visual": 4})
+    slot, tokens = branch.slots[0], torch.randn(2, 5, 16)
+    assert slot.gate.shape == (4, 4, 3) and slot.gate_bias.shape == (4, 5, 3)
+    eye = torch.eye(3, dtype=slot.gate.dtype).expand(4, 3, 3)
+    torch.testing.assert_close(slot.gate.transpose(1, 2) @ slot.gate, eye, rtol=0, atol=1e-12)
+    # Upstream's layout: query (L, B, E) viewed as (L, B h, E / h), then (B, h, L, E / h).
+    query = tokens.transpose(0, 1)
+    patch = query.reshape(5, 2 * 4, 4).transpose(0, 1).reshape(2, 4, 5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(gate_score(tokens, slot), patch @ slot.gate + slot.gate_bias, rtol=0, atol=1e-12)
+
+
+def test_dpw_reduced_takes_a_quarter_of_the_heads_whatever_the_task():
+    from clip_continual.methods.dpw import REDUCED_SCORE, prefix_heads
+
+    assert [prefix_heads(h, REDUCED_SCORE, 8, 768) for h in (12, 8, 3)] == [4, 2, 1]  # 2^round(log2(h // 4)), >= 1
 
 
 def test_dpw_prefix_heads_follow_the_fine_grained_score():

@@ -51,6 +51,8 @@ from clip_continual.model.prefix_attention import (
 )
 
 GATE_BIAS = {"visual": -4.0, "text": -2.0}  # attention.py:331-336 (by width 768 / 512)
+GATES = ("full", "reduced")                   # attention.py | attention_reduced_param.py (DPW†)
+REDUCED_SCORE = 0.25                          # attention_reduced_param.py:312: num_heads // 4
 GATE_THRESHOLD = 1.0                          # attention.py:301
 UNCERTAINTY_SWITCH = 0.825                    # attention.py:404, 408
 ADAPTER_SCALE, ADAPTER_DROPOUT = 0.05, 0.1    # attention.py:293 (lr=0.05, dropout=0.1)
@@ -58,28 +60,36 @@ ADAPTER_SCALE, ADAPTER_DROPOUT = 0.05, 0.1    # attention.py:293 (lr=0.05, dropo
 
 class DPWSlot(nn.Module):
     """One task's prefixes in one layer: ``values`` (n, E), the gate projection ``gate``
-    (h, E, n) and its per-position bias (h, positions, n), the adapter's up-projection, and
-    the Normal of each head's class-token gate score (buffers; image tower)."""
+    (h, E, n), or (h, E / h, n) on each head's slice of the token with ``reduced`` gates, and
+    its per-position bias (h, positions, n), the adapter's up-projection, and the Normal of each
+    head's class-token gate score (buffers; image tower)."""
 
-    def __init__(self, width: int, heads: int, length: int, positions: int, bottleneck: int) -> None:
+    def __init__(self, width: int, heads: int, length: int, positions: int, bottleneck: int,
+                 reduced: bool = False) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.reduced = heads, reduced
         self.values = nn.Parameter(torch.zeros(length, width))
-        self.gate = nn.Parameter(torch.zeros(heads, width, length))
+        self.gate = nn.Parameter(torch.zeros(heads, width // heads if reduced else width, length))
         self.gate_bias = nn.Parameter(torch.zeros(heads, positions, length))
         self.up = nn.Linear(bottleneck, width)
         self.register_buffer("score_mean", torch.zeros(heads, length))
         self.register_buffer("score_var", torch.ones(heads, length))
 
     def initialise(self, attn: nn.MultiheadAttention, bias: float) -> None:
-        """attention.py:319-351: gates from the top singular vectors of W_q W_k^T; values from
+        """attention.py:319-351: gates from the top singular vectors of W_q W_k^T (``reduced``:
+        a random orthogonal projection of each head's slice, drawn from torch's generator as
+        upstream); values from
         those of W_v times its mean column norm; up-projection N(0, 0.02), bias 0 (:202-203)."""
         width, length = attn.embed_dim, self.values.shape[0]
         weight = attn.in_proj_weight.detach().float()
         w_q, w_k, w_v = weight[:width], weight[width:2 * width], weight[2 * width:]
         with torch.no_grad():
-            u = torch.linalg.svd(w_q @ w_k.t())[0][:, :length * self.heads]
-            self.gate.copy_(u.reshape(width, self.heads, length).permute(1, 0, 2))
+            if self.reduced:  # attention_reduced_param.py:324-328: random orthogonal, per head
+                slice_width = width // self.heads
+                self.gate.copy_(torch.linalg.qr(torch.randn(self.heads, slice_width, slice_width))[0][:, :, :length])
+            else:
+                u = torch.linalg.svd(w_q @ w_k.t())[0][:, :length * self.heads]
+                self.gate.copy_(u.reshape(width, self.heads, length).permute(1, 0, 2))
             self.gate_bias.fill_(bias)
             self.values.copy_((torch.linalg.svd(w_v)[0][:, :length] * w_v.norm(dim=0).mean()).t())
             nn.init.normal_(self.up.weight, std=0.02)
@@ -94,15 +104,16 @@ class GatedValuePrefix(PrefixBranch):
     is under 0.825, and the whole is scaled by the route's weight."""
 
     def __init__(self, attn: nn.MultiheadAttention, tower: str, length: int, positions: int, bottleneck: int,
-                 basis: str, heads: list[int]) -> None:
+                 basis: str, heads: list[int], gates: str = "full") -> None:
         super().__init__()
         width = attn.embed_dim
         self.tower, self.length, self.positions = tower, length, positions
+        self.reduced = gates == "reduced"
         self.bottleneck = min(bottleneck, width)
         # A model loaded with its slots reads its basis from the checkpoint: no draw, no SVD then.
         self.register_buffer("down", torch.zeros(width, self.bottleneck) if heads
                              else adapter_basis(attn, self.bottleneck, basis))
-        self.slots = nn.ModuleList(DPWSlot(width, h, length, positions, self.bottleneck) for h in heads)
+        self.slots = nn.ModuleList(DPWSlot(width, h, length, positions, self.bottleneck, self.reduced) for h in heads)
         self.recording: list[torch.Tensor] | None = None
 
     @property
@@ -111,7 +122,7 @@ class GatedValuePrefix(PrefixBranch):
 
     def add_slot(self, attn: nn.MultiheadAttention, **options: Any) -> None:
         heads = int(options["heads"][self.tower])
-        slot = DPWSlot(attn.embed_dim, heads, self.length, self.positions, self.bottleneck)
+        slot = DPWSlot(attn.embed_dim, heads, self.length, self.positions, self.bottleneck, self.reduced)
         slot.initialise(attn, GATE_BIAS[self.tower])
         self.slots.append(slot.to(attn.in_proj_weight))
 
@@ -131,8 +142,8 @@ class GatedValuePrefix(PrefixBranch):
         return out
 
     def _slot_branch(self, tokens: torch.Tensor, index: int, weights: Any, batch_weights: Any) -> torch.Tensor:
-        slot, count, positions = self.slots[index], len(tokens), tokens.shape[1]
-        score = torch.einsum("ble,hen->bhln", tokens, slot.gate) + slot.gate_bias[:, :positions]
+        slot, count = self.slots[index], len(tokens)
+        score = gate_score(tokens, slot)
         gates = torch.sigmoid(score)
         norm = (gates.sum(-1, keepdim=True) / GATE_THRESHOLD).clamp(min=1.0)
         gates = gates / norm
@@ -158,6 +169,19 @@ class GatedValuePrefix(PrefixBranch):
             uncertainty = 1 - per_sequence(weights, count, gates)
         unsure = per_sequence(batch_weights, count, gates) < UNCERTAINTY_SWITCH
         return torch.where(unsure & (gates <= uncertainty), torch.zeros_like(gates), gates)
+
+
+def gate_score(tokens: torch.Tensor, slot: DPWSlot) -> torch.Tensor:
+    """``x G_t + b_t`` per head, token and prefix, (b, h, l, n): over the whole token
+    (attention.py:387-388), or each head over its slice of the token with reduced gates
+    (attention_reduced_param.py:389-394)."""
+    count, positions, width = tokens.shape
+    if slot.reduced:
+        slices = tokens.view(count, positions, slot.heads, width // slot.heads)
+        score = torch.einsum("blhd,hdn->bhln", slices, slot.gate)
+    else:
+        score = torch.einsum("ble,hen->bhln", tokens, slot.gate)
+    return score + slot.gate_bias[:, :positions]
 
 
 def _rows_of(values: Any, rows: torch.Tensor) -> Any:
@@ -200,7 +224,7 @@ def add_dpw(model: nn.Module, recipe: dict[str, Any]) -> None:
     heads = recipe.get("heads") or {}
     add_prefix_branches(model, recipe["towers"], int(recipe["depth"]), lambda attn, tower: GatedValuePrefix(
         attn, tower, int(recipe["length"]), int(positions[tower]), int(recipe["bottleneck"]),
-        recipe["adapter_basis"], list(heads.get(tower, []))))
+        recipe["adapter_basis"], list(heads.get(tower, [])), recipe.get("gates", "full")))
     add_task_selector(model, recipe)
 
 
@@ -281,7 +305,10 @@ class DynamicPrefixWeighting(DIKI):
     Each of the first ``depth`` blocks of each tower trained (``parts``: wm both, as DPW) gets a
     slot per task: ``length`` value prefixes over that task's number of prefix heads, their
     per-token gates, and the saturation adapter (``bottleneck``; its fixed basis from
-    ``adapter_basis``: ``initial``, as published, or ``pretrained``). The task choice at
+    ``adapter_basis``: ``initial``, as published, or ``pretrained``). ``gates: reduced`` is the
+    published reduced-parameter DPW† (``clip/attention_reduced_param.py``, ``MTIL_reduced_param.sh``):
+    a quarter of the layer's heads whatever the task, each head's gate a random orthogonal
+    projection of its slice of the token; DPW† also takes ``bottleneck`` 4. The task choice at
     evaluation is DIKI's (``batchwise``, ``vote_batch``, ``likelihood_scale``: see ``diki``);
     among the classes of every learnt task (ODCL-CIL) it is ``pooled_inference``'s (module doc).
     """
@@ -300,6 +327,7 @@ class DynamicPrefixWeighting(DIKI):
         likelihood_scale: float | None = None,  # DPW.py:240 (/512); null: the feature width
         label_smoothing: float = 0.0,    # DPW.py:603 F.cross_entropy
         pooled_inference: str = "task_confidence",  # DPW.py:209-233 (is_CIL); routed: a variant
+        gates: str = "full",             # attention.py; reduced: DPW† (attention_reduced_param.py)
     ) -> None:
         super().__init__(depth=depth, length=length, batchwise=batchwise, vote_batch=vote_batch,
                          likelihood_scale=likelihood_scale, label_smoothing=label_smoothing)
@@ -311,7 +339,9 @@ class DynamicPrefixWeighting(DIKI):
             raise MethodConfigError(f"bottleneck must be a positive integer, got {bottleneck!r}")
         if adapter_basis not in ("initial", "pretrained"):
             raise MethodConfigError(f"adapter_basis must be initial or pretrained, got {adapter_basis!r}")
-        self.bottleneck, self.adapter_basis = bottleneck, adapter_basis
+        if gates not in GATES:
+            raise MethodConfigError(f"gates must be one of {', '.join(GATES)}, got {gates!r}")
+        self.bottleneck, self.adapter_basis, self.gates = bottleneck, adapter_basis, gates
 
     def _settings(self) -> dict[str, Any]:
         return {**super()._settings(), "pooled_inference": self.pooled_inference}
@@ -320,14 +350,15 @@ class DynamicPrefixWeighting(DIKI):
         """The branches without a slot: a task's slot is sized from its data (``prepare_for_task``)."""
         self.adapt(student, {"kind": "dpw", "depth": self.depth, "length": self.length, "heads": {},
                              "bottleneck": self.bottleneck, "adapter_basis": self.adapter_basis,
-                             "towers": TOWERS_OF_PARTS[parts]})
+                             "gates": self.gates, "towers": TOWERS_OF_PARTS[parts]})
 
     def prepare_for_task(self, student: nn.Module, task: TaskContext) -> None:
         """The task's Gaussian and fine-grained score from frozen features, then its slot
         (DPW.py:532-572)."""
         images = fit_task_gaussian(student, *task_images(task))
         labels = task.label_to_current[torch.as_tensor(task.train_images.labels, device=task.device)]
-        score = fine_grained_score(images, labels.to(images.device), frozen_class_texts(student, task))
+        score = (REDUCED_SCORE if self.gates == "reduced"  # DPW† sets a quarter of the heads, whatever the task
+                 else fine_grained_score(images, labels.to(images.device), frozen_class_texts(student, task)))
         recipe = adapter_recipe(student)
         heads = {tower: prefix_heads(int(_tower_blocks(student, tower)[0].attn.num_heads), score, self.length,
                                      int(_tower_blocks(student, tower)[0].attn.embed_dim))
