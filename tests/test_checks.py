@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from clip_continual.runtime.schema import ParameterError, check_parameters
-from project_helpers import REPO_ROOT, copy_project, file_state, mlflow_runs, run_pipeline, store_uri
+from project_helpers import REPO_ROOT, copy_project, file_state, make_project, mlflow_runs, run_pipeline, store_uri
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +183,14 @@ def test_a_pipeline_whose_inputs_are_not_made_yet_names_them_and_the_command_tha
         run_pipeline(project, ["digits_ost"], params={"seed": 7})
     message = str(error.value)
     assert message.startswith("digits_ost reads 1 file(s) that no node of the run makes"), message
-    assert "pretrained_model (" in message and "They are made by `kedro run`" in message
+    assert "pretrained_model (" in message and "They are made by `kedro run --pipelines pretraining`" in message
     assert _data_files(project) == before
     assert mlflow_runs(store_uri(project)) == []
+    # Pretraining alone on a project without data: the data preparation makes all it reads.
+    fresh = make_project(project.parent / "fresh")
+    with pytest.raises(PreflightError, match=r"They are made by `kedro run --pipelines data_preparation`"):
+        run_pipeline(fresh, ["pretraining"])
+    assert not (fresh / "data").exists() or not any((fresh / "data").rglob("*.npz"))
 
 
 def test_an_unwritable_output_is_refused_before_the_run(project):

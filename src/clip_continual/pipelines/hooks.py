@@ -120,8 +120,8 @@ class SettingsCheckHook:
 
     def _inputs_present(self, pipeline, catalog, pipeline_names: list[str]) -> None:
         """The run's own inputs on disk (an optional one, ``missing_ok``, aside; a file there but
-        unreadable is left to its load, which says why); where they are not, the pipeline that
-        makes them all, the default one first."""
+        unreadable is left to its load, which says why); where they are not, the smallest
+        pipeline that makes them all."""
         from kedro.framework.project import pipelines
 
         missing = {}
@@ -132,8 +132,9 @@ class SettingsCheckHook:
                 missing[name] = path
         if not missing:
             return
-        makers = [name for name in ["__default__", *sorted(pipelines)]
-                  if name not in pipeline_names and set(missing) <= pipelines[name].all_outputs()]
+        makers = sorted((name for name in pipelines  # the smallest pipeline that makes them all
+                         if name not in pipeline_names and set(missing) <= pipelines[name].all_outputs()),
+                        key=lambda name: (len(pipelines[name].nodes), name != "__default__", name))
         made_by = None if not makers else "kedro run" if makers[0] == "__default__" else f"kedro run --pipelines {makers[0]}"
         preflight.check_inputs_present(missing, ", ".join(pipeline_names), made_by)
 
