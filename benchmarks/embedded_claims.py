@@ -93,9 +93,9 @@ def joint_run(specs: Sequence[str]) -> tuple[str, str]:
         items = (item.strip() for item in spec.partition(":")[2].split(","))
         return tuple(sorted(item for item in items if item.partition(".")[0] in SOURCE_KEY_PARAMETERS))
 
-    pipeline, spec = JOINT
-    shared = {start_settings(spec) for spec in specs}
-    return (pipeline, ",".join([spec, *shared.pop()])) if len(shared) == 1 else JOINT
+    pipeline, joint = JOINT
+    shared = {start_settings(variant) for variant in specs}
+    return (pipeline, ",".join([joint, *shared.pop()])) if len(shared) == 1 else JOINT
 
 
 def run_job(folder: Path, seeds: Sequence[int], specs: Sequence[str]) -> int:

@@ -78,8 +78,8 @@ class DPWSlot(nn.Module):
     def initialise(self, attn: nn.MultiheadAttention, bias: float) -> None:
         """attention.py:319-351: gates from the top singular vectors of W_q W_k^T (``reduced``:
         a random orthogonal projection of each head's slice, drawn from torch's generator as
-        upstream); values from
-        those of W_v times its mean column norm; up-projection N(0, 0.02), bias 0 (:202-203)."""
+        upstream); values from those of W_v times its mean column norm; up-projection
+        N(0, 0.02), bias 0 (:202-203)."""
         width, length = attn.embed_dim, self.values.shape[0]
         weight = attn.in_proj_weight.detach().float()
         w_q, w_k, w_v = weight[:width], weight[width:2 * width], weight[2 * width:]
