@@ -33,9 +33,12 @@ PROTOCOLS = {"mtil": ("given", "own"), "task_agnostic": ("hidden", "own"),
              "odcl_cil": ("hidden", "learned_tasks"), "xtail": ("hidden", "all_tasks")}
 # Candidate classes of each pooled classifier the evaluation builds, step by step (0, 1, 2).
 CANDIDATES = {"own": [4, 10, 4, 10, 4, 10], "learned_tasks": [4, 10, 4, 10, 14], "all_tasks": [14, 14, 14]}
-OPTIONS = {"rail": {"hidden_dim": 64}, "lora": {"rank": 4}, "condu": {}, "condu_lora": {"rank": 4},
-           "diki": {}, "dpw": {}}
-SUPPORTED = {method: [p for p in PROTOCOLS if not (method == "dpw" and p == "xtail")] for method in OPTIONS}
+# Each case: a method and its options (DPW† is dpw with reduced gates, MTIL_reduced_param.sh).
+OPTIONS = {"rail": ("rail", {"hidden_dim": 64}), "lora": ("lora", {"rank": 4}), "condu": ("condu", {}),
+           "condu_lora": ("condu_lora", {"rank": 4}), "diki": ("diki", {}), "dpw": ("dpw", {}),
+           "dpw_reduced": ("dpw", {"gates": "reduced", "bottleneck": 4})}
+SUPPORTED = {case: [p for p in PROTOCOLS if not (method == "dpw" and p == "xtail")]
+             for case, (method, _) in OPTIONS.items()}
 
 
 class Recorder:
@@ -90,7 +93,7 @@ def runs(tmp_path_factory, micro):
         for name in ("kedro", "clip_continual"):  # a log line per node, load and save costs seconds here
             patch.setattr(logging.getLogger(name), "level", logging.WARNING)
         recorder = Recorder(patch)
-        for method, options in OPTIONS.items():
+        for case, (method, options) in OPTIONS.items():
             continual = {**block["continual_learning"],
                          "methods": {**block["continual_learning"]["methods"], method: options}}
             inputs = {"params:method": method, "params:runtime_overrides": {}, "params:tracking": {"log_every": 1},
@@ -100,23 +103,23 @@ def runs(tmp_path_factory, micro):
                       **data}
             catalog = DataCatalog({name: KeptDataset(*([inputs[name]] if name in inputs else []))
                                    for name in train.datasets()})
-            for number, protocol in enumerate(SUPPORTED[method]):
+            for number, protocol in enumerate(SUPPORTED[case]):
                 identity, space = PROTOCOLS[protocol]
                 catalog.save("params:mtil_order1.evaluation", {**block["evaluation"], "task_identity": identity,
                                                                 "label_space": space})
                 SequentialRunner().run(evaluate if number else train, catalog)
-                results[method, protocol] = {"catalog": catalog, "summary": catalog.load("continual_summary"),
+                results[case, protocol] = {"catalog": catalog, "summary": catalog.load("continual_summary"),
                                              "matrix": catalog.load("accuracy_matrix"),
                                              "last": catalog.load("mtil_order1.mnist.evaluation"), **recorder.take()}
     return results
 
 
-CASES = [(method, protocol) for method, protocols in SUPPORTED.items() for protocol in protocols]
+CASES = [(case, protocol) for case, protocols in SUPPORTED.items() for protocol in protocols]
 
 
-@pytest.mark.parametrize("method, protocol", CASES)
-def test_each_method_runs_the_sequence_under_each_protocol(runs, method, protocol):
-    run, (identity, space) = runs[method, protocol], PROTOCOLS[protocol]
+@pytest.mark.parametrize("case, protocol", CASES)
+def test_each_method_runs_the_sequence_under_each_protocol(runs, case, protocol):
+    run, (identity, space) = runs[case, protocol], PROTOCOLS[protocol]
     matrix = run["matrix"].set_index("after")
     assert matrix.shape == (3, 2) and list(matrix.columns) == list(DATASETS)
     assert list(matrix.index) == ["pretrained", *DATASETS]
@@ -126,10 +129,11 @@ def test_each_method_runs_the_sequence_under_each_protocol(runs, method, protoco
     assert run["classes"] == CANDIDATES[space]  # the protocol's label space reached every step
     last = run["last"]
     assert (last["task_identity"], last["label_space"]) == (identity, space)
-    _check_distinctive_state(method, protocol, run)
+    _check_distinctive_state(case, protocol, run)
 
 
-def _check_distinctive_state(method: str, protocol: str, run: dict) -> None:
+def _check_distinctive_state(case: str, protocol: str, run: dict) -> None:
+    method, options = OPTIONS[case]
     catalog = run["catalog"]
     model = catalog.load("mtil_order1.mnist.model").model
     summary = catalog.load("mtil_order1.mnist.training_summary")
@@ -143,6 +147,8 @@ def _check_distinctive_state(method: str, protocol: str, run: dict) -> None:
         # after task 1: a vote on dtd (or DPW's per-image rule) and on mnist; after task 2: both
         assert run["select_confident"] == ([1, 2, 2] if per_image else [])
         assert run["select"] == ([1] if per_image else [1, 1, 2, 2])
+        if method == "dpw":  # the gates it was asked for, kept with the model
+            assert adapter_recipe(model)["gates"] == options.get("gates", "full")
     elif method.startswith("condu"):  # one expert per task; with the id, the learnt tasks' own
         assert len(adapter_recipe(model)["classes"]) == 2
         voted = len(run["voters"])
