@@ -138,6 +138,30 @@ def test_two_tasks_route_and_load_back_with_their_gaussians(micro, random_image_
     assert not torch.allclose(routed_text, encode_text(micro.model, inputs[1]).detach(), atol=1e-6)
 
 
+def test_a_streaming_pass_keeps_one_batchs_classifiers_and_predicts_the_same(micro, random_image_set):
+    """DIKI's routes are new for every chunk of images: once a batch is scored its class
+    features go (``RoutedClasses.forget``), without changing a prediction; DDAS's recurring
+    routes (one per task) stay cached."""
+    from clip_continual.evaluation.features import RoutedClasses
+    from clip_continual.evaluation.zero_shot import predict_images, predictions_among, zero_shot_classifier
+
+    images = random_image_set(micro, 40, 4)
+    model, _ = train(micro, images, "diki")
+    classes = zero_shot_classifier(model, images.class_names, ["a photo of {}."])
+    assert isinstance(classes, RoutedClasses) and classes.single_use
+    kept = RoutedClasses(classes._compute)  # the same classifiers, never forgotten
+    forgetting = predict_images(model, images, classes, batch_size=8)
+    assert classes._done == {}
+    assert (forgetting == predict_images(model, images, kept, batch_size=8)).all()
+    assert len(kept._done) >= 5  # a route per batch at least, every one kept
+    among = predictions_among(model, images, classes, [None, [0, 1]], batch_size=8, loader=None)
+    assert classes._done == {} and (among[0] == forgetting).all()
+    recurring = RoutedClasses(lambda route: torch.zeros(2, 3))
+    recurring[0]
+    recurring.forget(torch.tensor([0]))
+    assert 0 in recurring._done
+
+
 def test_dpw_gates_normalise_only_past_one_and_the_adapter_takes_the_excess(float64):
     from clip_continual.methods.dpw import GatedValuePrefix
     from clip_continual.model.prefix_attention import PrefixRoute

@@ -149,9 +149,10 @@ class RoutedClasses:
     images that took the route are scored, as MoE-Adapters builds a text classifier per task
     (mtil/src/models/evaluation.py:20-41, 75)."""
 
-    def __init__(self, compute: Callable[[int], torch.Tensor]) -> None:
+    def __init__(self, compute: Callable[[int], torch.Tensor], single_use: bool = False) -> None:
         self._compute = compute
         self._done: dict[int, torch.Tensor] = {}
+        self.single_use = single_use  # each route taken by one batch's images only (``forget``)
 
     def __getitem__(self, route: int) -> torch.Tensor:
         if route not in self._done:
@@ -160,7 +161,26 @@ class RoutedClasses:
 
     def rows(self, rows: Sequence[int] | torch.Tensor | np.ndarray) -> RoutedClasses:
         """The features of some classes only, per route."""
-        return RoutedClasses(lambda route: self[route][torch.as_tensor(rows, device=self[route].device)])
+        return RoutedClasses(lambda route: self[route][torch.as_tensor(rows, device=self[route].device)],
+                             self.single_use)
+
+    def forget(self, routes: torch.Tensor | None) -> None:
+        """Drop the features of a batch's routes once it is scored, where routes are single-use
+        (DIKI's and DPW's selector gives every chunk of images new ones), so that a streaming
+        pass keeps one batch's classifiers, not one per test image (each image a route of its
+        own where batches mix tasks: 10,000 × 100 classes × 512 floats, 2 GB, for a CIFAR-100
+        phase at ViT-B/16). Routes that recur (DDAS's, one per task) stay cached."""
+        if not self.single_use:
+            return
+        for route in ([] if routes is None else routes.unique().tolist()):
+            self._done.pop(route, None)
+
+
+def forget_routes(class_feats: Sequence[Any], routes: torch.Tensor | None) -> None:
+    """``RoutedClasses.forget`` on each of ``class_feats`` that keeps features per route."""
+    for feats in class_feats:
+        if isinstance(feats, RoutedClasses):
+            feats.forget(routes)
 
 
 class FittedClasses:
@@ -204,7 +224,7 @@ def class_features(clip: ClipModel, compute: Callable[[], torch.Tensor],
     def under(route: int) -> torch.Tensor:
         with routing.text_route(clip.model, route):
             return compute()
-    return RoutedClasses(under)
+    return RoutedClasses(under, single_use=bool(getattr(routing, "single_use_routes", False)))
 
 
 def class_rows(class_feats: ClassFeatures, rows: Sequence[int] | torch.Tensor | np.ndarray) -> ClassFeatures:

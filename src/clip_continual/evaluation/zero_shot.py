@@ -21,7 +21,7 @@ from clip_continual.data.common import ImageSet
 from clip_continual.data.loading import LoaderConfig
 from clip_continual.evaluation.features import (
     DEFAULT_BATCH_SIZE, ClassFeatures, EvalImages, FittedClasses, RoutedClasses, as_float_tensor, class_features,
-    class_rows, evaluating, routed_feature_batches, routed_scores, similarity_scores, text_features,
+    class_rows, evaluating, forget_routes, routed_feature_batches, routed_scores, similarity_scores, text_features,
 )
 from clip_continual.model.clip import ClipModel
 
@@ -115,8 +115,10 @@ def predict_images(
     """Predicted class of each image, streaming batches so no (N, D) feature matrix is kept."""
     with evaluating(clip, device) as target, torch.inference_mode():
         classes = _on_device(class_feats, target)
-        predictions = [predict(batch, classes, routes)
-                       for batch, routes in routed_feature_batches(clip, images, batch_size, loader)]
+        predictions = []
+        for batch, routes in routed_feature_batches(clip, images, batch_size, loader):
+            predictions.append(predict(batch, classes, routes))
+            forget_routes([classes], routes)
     return np.concatenate(predictions) if predictions else np.empty(0, dtype=np.int64)
 
 
@@ -215,6 +217,7 @@ def predictions_among(
             for found, subset, subset_feats in zip(predicted, chosen, rows):
                 indices = predict(batch, subset_feats, routes)
                 found.append(indices if subset is None else subset[indices])
+            forget_routes([classes, *rows], routes)
     empty = np.empty(0, dtype=np.int64)
     return [np.concatenate(found) if found else empty for found in predicted]
 

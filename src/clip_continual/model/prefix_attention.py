@@ -195,6 +195,8 @@ class GaussianTaskSelector(nn.Module):
     ``vote_batch`` images) becomes routes of its own, each a (slot, text weight) pair, since the
     text tower's weight is the batch's mean (class texts are encoded once per route)."""
 
+    single_use_routes = True  # every chunk of images gets new routes: its classifiers can go after it
+
     def __init__(self, features: int, tasks: int = 0, batchwise: bool = True, vote_batch: int = 256,
                  scale: float | None = None, pooled_inference: str = "routed") -> None:
         super().__init__()
