@@ -87,11 +87,11 @@ def joint_run(specs: Sequence[str]) -> tuple[str, str]:
     """The joint bound's pipeline and sweep spec, on the start model the variants share: where
     every variant sets the same start-model settings (``model``, ``pretraining``,
     ``data_preparation``), the joint run sets them too, so that it bounds them from the same start."""
-    from clip_continual.runtime.run_key import SOURCE_KEY_PARAMETERS
+    from clip_continual.runtime.run_key import START_MODEL_BLOCKS
 
     def start_settings(spec: str) -> tuple[str, ...]:
         items = (item.strip() for item in spec.partition(":")[2].split(","))
-        return tuple(sorted(item for item in items if item.partition(".")[0] in SOURCE_KEY_PARAMETERS))
+        return tuple(sorted(item for item in items if item.partition(".")[0] in START_MODEL_BLOCKS))
 
     pipeline, joint = JOINT
     shared = {start_settings(variant) for variant in specs}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_continual.files import FORMAT_OVERHEAD, _megabytes
+from clip_continual.runtime.run_key import SOURCE_KEY_PARAMETERS
 
 GIB = 1024 ** 3
 REPORT_BYTES = 1024 ** 2  # a report (CSV, JSON, a plot's PNG) stays well under a MiB
@@ -161,8 +162,8 @@ def check_inputs_present(missing: Mapping[str, Path], pipelines: str, made_by: s
     if not missing:
         return
     listed = "; ".join(f"{name} ({path})" for name, path in missing.items())
-    fix = (f"They are made by `{made_by}`: run it first with the same start-model settings (model, "
-           f"pretraining, data_preparation, seed: they name the start model's file), then this command again"
+    fix = (f"They are made by `{made_by}`: run it first with the same start-model settings "
+           f"({', '.join(SOURCE_KEY_PARAMETERS)}: they name the start model's file), then this command again"
            if made_by else "No pipeline of the project makes them: write them there, or run a pipeline that does")
     raise ValueError(f"{pipelines} reads {len(missing)} file(s) that no node of the run makes and that "
                      f"are not on disk: {listed}. {fix}")

@@ -97,8 +97,10 @@ def _weights_file(pretrained: Any) -> dict[str, Any] | None:
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-# The parameters ``compute_source_key`` reads: a run that loads the start model reads them all.
-SOURCE_KEY_PARAMETERS = ("model", "pretraining", "data_preparation", "seed")
+# The embedded start model's settings, and with the seed the parameters ``compute_source_key``
+# reads: a run that loads the start model reads them all.
+START_MODEL_BLOCKS = ("model", "pretraining", "data_preparation")
+SOURCE_KEY_PARAMETERS = (*START_MODEL_BLOCKS, "seed")
 
 
 def compute_source_key(params: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from clip_continual.runtime.run_key import SPEED_SWITCHES
+from clip_continual.runtime.run_key import SPEED_SWITCHES, START_MODEL_BLOCKS
 
 logger = logging.getLogger(__name__)
 
@@ -461,7 +461,7 @@ def _variant_setting(path: tuple[str, ...], method: str | None) -> str | None:
     icarl only); the embedded start model's settings (``data_preparation.glyphs.count`` ->
     ``glyphs.count``, ``pretraining.steps``, ``model.architecture``): a run from another start
     model is another variant; None for what is not a training setting."""
-    if path[:1] in (("model",), ("pretraining",), ("data_preparation",)):
+    if path[:1] and path[0] in START_MODEL_BLOCKS:
         if _NOT_A_VARIANT & set(path) or path[-1] == "cache_dir":
             return None
         return ".".join(path[1:] if path[0] == "data_preparation" else path)
